@@ -1,0 +1,271 @@
+// CPU kernels of the fusedclr ops: one pass over a bucket's flat buffers,
+// multi-threaded over the chunk table with at::parallel_for, inner loops that
+// the compiler vectorizes (the per-element math is branch-free: the options are
+// template parameters). See csrc/ops.cpp for the contract.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <fusedclr/schedule.h>
+#include <fusedclr/update.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fusedclr {
+namespace {
+
+// Elements one at::parallel_for task should cover; below this the threading
+// overhead (~µs) outweighs the work.
+constexpr int64_t kGrainElements = 32768;
+
+#define FUSEDCLR_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                       \
+    if (COND) {                               \
+      constexpr bool NAME = true;             \
+      return __VA_ARGS__();                   \
+    } else {                                  \
+      constexpr bool NAME = false;            \
+      return __VA_ARGS__();                   \
+    }                                         \
+  }()
+
+void check_flat(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedclr: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous() && t.dim() == 1, "fusedclr: ", name,
+              " must be a contiguous 1-D flat buffer, got shape ", t.sizes());
+  TORCH_CHECK(t.numel() == like.numel(), "fusedclr: ", name, " has ", t.numel(),
+              " elements, the parameter buffer has ", like.numel());
+}
+
+void check_state(const at::Tensor& t, const char* name, const at::Tensor& param) {
+  check_flat(t, name, param);
+  const auto want = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.scalar_type() == want, "fusedclr: ", name, " must be ", want, " for ",
+              param.scalar_type(), " parameters, got ", t.scalar_type());
+}
+
+// Shared checks and bookkeeping of both optimizers; returns the schedule's
+// value and whether the step is skipped (found_inf).
+struct StepSetup {
+  double lr;
+  double momentum;
+  double grad_scale;
+  bool skip;
+};
+
+StepSetup begin_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& seg_steps,
+                     const at::Tensor& chunks, const std::optional<at::Tensor>& active,
+                     const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_flat(param, "param", param);
+  check_flat(grad, "grad", param);
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "fusedclr: grad dtype ", grad.scalar_type(),
+              " differs from param dtype ", param.scalar_type());
+  TORCH_CHECK(seg_steps.scalar_type() == at::kLong && seg_steps.is_contiguous() && seg_steps.dim() == 1,
+              "fusedclr: seg_steps must be a contiguous int64 1-D tensor");
+  TORCH_CHECK(chunks.scalar_type() == at::kLong && chunks.dim() == 2 && chunks.size(1) == 3 &&
+                  chunks.is_contiguous() && chunks.device().is_cpu(),
+              "fusedclr: chunks must be a contiguous int64 [n, 3] CPU tensor");
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.numel() == 2 && hyper.device().is_cpu(),
+              "fusedclr: hyper must be a float64 [2] tensor (lr, momentum)");
+  TORCH_CHECK(schedule.scalar_type() == at::kDouble && schedule.is_contiguous() && schedule.numel() >= 4,
+              "fusedclr: schedule must be a contiguous float64 descriptor");
+  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
+              "fusedclr: schedule_step must be an int64 scalar tensor");
+  if (active.has_value()) {
+    TORCH_CHECK(active->numel() == seg_steps.numel() && active->is_contiguous(),
+                "fusedclr: active must have one entry per segment");
+  }
+
+  StepSetup s{0.0, 0.0, 1.0, false};
+  if (found_inf.has_value()) {
+    s.skip = found_inf->item<double>() != 0.0;
+  }
+  if (grad_scale.has_value()) {
+    s.grad_scale = grad_scale->item<double>();
+  }
+  const auto v = sched::evaluate(schedule.data_ptr<double>(), schedule_step.item<int64_t>());
+  const double* h = hyper.data_ptr<double>();
+  s.lr = v.has_lr ? v.lr : h[0];
+  s.momentum = v.has_momentum ? v.momentum : h[1];
+  if (s.skip) {
+    return s;
+  }
+  // Steps advance before use, as torch's step_t += 1.
+  int64_t* steps = seg_steps.data_ptr<int64_t>();
+  const int64_t n = seg_steps.numel();
+  if (active.has_value()) {
+    const auto act = active->to(at::kBool);
+    const bool* a = act.data_ptr<bool>();
+    for (int64_t i = 0; i < n; ++i) {
+      steps[i] += a[i] ? 1 : 0;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      ++steps[i];
+    }
+  }
+  return s;
+}
+
+// Runs fn(segment, begin, end) over every chunk of an active segment, in
+// parallel; small chunks are batched so each task has ~kGrainElements.
+template <typename Fn>
+void for_each_chunk(const at::Tensor& chunks, const std::optional<at::Tensor>& active, Fn fn) {
+  const int64_t n = chunks.size(0);
+  if (n == 0) {
+    return;
+  }
+  const int64_t* c = chunks.data_ptr<int64_t>();
+  const int64_t total = c[3 * (n - 1) + 2] - c[1];
+  const int64_t grain = std::max<int64_t>(1, kGrainElements * n / std::max<int64_t>(total, 1));
+  at::Tensor act;
+  const bool* a = nullptr;
+  if (active.has_value()) {
+    act = active->to(at::kBool).contiguous();
+    a = act.data_ptr<bool>();
+  }
+  at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t seg = c[3 * i];
+      if (a != nullptr && !a[seg]) {
+        continue;
+      }
+      fn(seg, c[3 * i + 1], c[3 * i + 2]);
+    }
+  });
+}
+
+template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+void adam_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                at::opmath_type<scalar_t>* __restrict__ m, at::opmath_type<scalar_t>* __restrict__ v,
+                at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin, int64_t end,
+                const AdamScalars<at::opmath_type<scalar_t>>& k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t unused = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    opmath_t pi = static_cast<opmath_t>(p[i]);
+    opmath_t mi = m[i];
+    opmath_t vi = v[i];
+    opmath_t& vm = AMSGRAD ? vmax[i] : unused;
+    adam_update<HAS_WD, DECOUPLED, AMSGRAD>(pi, static_cast<opmath_t>(g[i]), mi, vi, vm, k);
+    p[i] = static_cast<scalar_t>(pi);
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                   const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                   const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
+                   const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
+                   double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_state(exp_avg, "exp_avg", param);
+  check_state(exp_avg_sq, "exp_avg_sq", param);
+  if (max_exp_avg_sq.has_value()) {
+    check_state(*max_exp_avg_sq, "max_exp_avg_sq", param);
+  }
+  const StepSetup s = begin_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                 grad_scale, found_inf);
+  if (s.skip) {
+    return;
+  }
+  const int64_t* steps = seg_steps.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* p = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    opmath_t* m = exp_avg.data_ptr<opmath_t>();
+    opmath_t* v = exp_avg_sq.data_ptr<opmath_t>();
+    opmath_t* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<opmath_t>() : nullptr;
+    FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
+      FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
+        FUSEDCLR_BOOL_SWITCH(vmax != nullptr, AMSGRAD, [&] {
+          for_each_chunk(chunks, active, [&](int64_t seg, int64_t begin, int64_t end) {
+            const auto k = adam_scalars<opmath_t>(s.lr, s.momentum, beta2, eps, weight_decay, steps[seg],
+                                                  s.grad_scale, maximize);
+            adam_range<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+          });
+        });
+      });
+    });
+  });
+}
+
+template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
+void sgd_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
+               int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t unused = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    opmath_t pi = static_cast<opmath_t>(p[i]);
+    opmath_t& b = USE_MOMENTUM ? buf[i] : unused;
+    sgd_update<HAS_WD, USE_MOMENTUM, NESTEROV>(pi, static_cast<opmath_t>(g[i]), b, k);
+    p[i] = static_cast<scalar_t>(pi);
+  }
+}
+
+void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
+                  const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
+                  const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
+                  double dampening, double weight_decay, bool nesterov, bool maximize,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (momentum_buffer.has_value()) {
+    check_state(*momentum_buffer, "momentum_buffer", param);
+  }
+  const StepSetup s = begin_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                 grad_scale, found_inf);
+  if (s.skip) {
+    return;
+  }
+  const int64_t* steps = seg_steps.data_ptr<int64_t>();
+  // torch's SGD takes the momentum path only when momentum != 0 this step.
+  const bool use_momentum = momentum_buffer.has_value() && s.momentum != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* p = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    opmath_t* buf = use_momentum ? momentum_buffer->data_ptr<opmath_t>() : nullptr;
+    FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
+      FUSEDCLR_BOOL_SWITCH(use_momentum, USE_MOMENTUM, [&] {
+        FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
+          for_each_chunk(chunks, active, [&](int64_t seg, int64_t begin, int64_t end) {
+            const auto k = sgd_scalars<opmath_t>(s.lr, s.momentum, dampening, weight_decay, steps[seg],
+                                                 s.grad_scale, maximize);
+            sgd_range<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
+          });
+        });
+      });
+    });
+  });
+}
+
+at::Tensor schedule_eval_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step) {
+  TORCH_CHECK(schedule.scalar_type() == at::kDouble && schedule.is_contiguous() && schedule.numel() >= 4,
+              "fusedclr: schedule must be a contiguous float64 descriptor");
+  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
+              "fusedclr: schedule_step must be an int64 scalar tensor");
+  const auto v = sched::evaluate(schedule.data_ptr<double>(), schedule_step.item<int64_t>());
+  auto out = at::empty({4}, schedule.options());
+  double* o = out.data_ptr<double>();
+  o[0] = v.lr;
+  o[1] = v.momentum;
+  o[2] = v.has_lr ? 1.0 : 0.0;
+  o[3] = v.has_momentum ? 1.0 : 0.0;
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclr, CPU, m) {
+  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("schedule_eval", &schedule_eval_cpu);
+}
+
+}  // namespace fusedclr

@@ -1,0 +1,93 @@
+"""Python side of the ``fusedclr`` operator library.
+
+Loads the compiled extension when it is there (a guarded import: the package
+imports and falls back to the reference backend, with one warning, when it is
+not), registers a fake (meta) kernel for every op so that ``torch.compile`` and
+fake tensors can trace them, and exposes thin wrappers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adam_step_",
+    "cuda_kernels_registered",
+    "extension_available",
+    "extension_error",
+    "schedule_eval",
+    "sgd_step_",
+]
+
+_EXT_ERROR: str | None = None
+try:
+    from fusedclr import _C  # noqa: F401  (registers the ops with the dispatcher)
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    _EXT_ERROR = str(exc)
+
+_warned = False
+
+
+def extension_available() -> bool:
+    """Whether the compiled ``fusedclr._C`` extension loaded."""
+    return _EXT_ERROR is None
+
+
+def extension_error() -> str | None:
+    """Why the compiled extension did not load, or ``None``."""
+    return _EXT_ERROR
+
+
+def warn_missing_extension() -> None:
+    """Warns once that the compiled kernels are missing and the reference path is used."""
+    global _warned
+    if not _warned and _EXT_ERROR is not None:
+        _warned = True
+        warnings.warn(
+            "fusedclr: the compiled extension is not available "
+            f"({_EXT_ERROR}); using the pure-PyTorch reference backend, which is slower. "
+            "Rebuild with `pip install --no-build-isolation -e .` to get the fused kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def cuda_kernels_registered() -> bool:
+    """Whether the extension was built with its CUDA kernels (true even without a GPU)."""
+    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fusedclr::adam_step_", "CUDA")
+
+
+if extension_available():
+
+    @torch.library.register_fake("fusedclr::sgd_step_")
+    def _sgd_step_fake(param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule,
+                       schedule_step, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf):
+        return None
+
+    @torch.library.register_fake("fusedclr::adam_step_")
+    def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
+                        schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale,
+                        found_inf):
+        return None
+
+    @torch.library.register_fake("fusedclr::schedule_eval")
+    def _schedule_eval_fake(schedule, schedule_step):
+        return schedule.new_empty(4)
+
+
+def sgd_step_(*args, **kwargs) -> None:
+    """``torch.ops.fusedclr.sgd_step_``; see csrc/ops.cpp for the contract."""
+    torch.ops.fusedclr.sgd_step_(*args, **kwargs)
+
+
+def adam_step_(*args, **kwargs) -> None:
+    """``torch.ops.fusedclr.adam_step_``; see csrc/ops.cpp for the contract."""
+    torch.ops.fusedclr.adam_step_(*args, **kwargs)
+
+
+def schedule_eval(schedule: Tensor, schedule_step: Tensor) -> Tensor:
+    """The kernels' schedule evaluator: float64 ``[lr, momentum, has_lr, has_momentum]``."""
+    return torch.ops.fusedclr.schedule_eval(schedule, schedule_step)

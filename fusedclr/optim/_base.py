@@ -1,0 +1,328 @@
+"""Shared machinery of the fusedclr optimizers.
+
+[note: optimizer layers]
+Like torch.optim, three layers: the class (subclassing torch's own, so the
+constructor, defaults, validation messages and ``param_groups`` layout are
+torch's) builds flat buckets when a param group is added; ``step()`` picks the
+backend implementation once per bucket; every backend implements the op
+signatures of csrc/ops.cpp (``fusedclr.ops``, ``fusedclr.triton``,
+``fusedclr.reference``). The step path has no host syncs and no Python loop
+over parameters, only over buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusedclr import ops, reference
+from fusedclr.optim._flat import Bucket, real_dtype
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+_NO_SCHEDULE: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _no_schedule(device: torch.device) -> tuple[Tensor, Tensor]:
+    if device not in _NO_SCHEDULE:
+        _NO_SCHEDULE[device] = (
+            torch.tensor(reference.no_schedule(), dtype=torch.float64, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
+        )
+    return _NO_SCHEDULE[device]
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[..., None]:
+    """The implementation of ``op`` (``"sgd_step_"`` / ``"adam_step_"``) for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    kind = device.type
+    if backend == "reference":
+        return getattr(reference, op)
+    if backend == "triton":
+        from fusedclr import triton as fc_triton
+
+        return getattr(fc_triton, op)
+    if backend in ("cpu", "cuda"):
+        if backend != kind:
+            raise ValueError(f"backend={backend!r} cannot update parameters on {device}; use backend='auto'")
+        if not ops.extension_available():
+            raise RuntimeError(
+                f"backend={backend!r} needs the compiled fusedclr extension, which did not load: "
+                f"{ops.extension_error()}; rebuild it or use backend='reference'"
+            )
+        if kind == "cuda" and not ops.cuda_kernels_registered():
+            raise RuntimeError("backend='cuda': fusedclr was built without its CUDA kernels; use backend='triton'")
+        return getattr(ops, op)
+    # auto
+    if ops.extension_available() and (kind == "cpu" or (kind == "cuda" and ops.cuda_kernels_registered())):
+        return getattr(ops, op)
+    if kind == "cuda":
+        from fusedclr import triton as fc_triton
+
+        if fc_triton.available():
+            return getattr(fc_triton, op)
+    ops.warn_missing_extension()
+    return getattr(reference, op)
+
+
+class FlatOptimizerMixin:
+    """Flat-bucket storage, gradient handling, state_dict and schedules for fusedclr optimizers.
+
+    Subclasses define ``_OP`` (the op name), ``_state_names(group)``,
+    ``_momentum(group)`` and ``_launch(fn, bucket, group, active, grad_scale, found_inf)``.
+    """
+
+    _OP: str
+    _STEP_IN_STATE: bool  # whether torch keeps a per-parameter "step" (Adam) or not (SGD)
+    _step_supports_amp_scaling = True
+
+    def _init_flat(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self._buckets: list[list[Bucket]] = []
+        self._impl: dict[torch.device, Callable[..., None]] = {}
+        self._scheduler: Any = None
+
+    # -- param groups --------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "_buckets"):
+            raise RuntimeError("fusedclr optimizer used before its constructor finished")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but param {i} is a {torch.typename(p)}")
+            if id(p) in seen:
+                raise ValueError(
+                    f"parameter {i} appears twice in one parameter group; each parameter may appear only once"
+                )
+            seen.add(id(p))
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError(f"fusedclr: parameter {i} has layout {p.layout}; only dense (strided) tensors")
+        super().add_param_group(param_group)  # torch's validation: leaves, duplicates across groups, defaults
+        group = self.param_groups[-1]
+        self._buckets.append(self._make_buckets(group))
+        self._bind_state()
+        if self._scheduler is not None:
+            self._attach_schedule(self._scheduler)
+
+    def _make_buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            by_key[(p.device, real_dtype(p))].append(p)
+        buckets = []
+        for (_, dtype), params in by_key.items():
+            state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            buckets.append(Bucket(params, self._state_names(group), state_dtype))
+        return buckets
+
+    def _impl_for(self, device: torch.device) -> Callable[..., None]:
+        fn = self._impl.get(device)
+        if fn is None:
+            fn = self._impl[device] = resolve_backend(self.backend, device, self._OP)
+        return fn
+
+    # -- schedules -------------------------------------------------------------
+
+    def _attach_schedule(self, scheduler: Any) -> None:
+        """Evaluate ``scheduler``'s schedule in-kernel from now on (``None`` detaches).
+
+        See docs/CONTRACTS.md: the scheduler provides ``_fc_descriptor(group_index)``
+        and ``_fc_counter(device)``.
+        """
+        self._scheduler = scheduler
+        for gi, buckets in enumerate(self._buckets):
+            desc = None if scheduler is None else scheduler._fc_descriptor(gi)
+            for b in buckets:
+                if desc is None:
+                    b.schedule, b.schedule_step = _no_schedule(b.device)
+                else:
+                    b.schedule = torch.tensor(desc, dtype=torch.float64).to(b.device)
+                    b.schedule_step = scheduler._fc_counter(b.device)
+                self._on_schedule(b, desc)
+
+    def _on_schedule(self, bucket: Bucket, desc: list[float] | None) -> None:
+        """Hook for optimizers that allocate state when a schedule moves momentum."""
+
+    # -- the step --------------------------------------------------------------
+
+    def _sync_hyper(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        """Mirrors the group's lr and momentum into the bucket's device ``hyper`` tensor.
+
+        A float only costs a copy when it changed; a tensor lr (which a torch
+        scheduler updates in place) is copied device-side every step, no sync.
+        """
+        lr = group["lr"]
+        mom = self._momentum(group)
+        if isinstance(lr, Tensor):
+            bucket.hyper[0].copy_(lr.reshape(()))
+            key = ("tensor", mom)
+            if bucket.hyper_cache != key:
+                bucket.hyper[1].fill_(float(mom))
+                bucket.hyper_cache = key
+            return
+        key = (lr, mom)
+        if bucket.hyper_cache != key:
+            bucket.hyper.copy_(torch.tensor([float(lr), float(mom)], dtype=torch.float64))
+            bucket.hyper_cache = key
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None) -> Any:
+        """Performs one optimization step over every bucket.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+            grad_scale, found_inf: GradScaler's fused protocol: grads are divided
+                by ``grad_scale`` in-kernel, and when ``found_inf`` is non-zero
+                nothing changes at all (parameters, states, step counts).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Validate every bucket's grads before any update, so that a failed step changes nothing.
+        actives = [[b.gather() for b in buckets] for buckets in self._buckets]
+        for group, buckets, acts in zip(self.param_groups, self._buckets, actives):
+            for b, active in zip(buckets, acts):
+                if b.schedule is None:
+                    b.schedule, b.schedule_step = _no_schedule(b.device)
+                self._sync_hyper(b, group)
+                gs = None if grad_scale is None else grad_scale.to(b.device, non_blocking=True)
+                fi = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
+                self._launch(self._impl_for(b.device), b, group, active, gs, fi)
+        return loss
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Zeroes the gradients: one fill per bucket.
+
+        Args:
+            set_to_none: ``None`` (default) or ``False`` zero the flat gradient
+                buffer and keep every ``.grad`` a view into it (re-attaching it
+                where something set a grad to ``None``). ``True`` sets every
+                ``.grad`` to ``None`` as torch does; parameters that get no
+                gradient in the next backward are then skipped by the next step,
+                at the cost of gathering the fresh gradients into the flat buffer.
+
+        Note: with the default, a parameter that takes no part in the next
+        backward keeps a zero gradient and is stepped with it (Adam's moments
+        still move it), where torch would skip it. Pass ``set_to_none=True``
+        for torch's exact behaviour in models with unused parameters.
+        """
+        for buckets in self._buckets:
+            for b in buckets:
+                b.zero_grad(set_to_none)
+
+    # -- state_dict ------------------------------------------------------------
+
+    def _stepped_state(self) -> dict[Tensor, dict[str, Any]]:
+        """torch-layout per-parameter state of every parameter that has stepped."""
+        out: dict[Tensor, dict[str, Any]] = {}
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for b in buckets:
+                steps = b.seg_steps.cpu().tolist()  # one device-to-host copy per bucket, not on the step path
+                for i, p in enumerate(b.params):
+                    entry = self._export_state(group, b, i, steps[i])
+                    if entry:
+                        out[p] = entry
+        return out
+
+    @staticmethod
+    def _step_tensor(step: int) -> Tensor:
+        # torch keeps float32 step counts on the host; beyond 2**24 float32 is not exact.
+        dtype = torch.float32 if step < 2**24 else torch.float64
+        return torch.tensor(float(step), dtype=dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict layout, so checkpoints move both ways.
+
+        Only parameters that have stepped have state (as in torch). State
+        tensors are live views of the flat buffers, as torch returns its own
+        state tensors by reference; ``torch.save`` copies them.
+        """
+        live = self.state
+        self.state = defaultdict(dict, self._stepped_state())
+        try:
+            return super().state_dict()
+        finally:
+            self.state = live
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a fusedclr or torch.optim state_dict (``map_location="cpu"`` works).
+
+        Everything is validated before anything changes.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        saved_state = state_dict["state"]
+        for gi, (group, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(sg["params"]) != len(group["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
+            for pi, (p, pid) in enumerate(zip(group["params"], sg["params"])):
+                for key, value in saved_state.get(pid, {}).items():
+                    if isinstance(value, Tensor) and key != "step" and value.numel() != p.numel():
+                        raise ValueError(
+                            f"loaded state {key!r} of parameter {pi} in group {gi} has shape "
+                            f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}"
+                        )
+                    if key not in self._state_keys():
+                        raise ValueError(
+                            f"loaded state of parameter {pi} in group {gi} has unknown key {key!r}; "
+                            f"{type(self).__name__} keeps {sorted(self._state_keys())}"
+                        )
+        super().load_state_dict(state_dict)
+        loaded = self.state
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for b in buckets:
+                steps = []
+                for i, p in enumerate(b.params):
+                    steps.append(self._import_state(group, b, i, loaded.get(p, {})))
+                b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))
+                b.hyper_cache = None
+        self.state = defaultdict(dict)
+        self._bind_state()
+        if self._scheduler is not None:
+            self._attach_schedule(self._scheduler)
+
+    def _bind_state(self) -> None:
+        """``self.state[p]`` holds live views of the flat state buffers."""
+        for buckets in self._buckets:
+            for b in buckets:
+                for i, p in enumerate(b.params):
+                    live = {name: b.state_view(name, i) for name in b.states}
+                    if self._STEP_IN_STATE:
+                        live["step"] = b.seg_steps[i]
+                    self.state[p] = live
+
+    # -- subclass hooks --------------------------------------------------------
+
+    def _state_keys(self) -> set[str]:
+        raise NotImplementedError
+
+    def _export_state(self, group: dict[str, Any], bucket: Bucket, index: int, step: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _import_state(self, group: dict[str, Any], bucket: Bucket, index: int, state: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+
+def step_value(step: Any) -> int:
+    """A loaded ``step`` entry (tensor or number) as an int."""
+    value = float(step)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"loaded state has an invalid step count {value}")
+    return int(value)

@@ -1,0 +1,391 @@
+"""The oracle: pure-PyTorch optimizer updates and schedules.
+
+Every backend (the C++ CPU kernel, CUDA, Triton) is tested against this module,
+and the host side of the schedulers (``get_last_lr()``) evaluates schedules with
+it. It favours clarity over speed, follows ``torch.optim``'s single-tensor
+formulas in torch's order, and works in float64.
+
+Two layers:
+
+* single-tensor updates (:func:`sgd_update_`, :func:`adam_update_`) on one
+  parameter and its state, written like ``torch.optim``'s for-loop code;
+* flat-buffer steps (:func:`sgd_step_`, :func:`adam_step_`) with exactly the
+  signature of the ``fusedclr::*_step_`` ops, vectorised over the whole buffer
+  (no Python loop over parameters). These are the ``backend="reference"`` path.
+
+:func:`schedule_value` evaluates the schedule descriptor described in
+``csrc/include/fusedclr/schedule.h`` [note: schedule descriptor].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HEADER_WORDS",
+    "STAGE_WORDS",
+    "Kind",
+    "adam_step_",
+    "adam_update_",
+    "schedule_value",
+    "sgd_step_",
+    "sgd_update_",
+]
+
+# --------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------
+
+HEADER_WORDS = 4
+STAGE_WORDS = 16
+S_KIND, S_T_BEGIN, S_P0, S_HAS_MOM = 0, 1, 2, 14
+
+
+class Kind:
+    """Stage kinds of the schedule descriptor (mirror of ``fusedclr::sched::Kind``)."""
+
+    CONSTANT = 0
+    STEP = 1
+    MULTISTEP = 2
+    EXPONENTIAL = 3
+    LINEAR = 4
+    CONSTANT_FACTOR = 5
+    COSINE = 6
+    COSINE_RESTARTS = 7
+    CYCLIC = 8
+    ONE_CYCLE = 9
+
+
+CYCLIC_MODES = {"triangular": 0, "triangular2": 1, "exp_range": 2}
+ANNEAL = {"cos": 0, "linear": 1}
+
+
+def _anneal(how: int, start: float, end: float, pct: float) -> float:
+    if how == ANNEAL["linear"]:
+        return (end - start) * pct + start
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1.0)
+
+
+def _stage_value(st: Sequence[float], d: Sequence[float], t: int) -> tuple[float | None, float | None]:
+    kind = int(st[S_KIND])
+    p = st[S_P0 : S_P0 + 12]
+    mom: float | None = None
+    if kind == Kind.CONSTANT:
+        lr = p[0]
+    elif kind == Kind.STEP:
+        lr = p[0] * p[1] ** (t // int(p[2]))
+    elif kind == Kind.MULTISTEP:
+        start, count = int(p[2]), int(p[3])
+        passed = sum(1 for m in d[start : start + count] if m <= t)
+        lr = p[0] * p[1] ** passed
+    elif kind == Kind.EXPONENTIAL:
+        lr = p[0] * p[1] ** t
+    elif kind == Kind.LINEAR:
+        total = p[3]
+        lr = p[0] * (p[1] + (p[2] - p[1]) * min(t, total) / total)
+    elif kind == Kind.CONSTANT_FACTOR:
+        lr = p[0] * (p[1] if t < p[2] else 1.0)
+    elif kind == Kind.COSINE:
+        lr = p[1] + (p[0] - p[1]) * (1.0 + math.cos(math.pi * t / p[2])) / 2.0
+    elif kind == Kind.COSINE_RESTARTS:
+        warm = int(p[5])
+        if t < warm:
+            lr = p[6] + (p[0] - p[6]) * t / warm
+        else:
+            tc, ti, mult, cycle = t - warm, int(p[2]), int(p[3]), 0
+            if mult == 1:
+                cycle, tc = divmod(tc, ti)
+            else:
+                while tc >= ti:
+                    tc -= ti
+                    ti *= mult
+                    cycle += 1
+            peak = p[0] * p[4] ** cycle
+            lr = p[1] + (peak - p[1]) * (1.0 + math.cos(math.pi * tc / ti)) / 2.0
+    elif kind == Kind.CYCLIC:
+        total, ratio = p[2], p[3]
+        cycle = math.floor(1.0 + t / total)
+        x = 1.0 + t / total - cycle
+        factor = x / ratio if x <= ratio else (x - 1.0) / (ratio - 1.0)
+        mode = int(p[4])
+        if mode == CYCLIC_MODES["triangular2"]:
+            scale = 1.0 / 2.0 ** (cycle - 1.0)
+        elif mode == CYCLIC_MODES["exp_range"]:
+            scale = p[5] ** t
+        else:
+            scale = 1.0
+        lr = p[0] + (p[1] - p[0]) * factor * scale
+        mom = p[7] - (p[7] - p[6]) * factor * scale
+    elif kind == Kind.ONE_CYCLE:
+        init, peak, low, mbase, mmax = p[0], p[1], p[2], p[3], p[4]
+        phases, how = int(p[5]), int(p[9])
+        if phases == 3:
+            table = [(init, peak, mmax, mbase), (peak, init, mbase, mmax), (init, low, mmax, mmax)]
+        else:
+            table = [(init, peak, mmax, mbase), (peak, low, mbase, mmax)]
+        start = 0.0
+        for i, (lr0, lr1, m0, m1) in enumerate(table):
+            end = p[6 + i]
+            if t <= end or i == phases - 1:
+                pct = (t - start) / (end - start)
+                lr = _anneal(how, lr0, lr1, pct)
+                mom = _anneal(how, m0, m1, pct)
+                break
+            start = end
+    else:
+        raise ValueError(f"schedule descriptor: unknown stage kind {kind}")
+    return lr, (mom if st[S_HAS_MOM] else None)
+
+
+def schedule_value(descriptor: Sequence[float] | Tensor, t: int) -> tuple[float | None, float | None]:
+    """Evaluates a schedule descriptor at global step ``t``.
+
+    Returns ``(lr, momentum)``; either is ``None`` where the descriptor leaves
+    the value to the param group (no stages, or a stage without momentum).
+    """
+    d = descriptor.tolist() if isinstance(descriptor, Tensor) else list(descriptor)
+    n = int(d[0])
+    if n <= 0:
+        return None, None
+    idx = 0
+    for i in range(1, n):
+        if t >= d[HEADER_WORDS + i * STAGE_WORDS + S_T_BEGIN]:
+            idx = i
+    base = HEADER_WORDS + idx * STAGE_WORDS
+    st = d[base : base + STAGE_WORDS]
+    return _stage_value(st, d, t - int(st[S_T_BEGIN]))
+
+
+def no_schedule() -> list[float]:
+    """The descriptor of "no schedule": every value comes from the param group."""
+    return [0.0] * HEADER_WORDS
+
+
+def stage(kind: int, params: Sequence[float], *, t_begin: int = 0, has_momentum: bool = False) -> list[float]:
+    """One STAGE_WORDS record; ``params`` are P0.. of the kind (at most 12)."""
+    if len(params) > 12:
+        raise ValueError(f"a schedule stage takes at most 12 parameters, got {len(params)}")
+    rec = [0.0] * STAGE_WORDS
+    rec[S_KIND] = float(kind)
+    rec[S_T_BEGIN] = float(t_begin)
+    rec[S_P0 : S_P0 + len(params)] = [float(x) for x in params]
+    rec[S_HAS_MOM] = 1.0 if has_momentum else 0.0
+    return rec
+
+
+def descriptor(stages: Sequence[Sequence[float]], tail: Sequence[float] = ()) -> list[float]:
+    """Assembles stage records (and their tail data) into one descriptor.
+
+    Tail indices inside stage parameters (MULTISTEP's P2) are relative to the
+    start of ``tail``; this function rebases them to absolute indices.
+    """
+    head = [float(len(stages)), 0.0, 0.0, 0.0]
+    tail_start = HEADER_WORDS + STAGE_WORDS * len(stages)
+    out = list(head)
+    for rec in stages:
+        rec = list(rec)
+        if int(rec[S_KIND]) == Kind.MULTISTEP:
+            rec[S_P0 + 2] += tail_start
+        out.extend(rec)
+    out.extend(float(x) for x in tail)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Single-tensor updates (torch.optim's for-loop formulas)
+# --------------------------------------------------------------------------
+
+
+def sgd_update_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first: bool,
+) -> None:
+    """One SGD step on one parameter, in place. ``first`` initialises the buffer to the grad."""
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        g = g.add(param, alpha=weight_decay)
+    if momentum != 0 and momentum_buffer is not None:
+        if first:
+            momentum_buffer.copy_(g)
+        else:
+            momentum_buffer.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    param.add_(g, alpha=-lr)
+
+
+def adam_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+) -> None:
+    """One Adam (``decoupled=False``) or AdamW step on one parameter, in place.
+
+    ``step`` is the parameter's step count after incrementing (1 on the first
+    step). ``max_exp_avg_sq`` given means amsgrad.
+    """
+    g = -grad if maximize else grad
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(param, alpha=weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    second = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second = max_exp_avg_sq
+    denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+# --------------------------------------------------------------------------
+# Flat-buffer steps: the ops' signatures, vectorised over the buffer
+# --------------------------------------------------------------------------
+
+
+def _segment_ids(chunks: Tensor, numel: int) -> Tensor:
+    """Per-element segment index from the (segment, begin, end) chunk table."""
+    lengths = chunks[:, 2] - chunks[:, 1]
+    ids = torch.repeat_interleave(chunks[:, 0], lengths)
+    if ids.numel() != numel:
+        raise ValueError(f"chunk table covers {ids.numel()} elements, the buffer has {numel}")
+    return ids
+
+
+def _advance(seg_steps: Tensor, active: Tensor | None, found_inf: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Increments the active segments' steps unless found_inf; returns (go mask per segment, steps)."""
+    go = torch.ones_like(seg_steps, dtype=torch.bool) if active is None else active.to(torch.bool)
+    if found_inf is not None:
+        go = go & (found_inf.reshape(()) == 0)
+    seg_steps.add_(go.to(seg_steps.dtype))
+    return go, seg_steps
+
+
+def _schedule_scalars(hyper: Tensor, schedule: Tensor, schedule_step: Tensor) -> tuple[float, float]:
+    lr, mom = schedule_value(schedule, int(schedule_step))
+    h = hyper.tolist()
+    return (h[0] if lr is None else lr), (h[1] if mom is None else mom)
+
+
+def sgd_step_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    seg_steps: Tensor,
+    chunks: Tensor,
+    active: Tensor | None,
+    hyper: Tensor,
+    schedule: Tensor,
+    schedule_step: Tensor,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Reference of ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract)."""
+    lr, momentum = _schedule_scalars(hyper, schedule, schedule_step)
+    go_seg, steps = _advance(seg_steps, active, found_inf)
+    ids = _segment_ids(chunks, param.numel())
+    go = go_seg[ids]
+    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    p = param.to(math_dtype)
+    g = grad.to(math_dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(math_dtype)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    if momentum_buffer is not None and momentum != 0:
+        first = steps[ids] <= 1
+        buf = torch.where(first, g, momentum_buffer * momentum + (1 - dampening) * g)
+        momentum_buffer.copy_(torch.where(go, buf, momentum_buffer))
+        g = g + momentum * buf if nesterov else buf
+    new_p = p.add(g, alpha=-lr)
+    param.copy_(torch.where(go, new_p.to(param.dtype), param))
+
+
+def adam_step_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    seg_steps: Tensor,
+    chunks: Tensor,
+    active: Tensor | None,
+    hyper: Tensor,
+    schedule: Tensor,
+    schedule_step: Tensor,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Reference of ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract)."""
+    lr, beta1 = _schedule_scalars(hyper, schedule, schedule_step)
+    go_seg, steps = _advance(seg_steps, active, found_inf)
+    ids = _segment_ids(chunks, param.numel())
+    go = go_seg[ids]
+    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    p = param.to(math_dtype)
+    g = grad.to(math_dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(math_dtype)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m = exp_avg.lerp(g.to(exp_avg.dtype), 1 - beta1)
+    v = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    # Bias corrections per element from each segment's own step, in float64 as
+    # torch computes them in Python floats.
+    s = steps[ids].to(torch.float64).clamp_min(1)
+    bc1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=s.device), s)
+    bc2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=s.device), s))
+    second = v
+    if max_exp_avg_sq is not None:
+        vmax = torch.maximum(max_exp_avg_sq, v)
+        max_exp_avg_sq.copy_(torch.where(go, vmax, max_exp_avg_sq))
+        second = vmax
+    step_size = (lr / bc1).to(math_dtype)
+    denom = second.sqrt() / bc2_sqrt.to(math_dtype) + eps
+    new_p = p - step_size * m / denom
+    exp_avg.copy_(torch.where(go, m, exp_avg))
+    exp_avg_sq.copy_(torch.where(go, v, exp_avg_sq))
+    param.copy_(torch.where(go, new_p.to(param.dtype), param))

@@ -1,0 +1,119 @@
+"""Build of the fusedclr C++/CUDA extension.
+
+The CPU sources are always built. The CUDA sources are built whenever torch is
+a CUDA build and nvcc is found; a GPU need not be present (CI compiles and links
+the CUDA kernels on a machine without one).
+
+Build knobs (environment variables):
+
+* ``FUSEDCLR_CUDA=auto|0|1``: ``auto`` (default) builds CUDA when possible,
+  ``0`` skips it, ``1`` fails the build if it cannot be done.
+* ``TORCH_CUDA_ARCH_LIST``: the architectures to compile for. When unset and
+  no GPU is visible, a short default (``9.0``, Hopper) keeps the build fast.
+* ``MAX_JOBS``: parallel compile jobs (torch's own knob).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "9.0"
+
+
+def _cuda_include_dirs() -> list[str]:
+    """Headers that torch's CUDA headers include (cusparse.h, ...) ship in the
+    nvidia wheels under site-packages/nvidia/cu*/include; nvcc's own tree may
+    lack them."""
+    found = []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}:
+        if site and os.path.isdir(site):
+            found += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+            found += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    seen, out = set(), []
+    for d in found:
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def _want_cuda(torch) -> bool:
+    mode = os.environ.get("FUSEDCLR_CUDA", "auto").strip().lower()
+    if mode not in {"auto", "0", "1"}:
+        raise SystemExit(f"FUSEDCLR_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        print("fusedclr: FUSEDCLR_CUDA=0, skipping the CUDA kernels")
+        return False
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("torch is not a CUDA build")
+    if shutil.which("nvcc") is None and not os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        reasons.append("nvcc was not found")
+    if reasons:
+        if mode == "1":
+            raise SystemExit("fusedclr: FUSEDCLR_CUDA=1 but " + " and ".join(reasons))
+        print("fusedclr: building without CUDA kernels: " + " and ".join(reasons))
+        return False
+    return True
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    include = [os.path.join(ROOT, "csrc", "include")]
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
+    if _want_cuda(torch):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            try:
+                visible = torch.cuda.is_available()
+            except Exception:  # noqa: BLE001 - a broken driver means "no GPU"
+                visible = False
+            if not visible:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        if not os.environ.get("CUDA_HOME") and shutil.which("nvcc"):
+            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        print(f"fusedclr: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        return [
+            CUDAExtension(
+                "fusedclr._C",
+                sources,
+                include_dirs=include + _cuda_include_dirs(),
+                define_macros=[("FUSEDCLR_WITH_CUDA", None)],
+                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    return [
+        CppExtension(
+            "fusedclr._C",
+            sources,
+            include_dirs=include,
+            define_macros=[],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def main() -> None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
