@@ -90,6 +90,13 @@ class FlatOptimizerMixin:
         self._impl: dict[torch.device, Callable[..., None]] = {}
         self._scheduler: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults/state/param_groups; the buckets must travel
+        # too (deepcopy, pickling), and views stay views of the copied buffers.
+        state = dict(self.__dict__)
+        state["_impl"] = {}
+        return state
+
     # -- param groups --------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
