@@ -113,7 +113,9 @@ def _stage_value(st: Sequence[float], d: Sequence[float], t: int) -> tuple[float
         factor = x / ratio if x <= ratio else (x - 1.0) / (ratio - 1.0)
         mode = int(p[4])
         if mode == CYCLIC_MODES["triangular2"]:
-            scale = 1.0 / 2.0 ** (cycle - 1.0)
+            # 2^-(cycle - 1) without torch's OverflowError beyond ~1024 cycles (see schedule.h).
+            halvings = cycle - 1
+            scale = 0.0 if halvings > 2000 else math.ldexp(1.0, -halvings)
         elif mode == CYCLIC_MODES["exp_range"]:
             scale = p[5] ** t
         else:

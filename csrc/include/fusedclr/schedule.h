@@ -156,7 +156,10 @@ C10_HOST_DEVICE inline Value stage_value(const double* st, const double* d, int6
       const int mode = static_cast<int>(p[4]);
       double scale = 1.0;
       if (mode == TRIANGULAR2) {
-        scale = 1.0 / ::pow(2.0, cycle - 1.0);
+        // 2^-(cycle - 1), exact as torch's 1 / 2.0 ** (cycle - 1). It underflows to 0
+        // after ~1075 cycles (where torch's Python float power overflows and raises).
+        const double halvings = cycle - 1.0;
+        scale = halvings > 2000.0 ? 0.0 : ::ldexp(1.0, -static_cast<int>(halvings));
       } else if (mode == EXP_RANGE) {
         scale = ::pow(p[5], td);
       }
