@@ -112,9 +112,10 @@ StepSetup begin_step(const at::Tensor& param, const at::Tensor& grad, const at::
   return s;
 }
 
-// Runs fn(segment, begin, end) over every chunk of an active segment, in
-// parallel; small chunks are batched so each task has ~kGrainElements.
-template <typename Fn>
+// Runs fn(segment, begin, end, cache) over every chunk of an active segment, in
+// parallel; small chunks are batched so each task has ~kGrainElements, and each
+// task gets its own scalar cache.
+template <typename Cache, typename Fn>
 void for_each_chunk(const at::Tensor& chunks, const std::optional<at::Tensor>& active, Fn fn) {
   const int64_t n = chunks.size(0);
   if (n == 0) {
@@ -130,12 +131,13 @@ void for_each_chunk(const at::Tensor& chunks, const std::optional<at::Tensor>& a
     a = act.data_ptr<bool>();
   }
   at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+    Cache cache;
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t seg = c[3 * i];
       if (a != nullptr && !a[seg]) {
         continue;
       }
-      fn(seg, c[3 * i + 1], c[3 * i + 2]);
+      fn(seg, c[3 * i + 1], c[3 * i + 2], cache);
     }
   });
 }
@@ -183,13 +185,21 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
     opmath_t* m = exp_avg.data_ptr<opmath_t>();
     opmath_t* v = exp_avg_sq.data_ptr<opmath_t>();
     opmath_t* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<opmath_t>() : nullptr;
+    struct Cache {  // per-task memo of the last segment's scalars
+      int64_t step = -1;
+      AdamScalars<opmath_t> adam{};
+    };
     FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
       FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
         FUSEDCLR_BOOL_SWITCH(vmax != nullptr, AMSGRAD, [&] {
-          for_each_chunk(chunks, active, [&](int64_t seg, int64_t begin, int64_t end) {
-            const auto k = adam_scalars<opmath_t>(s.lr, s.momentum, beta2, eps, weight_decay, steps[seg],
+          for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
+            // Segments usually share one step count: recompute the bias corrections only when it changes.
+            if (cache.step != steps[seg]) {
+              cache.step = steps[seg];
+              cache.adam = adam_scalars<opmath_t>(s.lr, s.momentum, beta2, eps, weight_decay, cache.step,
                                                   s.grad_scale, maximize);
-            adam_range<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+            }
+            adam_range<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, cache.adam);
           });
         });
       });
@@ -231,13 +241,20 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     opmath_t* buf = use_momentum ? momentum_buffer->data_ptr<opmath_t>() : nullptr;
+    struct Cache {
+      int64_t step = -1;
+      SgdScalars<opmath_t> sgd{};
+    };
     FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
       FUSEDCLR_BOOL_SWITCH(use_momentum, USE_MOMENTUM, [&] {
         FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-          for_each_chunk(chunks, active, [&](int64_t seg, int64_t begin, int64_t end) {
-            const auto k = sgd_scalars<opmath_t>(s.lr, s.momentum, dampening, weight_decay, steps[seg],
-                                                 s.grad_scale, maximize);
-            sgd_range<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
+          for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
+            if (cache.step != steps[seg]) {
+              cache.step = steps[seg];
+              cache.sgd = sgd_scalars<opmath_t>(s.lr, s.momentum, dampening, weight_decay, cache.step,
+                                                s.grad_scale, maximize);
+            }
+            sgd_range<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, cache.sgd);
           });
         });
       });
