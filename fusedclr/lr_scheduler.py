@@ -1,0 +1,1006 @@
+"""Learning-rate (and momentum) schedulers evaluated inside the update kernel.
+
+Every class here is a drop-in replacement for the class of the same name in
+:mod:`torch.optim.lr_scheduler`: it subclasses torch's class, takes the same
+constructor arguments with the same defaults, raises the same errors and
+produces the same numbers. What it adds is a second way to deliver those
+numbers to the optimizer:
+
+* **Kernel mode** (a :mod:`fusedclr` optimizer). At construction the scheduler
+  describes itself as a float64 *schedule descriptor* per param group
+  (``csrc/include/fusedclr/schedule.h`` [note: schedule descriptor]) and
+  attaches to the optimizer through ``optimizer._attach_schedule(self)``. The
+  update kernel evaluates the descriptor at an int64 0-dim counter that lives
+  on the parameters' device, so :meth:`step` is one in-place ``add_(1)`` per
+  device: no ``.item()``, no host-device sync, no recompilation, and it
+  survives CUDA-graph capture.
+* **Host mode** (any other :class:`torch.optim.Optimizer`). The scheduler
+  writes ``group["lr"]`` (and the momentum / ``betas[0]`` for cyclical
+  momentum) as Python floats, exactly like torch's schedulers.
+
+In both modes :meth:`get_last_lr` and the values written into the param groups
+come from the closed form ``reference.schedule_value(descriptor, last_epoch)``,
+computed in double precision on the host, which is the same function the
+kernels evaluate. Torch mostly uses recursive ("chainable") updates instead;
+the two agree to a few ulps of double.
+
+Differences from torch, all deliberate:
+
+* Values are the closed form at ``last_epoch``: they do not compose with other
+  schedulers stepping the same optimizer (``ChainedScheduler``) nor follow
+  manual edits of ``group["lr"]``. Chain schedules with :class:`SequentialLR`,
+  which composes its children into one descriptor. When several fusedclr
+  schedulers attach to the same optimizer the last one wins.
+* A scheduler that cannot be evaluated in the kernel falls back to host mode
+  with a one-time :class:`UserWarning` naming the reason, and detaches from the
+  optimizer, which then reads ``group["lr"]`` like any torch optimizer. This
+  happens for :class:`CyclicLR` with a Python ``scale_fn``, for
+  :class:`CosineAnnealingWarmRestarts` stepped with a fractional epoch (until
+  the epoch is an integer again), for a :class:`SequentialLR` with a child
+  that is not a fusedclr scheduler, and for a few degenerate arguments on
+  which torch's recursive update differs from any closed form (e.g. a
+  non-integer ``step_size``). A non-fusedclr optimizer gets no warning: it is
+  always in host mode.
+* :class:`CosineAnnealingWarmRestarts` takes three keyword-only extensions:
+  ``cycle_decay``, ``warmup_steps`` and ``warmup_start_lr``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as _torch_sched
+
+from fusedclr import reference as _ref
+from fusedclr.reference import Kind
+
+__all__ = [
+    "ConstantLR",
+    "CosineAnnealingLR",
+    "CosineAnnealingWarmRestarts",
+    "CyclicLR",
+    "ExponentialLR",
+    "LinearLR",
+    "MultiStepLR",
+    "OneCycleLR",
+    "SequentialLR",
+    "StepLR",
+]
+
+# Attributes that only make sense in this process (device tensors, caches,
+# links to other objects); state_dict() leaves them out.
+_RUNTIME_ATTRS = ("_fc_counters", "_fc_seen", "_fc_descs", "_fc_owned", "_fc_warned")
+
+_GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler, please use `get_last_lr()`."
+
+
+def _is_integral(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and float(x).is_integer()
+
+
+def _per_group(name: str, optimizer: Optimizer, value: Any) -> list[float]:
+    """One float per param group from a scalar or a per-group sequence."""
+    n = len(optimizer.param_groups)
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(
+                f"{name} must have the same length as optimizer.param_groups. "
+                f"{name} has {len(value)} values, param_groups has {n}."
+            )
+        return [float(v) for v in value]
+    return [float(value)] * n
+
+
+class _InKernelSchedule:
+    """Mixin that turns a torch scheduler into an in-kernel schedule.
+
+    A subclass describes one param group with :meth:`_fc_stage` (one stage
+    record, see :func:`fusedclr.reference.stage`) and optionally
+    :meth:`_fc_tail`; :meth:`_fc_config_reason` names a configuration that
+    cannot run in the kernel (host mode). The mixin owns the device counters,
+    computes the host-side values from the descriptor, and talks to the
+    optimizer.
+    """
+
+    # -- life cycle ---------------------------------------------------------
+
+    def _fc_setup(self) -> None:
+        """Runtime state; called before torch's constructor runs ``step()``."""
+        self._fc_counters: dict[torch.device, Tensor] = {}
+        self._fc_seen = 0  # the value every counter holds
+        self._fc_descs: list[list[float]] | None = None
+        self._fc_owned = False  # a SequentialLR composes this scheduler
+        self._fc_warned = False
+
+    def _fc_finish(self) -> None:
+        """Called once the constructor is complete: freeze the descriptors and attach."""
+        self._fc_descs = None
+        reason = self._fc_host_reason()
+        if reason is not None:
+            self._fc_warn(reason)
+        self._fc_attach()
+
+    # -- what subclasses provide ---------------------------------------------
+
+    def _fc_stage(self, i: int) -> list[float]:
+        raise NotImplementedError
+
+    def _fc_tail(self, i: int) -> list[float]:
+        return []
+
+    def _fc_config_reason(self) -> str | None:
+        """Why this configuration cannot be evaluated in-kernel, or ``None``."""
+        return None
+
+    # -- descriptors -----------------------------------------------------------
+
+    def _fc_host_reason(self) -> str | None:
+        return self._fc_config_reason()
+
+    def _fc_parts(self, i: int) -> tuple[list[list[float]], list[float]]:
+        """Stage records of group ``i`` (local time, tail indices relative to the tail) and the tail."""
+        return [self._fc_stage(i)], list(self._fc_tail(i))
+
+    def _fc_descriptors(self) -> list[list[float]]:
+        if self._fc_descs is None:
+            self._fc_descs = [
+                _ref.descriptor(*self._fc_parts(i)) for i in range(len(self.optimizer.param_groups))
+            ]
+        return self._fc_descs
+
+    def _fc_descriptor(self, group_index: int) -> list[float]:
+        """The float64 schedule descriptor of param group ``group_index``.
+
+        Part of the optimizer protocol (docs/CONTRACTS.md). A scheduler in host
+        mode describes "no schedule", leaving every value to the param group.
+        """
+        if self._fc_host_reason() is not None:
+            return _ref.no_schedule()
+        return list(self._fc_descriptors()[group_index])
+
+    # -- device counters ------------------------------------------------------
+
+    def _fc_counter(self, device: torch.device | str) -> Tensor:
+        """The schedule's step counter on ``device``: an int64 0-dim tensor equal to ``last_epoch``.
+
+        Part of the optimizer protocol (docs/CONTRACTS.md). Created on first
+        request (with a fill, not a host-to-device copy) and advanced in place
+        by every :meth:`step`, so the optimizer may keep the tensor.
+        """
+        device = torch.device(device)
+        self._fc_sync()
+        counter = self._fc_counters.get(device)
+        if counter is None:
+            counter = torch.full((), self._fc_seen, dtype=torch.int64, device=device)
+            self._fc_counters[device] = counter
+        return counter
+
+    def _fc_sync(self) -> None:
+        """Brings every counter to ``last_epoch`` with ``add_(1)`` or ``fill_``; never reads a device value."""
+        target = int(self.last_epoch)
+        if target == self._fc_seen:
+            return
+        for counter in self._fc_counters.values():
+            if target == self._fc_seen + 1:
+                counter.add_(1)
+            else:
+                counter.fill_(target)
+        self._fc_seen = target
+
+    def _fc_attach(self) -> None:
+        """Configures a fusedclr optimizer: attach this schedule, or detach in host mode."""
+        if self._fc_owned:
+            return
+        attach = getattr(self.optimizer, "_attach_schedule", None)
+        if attach is None:
+            return
+        attach(None if self._fc_host_reason() is not None else self)
+
+    def _fc_warn(self, reason: str) -> None:
+        if self._fc_warned or getattr(self.optimizer, "_attach_schedule", None) is None:
+            return
+        self._fc_warned = True
+        warnings.warn(
+            f"fusedclr.lr_scheduler.{type(self).__name__}: {reason}, which cannot be evaluated inside "
+            "the update kernel. This scheduler runs on the host instead: it writes group['lr'] (and the "
+            "momentum) as Python floats every step, like torch.optim.lr_scheduler, and the optimizer reads them.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    # -- host values ----------------------------------------------------------
+
+    def _fc_values(self) -> list[float]:
+        """Closed-form lr of every group at ``last_epoch``; sets cyclical momentum like torch."""
+        use_beta1 = getattr(self, "use_beta1", "betas" in self.optimizer.defaults)
+        lrs = []
+        for group, desc in zip(self.optimizer.param_groups, self._fc_descriptors(), strict=True):
+            lr, momentum = _ref.schedule_value(desc, int(self.last_epoch))
+            if momentum is not None:
+                if use_beta1:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                else:
+                    group["momentum"] = momentum
+            lrs.append(lr if lr is not None else group["lr"])
+        return lrs
+
+    def get_lr(self) -> list[float | Tensor]:
+        """The learning rate of every param group at ``last_epoch``, from the closed form.
+
+        Like torch's ``get_lr``, it is meant to be called by :meth:`step`; use
+        :meth:`get_last_lr` to read the current values. With cyclical momentum
+        it also writes the group's momentum (or ``betas[0]``).
+        """
+        if self._fc_host_reason() is not None:
+            return super().get_lr()  # type: ignore[misc]
+        if not self._get_lr_called_within_step:
+            warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
+        return self._fc_values()
+
+    def _get_closed_form_lr(self) -> list[float | Tensor]:
+        if self._fc_host_reason() is not None:
+            torch_closed = getattr(super(), "_get_closed_form_lr", None)
+            return torch_closed() if torch_closed is not None else super().get_lr()  # type: ignore[misc]
+        return self._fc_values()
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        try:
+            super()._update_lr(epoch)  # type: ignore[misc]
+        finally:
+            self._fc_sync()
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state, as torch's, without device tensors or process-local attributes."""
+        state = super().state_dict()  # type: ignore[misc]
+        for key in _RUNTIME_ATTRS:
+            state.pop(key, None)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state from :meth:`state_dict` (or from torch's scheduler of the same class).
+
+        The descriptors are rebuilt, the device counters refilled from
+        ``last_epoch`` and the schedule re-attached, so training resumes
+        exactly where the checkpoint left off, mid-cycle included.
+        """
+        state_dict = {k: v for k, v in state_dict.items() if k not in _RUNTIME_ATTRS}
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._fc_refresh()
+
+    def _fc_refresh(self) -> None:
+        self._fc_descs = None
+        self._fc_seen = int(self.last_epoch)
+        for counter in self._fc_counters.values():
+            counter.fill_(self._fc_seen)
+        self._fc_attach()
+
+
+# --------------------------------------------------------------------------
+# Simple decays
+# --------------------------------------------------------------------------
+
+
+class StepLR(_InKernelSchedule, _torch_sched.StepLR):
+    """Decays each group's learning rate by ``gamma`` every ``step_size`` steps.
+
+    Same arguments, defaults and values as :class:`torch.optim.lr_scheduler.StepLR`;
+    ``lr_t = base_lr * gamma ** (t // step_size)``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    step_size : int
+        Period of the decay.
+    gamma : float, default 0.1
+        Multiplicative factor of the decay.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
+        self._fc_setup()
+        super().__init__(optimizer, step_size, gamma, last_epoch)
+        self._fc_finish()
+
+    def _fc_config_reason(self) -> str | None:
+        if not (_is_integral(self.step_size) and self.step_size > 0):
+            return f"step_size={self.step_size!r} is not a positive integer"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        return _ref.stage(Kind.STEP, [self.base_lrs[i], self.gamma, self.step_size])
+
+
+class MultiStepLR(_InKernelSchedule, _torch_sched.MultiStepLR):
+    """Decays each group's learning rate by ``gamma`` at every milestone.
+
+    Same arguments, defaults and values as
+    :class:`torch.optim.lr_scheduler.MultiStepLR`. A milestone listed ``n``
+    times decays by ``gamma ** n``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    milestones : iterable of int
+        Steps at which to decay.
+    gamma : float, default 0.1
+        Multiplicative factor of the decay.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1
+    ) -> None:
+        self._fc_setup()
+        super().__init__(optimizer, milestones, gamma, last_epoch)
+        self._fc_finish()
+
+    def _fc_config_reason(self) -> str | None:
+        if not all(_is_integral(m) for m in self.milestones):
+            return f"milestones {sorted(self.milestones)} are not all integers"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        count = sum(self.milestones.values())
+        return _ref.stage(Kind.MULTISTEP, [self.base_lrs[i], self.gamma, 0, count])
+
+    def _fc_tail(self, i: int) -> list[float]:
+        return [float(m) for m in sorted(self.milestones.elements())]
+
+
+class ConstantLR(_InKernelSchedule, _torch_sched.ConstantLR):
+    """Multiplies each group's learning rate by ``factor`` for the first ``total_iters`` steps.
+
+    Same arguments, defaults, errors and values as
+    :class:`torch.optim.lr_scheduler.ConstantLR`. With ``total_iters <= 0``
+    the factor stays applied forever, as torch's step-by-step update does.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    factor : float, default 1/3
+        Factor applied until ``total_iters``; in ``[0, 1]``.
+    total_iters : int, default 5
+        Number of steps the factor applies.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1
+    ) -> None:
+        self._fc_setup()
+        super().__init__(optimizer, factor, total_iters, last_epoch)
+        self._fc_finish()
+
+    def _fc_config_reason(self) -> str | None:
+        if not _is_integral(self.total_iters):
+            return f"total_iters={self.total_iters!r} is not an integer"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        if self.total_iters <= 0:
+            return _ref.stage(Kind.CONSTANT, [self.base_lrs[i] * self.factor])
+        return _ref.stage(Kind.CONSTANT_FACTOR, [self.base_lrs[i], self.factor, self.total_iters])
+
+
+class LinearLR(_InKernelSchedule, _torch_sched.LinearLR):
+    """Scales each group's learning rate by a factor moving linearly from ``start_factor`` to ``end_factor``.
+
+    Same arguments, defaults, errors and values as
+    :class:`torch.optim.lr_scheduler.LinearLR`:
+    ``lr_t = base_lr * (start + (end - start) * min(t, total_iters) / total_iters)``.
+    The usual warmup is ``LinearLR(opt, start_factor=0.01, total_iters=w)``
+    inside a :class:`SequentialLR`. With ``total_iters <= 0`` the start factor
+    stays applied, as torch's step-by-step update does.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    start_factor : float, default 1/3
+        Factor at step 0; in ``(0, 1]``.
+    end_factor : float, default 1.0
+        Factor from ``total_iters`` on; in ``[0, 1]``.
+    total_iters : int, default 5
+        Length of the ramp in steps.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        start_factor: float = 1.0 / 3,
+        end_factor: float = 1.0,
+        total_iters: int = 5,
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_setup()
+        super().__init__(optimizer, start_factor, end_factor, total_iters, last_epoch)
+        self._fc_finish()
+
+    def _fc_config_reason(self) -> str | None:
+        if not _is_integral(self.total_iters):
+            return f"total_iters={self.total_iters!r} is not an integer"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        if self.total_iters <= 0:
+            return _ref.stage(Kind.CONSTANT, [self.base_lrs[i] * self.start_factor])
+        return _ref.stage(Kind.LINEAR, [self.base_lrs[i], self.start_factor, self.end_factor, self.total_iters])
+
+
+class ExponentialLR(_InKernelSchedule, _torch_sched.ExponentialLR):
+    """Decays each group's learning rate by ``gamma`` every step: ``lr_t = base_lr * gamma ** t``.
+
+    Same arguments and values as :class:`torch.optim.lr_scheduler.ExponentialLR`.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    gamma : float
+        Multiplicative factor of the decay.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
+        self._fc_setup()
+        super().__init__(optimizer, gamma, last_epoch)
+        self._fc_finish()
+
+    def _fc_stage(self, i: int) -> list[float]:
+        return _ref.stage(Kind.EXPONENTIAL, [self.base_lrs[i], self.gamma])
+
+
+class CosineAnnealingLR(_InKernelSchedule, _torch_sched.CosineAnnealingLR):
+    r"""Cosine annealing from each group's base learning rate to ``eta_min`` over ``T_max`` steps.
+
+    Same arguments, defaults and values as
+    :class:`torch.optim.lr_scheduler.CosineAnnealingLR`, as the closed form
+
+    .. math::
+        \eta_t = \eta_{min} + \tfrac12 (\eta_{base} - \eta_{min})
+        \left(1 + \cos\left(\pi t / T_{max}\right)\right)
+
+    which, like torch's, keeps oscillating past ``T_max`` (no restarts).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    T_max : int
+        Half period, in steps.
+    eta_min : float, default 0.0
+        Minimum learning rate.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
+        self._fc_setup()
+        super().__init__(optimizer, T_max, eta_min, last_epoch)
+        self._fc_finish()
+
+    def _fc_config_reason(self) -> str | None:
+        if self.T_max == 0:
+            return "T_max=0"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        return _ref.stage(Kind.COSINE, [self.base_lrs[i], self.eta_min, self.T_max])
+
+
+# --------------------------------------------------------------------------
+# SGDR
+# --------------------------------------------------------------------------
+
+
+class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealingWarmRestarts):
+    r"""Cosine annealing with warm restarts (SGDR), plus peak decay and a linear warmup.
+
+    With the defaults of the keyword-only extensions this is
+    :class:`torch.optim.lr_scheduler.CosineAnnealingWarmRestarts`: the same
+    arguments, errors and values. Cycle :math:`k` (from 0) lasts
+    :math:`T_0 T_{mult}^k` steps and, at position :math:`T_{cur}` in it,
+
+    .. math::
+        \eta = \eta_{min} + \tfrac12 (\eta_{base}\,\gamma^k - \eta_{min})
+        \left(1 + \cos\left(\pi T_{cur} / T_i\right)\right)
+
+    where :math:`\gamma` is ``cycle_decay``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    T_0 : int
+        Length of the first cycle, in steps (after the warmup).
+    T_mult : int, default 1
+        Factor by which each cycle is longer than the previous one.
+    eta_min : float, default 0.0
+        Minimum learning rate.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    cycle_decay : float, default 1.0
+        Keyword-only. The peak of cycle ``k`` is ``base_lr * cycle_decay ** k``
+        (timm's ``cycle_decay``); ``1.0`` is torch's schedule.
+    warmup_steps : int, default 0
+        Keyword-only. Length of a linear warmup before the first cycle: for
+        ``t < warmup_steps`` the lr is
+        ``warmup_start_lr + (base_lr - warmup_start_lr) * t / warmup_steps``.
+        The restarts schedule then starts at its own step 0 at
+        ``t = warmup_steps`` (where the lr is ``base_lr``), so the cycles are
+        shifted by ``warmup_steps``. ``T_cur`` is negative during the warmup.
+    warmup_start_lr : float or list of float, default 0.0
+        Keyword-only. Learning rate at step 0 of the warmup, for every group or
+        per group.
+
+    Notes
+    -----
+    ``step(epoch)`` with an integer epoch stays in-kernel (the counter is
+    filled with it). A fractional epoch, which torch allows here, cannot be
+    represented by the integer counter: the scheduler then warns once and
+    evaluates the schedule on the host (writing ``group["lr"]``) until the
+    epoch is an integer again. Restart boundaries with ``T_mult > 1`` are
+    found by exact integer arithmetic rather than torch's floating-point
+    logarithm.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        T_0: int,
+        T_mult: int = 1,
+        eta_min: float = 0.0,
+        last_epoch: int = -1,
+        *,
+        cycle_decay: float = 1.0,
+        warmup_steps: int = 0,
+        warmup_start_lr: float | Sequence[float] = 0.0,
+    ) -> None:
+        if not isinstance(cycle_decay, numbers.Real) or isinstance(cycle_decay, bool) or not cycle_decay > 0:
+            raise ValueError(f"Expected positive float cycle_decay, but got {cycle_decay}")
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ValueError(f"Expected non-negative integer warmup_steps, but got {warmup_steps}")
+        self._fc_setup()
+        self.cycle_decay = float(cycle_decay)
+        self.warmup_steps = warmup_steps
+        self.warmup_start_lrs = _per_group("warmup_start_lr", optimizer, warmup_start_lr)
+        # Fractional part of the position (torch allows step(epoch=2.5)); last_epoch is the floor.
+        self._fc_frac = 0.0
+        super().__init__(optimizer, T_0, T_mult, eta_min, last_epoch)
+        self._fc_finish()
+
+    def _fc_host_reason(self) -> str | None:
+        if self._fc_frac:
+            return "step(epoch) was given a fractional epoch"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        return _ref.stage(
+            Kind.COSINE_RESTARTS,
+            [
+                self.base_lrs[i],
+                self.eta_min,
+                self.T_0,
+                self.T_mult,
+                self.cycle_decay,
+                self.warmup_steps,
+                self.warmup_start_lrs[i],
+            ],
+        )
+
+    def _fc_cycle(self, pos: float) -> tuple[float, int, int]:
+        """(T_cur, T_i, cycle index) at position ``pos`` after the warmup."""
+        tc, ti, cycle = pos - self.warmup_steps, self.T_0, 0
+        if tc < 0:
+            return tc, ti, 0
+        if self.T_mult == 1:
+            cycle = int(tc // ti)
+            tc = tc - cycle * ti
+        else:
+            while tc >= ti:
+                tc -= ti
+                ti *= self.T_mult
+                cycle += 1
+        return tc, ti, cycle
+
+    def _fc_value_at(self, i: int, pos: float) -> float:
+        """Host evaluation at a possibly fractional position (the descriptor's formula in real time)."""
+        base, start = self.base_lrs[i], self.warmup_start_lrs[i]
+        if pos < self.warmup_steps:
+            return start + (base - start) * pos / self.warmup_steps
+        tc, ti, cycle = self._fc_cycle(pos)
+        peak = base * self.cycle_decay**cycle
+        return self.eta_min + (peak - self.eta_min) * (1.0 + math.cos(math.pi * tc / ti)) / 2.0
+
+    def get_lr(self) -> list[float | Tensor]:
+        """The learning rate of every param group at the current position (closed form)."""
+        if not self._get_lr_called_within_step:
+            warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
+        if self._fc_frac:
+            pos = self.last_epoch + self._fc_frac
+            return [self._fc_value_at(i, pos) for i in range(len(self.optimizer.param_groups))]
+        return self._fc_values()
+
+    def step(self, epoch: float | None = None) -> None:
+        """Advances the schedule by one step, or moves it to ``epoch``.
+
+        As in torch, ``epoch`` may be fractional (for example
+        ``epoch + batch / iters`` to restart within an epoch); see the class
+        notes for what that means for the in-kernel schedule.
+
+        Raises
+        ------
+        ValueError
+            If ``epoch`` is negative.
+        """
+        if epoch is None and self.last_epoch < 0:
+            epoch = 0
+        if epoch is None:
+            pos: float = self.last_epoch + 1 + self._fc_frac if self._fc_frac else self.last_epoch + 1
+        else:
+            if epoch < 0:
+                raise ValueError(f"Expected non-negative epoch, but got {epoch}")
+            pos = epoch
+        whole = math.floor(pos)
+        frac = float(pos - whole)
+        was_host = bool(self._fc_frac)
+        self._fc_frac = frac
+        self.last_epoch = whole
+        self.T_cur, self.T_i, _ = self._fc_cycle(pos if frac else whole)
+        if frac and not was_host:
+            self._fc_warn(self._fc_host_reason() or "")
+        if bool(frac) != was_host:
+            self._fc_attach()
+        try:
+            with _torch_sched._enable_get_lr_call(self):
+                values = self.get_lr()
+            for group, lr in zip(self.optimizer.param_groups, values, strict=True):
+                _torch_sched._update_param_group_val(group, "lr", lr)
+            self._last_lr = _torch_sched._param_groups_val_list(self.optimizer, "lr")
+        finally:
+            self._fc_sync()
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        # SequentialLR restarts a child with child._update_lr(0).
+        self.step(epoch)
+
+
+# --------------------------------------------------------------------------
+# Cyclical schedules with cyclical momentum
+# --------------------------------------------------------------------------
+
+
+class CyclicLR(_InKernelSchedule, _torch_sched.CyclicLR):
+    """Cyclical learning rate (CLR) with optional cyclical momentum (Smith, 2015).
+
+    Same arguments, defaults, errors and values as
+    :class:`torch.optim.lr_scheduler.CyclicLR`, including how it initialises
+    the param groups (``lr = base_lr``; with ``cycle_momentum``, momentum or
+    ``betas[0]`` set to ``max_momentum`` and ``base_momentum`` /
+    ``max_momentum`` stored in every group). The built-in modes
+    ``"triangular"``, ``"triangular2"`` and ``"exp_range"`` and the cyclical
+    momentum (SGD's momentum, Adam's ``beta1``) run in-kernel.
+
+    A user ``scale_fn`` is a Python callable, which the kernel cannot call:
+    with a fusedclr optimizer the scheduler then warns once at construction and
+    runs on the host with torch's own computation (it writes ``group["lr"]``
+    and the momentum as floats every step, and the optimizer reads them). With
+    a stock torch optimizer it behaves exactly like torch's, without warning.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    base_lr : float or list of float
+        Lower learning-rate boundary of the cycle, per group.
+    max_lr : float or list of float
+        Upper learning-rate boundary of the cycle, per group.
+    step_size_up : int, default 2000
+        Steps in the increasing half of a cycle.
+    step_size_down : int, optional
+        Steps in the decreasing half; ``step_size_up`` when ``None``.
+    mode : {"triangular", "triangular2", "exp_range"}, default "triangular"
+        Amplitude policy: constant, halved every cycle, or ``gamma ** t``.
+    gamma : float, default 1.0
+        Base of the ``"exp_range"`` scaling.
+    scale_fn : callable, optional
+        Custom amplitude policy (host mode, see above); overrides ``mode``.
+    scale_mode : {"cycle", "iterations"}, default "cycle"
+        Argument of ``scale_fn``: the cycle number or the step.
+    cycle_momentum : bool, default True
+        Cycle the momentum inversely to the learning rate.
+    base_momentum : float or list of float, default 0.8
+        Momentum at the lr peak.
+    max_momentum : float or list of float, default 0.9
+        Momentum at the cycle start.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        base_lr: float | list[float],
+        max_lr: float | list[float],
+        step_size_up: int = 2000,
+        step_size_down: int | None = None,
+        mode: Literal["triangular", "triangular2", "exp_range"] = "triangular",
+        gamma: float = 1.0,
+        scale_fn: Callable[[float], float] | None = None,
+        scale_mode: Literal["cycle", "iterations"] = "cycle",
+        cycle_momentum: bool = True,
+        base_momentum: float = 0.8,
+        max_momentum: float = 0.9,
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_setup()
+        super().__init__(
+            optimizer,
+            base_lr,
+            max_lr,
+            step_size_up,
+            step_size_down,
+            mode,
+            gamma,
+            scale_fn,
+            scale_mode,
+            cycle_momentum,
+            base_momentum,
+            max_momentum,
+            last_epoch,
+        )
+        self._fc_finish()
+
+    def _fc_config_reason(self) -> str | None:
+        if self._scale_fn_custom is not None:
+            return "a Python scale_fn was given"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        if self.cycle_momentum:
+            base_m, max_m = self.base_momentums[i], self.max_momentums[i]
+        else:
+            base_m = max_m = 0.0
+        return _ref.stage(
+            Kind.CYCLIC,
+            [
+                self.base_lrs[i],
+                self.max_lrs[i],
+                self.total_size,
+                self.step_ratio,
+                _ref.CYCLIC_MODES[self.mode],
+                self.gamma,
+                base_m,
+                max_m,
+            ],
+            has_momentum=bool(self.cycle_momentum),
+        )
+
+
+class OneCycleLR(_InKernelSchedule, _torch_sched.OneCycleLR):
+    """The 1cycle policy (Smith & Topin, super-convergence) with cyclical momentum.
+
+    Same arguments, defaults, errors and values as
+    :class:`torch.optim.lr_scheduler.OneCycleLR`, including the group
+    initialisation (``initial_lr``, ``max_lr``, ``min_lr`` and, with
+    ``cycle_momentum``, ``max_momentum`` / ``base_momentum`` and the momentum
+    or ``betas[0]``), two- and three-phase schedules and cosine or linear
+    annealing. The cyclical momentum (SGD's momentum, Adam's and AdamW's
+    ``beta1``) runs in-kernel. Stepping past ``total_steps`` raises torch's
+    :class:`ValueError`.
+
+    The schedule is read from the param groups at construction (and again by
+    :meth:`load_state_dict`); later edits of ``group["max_lr"]`` and friends
+    are not followed.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    max_lr : float or list of float
+        Peak learning rate, per group.
+    total_steps : int, optional
+        Length of the cycle; else ``epochs * steps_per_epoch``.
+    epochs : int, optional
+        Number of epochs, with ``steps_per_epoch``.
+    steps_per_epoch : int, optional
+        Steps per epoch, with ``epochs``.
+    pct_start : float, default 0.3
+        Fraction of the cycle spent increasing the lr.
+    anneal_strategy : {"cos", "linear"}, default "cos"
+        Annealing shape.
+    cycle_momentum : bool, default True
+        Cycle the momentum inversely to the learning rate.
+    base_momentum : float or list of float, default 0.85
+        Momentum at the lr peak.
+    max_momentum : float or list of float, default 0.95
+        Momentum at the start and the end.
+    div_factor : float, default 25.0
+        ``initial_lr = max_lr / div_factor``.
+    final_div_factor : float, default 1e4
+        ``min_lr = initial_lr / final_div_factor``.
+    three_phase : bool, default False
+        Use the paper's three phases instead of fastai's two.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+
+    Raises
+    ------
+    ValueError
+        From :meth:`step`, once the scheduler is stepped more than
+        ``total_steps`` times (message as torch's).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_lr: float | list[float],
+        total_steps: int | None = None,
+        epochs: int | None = None,
+        steps_per_epoch: int | None = None,
+        pct_start: float = 0.3,
+        anneal_strategy: Literal["cos", "linear"] = "cos",
+        cycle_momentum: bool = True,
+        base_momentum: float | list[float] = 0.85,
+        max_momentum: float | list[float] = 0.95,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_setup()
+        super().__init__(
+            optimizer,
+            max_lr,
+            total_steps,
+            epochs,
+            steps_per_epoch,
+            pct_start,
+            anneal_strategy,
+            cycle_momentum,
+            base_momentum,
+            max_momentum,
+            div_factor,
+            final_div_factor,
+            three_phase,
+            last_epoch,
+        )
+        self._fc_finish()
+
+    def _fc_config_reason(self) -> str | None:
+        if getattr(self, "_anneal_func_type", None) not in _ref.ANNEAL:
+            return "the anneal function is a Python callable"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        group = self.optimizer.param_groups[i]
+        if self.cycle_momentum:
+            base_m, max_m = group["base_momentum"], group["max_momentum"]
+        else:
+            base_m = max_m = 0.0
+        ends = [float(phase["end_step"]) for phase in self._schedule_phases]
+        ends += [0.0] * (3 - len(ends))
+        return _ref.stage(
+            Kind.ONE_CYCLE,
+            [
+                group["initial_lr"],
+                group["max_lr"],
+                group["min_lr"],
+                base_m,
+                max_m,
+                len(self._schedule_phases),
+                *ends,
+                _ref.ANNEAL[self._anneal_func_type],
+            ],
+            has_momentum=bool(self.cycle_momentum),
+        )
+
+    def _fc_values(self) -> list[float]:
+        if self.last_epoch > self.total_steps:
+            raise ValueError(
+                f"Tried to step {self.last_epoch} times. The specified number of total steps is {self.total_steps}"
+            )
+        return super()._fc_values()
+
+
+# --------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------
+
+
+class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
+    """Runs schedulers one after another, switching at the milestones.
+
+    Same arguments, errors and values as
+    :class:`torch.optim.lr_scheduler.SequentialLR`: scheduler ``k`` runs from
+    ``milestones[k - 1]`` on, restarted at its own step 0. The children's
+    descriptors are composed into one (one stage each, beginning at its
+    milestone), so a warmup chain such as ``LinearLR -> CosineAnnealingLR``
+    runs in-kernel as a single schedule. The children stop talking to the
+    optimizer; this scheduler attaches after them and owns the counter.
+
+    If a child is not a :mod:`fusedclr.lr_scheduler` scheduler (or is in host
+    mode itself), the whole chain runs on the host like torch's, with a
+    one-time warning when the optimizer is a fusedclr optimizer.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    schedulers : list of LRScheduler
+        The schedulers, in order, all built on ``optimizer``.
+    milestones : list of int
+        The steps at which to switch to the next scheduler.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        schedulers: list[_torch_sched.LRScheduler],
+        milestones: list[int],
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_setup()
+        super().__init__(optimizer, schedulers, milestones, last_epoch)
+        for child in self._schedulers:
+            if isinstance(child, _InKernelSchedule):
+                child._fc_owned = True
+                child._fc_counters.clear()
+        self._fc_finish()
+
+    def _fc_host_reason(self) -> str | None:
+        if list(self._milestones) != sorted(self._milestones) or not all(_is_integral(m) for m in self._milestones):
+            return f"milestones {list(self._milestones)} are not increasing integers"
+        for k, child in enumerate(self._schedulers):
+            if not isinstance(child, _InKernelSchedule):
+                return f"the scheduler at index {k} ({type(child).__name__}) is not a fusedclr.lr_scheduler class"
+            reason = child._fc_host_reason()
+            if reason is not None:
+                return f"in the scheduler at index {k} ({type(child).__name__}), {reason}"
+        return None
+
+    def _fc_parts(self, i: int) -> tuple[list[list[float]], list[float]]:
+        stages: list[list[float]] = []
+        tail: list[float] = []
+        for k, child in enumerate(self._schedulers):
+            begin = 0 if k == 0 else int(self._milestones[k - 1])
+            child_stages, child_tail = child._fc_parts(i)  # type: ignore[attr-defined]
+            for rec in child_stages:
+                rec = list(rec)
+                rec[_ref.S_T_BEGIN] += begin
+                if int(rec[_ref.S_KIND]) == Kind.MULTISTEP:
+                    rec[_ref.S_P0 + 2] += len(tail)
+                stages.append(rec)
+            tail.extend(child_tail)
+        return stages, tail
+
+    def step(self) -> None:  # type: ignore[override]
+        """Advances the active child (restarting the next one at its milestone) and the device counters."""
+        try:
+            _torch_sched.SequentialLR.step(self)
+        finally:
+            self._fc_sync()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state from :meth:`state_dict`, children included, and re-attaches the composed schedule."""
+        super().load_state_dict(state_dict)
