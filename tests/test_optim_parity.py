@@ -229,3 +229,56 @@ def test_deepcopy_keeps_working():
     opt.step()
     clone = copy.deepcopy(opt)
     assert clone.state_dict()["state"][0]["step"] == 1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_closure_add_param_group_and_replaced_grads(backend):
+    """Closures, a group added later, and grads replaced by user code all behave as in torch."""
+    torch.manual_seed(3)
+    w_ref = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(4))]
+    w_fc = [torch.nn.Parameter(p.detach().clone()) for p in w_ref]
+    extra_ref = torch.nn.Parameter(torch.randn(7))
+    extra_fc = torch.nn.Parameter(extra_ref.detach().clone())
+    x = torch.randn(8, 5)
+    ref = torch.optim.AdamW(w_ref, lr=0.05)
+    ours = fusedclr.AdamW(w_fc, lr=0.05, backend=backend)
+
+    def closure(ws, extra, opt, g):
+        def f():
+            opt.zero_grad()
+            loss = (x @ ws[0] + ws[1]).pow(2).mean()
+            loss.backward()
+            if g is not None:
+                extra.grad = g.clone()  # a replaced (foreign) grad tensor: gathered, not lost
+            return loss
+        return f
+
+    for s in range(6):
+        if s == 2:
+            ref.add_param_group({"params": [extra_ref], "lr": 0.1})
+            ours.add_param_group({"params": [extra_fc], "lr": 0.1})
+        g = torch.randn(7) if s >= 2 else None
+        loss_ref = ref.step(closure(w_ref, extra_ref, ref, g))
+        loss_fc = ours.step(closure(w_fc, extra_fc, ours, g))
+        torch.testing.assert_close(loss_fc, loss_ref)
+    for a, b in zip([*w_ref, extra_ref], [*w_fc, extra_fc]):
+        torch.testing.assert_close(b.detach(), a.detach())
+
+
+def test_zero_grad_modes():
+    p = torch.nn.Parameter(torch.ones(3))
+    q = torch.nn.Parameter(torch.ones(2))
+    opt = fusedclr.SGD([p, q], lr=0.1)
+    flat = opt._buckets[0][0].grad_flat
+    p.grad.fill_(2.0)
+    opt.zero_grad()
+    assert p.grad is not None and p.grad.data_ptr() == flat.data_ptr() and not p.grad.any()
+    opt.zero_grad(set_to_none=True)
+    assert p.grad is None and q.grad is None
+    # torch semantics after set_to_none: a parameter without a grad is skipped.
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.9))
+    torch.testing.assert_close(q.detach(), torch.ones(2))
+    opt.zero_grad(set_to_none=False)  # re-attaches the flat views
+    assert q.grad is not None and q.grad.data_ptr() == flat.data_ptr() + 16 * flat.element_size()
