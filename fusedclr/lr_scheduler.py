@@ -124,7 +124,7 @@ class _InKernelSchedule:
         self._fc_descs = None
         reason = self._fc_host_reason()
         if reason is not None:
-            self._fc_warn(reason)
+            self._fc_warn(reason, stacklevel=4)  # the user's constructor call
         self._fc_attach()
 
     # -- what subclasses provide ---------------------------------------------
@@ -161,9 +161,12 @@ class _InKernelSchedule:
         Part of the optimizer protocol (docs/CONTRACTS.md). A scheduler in host
         mode describes "no schedule", leaving every value to the param group.
         """
-        if self._fc_host_reason() is not None:
+        descs = self._fc_descriptors() if self._fc_host_reason() is None else []
+        if group_index >= len(descs):
+            # Host mode, or a group added after this scheduler was built (which,
+            # as with torch's schedulers, it does not schedule).
             return _ref.no_schedule()
-        return list(self._fc_descriptors()[group_index])
+        return list(descs[group_index])
 
     # -- device counters ------------------------------------------------------
 
@@ -203,7 +206,7 @@ class _InKernelSchedule:
             return
         attach(None if self._fc_host_reason() is not None else self)
 
-    def _fc_warn(self, reason: str) -> None:
+    def _fc_warn(self, reason: str, stacklevel: int = 3) -> None:
         if self._fc_warned or getattr(self.optimizer, "_attach_schedule", None) is None:
             return
         self._fc_warned = True
@@ -212,7 +215,7 @@ class _InKernelSchedule:
             "the update kernel. This scheduler runs on the host instead: it writes group['lr'] (and the "
             "momentum) as Python floats every step, like torch.optim.lr_scheduler, and the optimizer reads them.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
     # -- host values ----------------------------------------------------------
@@ -940,6 +943,12 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
     If a child is not a :mod:`fusedclr.lr_scheduler` scheduler (or is in host
     mode itself), the whole chain runs on the host like torch's, with a
     one-time warning when the optimizer is a fusedclr optimizer.
+
+    Every child runs from its own ``base_lrs`` (the groups' ``initial_lr`` when
+    it was built). Torch's step-by-step children instead continue from the
+    groups' ``initial_lr`` as it is when the SequentialLR is built; the two
+    differ only when a later child rewrites ``initial_lr``, as
+    :class:`OneCycleLR` does, so put a OneCycleLR first in a chain.
 
     Parameters
     ----------

@@ -653,16 +653,18 @@ def test_sequential_owns_children_and_wins():
 
 def test_host_fallback_detaches_and_warns_once():
     opt = _recording()
-    with pytest.warns(UserWarning, match="scale_fn"):
+    with pytest.warns(UserWarning, match="scale_fn") as record:
         sched = FS.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=4, scale_fn=lambda x: 1.0)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the user's line
     assert opt.attached[-1] is None
     assert sched._fc_descriptor(0) == reference.no_schedule()
 
     opt = _recording()
     sched = FS.CosineAnnealingWarmRestarts(opt, T_0=4)
     assert opt.attached == [sched]
-    with pytest.warns(UserWarning, match="fractional epoch"):
+    with pytest.warns(UserWarning, match="fractional epoch") as record:
         sched.step(1.5)
+    assert record[0].filename == __file__
     assert opt.attached[-1] is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -840,6 +842,18 @@ def test_kernel_resume_mid_cycle(case_id, backend):
         sched.step()
         got.append(_applied_sgd(opt))
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, rtol=RTOL, atol=0.0)
+
+
+@requires_fused
+def test_param_group_added_later_is_left_to_its_own_lr():
+    opt = _fc_sgd("reference")
+    sched = FS.CosineAnnealingLR(opt, T_max=10)
+    extra = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra], "lr": 0.5})  # re-attaches: the new group has no schedule
+    assert sched._fc_descriptor(2) == reference.no_schedule()
+    extra.grad = torch.ones(2)
+    opt.step()
+    assert float(extra.detach()[0]) == pytest.approx(-0.5)
 
 
 # --------------------------------------------------------------------------
