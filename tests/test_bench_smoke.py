@@ -1,0 +1,93 @@
+"""CI smoke test of ``fusedclr bench --quick``: it runs and writes its report and plot.
+
+It asserts that the benchmark works, never how fast anything is (CI machines
+are shared and noisy; the timings are for people, see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fusedclr import bench, ops
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "fusedclr", "bench", "--device", "cpu", "--quick",
+           "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_prints_a_table_per_case(quick_run):
+    _, stdout = quick_run
+    for shape in bench.QUICK_SHAPES:
+        assert f"adamw {shape} " in stdout
+    assert "x fused" in stdout and "% copy" in stdout
+    assert "wrote" in stdout
+
+
+def test_writes_the_report(quick_run):
+    out, _ = quick_run
+    report = json.loads((out / "bench.json").read_text())
+    assert report["schema"] == "fusedclr-bench/1"
+    for key in ("cpu", "cores", "torch"):
+        assert report["machine"][key]
+    assert report["date"] and "git_commit" in report
+    assert report["config"]["device"] == "cpu" and report["config"]["baseline"] == bench.BASELINE
+    assert {c["shape"] for c in report["copy"]} == set(bench.QUICK_SHAPES)
+    assert all(c["gbps"] > 0 for c in report["copy"])
+
+    results = report["results"]
+    cases = {(r["shape"], r["dtype"], r["schedule"]) for r in results}
+    assert len(cases) == len(bench.QUICK_SHAPES) * len(bench.DTYPES) * len(bench.SCHEDULES)
+    assert {r["provider"] for r in results} == set(bench.PROVIDERS)
+    expected_ok = TORCH_PROVIDERS + (("fusedclr-cpu",) if ops.extension_available() else ())
+    for r in results:
+        assert r["status"] in ("ok", "skipped", "error")
+        if r["provider"] in expected_ok:
+            assert r["status"] == "ok", r
+        if r["status"] != "ok":
+            assert r["reason"]
+            continue
+        assert 0 < r["min_s"] <= r["q1_s"] <= r["median_s"] <= r["q3_s"] <= r["max_s"]
+        assert r["samples"] >= bench.QUICK.min_samples
+        assert r["bytes_per_step"] == r["bytes_per_param"] * r["numel"]
+        assert r["gbps"] > 0 and r["pct_copy"] > 0 and r["cpu_s"] >= 0
+        assert r["ratio_vs_fused"] > 0
+        if r["provider"] == bench.BASELINE:
+            assert r["ratio_vs_fused"] == 1.0
+
+
+def test_writes_the_plot(quick_run):
+    out, _ = quick_run
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_bytes_match_the_design_table():
+    f32, bf16 = bench.DTYPES["fp32"], bench.DTYPES["bf16"]
+    assert bench.bytes_per_param("sgd-plain", f32, f32) == 12
+    assert bench.bytes_per_param("sgd", f32, f32) == 20
+    assert bench.bytes_per_param("adamw", f32, f32) == 28
+    assert bench.bytes_per_param("adam", f32, f32) == 28
+    assert bench.bytes_per_param("adamw-amsgrad", f32, f32) == 36
+    assert bench.bytes_per_param("adamw", bf16, f32) == 22
+    assert bench.bytes_per_param("adamw", bf16, bf16) == 14
+
+
+def test_model_shape_lists_match_the_architectures():
+    resnet, gpt2 = bench.SHAPES["resnet50"], bench.SHAPES["gpt2-small"]
+    assert (len(resnet), bench.numel_of(resnet)) == (161, 25_557_032)
+    assert (len(gpt2), bench.numel_of(gpt2)) == (148, 124_439_808)
