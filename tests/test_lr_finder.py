@@ -1,0 +1,522 @@
+"""LR range test: known answers, exact restoration, suggestions on noisy curves, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fusedclr
+from fusedclr.lr_finder import LRFinderResult, ema_smooth, lr_find, lr_schedule
+
+# --------------------------------------------------------------------------
+# A quadratic with a known largest Hessian eigenvalue
+# --------------------------------------------------------------------------
+
+
+def _regression(seed: int, L: float = 4.0, kappa: float = 10.0, n: int = 128, d: int = 16):
+    """Least squares whose MSE Hessian 2 X^T X / n has eigenvalues evenly spread in [L / kappa, L]."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, d, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    eig = torch.linspace(L / kappa, L, d)
+    x = u @ torch.diag(torch.sqrt(eig * n / 2)) @ v.T
+    y = x @ torch.randn(d, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+    hess_max = torch.linalg.eigvalsh(2 * x.T @ x / n).max().item()
+    return x, y, hess_max
+
+
+@pytest.mark.parametrize("num_iter", [100, 200])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quadratic_stops_after_divergence_and_suggests_below_2_over_L(seed, num_iter):
+    """Plain gradient descent on a quadratic diverges exactly for lr > 2/L.
+
+    The sweep multiplies the lr by r = (end/start)^(1/(num_iter-1)) per step, so
+    by the time it reaches lr the steps taken so far add up to about
+    lr / (1 - 1/r); the top eigendirections collapse once that sum times L is
+    of order 1, i.e. near lr ~ (1 - 1/r)/L (0.09 * 2/L for 100 steps over 8
+    decades, 0.05 * 2/L for 200). The suggestion must land in
+    [(2/L)/25, (2/L)/2], and nothing may be suggested at or past 2/L.
+    """
+    x, y, L = _regression(seed)
+    assert L == pytest.approx(4.0, rel=1e-4)
+    torch.manual_seed(seed)
+    model = nn.Linear(16, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_find(model, [(x, y)], nn.MSELoss(), opt, num_iter=num_iter, progress=False)
+
+    assert result.stop_reason == "diverged"
+    assert len(result.lrs) < num_iter  # stopped early...
+    assert result.lrs[-1] > 2 / L  # ...after divergence,
+    i_edge = int(np.searchsorted(result.lrs, 2 / L))
+    assert result.losses[-1] > 4 * min(result.losses[:i_edge])  # which the losses show
+    assert (2 / L) / 25 <= result.suggestion <= (2 / L) / 2
+    for name, value in result.suggestions.items():
+        assert value < 2 / L, name
+    assert result.steep <= result.valley <= result.max_lr
+    assert result.base_lr == pytest.approx(result.max_lr / 4)
+    assert result.warnings == []
+
+
+def test_quadratic_with_momentum_scales_the_suggestion_by_one_minus_beta():
+    """Heavy ball with momentum b takes steps of about lr / (1 - b) and diverges for lr > 2 (1 + b) / L.
+
+    The default optimizer (fusedclr.SGD, momentum 0.9) must therefore stop
+    past 3.8/L and suggest (1 - b) times the plain-SGD range.
+    """
+    x, y, L = _regression(0)
+    torch.manual_seed(0)
+    model = nn.Linear(16, 1, bias=False)
+    result = lr_find(model, [(x, y)], nn.MSELoss(), num_iter=100, progress=False)
+    beta = 0.9
+    assert result.stop_reason == "diverged"
+    assert result.lrs[-1] > 2 * (1 + beta) / L
+    assert (1 - beta) * (2 / L) / 25 <= result.suggestion <= (1 - beta) * (2 / L) / 2
+    assert max(result.suggestions.values()) < 2 * (1 + beta) / L
+
+
+# --------------------------------------------------------------------------
+# Exact restoration
+# --------------------------------------------------------------------------
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+
+
+def _data(n_batches=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n_batches)]
+
+
+OPTIMIZERS = {
+    "torch.SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+    "torch.AdamW": lambda p: torch.optim.AdamW(p, lr=1e-3),
+    "torch.Adam(fused, tensor lr)": lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-3), fused=True),
+    "fusedclr.SGD": lambda p: fusedclr.SGD(p, lr=0.05, momentum=0.9),
+    "fusedclr.AdamW": lambda p: fusedclr.AdamW(p, lr=1e-3, weight_decay=1e-2),
+}
+
+
+def _setup(make_opt, with_schedule=False):
+    model = _bn_model()
+    opt = make_opt(model.parameters())
+    sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=50) if with_schedule else None
+    for xb, yb in _data(3, seed=7):  # some history: optimizer state, BN statistics, a leftover gradient
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return model, opt, sched
+
+
+def _continue(model, opt, sched, steps=3):
+    torch.manual_seed(123)  # dropout draws the same masks in both twins
+    for xb, yb in _data(steps, seed=9):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def _assert_same(model_a, opt_a, model_b, opt_b):
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    for (k, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        assert (pa.grad is None) == (pb.grad is None), k
+        if pa.grad is not None:
+            assert torch.equal(pa.grad, pb.grad), k
+    oa, ob = opt_a.state_dict(), opt_b.state_dict()
+    assert oa["state"].keys() == ob["state"].keys()
+    for pid in oa["state"]:
+        assert oa["state"][pid].keys() == ob["state"][pid].keys()
+        for key, va in oa["state"][pid].items():
+            assert torch.equal(torch.as_tensor(va), torch.as_tensor(ob["state"][pid][key])), (pid, key)
+    for ga, gb in zip(oa["param_groups"], ob["param_groups"]):
+        assert ga.keys() == gb.keys()
+        for key in ga:
+            va, vb = ga[key], gb[key]
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, key
+
+
+CASES = [(name, False) for name in OPTIMIZERS] + [("fusedclr.SGD", True), ("fusedclr.AdamW", True)]
+
+
+@pytest.mark.parametrize("name, schedule", CASES, ids=[n + (" + OneCycleLR" if s else "") for n, s in CASES])
+def test_restores_model_buffers_and_optimizer_bit_exactly(name, schedule):
+    model, opt, sched = _setup(OPTIMIZERS[name], schedule)
+    twin_model, twin_opt, twin_sched = _setup(OPTIMIZERS[name], schedule)
+    model.eval()
+    model[1].train()  # mixed train/eval flags must survive too
+    twin_model.eval()
+    twin_model[1].train()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+
+    result = lr_find(model, _data(), nn.functional.cross_entropy, opt, num_iter=25, progress=False)
+
+    assert len(result.lrs) >= 5 and math.isfinite(result.losses[0])
+    assert [m.training for m in model.modules()] == [m.training for m in twin_model.modules()]
+    assert [p.data_ptr() for p in model.parameters()] == ptrs  # the optimizer's views are still the parameters
+    _assert_same(model, opt, twin_model, twin_opt)
+    # The strongest check: training goes on exactly as if the test never ran.
+    model.train()
+    twin_model.train()
+    _continue(model, opt, sched)
+    _continue(twin_model, twin_opt, twin_sched)
+    _assert_same(model, opt, twin_model, twin_opt)
+
+
+def test_default_optimizer_leaves_parameter_storage_untouched():
+    model = _bn_model()
+    twin = copy.deepcopy(model)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    lr_find(model, _data(), nn.functional.cross_entropy, num_iter=20, progress=False)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert all(p.grad is None for p in model.parameters())
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_restores_state_when_the_loss_is_nan_from_the_first_step():
+    model, opt, _ = _setup(OPTIMIZERS["torch.SGD"])
+    twin_model, twin_opt, _ = _setup(OPTIMIZERS["torch.SGD"])
+    bad = [(torch.full((16, 8), math.nan), torch.zeros(16, dtype=torch.long))]
+    with pytest.raises(FloatingPointError, match=r"loss_fn returned nan on the very first step.*start_lr"):
+        lr_find(model, bad, nn.functional.cross_entropy, opt, num_iter=10, progress=False)
+    _assert_same(model, opt, twin_model, twin_opt)
+
+
+# --------------------------------------------------------------------------
+# What the run records
+# --------------------------------------------------------------------------
+
+
+class _Scripted(nn.Module):
+    """A one-weight model whose loss is read from a script; records the lr and batches it sees."""
+
+    def __init__(self, values, opt_ref):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.values = list(values)
+        self.calls = 0
+        self.seen_lrs = []
+        self.opt_ref = opt_ref
+
+    def forward(self, x):
+        if self.opt_ref:
+            self.seen_lrs.append(float(self.opt_ref[0].param_groups[0]["lr"]))
+        v = self.values[self.calls]
+        self.calls += 1
+        return self.w * 0 + v + x.sum() * 0
+
+
+def _scripted_run(values, opt_cls=torch.optim.SGD, **kwargs):
+    ref = []
+    model = _Scripted(values, ref)
+    opt = opt_cls(model.parameters(), lr=1.0)
+    ref.append(opt)
+    data = [(torch.zeros(1), torch.zeros(()))]
+    result = lr_find(model, data, lambda out, target: out, opt, progress=False, **kwargs)
+    return model, result
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, fusedclr.SGD], ids=["torch", "fusedclr"])
+@pytest.mark.parametrize("mode", ["exp", "linear"])
+def test_sets_every_step_to_the_scheduled_lr(mode, opt_cls):
+    n = 30
+    model, result = _scripted_run([1.0] * n, opt_cls, start_lr=1e-4, end_lr=1.0, num_iter=n, mode=mode)
+    expected = np.geomspace(1e-4, 1.0, n) if mode == "exp" else np.linspace(1e-4, 1.0, n)
+    np.testing.assert_allclose(model.seen_lrs, expected, rtol=1e-12)
+    np.testing.assert_allclose(result.lrs, expected, rtol=1e-12)
+    assert result.stop_reason == "completed" and result.mode == mode
+
+
+def test_fusedclr_optimizer_with_attached_schedule_follows_the_sweep():
+    """An attached in-kernel schedule must not override the test's learning rates."""
+    curves = []
+    for attach in (False, True):
+        model, opt, _ = _setup(OPTIMIZERS["fusedclr.SGD"])
+        if attach:
+            fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=50, cycle_momentum=False)
+            assert opt._scheduler is not None
+        torch.manual_seed(5)
+        curves.append(lr_find(model, _data(), nn.functional.cross_entropy, opt, num_iter=40, progress=False).losses)
+    assert curves[0] == curves[1]
+
+
+def test_smoothing_is_the_bias_corrected_ema():
+    rng = np.random.default_rng(0)
+    values = (2.0 + rng.standard_normal(40) * 0.1).tolist()
+    _, result = _scripted_run(values, num_iter=40, smooth=0.9)
+    assert result.losses == pytest.approx(values, rel=1e-6)
+    beta = 0.9
+    for i, got in enumerate(result.smoothed_losses):
+        weights = np.array([(1 - beta) * beta ** (i - j) for j in range(i + 1)])
+        assert got == pytest.approx(float(weights @ np.array(values[: i + 1]) / weights.sum()), rel=1e-6)
+    _, raw = _scripted_run(values, num_iter=40, smooth=0.0)
+    assert raw.smoothed_losses == pytest.approx(raw.losses)
+
+
+@pytest.mark.parametrize("threshold", [2.0, 4.0])
+def test_stops_when_the_smoothed_loss_exceeds_threshold_times_best(threshold):
+    values = [1.0] * 10 + [0.5] * 10 + [0.5 * 1.6**k for k in range(1, 30)]
+    smoothed = ema_smooth(values, 0.5)
+    best = math.inf
+    expected = None
+    for i, s in enumerate(smoothed):
+        if i > 0 and s > threshold * best:
+            expected = i + 1
+            break
+        best = min(best, s)
+    _, result = _scripted_run(values, num_iter=len(values), smooth=0.5, diverge_threshold=threshold)
+    assert result.stop_reason == "diverged"
+    assert len(result.lrs) == expected
+    assert result.smoothed_losses[-1] > threshold * min(result.smoothed_losses[:-1])
+    assert all(s <= threshold * min(result.smoothed_losses[: i + 1])
+               for i, s in enumerate(result.smoothed_losses[:-1]))
+
+
+def test_stops_at_the_first_nan_and_suggests_only_before_it():
+    values = list(np.linspace(3.0, 0.5, 25)) + [0.5] * 10 + [math.nan] + [0.1] * 10
+    _, result = _scripted_run(values, num_iter=len(values))
+    assert result.stop_reason == "non-finite"
+    assert len(result.lrs) == 36 and math.isnan(result.losses[-1])
+    assert all(v < result.lrs[-1] for v in result.suggestions.values())
+    assert any("non-finite" in w for w in result.warnings)
+    assert json.loads(json.dumps(result.to_dict()))["losses"][-1] is None
+
+
+def test_accumulation_steps_average_the_batch_losses():
+    values = [float(v) for v in range(1, 1 + 3 * 8)]
+    model, result = _scripted_run(values, num_iter=8, accumulation_steps=3, smooth=0.0,
+                                  diverge_threshold=math.inf)
+    assert model.calls == 24
+    assert result.losses == pytest.approx([sum(values[3 * i : 3 * i + 3]) / 3 for i in range(8)])
+
+
+def test_val_loader_records_the_validation_loss_in_eval_mode():
+    model = _bn_model()
+    val = _data(2, seed=3)
+    seen = []
+    model[1].register_forward_hook(lambda mod, inp, out: seen.append(mod.training))
+    result = lr_find(model, _data(), nn.functional.cross_entropy, num_iter=10, val_loader=val, progress=False)
+    assert result.loss_source == "val"
+    # per iteration: one training forward (train mode), then both validation batches (eval mode)
+    assert seen == [True, False, False] * 10
+    assert model.training
+
+
+def test_amp_on_cpu_runs_in_bfloat16():
+    model = _bn_model()
+    dtypes = []
+    model[0].register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    result = lr_find(model, _data(), nn.functional.cross_entropy, num_iter=10, amp=True, progress=False)
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(math.isfinite(v) for v in result.losses)
+
+
+def test_progress_bar_shows_the_loss(capsys, monkeypatch):
+    import tqdm.auto
+
+    class EveryStep(tqdm.auto.tqdm):  # no rate limit, so a 10-step run draws every step
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=0, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", EveryStep)
+    result = lr_find(_bn_model(), _data(), nn.functional.cross_entropy, num_iter=10, progress=True)
+    err = capsys.readouterr().err
+    assert "lr_find" in err and "10/10" in err
+    assert f"loss={result.smoothed_losses[-1]:.4g}" in err and f"lr={result.lrs[-1]:.2e}" in err
+
+
+# --------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"train_loader": []}, ValueError, "train_loader is empty"),
+        ({"start_lr": 1.0, "end_lr": 1.0}, ValueError, r"start_lr \(1\) must be smaller than end_lr \(1\)"),
+        ({"start_lr": 2.0, "end_lr": 1.0}, ValueError, "start_lr"),
+        ({"start_lr": 0.0}, ValueError, "start_lr must be a finite number > 0"),
+        ({"num_iter": 1}, ValueError, "num_iter must be an integer >= 2"),
+        ({"num_iter": 2.5}, ValueError, "num_iter"),
+        ({"mode": "cos"}, ValueError, "mode must be one of"),
+        ({"smooth": 1.0}, ValueError, "smooth must be in"),
+        ({"diverge_threshold": 1.0}, ValueError, "diverge_threshold must be > 1"),
+        ({"accumulation_steps": 0}, ValueError, "accumulation_steps"),
+        ({"device": "meta"}, ValueError, "device='meta'"),
+        ({"train_loader": [torch.zeros(3)]}, TypeError, r"train_loader must yield \(inputs..., target\)"),
+        ({"loss_fn": lambda o, t: o}, TypeError, "loss_fn must return a scalar tensor"),
+        ({"val_loader": []}, ValueError, "val_loader is empty"),
+        ({"optimizer": "sgd"}, TypeError, "optimizer must be a torch.optim.Optimizer"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, exc, match):
+    model = _bn_model()
+    twin = copy.deepcopy(model)
+    args = {"train_loader": _data(), "loss_fn": nn.functional.cross_entropy, "num_iter": 5, "progress": False}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        lr_find(model, **args)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_one_shot_iterator_that_runs_out_is_reported():
+    gen = iter(_data(3))
+    with pytest.raises(ValueError, match="re-iterable loader"):
+        lr_find(_bn_model(), gen, nn.functional.cross_entropy, num_iter=10, progress=False)
+
+
+def test_cycles_through_a_short_loader():
+    data = _data(3)
+    result = lr_find(_bn_model(), data, nn.functional.cross_entropy, num_iter=10, progress=False)
+    assert len(result.lrs) == 10
+
+
+# --------------------------------------------------------------------------
+# Suggestions on synthetic noisy curves with a known answer
+# --------------------------------------------------------------------------
+
+CENTRE, WIDTH, DIVERGE = -3.0, 0.35, -0.5  # log10 lr of the descent's midpoint, its width, divergence
+
+
+def _noisy_curve(seed, n=100, noise=0.08, spikes=0.03):
+    """log10(lr) in [-7, 1]: plateau 2.3, logistic descent to 0.3 around CENTRE, blow-up past DIVERGE.
+
+    Multiplicative Gaussian noise plus occasional spikes (a bad batch) of up to 3x.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.linspace(-7, 1, n)
+    clean = 0.3 + 2.0 / (1 + np.exp((x - CENTRE) / WIDTH))
+    clean += np.where(x > DIVERGE, 0.6 * np.expm1(3.0 * (x - DIVERGE)), 0.0)
+    y = clean * (1 + noise * rng.standard_normal(n))
+    hit = rng.random(n) < spikes
+    y[hit] *= 1 + 2 * rng.random(hit.sum())
+    return 10**x, y
+
+
+def _as_run(lrs, losses, threshold=4.0):
+    """Truncate like lr_find does: stop once the EMA exceeds threshold x its best."""
+    smoothed = ema_smooth(losses, 0.98)
+    best = math.inf
+    for i, s in enumerate(smoothed):
+        if i > 0 and s > threshold * best:
+            return LRFinderResult(lrs[: i + 1], losses[: i + 1], stop_reason="diverged")
+        best = min(best, s)
+    return LRFinderResult(lrs, losses)
+
+
+def test_suggestions_on_noisy_curves_land_where_the_curve_says():
+    # Where a logistic descent has done a fraction f of its drop: CENTRE + WIDTH * ln(f / (1 - f)).
+    at = lambda f: CENTRE + WIDTH * math.log(f / (1 - f))  # noqa: E731
+    logs = {name: [] for name in ("steep", "valley", "minimum", "max_lr")}
+    naive = []
+    for seed in range(40):
+        lrs, y = _noisy_curve(seed)
+        r = _as_run(lrs, y)
+        for name in logs:
+            logs[name].append(math.log10(r.suggestions[name]))
+        assert all(v < 10**DIVERGE for v in r.suggestions.values()), seed  # never past divergence
+        assert r.suggestion == r.valley and r.base_lr == pytest.approx(r.max_lr / 4)
+        assert r.warnings == []
+        naive.append(math.log10(lrs[int(np.argmin(np.gradient(y)))]))
+    steep, valley, max_lr = (np.array(logs[k]) for k in ("steep", "valley", "max_lr"))
+    assert np.all(np.abs(steep - CENTRE) < 0.5)  # steepest point of a logistic is its centre
+    assert np.all(np.abs(valley - at(0.8)) < 0.25)
+    assert np.all(np.abs(max_lr - at(0.95)) < 0.3)
+    assert valley.std() < 0.1 and max_lr.std() < 0.1  # stable from seed to seed
+    # The noise is real: the naive steepest raw gradient scatters over decades.
+    assert np.ptp(naive) > 2.0
+
+
+def test_suggestions_never_pass_a_sudden_divergence():
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        x = np.linspace(-6, 0, 80)
+        clean = 0.2 + 2.0 / (1 + np.exp((x + 3.5) / 0.3))
+        edge = -1.5 + rng.uniform(-0.3, 0.3)
+        clean = np.where(x > edge, clean * 50, clean)  # a cliff, no warning
+        y = clean * (1 + 0.1 * rng.standard_normal(x.size))
+        r = _as_run(10**x, y)
+        assert r.stop_reason == "diverged"
+        assert max(r.suggestions.values()) < 10**edge, seed
+
+
+def test_flat_curve_is_flagged_unreliable():
+    rng = np.random.default_rng(0)
+    lrs = np.geomspace(1e-7, 10, 100)
+    r = LRFinderResult(lrs, 2.3 * (1 + 0.05 * rng.standard_normal(100)))
+    assert any("does not clearly fall" in w for w in r.warnings)
+
+
+def test_still_falling_at_the_end_is_flagged():
+    lrs = np.geomspace(1e-7, 1e-3, 60)
+    r = LRFinderResult(lrs, np.linspace(2.3, 0.5, 60))
+    assert any("still falling" in w for w in r.warnings)
+    assert r.suggestion is not None and r.suggestion < lrs[-1]
+
+
+def test_too_few_points_suggest_nothing():
+    r = LRFinderResult([1e-3, 1e-2, 1e-1], [2.0, 1.0, 50.0], stop_reason="diverged")
+    assert r.suggestion is None and all(v is None for v in r.suggestions.values())
+    assert r.clr_bounds() is None
+    assert "at least" in r.warnings[-1]
+
+
+def test_clr_bounds_and_schedule_helpers():
+    lrs, y = _noisy_curve(0)
+    r = _as_run(lrs, y)
+    lo, hi = r.clr_bounds(3)
+    assert hi == r.max_lr and lo == pytest.approx(r.max_lr / 3)
+    with pytest.raises(ValueError, match="factor"):
+        r.clr_bounds(0.5)
+    assert lr_schedule(1e-3, 1.0, 4, "exp") == pytest.approx([1e-3, 1e-2, 1e-1, 1.0])
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+
+def test_plot_writes_a_png_without_touching_the_backend(tmp_path):
+    backend = matplotlib.get_backend()
+    lrs, y = _noisy_curve(1)
+    r = _as_run(lrs, y)
+    fig = r.plot(tmp_path / "lr.png")
+    data = (tmp_path / "lr.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    labels = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    for name in ("steep", "valley", "minimum/10", "max_lr", "base_lr", "stopped: diverged"):
+        assert name in labels
+    assert matplotlib.get_backend() == backend
+
+
+def test_to_dict_is_json_and_round_trips_the_numbers():
+    lrs, y = _noisy_curve(2)
+    r = _as_run(lrs, y)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["suggestion"] == r.suggestion and d["suggestions"] == r.suggestions
+    assert d["lrs"] == r.lrs and d["losses"] == r.losses and len(d["trend"]) == len(r.lrs)
+    assert d["stop_reason"] == "diverged"
+    assert "valley" in str(r) and "suggestion" in str(r)
+
+
+def test_exported_from_the_package():
+    assert fusedclr.lr_find is lr_find and fusedclr.LRFinderResult is LRFinderResult
