@@ -1,0 +1,430 @@
+"""Batch-size LR scaling and Smith's momentum / weight-decay sweep.
+
+Leslie Smith's recipe for the optimization hyperparameters ("A disciplined
+approach to neural network hyper-parameters", 2018), in the order this module
+implements it:
+
+1. with weight decay 0, find the learning rate with a range test
+   (:func:`fusedclr.lr_find`);
+2. when the batch size changes, rescale that learning rate (:func:`scale_lr`);
+3. cycle momentum against the learning rate (one-cycle);
+4. then tune the weight decay (:func:`sweep`, which also compares momentum
+   ranges).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_MOMENTUMS",
+    "DEFAULT_WEIGHT_DECAYS",
+    "ScaledLR",
+    "SweepResult",
+    "SweepRow",
+    "evaluate",
+    "scale_lr",
+    "sweep",
+    "train_epoch",
+]
+
+SCALE_RULES = ("sqrt", "linear")
+# Goyal et al. 2017 ramp the learning rate linearly over the first 5 epochs.
+GOYAL_WARMUP_EPOCHS = 5.0
+
+DEFAULT_WEIGHT_DECAYS = (1e-3, 1e-4, 1e-5, 0.0)
+DEFAULT_MOMENTUMS = (0.99, 0.97, 0.95, 0.9)
+
+
+# --------------------------------------------------------------------------
+# Batch-size scaling
+# --------------------------------------------------------------------------
+
+
+class ScaledLR(NamedTuple):
+    """A learning rate rescaled for a new batch size, and the warm-up that goes with it.
+
+    Attributes:
+        lr: the learning rate for the new batch size.
+        warmup_epochs: how long to ramp up to ``lr`` (0: no warm-up).
+        warmup_steps: ``warmup_epochs`` in optimizer steps, when
+            ``steps_per_epoch`` was given; else ``None``.
+        start_factor: where the ramp starts, as a fraction of ``lr`` (the old
+            learning rate): ``LinearLR(opt, start_factor, total_iters=warmup_steps)``.
+    """
+
+    lr: float
+    warmup_epochs: float
+    warmup_steps: int | None
+    start_factor: float
+
+
+def scale_lr(
+    lr: float,
+    batch_size: int,
+    new_batch_size: int,
+    rule: str = "sqrt",
+    *,
+    steps_per_epoch: int | None = None,
+    warmup_epochs: float | None = None,
+) -> ScaledLR:
+    """Rescale a learning rate found at ``batch_size`` for ``new_batch_size``.
+
+    With ``k = new_batch_size / batch_size``:
+
+    * ``rule="sqrt"``: ``lr * sqrt(k)``, which keeps the variance of the
+      update's gradient noise constant (Krizhevsky, "One weird trick for
+      parallelizing convolutional neural networks", 2014, arXiv:1404.5997;
+      the rule in Smith's bag of tricks). It comes with no warm-up
+      (``warmup_epochs=0``): the one-cycle policy's own rising phase already
+      ramps the learning rate up.
+    * ``rule="linear"``: ``lr * k`` (Goyal et al., "Accurate, Large Minibatch
+      SGD: Training ImageNet in 1 Hour", 2017, arXiv:1706.02677). Large ``k``
+      needs their gradual warm-up: a linear ramp from the old ``lr`` to the
+      new one over the first 5 epochs, offered as ``warmup_epochs=5``.
+
+    Shrinking the batch (``k < 1``) lowers the learning rate and needs no
+    warm-up. ``warmup_epochs`` overrides the rule's warm-up length.
+
+    Example::
+
+        >>> scale_lr(0.1, 256, 1024, "linear", steps_per_epoch=100)
+        ScaledLR(lr=0.4, warmup_epochs=5.0, warmup_steps=500, start_factor=0.25)
+    """
+    for name, value in (("batch_size", batch_size), ("new_batch_size", new_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if rule not in SCALE_RULES:
+        raise ValueError(f"rule must be one of {SCALE_RULES} (Krizhevsky 2014 / Goyal et al. 2017), got {rule!r}")
+    if steps_per_epoch is not None and (
+        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+    ):
+        raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+    if warmup_epochs is not None and not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
+        raise ValueError(f"warmup_epochs must be a finite number >= 0 or None, got {warmup_epochs!r}")
+
+    k = new_batch_size / batch_size
+    factor = math.sqrt(k) if rule == "sqrt" else k
+    new_lr = lr * factor
+    if warmup_epochs is None:
+        warmup_epochs = GOYAL_WARMUP_EPOCHS if (rule == "linear" and k > 1) else 0.0
+    steps = None if steps_per_epoch is None else round(warmup_epochs * steps_per_epoch)
+    start = min(1.0, 1.0 / factor) if warmup_epochs > 0 else 1.0
+    return ScaledLR(lr=new_lr, warmup_epochs=float(warmup_epochs), warmup_steps=steps, start_factor=start)
+
+
+# --------------------------------------------------------------------------
+# Training helpers (shared with the demo)
+# --------------------------------------------------------------------------
+
+
+def optimizer_classes() -> tuple[type, type, type, str]:
+    """``(SGD, AdamW, OneCycleLR, name)`` from fusedclr when it provides them, else from torch."""
+    try:
+        from fusedclr import SGD, AdamW
+        from fusedclr.lr_scheduler import OneCycleLR
+
+        return SGD, AdamW, OneCycleLR, "fusedclr"
+    except ImportError:
+        return torch.optim.SGD, torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR, "torch"
+
+
+def _batch(batch: Any, device: torch.device | None) -> tuple[tuple[Any, ...], Any]:
+    if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
+        raise TypeError(f"loaders must yield (inputs..., target) tuples, got {type(batch).__name__}")
+    if device is not None:
+        batch = [b.to(device, non_blocking=True) if isinstance(b, Tensor) else b for b in batch]
+    return tuple(batch[:-1]), batch[-1]
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: Callable[[Any, Any], Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    *,
+    device: torch.device | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> float:
+    """One pass over ``loader``; steps ``scheduler`` after every batch. Returns the mean batch loss."""
+    model.train()
+    total: Tensor | None = None
+    count = 0
+    for batch in loader:
+        inputs, target = _batch(batch, device)
+        optimizer.zero_grad()
+        loss = loss_fn(model(*inputs), target)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if on_step is not None:
+            on_step()
+        # Summed on the loss's device: one host sync per epoch, not one per step.
+        total = loss.detach().double() if total is None else total + loss.detach()
+        count += 1
+    if total is None:
+        raise ValueError("the training loader is empty: it yielded no batch")
+    return float(total) / count
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    loss_fn: Callable[[Any, Any], Tensor],
+    *,
+    device: torch.device | None = None,
+) -> tuple[float, float | None]:
+    """``(mean loss, accuracy)`` over ``loader`` in eval mode.
+
+    Accuracy is the arg-max hit rate when the model outputs ``[batch, classes]``
+    scores and targets are class indices, else ``None``. The loss is weighted
+    by batch size, so it is the per-sample mean for mean-reduced losses.
+    """
+    was = model.training
+    model.eval()
+    loss_sum, hits, count, classify = 0.0, 0, 0, True
+    try:
+        for batch in loader:
+            inputs, target = _batch(batch, device)
+            out = model(*inputs)
+            n = len(target)
+            loss_sum += float(loss_fn(out, target)) * n
+            classify = classify and out.ndim == 2 and not target.is_floating_point() and target.ndim == 1
+            if classify:
+                hits += int((out.argmax(1) == target).sum())
+            count += n
+    finally:
+        model.train(was)
+    if count == 0:
+        raise ValueError("the evaluation loader is empty: it yielded no batch")
+    return loss_sum / count, (hits / count if classify else None)
+
+
+def _steps_per_epoch(loader: Iterable, name: str) -> int:
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        n = sum(1 for _ in loader)
+    if n == 0:
+        raise ValueError(f"{name} is empty: it yielded no batch")
+    return n
+
+
+# --------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------
+
+
+class SweepRow(NamedTuple):
+    weight_decay: float
+    momentum: float
+    val_loss: float
+    val_accuracy: float | None
+    train_loss: float
+    seconds: float
+
+
+@dataclass
+class SweepResult:
+    """The table of a :func:`sweep`: one row per (weight decay, momentum).
+
+    ``max_lr`` is the one-cycle peak every run used; ``lr_find`` is the range
+    test it came from (``None`` when ``max_lr`` was given).
+    """
+
+    rows: list[SweepRow]
+    max_lr: float
+    epochs: int
+    lr_find: Any = None
+    weight_decays: list[float] = field(default_factory=list)
+    momentums: list[float] = field(default_factory=list)
+
+    def best(self, by: str = "val_loss") -> SweepRow:
+        """The row with the lowest validation loss (``by="val_loss"``) or highest accuracy (``"val_accuracy"``)."""
+        if by == "val_loss":
+            return min(self.rows, key=lambda r: (math.isnan(r.val_loss), r.val_loss))
+        if by == "val_accuracy":
+            if any(r.val_accuracy is None for r in self.rows):
+                raise ValueError("by='val_accuracy' needs accuracies; this sweep's model/targets are not classification")
+            return max(self.rows, key=lambda r: r.val_accuracy)
+        raise ValueError(f"by must be 'val_loss' or 'val_accuracy', got {by!r}")
+
+    def table(self) -> str:
+        best = self.best()
+        lines = [
+            f"one-cycle, max_lr={self.max_lr:.3g}, {self.epochs} epoch(s) per run; momentum cycles "
+            "from the listed value down and back",
+            f"{'weight_decay':>12} {'momentum':>9} {'val_loss':>9} {'val_acc':>8} {'train_loss':>10} {'time':>7}",
+        ]
+        for r in self.rows:
+            acc = "-" if r.val_accuracy is None else f"{100 * r.val_accuracy:.2f}%"
+            mark = "  <- best val_loss" if r is best else ""
+            lines.append(
+                f"{r.weight_decay:>12g} {r.momentum:>9g} {r.val_loss:>9.4f} {acc:>8} {r.train_loss:>10.4f} "
+                f"{r.seconds:>6.2f}s{mark}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_lr": self.max_lr,
+            "epochs": self.epochs,
+            "rows": [r._asdict() for r in self.rows],
+            "best": self.best()._asdict(),
+            "lr_find": None if self.lr_find is None else self.lr_find.to_dict(),
+        }
+
+    def plot(self, path: str | None = None):
+        """Validation loss and accuracy against weight decay, one line per momentum. Returns the ``Figure``."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        has_acc = all(r.val_accuracy is not None for r in self.rows)
+        fig = Figure(figsize=(10 if has_acc else 5.5, 4.2), dpi=110)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
+        wds = self.weight_decays or sorted({r.weight_decay for r in self.rows}, reverse=True)
+        moms = self.momentums or sorted({r.momentum for r in self.rows}, reverse=True)
+        positions = range(len(wds))
+        for m in moms:
+            by_wd = {r.weight_decay: r for r in self.rows if r.momentum == m}
+            losses = [by_wd[w].val_loss if w in by_wd else math.nan for w in wds]
+            axes[0].plot(positions, losses, marker="o", label=f"momentum {m:g}")
+            if has_acc:
+                accs = [100 * by_wd[w].val_accuracy if w in by_wd else math.nan for w in wds]
+                axes[1].plot(positions, accs, marker="o", label=f"momentum {m:g}")
+        best = self.best()
+        for ax, ylabel in zip(axes, ("validation loss", "validation accuracy (%)")):
+            ax.set_xticks(list(positions), [f"{w:g}" for w in wds])
+            ax.set_xlabel("weight decay")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].plot([wds.index(best.weight_decay)], [best.val_loss], marker="*", ms=16, color="tab:red",
+                     markeredgecolor="black", ls="none", zorder=5)
+        fig.suptitle(f"one-cycle sweep at max_lr={self.max_lr:.3g} ({self.epochs} epoch(s) per run); "
+                     f"best: wd={best.weight_decay:g}, momentum={best.momentum:g}", fontsize=10)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+
+def sweep(
+    model_fn: Callable[[], nn.Module],
+    train_loader: Iterable,
+    val_loader: Iterable,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    *,
+    epochs: int = 2,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    momentums: Sequence[float] = DEFAULT_MOMENTUMS,
+    momentum_span: float = 0.1,
+    max_lr: float | None = None,
+    lr_find_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    plot: str | None = None,
+) -> SweepResult:
+    """Smith's weight-decay / momentum sweep with short one-cycle trainings.
+
+    The order is Smith's: first, with weight decay 0 and the largest momentum,
+    a range test (:func:`fusedclr.lr_find`) picks ``max_lr`` (skipped when
+    ``max_lr`` is given); then every (weight decay, momentum) pair in the grid
+    trains a fresh model (``model_fn()`` under ``torch.manual_seed(seed)``, so
+    every run starts from the same weights) for ``epochs`` epochs of SGD with
+    the one-cycle policy at that ``max_lr``, momentum cycling from ``m`` down
+    to ``m - momentum_span`` and back, and is scored on ``val_loader``.
+
+    Cost: ``len(weight_decays) * len(momentums) * epochs`` epochs plus one
+    range test (16 x 2 epochs with the defaults).
+
+    Args:
+        model_fn: builds a fresh model (already on ``device``, if any).
+        loss_fn: defaults to ``torch.nn.functional.cross_entropy``.
+        plot: a PNG path for :meth:`SweepResult.plot`.
+
+    Returns:
+        A :class:`SweepResult` (``.table()``, ``.best()``, ``.plot()``, ``.to_dict()``).
+    """
+    from fusedclr.lr_finder import lr_find
+
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    weight_decays = [float(w) for w in weight_decays]
+    momentums = [float(m) for m in momentums]
+    if not weight_decays or any(not (math.isfinite(w) and w >= 0) for w in weight_decays):
+        raise ValueError(f"weight_decays must be a non-empty list of numbers >= 0, got {weight_decays!r}")
+    if not momentums or any(not 0 <= m < 1 for m in momentums):
+        raise ValueError(f"momentums must be a non-empty list of numbers in [0, 1), got {momentums!r}")
+    if not 0 <= momentum_span <= min(momentums):
+        raise ValueError(
+            f"momentum_span must be in [0, min(momentums)={min(momentums):g}] so that momentum stays >= 0, "
+            f"got {momentum_span!r}"
+        )
+    dev = None if device is None else torch.device(device)
+    SGD, _, OneCycleLR, _ = optimizer_classes()
+    steps = _steps_per_epoch(train_loader, "train_loader")
+
+    found = None
+    if max_lr is None:
+        torch.manual_seed(seed)
+        model = model_fn()
+        opt = SGD(model.parameters(), lr=1e-3, momentum=max(momentums), weight_decay=0.0)
+        found = lr_find(model, train_loader, loss_fn, opt, device=dev, progress=progress, **(lr_find_kwargs or {}))
+        max_lr = found.suggestion
+        if max_lr is None:
+            raise RuntimeError("the range test suggested no learning rate:\n" + found.summary())
+    elif not (math.isfinite(max_lr) and max_lr > 0):
+        raise ValueError(f"max_lr must be a finite number > 0 or None (run a range test), got {max_lr!r}")
+
+    rows = []
+    grid = [(w, m) for w in weight_decays for m in momentums]
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(grid) * epochs, desc="sweep", unit="epoch", leave=False)
+        except ImportError:
+            pass
+    try:
+        for wd, mom in grid:
+            torch.manual_seed(seed)
+            model = model_fn()
+            opt = SGD(model.parameters(), lr=max_lr, momentum=mom, weight_decay=wd)
+            sched = OneCycleLR(opt, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps,
+                               base_momentum=mom - momentum_span, max_momentum=mom)
+            t0 = time.perf_counter()
+            train_loss = math.nan
+            for _ in range(epochs):
+                train_loss = train_epoch(model, train_loader, loss_fn, opt, sched, device=dev)
+                if bar is not None:
+                    bar.update(1)
+            seconds = time.perf_counter() - t0
+            val_loss, val_acc = evaluate(model, val_loader, loss_fn, device=dev)
+            rows.append(SweepRow(wd, mom, val_loss, val_acc, train_loss, seconds))
+    finally:
+        if bar is not None:
+            bar.close()
+    result = SweepResult(rows, float(max_lr), epochs, found, weight_decays, momentums)
+    if plot is not None:
+        result.plot(plot)
+    return result

@@ -1,0 +1,208 @@
+"""Batch-size LR scaling, the training helpers and Smith's weight-decay / momentum sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fusedclr
+import fusedclr.lr_finder
+from fusedclr.tuning import (
+    DEFAULT_MOMENTUMS,
+    DEFAULT_WEIGHT_DECAYS,
+    ScaledLR,
+    evaluate,
+    optimizer_classes,
+    scale_lr,
+    sweep,
+    train_epoch,
+)
+
+# --------------------------------------------------------------------------
+# scale_lr
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("old, new", [(256, 1024), (128, 8192), (64, 96), (512, 128)])
+def test_sqrt_rule(old, new):
+    s = scale_lr(0.1, old, new, "sqrt")
+    assert s.lr == pytest.approx(0.1 * math.sqrt(new / old), rel=1e-12)
+    assert s.warmup_epochs == 0 and s.warmup_steps is None and s.start_factor == 1.0
+
+
+@pytest.mark.parametrize("old, new", [(256, 1024), (128, 8192), (64, 96)])
+def test_linear_rule_comes_with_goyal_warmup(old, new):
+    s = scale_lr(0.1, old, new, "linear", steps_per_epoch=37)
+    k = new / old
+    assert s.lr == pytest.approx(0.1 * k, rel=1e-12)
+    assert s.warmup_epochs == 5.0 and s.warmup_steps == 5 * 37
+    assert s.start_factor * s.lr == pytest.approx(0.1)  # the ramp starts at the old learning rate
+
+
+def test_shrinking_the_batch_needs_no_warmup_and_rules_invert():
+    down = scale_lr(0.4, 1024, 256, "linear", steps_per_epoch=10)
+    assert down == ScaledLR(lr=pytest.approx(0.1), warmup_epochs=0.0, warmup_steps=0, start_factor=1.0)
+    for rule in ("sqrt", "linear"):
+        up = scale_lr(0.03, 32, 4096, rule).lr
+        assert scale_lr(up, 4096, 32, rule).lr == pytest.approx(0.03, rel=1e-12)
+    assert scale_lr(0.1, 64, 64, "linear").warmup_epochs == 0.0
+
+
+def test_warmup_override_and_lr_scheduler_use():
+    s = scale_lr(0.1, 256, 1024, "sqrt", steps_per_epoch=10, warmup_epochs=2)
+    assert (s.warmup_epochs, s.warmup_steps, s.start_factor) == (2.0, 20, pytest.approx(0.5))
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=s.lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=s.start_factor, total_iters=s.warmup_steps)
+    assert sched.get_last_lr()[0] == pytest.approx(0.1)
+    for _ in range(s.warmup_steps):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.2)
+
+
+def test_docstring_cites_the_sources():
+    doc = scale_lr.__doc__
+    assert "Krizhevsky" in doc and "2014" in doc and "Goyal" in doc and "2017" in doc
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((0.1, 256, 1024, "cube"), {}, "rule must be one of"),
+        ((0.1, 0, 1024), {}, "batch_size must be a positive integer"),
+        ((0.1, 256, 10.5), {}, "new_batch_size must be a positive integer"),
+        ((-0.1, 256, 1024), {}, "lr must be a finite number > 0"),
+        ((0.1, 256, 1024), {"steps_per_epoch": 0}, "steps_per_epoch"),
+        ((0.1, 256, 1024), {"warmup_epochs": -1.0}, "warmup_epochs"),
+    ],
+)
+def test_scale_lr_bad_input(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        scale_lr(*args, **kwargs)
+
+
+def test_exported_from_the_package():
+    assert fusedclr.scale_lr is scale_lr and fusedclr.sweep is sweep
+
+
+# --------------------------------------------------------------------------
+# Training helpers
+# --------------------------------------------------------------------------
+
+
+def test_evaluate_weights_by_batch_size_and_counts_hits():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    target = torch.tensor([0, 0, 0, 1, 1])
+    loader = [(logits[:2], target[:2]), (logits[2:], target[2:])]  # uneven batches
+    loss, acc = evaluate(nn.Identity(), loader, nn.functional.cross_entropy)
+    assert loss == pytest.approx(nn.functional.cross_entropy(logits, target).item(), rel=1e-6)
+    assert acc == pytest.approx(3 / 5)
+    _, no_acc = evaluate(nn.Identity(), [(torch.randn(4, 1), torch.randn(4, 1))], nn.functional.mse_loss)
+    assert no_acc is None
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(nn.Identity(), [], nn.functional.mse_loss)
+
+
+def test_train_epoch_returns_the_mean_batch_loss_and_steps_the_scheduler():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(5)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the losses are those of the initial model
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
+    with torch.no_grad():
+        expected = sum(nn.functional.cross_entropy(model(x), y).item() for x, y in data) / 5
+    assert train_epoch(model, data, nn.functional.cross_entropy, opt, sched) == pytest.approx(expected, rel=1e-6)
+    assert sched.last_epoch == 5
+
+
+# --------------------------------------------------------------------------
+# sweep
+# --------------------------------------------------------------------------
+
+
+def _blobs(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
+    y = torch.arange(n) % 3
+    x = centres[y] + 0.9 * torch.randn(n, 2, generator=g)
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+def _model():
+    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_defaults_are_smiths_grid():
+    assert DEFAULT_WEIGHT_DECAYS == (1e-3, 1e-4, 1e-5, 0.0)
+    assert DEFAULT_MOMENTUMS == (0.99, 0.97, 0.95, 0.9)
+
+
+def test_sweep_finds_the_lr_with_weight_decay_zero_first(monkeypatch, tmp_path):
+    calls = []
+    real = fusedclr.lr_finder.lr_find
+
+    def spy(model, loader, loss_fn, optimizer, **kwargs):
+        calls.append([(g["weight_decay"], g["momentum"]) for g in optimizer.param_groups])
+        result = real(model, loader, loss_fn, optimizer, **kwargs)
+        calls.append(result.suggestion)
+        return result
+
+    monkeypatch.setattr(fusedclr.lr_finder, "lr_find", spy)
+    train, val = _blobs(seed=0), _blobs(seed=1)
+    result = sweep(_model, train, val, weight_decays=[1e-2, 0.0], momentums=[0.95, 0.9], epochs=2,
+                   lr_find_kwargs={"num_iter": 40, "end_lr": 100.0}, progress=False, plot=str(tmp_path / "s.png"))
+    assert calls[0] == [(0.0, 0.95)]  # weight decay 0, the largest momentum of the grid
+    assert result.max_lr == calls[1] and result.lr_find is not None
+    assert [(r.weight_decay, r.momentum) for r in result.rows] == [(1e-2, 0.95), (1e-2, 0.9), (0.0, 0.95), (0.0, 0.9)]
+    assert all(r.val_accuracy is not None and 0 <= r.val_accuracy <= 1 for r in result.rows)
+    assert min(r.val_accuracy for r in result.rows) > 0.6  # the blobs are easy: training happened
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.best() in result.rows
+    assert "<- best val_loss" in result.table()
+    json.dumps(result.to_dict())
+
+
+def test_each_sweep_row_is_a_reproducible_one_cycle_run():
+    """A row equals a hand-written one-cycle training with the same seed, grid point and max_lr."""
+    train, val = _blobs(seed=0), _blobs(seed=1)
+    wds, moms, max_lr, epochs = [1e-1, 0.0], [0.9, 0.8], 0.3, 3
+    result = sweep(_model, train, val, weight_decays=wds, momentums=moms, max_lr=max_lr, epochs=epochs,
+                   seed=4, progress=False)
+    assert result.lr_find is None
+    SGD, _, OneCycleLR, _ = optimizer_classes()
+    for row in result.rows:
+        torch.manual_seed(4)
+        model = _model()
+        opt = SGD(model.parameters(), lr=max_lr, momentum=row.momentum, weight_decay=row.weight_decay)
+        sched = OneCycleLR(opt, max_lr=max_lr, epochs=epochs, steps_per_epoch=len(train),
+                           base_momentum=row.momentum - 0.1, max_momentum=row.momentum)
+        for _ in range(epochs):
+            train_epoch(model, train, nn.functional.cross_entropy, opt, sched)
+        assert (row.val_loss, row.val_accuracy) == evaluate(model, val, nn.functional.cross_entropy)
+    by = {(r.weight_decay, r.momentum): r.val_loss for r in result.rows}
+    assert len(set(by.values())) == 4  # every hyperparameter reached the training
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"weight_decays": [-1.0]}, "weight_decays"),
+        ({"momentums": [1.0]}, "momentums"),
+        ({"momentums": [0.05], "momentum_span": 0.1}, "momentum_span"),
+        ({"max_lr": -1.0}, "max_lr"),
+    ],
+)
+def test_sweep_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sweep(_model, _blobs(), _blobs(), progress=False, **{"max_lr": 0.1, **kwargs})
+
+
+def test_sweep_rejects_an_empty_train_loader():
+    with pytest.raises(ValueError, match="train_loader is empty"):
+        sweep(_model, [], _blobs(), max_lr=0.1, progress=False)
