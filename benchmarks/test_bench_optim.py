@@ -47,6 +47,8 @@ def test_step(benchmark, copy_gbps, compile_timeout, device, optim, shape, dtype
             pytest.skip(f"torch.compile: compiling {e}")
         benchmark.group = case.label
         benchmark.pedantic(step, rounds=rounds, iterations=steps_per_round, warmup_rounds=0)
+        if benchmark.stats is None:  # --benchmark-disable: the step ran once, nothing was timed
+            return
 
         bpp = bench.bytes_per_param(optim, case.torch_dtype, stepper.state_dtype)
         gbps = bpp * case.numel / benchmark.stats.stats.median / 1e9

@@ -80,6 +80,7 @@ __all__ = [
     "deadline",
     "free",
     "main",
+    "markdown_report",
     "measure",
     "prepare",
     "run",
@@ -438,7 +439,7 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(warmup_steps=1, warmup_s=0.0, min_samples=3, max_samples=20, max_time_s=0.02, min_sample_s=5e-4)
+QUICK = Budget(warmup_steps=3, warmup_s=0.0, min_samples=3, max_samples=20, max_time_s=0.02, min_sample_s=5e-4)
 
 
 def synchronizer(device: str) -> Callable[[], None]:
@@ -501,18 +502,22 @@ class _Sampler:
         self.spent = 0.0
 
     def warm_up(self) -> None:
+        """Runs the warm-up steps, then sets ``inner`` from the fastest of them.
+
+        The first step (lazy state, compilation) is left out, and the minimum
+        is used because a preempted step only ever looks slower: a single
+        stalled step must not set ``inner`` to 1 for a microsecond step.
+        """
         b = self.budget
-        start, done = time.perf_counter(), 0
-        while done < b.warmup_steps or time.perf_counter() - start < b.warmup_s:
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < max(2, b.warmup_steps) or time.perf_counter() - start < b.warmup_s:
+            t0 = time.perf_counter()
             self.step()
             self.sync()
-            done += 1
-        # Calibrate on one synchronized step, now that caches and compilers are warm.
-        t0 = time.perf_counter()
-        self.step()
-        self.sync()
-        self.one = time.perf_counter() - t0
-        self.inner = max(1, min(10_000, math.ceil(b.min_sample_s / max(self.one, 1e-9))))
+            times.append(time.perf_counter() - t0)
+        self.one = min(times[1:])
+        self.inner = max(1, min(1 << 14, math.ceil(b.min_sample_s / max(self.one, 1e-9))))
 
     @property
     def done(self) -> bool:
@@ -770,27 +775,39 @@ def run(
     compile_timeout: float | None = 300.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Runs every case; returns the report that :func:`main` prints and writes as JSON."""
+    """Runs every case; returns the report that :func:`main` prints and writes as JSON.
+
+    The copy yardstick is measured right before and right after each case's
+    providers, and the faster of the two is used: noise from other processes
+    only ever slows a copy down, so this is the conservative denominator.
+    """
     started = time.perf_counter()
+    load_before = _loadavg()
     results: list[dict[str, Any]] = []
     copies: list[dict[str, Any]] = []
+
+    def copy(case: Case, when: str) -> float:
+        gbps, timing, moved = copy_bandwidth(case.copy_bytes, device, budget)
+        copies.append({"optim": case.optim, "shape": case.shape, "dtype": case.dtype, "schedule": case.schedule,
+                       "when": when, "bytes": moved, "gbps": gbps, **timing.summary()})
+        return gbps
+
     for optim in optims:
         for shape in shapes:
             for dtype in dtypes:
-                first = Case(optim, shape, dtype, schedules[0], device)
-                gbps, timing, moved = copy_bandwidth(first.copy_bytes, device, budget)
-                copies.append({"optim": optim, "shape": shape, "dtype": dtype, "bytes": moved,
-                               "gbps": gbps, **timing.summary()})
-                log(f"{optim} {shape} {dtype}: copy {gbps:.1f} GB/s over {moved / 1e6:.0f} MB")
                 for schedule in schedules:
-                    case = dataclasses.replace(first, schedule=schedule)
+                    case = Case(optim, shape, dtype, schedule, device)
+                    before = copy(case, "before")
                     rows = measure(case, providers, budget, compile_timeout=compile_timeout, log=log)
+                    gbps = max(before, copy(case, "after"))
                     _annotate(rows, gbps)
                     results += rows
                     log(format_table(rows, device))
+    machine = machine_info(device)
+    machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
     return {
         "schema": "fusedclr-bench/1",
-        "machine": machine_info(device),
+        "machine": machine,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "config": {
@@ -814,6 +831,14 @@ def run(
 # --------------------------------------------------------------------------
 # Machine description
 # --------------------------------------------------------------------------
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: how busy the machine was (the timings' context)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str:
@@ -881,6 +906,12 @@ def _ms(s: float) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
+def _ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+
+
 def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
     """One case's rows as an aligned text table."""
     if not rows:
@@ -902,7 +933,7 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
             _ms(r["median_s"]),
             f"{100 * r['iqr_rel']:.0f}%",
             f"{_ms(r['min_s'])}..{_ms(r['max_s'])}",
-            "-" if ratio is None else f"{ratio:.2f}x",
+            _ratio(ratio),
             f"{r['gbps']:.1f}",
             f"{r['pct_copy']:.0f}%",
             _ms(r["cpu_s"]),
@@ -940,12 +971,26 @@ def markdown_table(report: dict[str, Any], optim: str | None = None, schedule: s
                 cells.append("-")
                 continue
             ratio = r.get("ratio_vs_fused")
-            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f" ({ratio:.2f}x)"))
+            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f" ({_ratio(ratio)})"))
             if p.startswith("fusedclr-") and fc is None:
                 fc = r
         bw = "-" if fc is None else f"{fc['gbps']:.1f} ({fc['pct_copy']:.0f}%)"
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {bw} |")
     return "\n".join(out)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The machine line and one :func:`markdown_table` per (optimizer, schedule)."""
+    m = report["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
+    parts = [f"Measured {report['date'][:10]} on {where}; torch {m['torch']}, commit "
+             f"{(report['git_commit'] or '?')[:12]}. Median time per step (ratio: torch-fused time / "
+             "this time, > 1 is faster); GB/s and % of the same run's copy bandwidth for fusedclr."]
+    for optim in report["config"]["optims"]:
+        for schedule in report["config"]["schedules"]:
+            parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
+                         + markdown_table(report, optim, schedule))
+    return "\n\n".join(parts) + "\n"
 
 
 def plot(report: dict[str, Any], path: str) -> None:
@@ -1025,6 +1070,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small shapes, short budget: finishes in seconds")
     ap.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a log-log plot (PNG) of time per step")
+    ap.add_argument("--markdown", metavar="PATH", help="write markdown tables (constant lr and OneCycleLR)")
     ap.add_argument("--optim", default="adamw", type=lambda v: _names(v, list(OPTIMS), "optimizer"),
                     help=f"comma-separated, from {', '.join(OPTIMS)} (default adamw)")
     ap.add_argument("--shapes", type=lambda v: _names(v, [*SHAPES, *QUICK_SHAPES], "shape"),
@@ -1036,6 +1082,7 @@ def parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, from {', '.join(PROVIDERS)} (default: all)")
     ap.add_argument("--compile-timeout", type=float, default=300.0, metavar="S",
                     help="give up compiling torch-compile after S seconds (0: skip it; default 300)")
+    ap.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
     ap.add_argument("--no-big", action="store_true", help=f"skip the big shapes ({', '.join(sorted(BIG_SHAPES))})")
     return ap
 
@@ -1046,6 +1093,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fusedclr bench: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(SHAPES))
     if args.no_big:
         shapes = [s for s in shapes if s not in BIG_SHAPES]
@@ -1065,8 +1114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log=lambda s: print(s, flush=True),
     )
     m = report["machine"]
-    print(f"\n{m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']}, {report['date']}, "
-          f"commit {report['git_commit']}, {report['elapsed_s']:.0f} s")
+    print(f"\n{m.get('gpu') or m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+          f"torch {m['torch']}, {report['date']}, commit {report['git_commit']}, {report['elapsed_s']:.0f} s, "
+          f"load average {m['loadavg_before']} -> {m['loadavg_after']}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -1075,6 +1125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(markdown_report(report))
+        print(f"wrote {args.markdown}")
     return 0
 
 
