@@ -1,0 +1,182 @@
+"""Pieces shared by the Triton update kernels: math-type helpers, the chunk walk,
+the step-counter kernel and the autotuning configs.
+
+[note: triton launch layout]
+One program per row of the chunk table (segment, begin, end). A program reads
+its row, evaluates the schedule and its segment's per-step scalars (step count,
+bias corrections) once, then walks its element range in BLOCK tiles. The chunk
+table bounds every program's work (the bucket splits segments into chunks of at
+most 8192 elements on GPUs, 16384 on CPUs), so there is no per-element segment
+search and no Python loop over parameters: one launch covers the whole flat
+buffer whatever the number of tensors.
+
+Tiles start at multiples of ALIGN elements and the range's unaligned head and
+tail (empty for a bucket's table, whose segments are padded to ALIGN) go
+through one extra masked tile of 2 * ALIGN lanes. The aligned bounds are
+computed as ``(x // ALIGN) * ALIGN``, which Triton's axis analysis sees as
+divisible by ALIGN, so the main loop can use vector loads even though the
+offsets come from a tensor: compiled for sm_90 with Triton 3.8 (on a CPU-only
+machine), a loop over ``range(begin, end, BLOCK)`` emits ``ld.global.b32`` and
+the aligned loop ``ld.global.v4.b32`` / ``st.global.v4.b32``
+(tests/test_triton.py::test_kernels_compile_for_sm90 keeps it so).
+
+[note: triton step counters]
+A step first increments every active segment's count and then uses the new
+value [note: flat-buffer step contract]. Several programs share a segment, so
+the update kernel must not write the count another program may still read: it
+uses ``seg_steps[s] + 1`` and leaves the buffer alone, and a second, tiny
+launch (``_advance_steps_kernel``, one lane per segment) adds one afterwards on
+the same stream. That is two launches per op call, and it keeps ``seg_steps``
+out of the update kernel's ``restore_value`` set. With ``found_inf`` non-zero
+both kernels change nothing.
+
+[note: triton host scalars]
+The schema's float arguments (beta2, eps, weight_decay, dampening) are
+``tl.constexpr``. As runtime arguments they would be typed fp32 (by Triton's
+launcher and by Inductor for user kernels) while the interpreter keeps a Python
+double, and torch uses them in double (``1 - beta2 ** step``): three answers.
+As constexprs they are exact doubles on every path and fold into the kernel; a
+kernel is compiled per distinct value, which a param group rarely changes (a
+sweep compiles one per point). lr and momentum / beta1, which schedules move
+every step, stay on the device (``hyper``, ``schedule``), so they never
+recompile anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+ALIGN: tl.constexpr = tl.constexpr(16)
+
+# Block sizes for the interpreter, where a tile is a numpy array and a large
+# one only adds masked work to small test buffers.
+INTERPRET_BLOCK = 256
+_GPU_CONFIGS = ((1024, 4), (2048, 8), (4096, 8))
+# Lanes per program of the step-counter kernel (a bucket has one segment per parameter).
+ADVANCE_BLOCK = 256
+
+
+def interpreting() -> bool:
+    """Whether ``@triton.jit`` currently builds interpreted kernels (TRITON_INTERPRET)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def update_configs() -> list[triton.Config]:
+    """Autotuning configs for the update kernels: one in the interpreter (no timing there)."""
+    if interpreting():
+        return [triton.Config({"BLOCK": INTERPRET_BLOCK}, num_warps=4)]
+    return [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in _GPU_CONFIGS]
+
+
+@triton.jit
+def to_math(x, MATH_F64: tl.constexpr):
+    """``x`` in the math type: float64 for float64 buffers, float32 otherwise."""
+    if MATH_F64:
+        out = x.to(tl.float64)
+    else:
+        out = x.to(tl.float32)
+    return out
+
+
+@triton.jit
+def div(a, b, MATH_F64: tl.constexpr):
+    """IEEE division: Triton's ``/`` is an approximate division for float32 on GPUs."""
+    if MATH_F64:
+        out = a / b
+    else:
+        out = tl.math.div_rn(a, b)
+    return out
+
+
+@triton.jit
+def sqrt(x, MATH_F64: tl.constexpr):
+    """IEEE square root (``tl.sqrt`` is approximate for float32 on GPUs)."""
+    if MATH_F64:
+        out = tl.sqrt(x)
+    else:
+        out = tl.sqrt_rn(x)
+    return out
+
+
+@triton.jit
+def _bf16_rtne(x):
+    """float32 -> bfloat16, rounding to nearest even by hand (c10::BFloat16's algorithm).
+
+    The same bits as the GPUs' ``cvt.rn.bf16.f32``; done by hand because
+    Triton's interpreter truncates in ``.to(tl.bfloat16)``, which would make CI
+    disagree with GPUs and torch by an ulp on about half of the elements.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+    quiet_nan = (bits >> 16) | 0x40
+    return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store(ptrs, x, mask):
+    """Stores math-type values into a buffer of any float dtype, rounding to nearest even."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        tl.store(ptrs, _bf16_rtne(x.to(tl.float32)), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """(segment, begin, end) of this program's chunk, with ``end = begin`` when the
+    segment must not move (inactive, or ``found_inf`` set)."""
+    row = chunks_ptr + tl.program_id(0).to(tl.int64) * 3
+    seg = tl.load(row)
+    begin = tl.load(row + 1)
+    end = tl.load(row + 2)
+    if HAS_ACTIVE:
+        end = tl.where(tl.load(active_ptr + seg) != 0, end, begin)
+    if HAS_FOUND_INF:
+        end = tl.where(tl.load(found_inf_ptr) == 0, end, begin)
+    return seg, begin, end
+
+
+@triton.jit
+def aligned_bounds(begin, end):
+    """[lo, hi): the ALIGN-aligned part of [begin, end) (empty when lo >= hi)."""
+    lo = ((begin + (ALIGN - 1)) // ALIGN) * ALIGN
+    hi = (end // ALIGN) * ALIGN
+    return lo, hi
+
+
+@triton.jit
+def edge_lanes(begin, end, lo, hi):
+    """Indices and mask of the unaligned head [begin, min(lo, end)) and tail [max(lo, hi), end)."""
+    lane = tl.arange(0, 2 * ALIGN)
+    head = lane < ALIGN
+    idx = tl.where(head, begin + lane, tl.maximum(hi, lo) + lane - ALIGN)
+    mask = tl.where(head, idx < tl.minimum(lo, end), idx < end)
+    return idx, mask
+
+
+@triton.jit
+def _advance_steps_kernel(
+    seg_steps_ptr,
+    active_ptr,
+    found_inf_ptr,
+    n_segments,
+    HAS_ACTIVE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``seg_steps += active & !found_inf`` [note: triton step counters]."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_segments
+    inc = tl.full([BLOCK], 1, tl.int64)
+    if HAS_ACTIVE:
+        inc = (tl.load(active_ptr + offs, mask=mask, other=0) != 0).to(tl.int64)
+    if HAS_FOUND_INF:
+        inc = tl.where(tl.load(found_inf_ptr) == 0, inc, 0)
+    steps = tl.load(seg_steps_ptr + offs, mask=mask)
+    tl.store(seg_steps_ptr + offs, steps + inc, mask=mask)

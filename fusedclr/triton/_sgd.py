@@ -1,0 +1,111 @@
+"""SGD (momentum, Nesterov, dampening, weight decay, maximize) over a flat buffer in Triton.
+
+The per-element formula is torch.optim's, in torch's order, as in
+``fusedclr::sgd_update`` (csrc/include/fusedclr/update.h) and
+``fusedclr.reference.sgd_step_``; the launch layout is [note: triton launch layout].
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fusedclr.triton._common import aligned_bounds, chunk_row, div, edge_lanes, store, to_math, update_configs
+from fusedclr.triton._schedule import _lr_and_momentum
+
+
+@triton.jit
+def _sgd_tile(
+    idx,
+    mask,
+    param_ptr,
+    grad_ptr,
+    momentum_buffer_ptr,
+    grad_scale,
+    neg_lr,
+    momentum,
+    use_momentum,
+    first,
+    DAMPENING: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_MOMENTUM_BUFFER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MATH_F64: tl.constexpr,
+):
+    p = to_math(tl.load(param_ptr + idx, mask=mask), MATH_F64)
+    g = to_math(tl.load(grad_ptr + idx, mask=mask), MATH_F64)
+    if HAS_GRAD_SCALE:
+        g = div(g, grad_scale, MATH_F64)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY != 0.0:
+        g = g + p * WEIGHT_DECAY
+    if HAS_MOMENTUM_BUFFER:
+        buf = to_math(tl.load(momentum_buffer_ptr + idx, mask=mask), MATH_F64)
+        # torch: buf = grad on the first step, else buf * momentum + (1 - dampening) * grad.
+        buf = tl.where(first, g, buf * momentum + g * (1.0 - DAMPENING))
+        if NESTEROV:
+            stepped = g + buf * momentum
+        else:
+            stepped = buf
+        # A zero momentum (a schedule may reach it) leaves the buffer alone, as in
+        # torch. tl.where rather than `mask & use_momentum`: the interpreter gives a
+        # float comparison float data, which `&` rejects.
+        g = tl.where(use_momentum, stepped, g)
+        store(momentum_buffer_ptr + idx, buf, tl.where(use_momentum, mask, False))
+    p = p + g * neg_lr
+    store(param_ptr + idx, p, mask)
+
+
+@triton.autotune(
+    configs=update_configs(),
+    key=["numel"],
+    restore_value=["param_ptr", "momentum_buffer_ptr"],
+)
+@triton.jit(do_not_specialize=["numel"])
+def _sgd_kernel(
+    param_ptr,
+    grad_ptr,
+    momentum_buffer_ptr,
+    seg_steps_ptr,
+    chunks_ptr,
+    active_ptr,
+    hyper_ptr,
+    schedule_ptr,
+    schedule_step_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    numel,
+    DAMPENING: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_MOMENTUM_BUFFER: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    MATH_F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per chunk; ``numel`` is only the autotuning key."""
+    seg, begin, end = chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE, HAS_FOUND_INF)
+    lr, momentum = _lr_and_momentum(hyper_ptr, schedule_ptr, schedule_step_ptr)
+    first = tl.load(seg_steps_ptr + seg) + 1 <= 1
+    use_momentum = momentum != 0.0
+    # torch casts the Python-float scalars to the math type: p.add(g, alpha=-lr), buf.mul_(momentum).
+    neg_lr = to_math(-lr, MATH_F64)
+    momentum = to_math(momentum, MATH_F64)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = to_math(tl.load(grad_scale_ptr), MATH_F64)
+    lo, hi = aligned_bounds(begin, end)
+    for off in range(lo, hi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        _sgd_tile(idx, idx < hi, param_ptr, grad_ptr, momentum_buffer_ptr, grad_scale, neg_lr, momentum,
+                  use_momentum, first, DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE, HAS_MOMENTUM_BUFFER,
+                  HAS_GRAD_SCALE, MATH_F64)
+    idx, mask = edge_lanes(begin, end, lo, hi)
+    _sgd_tile(idx, mask, param_ptr, grad_ptr, momentum_buffer_ptr, grad_scale, neg_lr, momentum, use_momentum,
+              first, DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE, HAS_MOMENTUM_BUFFER, HAS_GRAD_SCALE, MATH_F64)
