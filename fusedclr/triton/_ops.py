@@ -1,0 +1,251 @@
+"""Launchers of the Triton kernels and their ``torch.library.triton_op`` registration.
+
+Importing this module imports Triton, builds the kernels (interpreted when
+TRITON_INTERPRET is set) and registers ``fusedclr::triton_sgd_step_`` and
+``fusedclr::triton_adam_step_``; ``fusedclr.triton`` imports it on first use.
+
+[note: triton op dispatch]
+The ops are ``triton_op``s whose bodies launch through ``wrap_triton``, so
+``torch.compile`` traces into the kernels (and Inductor can schedule them with
+the rest of the graph). Outside of compilation ``sgd_step_`` / ``adam_step_``
+call the same body directly with plain tensors, which skips the dispatcher
+round trip that a custom op costs on every eager call (the step's host time is
+a target of its own, see DESIGN.md section 4).
+
+Under TRITON_INTERPRET=1 ``wrap_triton`` hands back the interpreted kernel
+itself, which cannot run on fake tensors, so the body returns early on fake
+tensors (the ops return nothing, so there is nothing to fake). Graph capture
+with ``torch.compile(backend="eager")`` works there; backends that
+functionalize (``aot_eager``, ``inductor``) would have to trace the interpreted
+kernel, and get a clear error instead of a silently empty graph.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.library import triton_op, wrap_triton
+
+from fusedclr.triton import _common
+from fusedclr.triton._adam import _adam_kernel
+from fusedclr.triton._common import ADVANCE_BLOCK, _advance_steps_kernel
+from fusedclr.triton._sgd import _sgd_kernel
+
+__all__ = ["INTERPRETED", "adam_step_", "sgd_step_"]
+
+
+def _is_interpreted(kernel: object) -> bool:
+    while hasattr(kernel, "configs") and hasattr(kernel, "fn"):  # unwrap triton.autotune
+        kernel = kernel.fn
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+# Whether the kernels were built for Triton's interpreter: decided once, when
+# @triton.jit ran at this module's import.
+INTERPRETED = _is_interpreted(_sgd_kernel)
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# --------------------------------------------------------------------------
+# Argument checks (metadata only: no sync, no device reads)
+# --------------------------------------------------------------------------
+
+
+def _check_device(param: Tensor) -> None:
+    if param.device.type == "cpu" and not INTERPRETED:
+        if _common.interpreting():
+            when = "TRITON_INTERPRET=1 is set now, but was not when fusedclr.triton built its kernels"
+        else:
+            when = "TRITON_INTERPRET is not set"
+        raise RuntimeError(
+            "fusedclr.triton: backend='triton' got CPU tensors, but Triton compiles for GPUs and "
+            f"{when}. To run the Triton kernels on CPU through Triton's interpreter, set "
+            "TRITON_INTERPRET=1 in the environment before importing triton or fusedclr "
+            "(e.g. `TRITON_INTERPRET=1 python train.py`); otherwise use backend='cpu' or "
+            "backend='reference' for CPU tensors."
+        )
+
+
+def _check_flat(name: str, t: Tensor, param: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"fusedclr.triton: {name} must be a contiguous 1-D flat buffer, got shape "
+                         f"{tuple(t.shape)} with strides {t.stride()}")
+    if t.numel() != param.numel():
+        raise ValueError(f"fusedclr.triton: {name} has {t.numel()} elements but param has {param.numel()}; "
+                         "every flat buffer of a bucket has the same length")
+    if t.device != param.device:
+        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but param is on {param.device}; "
+                         "keep a bucket's buffers on one device")
+    if t.dtype not in dtypes:
+        raise TypeError(f"fusedclr.triton: {name} has dtype {t.dtype}; expected one of {list(dtypes)}")
+
+
+def _check_small(name: str, t: Optional[Tensor], param: Tensor, dtypes: tuple[torch.dtype, ...],
+                 numel: Optional[int] = None) -> None:
+    if t is None:
+        return
+    if t.device != param.device:
+        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but param is on {param.device}; "
+                         f"move {name} to the parameters' device")
+    if t.dtype not in dtypes:
+        raise TypeError(f"fusedclr.triton: {name} has dtype {t.dtype}; expected one of {list(dtypes)}")
+    if not t.is_contiguous():
+        raise ValueError(f"fusedclr.triton: {name} must be contiguous")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"fusedclr.triton: {name} must have {numel} element(s), got shape {tuple(t.shape)}")
+
+
+def _check_common(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor],
+                  hyper: Tensor, schedule: Tensor, schedule_step: Tensor, grad_scale: Optional[Tensor],
+                  found_inf: Optional[Tensor]) -> tuple[torch.dtype, ...]:
+    """Checks what both ops share; returns the allowed state dtypes."""
+    if param.dtype not in _PARAM_DTYPES:
+        raise TypeError(f"fusedclr.triton: param has dtype {param.dtype}; the Triton kernels update "
+                        f"{list(_PARAM_DTYPES)} parameters")
+    _check_flat("param", param, param, _PARAM_DTYPES)
+    _check_device(param)
+    _check_flat("grad", grad, param, _PARAM_DTYPES)
+    if seg_steps.dim() != 1:
+        raise ValueError(f"fusedclr.triton: seg_steps must be 1-D [n_segments], got shape {tuple(seg_steps.shape)}")
+    _check_small("seg_steps", seg_steps, param, (torch.int64,))
+    if chunks.dim() != 2 or chunks.shape[1] != 3:
+        raise ValueError(f"fusedclr.triton: chunks must be an int64 [n, 3] table of (segment, begin, end), "
+                         f"got shape {tuple(chunks.shape)}")
+    _check_small("chunks", chunks, param, (torch.int64,))
+    _check_small("active", active, param, (torch.bool, torch.uint8), seg_steps.numel())
+    if hyper.numel() < 2:
+        raise ValueError(f"fusedclr.triton: hyper must hold [lr, momentum-or-beta1], got shape {tuple(hyper.shape)}")
+    _check_small("hyper", hyper, param, (torch.float64,))
+    _check_small("schedule", schedule, param, (torch.float64,))
+    _check_small("schedule_step", schedule_step, param, (torch.int64,), 1)
+    floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    _check_small("grad_scale", grad_scale, param, floats, 1)
+    _check_small("found_inf", found_inf, param, floats, 1)
+    return (torch.float64,) if param.dtype == torch.float64 else (torch.float32,)
+
+
+def _skip_launch(param: Tensor) -> bool:
+    """True when tracing under the interpreter, where only fake propagation can happen
+    [note: triton op dispatch]."""
+    if not INTERPRETED:
+        return False
+    if isinstance(param, FunctionalTensor):
+        raise RuntimeError(
+            "fusedclr.triton: under TRITON_INTERPRET=1 the Triton kernels cannot be traced by a "
+            "functionalizing torch.compile backend (aot_eager, inductor): torch's wrap_triton does not "
+            "wrap interpreted kernels. Use torch.compile(backend='eager') on CPU, or run on a GPU."
+        )
+    return isinstance(param, FakeTensor)
+
+
+# --------------------------------------------------------------------------
+# Op bodies (shared by the eager fast path and the triton_op)
+# --------------------------------------------------------------------------
+
+
+def _advance(launch, seg_steps: Tensor, active: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    n = seg_steps.numel()
+    if n == 0:
+        return
+    grid = ((n + ADVANCE_BLOCK - 1) // ADVANCE_BLOCK,)
+    launch(_advance_steps_kernel)[grid](
+        seg_steps, active, found_inf, n,
+        HAS_ACTIVE=active is not None, HAS_FOUND_INF=found_inf is not None, BLOCK=ADVANCE_BLOCK,
+    )
+
+
+def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], seg_steps: Tensor,
+              chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
+              dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
+              grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                 grad_scale, found_inf)
+    if momentum_buffer is not None:
+        _check_flat("momentum_buffer", momentum_buffer, param, state_dtypes)
+    if _skip_launch(param):
+        return
+    if chunks.shape[0] > 0:
+        launch(_sgd_kernel)[(chunks.shape[0],)](
+            param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
+            grad_scale, found_inf, param.numel(),
+            DAMPENING=float(dampening), WEIGHT_DECAY=float(weight_decay), NESTEROV=bool(nesterov),
+            MAXIMIZE=bool(maximize), HAS_MOMENTUM_BUFFER=momentum_buffer is not None,
+            HAS_ACTIVE=active is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, MATH_F64=param.dtype == torch.float64,
+        )
+    _advance(launch, seg_steps, active, found_inf)
+
+
+def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+               max_exp_avg_sq: Optional[Tensor], seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor],
+               hyper: Tensor, schedule: Tensor, schedule_step: Tensor, beta2: float, eps: float,
+               weight_decay: float, decoupled: bool, maximize: bool, grad_scale: Optional[Tensor],
+               found_inf: Optional[Tensor]) -> None:
+    state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                 grad_scale, found_inf)
+    _check_flat("exp_avg", exp_avg, param, state_dtypes)
+    _check_flat("exp_avg_sq", exp_avg_sq, param, state_dtypes)
+    if max_exp_avg_sq is not None:
+        _check_flat("max_exp_avg_sq", max_exp_avg_sq, param, state_dtypes)
+    if _skip_launch(param):
+        return
+    if chunks.shape[0] > 0:
+        launch(_adam_kernel)[(chunks.shape[0],)](
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper, schedule,
+            schedule_step, grad_scale, found_inf, param.numel(),
+            BETA2=float(beta2), EPS=float(eps), WEIGHT_DECAY=float(weight_decay), DECOUPLED=bool(decoupled),
+            AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=bool(maximize), HAS_ACTIVE=active is not None,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            MATH_F64=param.dtype == torch.float64,
+        )
+    _advance(launch, seg_steps, active, found_inf)
+
+
+# --------------------------------------------------------------------------
+# Registration and entry points
+# --------------------------------------------------------------------------
+
+
+@triton_op("fusedclr::triton_sgd_step_", mutates_args={"param", "momentum_buffer", "seg_steps"})
+def _sgd_op(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], seg_steps: Tensor, chunks: Tensor,
+            active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor, dampening: float,
+            weight_decay: float, nesterov: bool, maximize: bool, grad_scale: Optional[Tensor],
+            found_inf: Optional[Tensor]) -> None:
+    _sgd_body(wrap_triton, param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
+              dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
+
+
+@triton_op("fusedclr::triton_adam_step_",
+           mutates_args={"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "seg_steps"})
+def _adam_op(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor],
+             seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor,
+             schedule_step: Tensor, beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool,
+             grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    _adam_body(wrap_triton, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
+               schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf)
+
+
+def _direct(kernel):
+    return kernel
+
+
+def _eager(param: Tensor) -> bool:
+    """Plain tensors outside of compilation take the direct path [note: triton op dispatch]."""
+    return not torch.compiler.is_compiling() and type(param) in (Tensor, torch.nn.Parameter)
+
+
+def sgd_step_(*args, **kwargs) -> None:
+    if _eager(args[0] if args else kwargs["param"]):
+        _sgd_body(_direct, *args, **kwargs)
+    else:
+        torch.ops.fusedclr.triton_sgd_step_(*args, **kwargs)
+
+
+def adam_step_(*args, **kwargs) -> None:
+    if _eager(args[0] if args else kwargs["param"]):
+        _adam_body(_direct, *args, **kwargs)
+    else:
+        torch.ops.fusedclr.triton_adam_step_(*args, **kwargs)
