@@ -1,0 +1,266 @@
+"""The ``fusedclr`` command (also ``python -m fusedclr``).
+
+Subcommands: ``demo`` (the tuning workflow on sklearn's digits, then the
+optimizer step-time table), ``lr-find`` (a range test on your own model and
+data factories) and ``bench`` (handed to :mod:`fusedclr.bench`). Heavy imports
+happen inside the subcommands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "load_object", "main"]
+
+LOSSES = {
+    "cross_entropy": "cross_entropy",
+    "nll": "nll_loss",
+    "mse": "mse_loss",
+    "l1": "l1_loss",
+    "smooth_l1": "smooth_l1_loss",
+    "bce_with_logits": "binary_cross_entropy_with_logits",
+}
+
+EPILOG_DEMO = """\
+Runs offline on scikit-learn's digits: an LR range test, then the same MLP
+trained for the same epochs with the one-cycle policy at the suggested LR and
+with that LR held constant (several seeds), an accuracy/time table, plots in
+--out (lr_find.png, schedules.png, training_curves.png, results.json), and
+finally a step-time table of fusedclr.AdamW vs torch.optim.AdamW(fused=True).
+"""
+
+EPILOG_LR_FIND = """\
+MODEL and DATA are factories called with no arguments, written
+"package.module:function" (importable) or "path/to/file.py:function".
+MODEL returns a torch.nn.Module; DATA returns a train loader, or a
+(train_loader, val_loader) pair. Batches must be (inputs..., target).
+
+example:
+  fusedclr lr-find mypkg.models:resnet18 mypkg.data:loaders --end-lr 1 --out lr-out
+"""
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``fusedclr: error: ...`` with exit status 2."""
+
+
+def load_object(spec: str, what: str) -> Any:
+    """Resolve ``"module:attr"`` or ``"path/file.py:attr"`` (``what`` names the argument in errors)."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise CLIError(f"{what} must look like 'package.module:function' or 'path/to/file.py:function', got {spec!r}")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise CLIError(f"{what}: file {module_name!r} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise CLIError(f"{what}: cannot load {module_name!r} as a Python module")
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path and "." not in sys.path:
+            sys.path.insert(0, "")  # console scripts do not put the working directory on sys.path
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise CLIError(f"{what}: cannot import module {module_name!r}: {exc}") from exc
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise CLIError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise CLIError(f"{what}: {spec!r} is a {type(obj).__name__}, not a callable factory")
+    return obj
+
+
+def _loss(name: str) -> Callable:
+    if name in LOSSES:
+        import torch.nn.functional as F
+
+        return getattr(F, LOSSES[name])
+    if ":" in name:
+        return load_object(name, "--loss")
+    raise CLIError(f"--loss must be one of {sorted(LOSSES)} or 'module:function', got {name!r}")
+
+
+# --------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fusedclr.demo import run_demo
+
+    run_demo(
+        args.out,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        num_iter=args.num_iter,
+        step_time=not args.no_step_time,
+        quick=args.quick,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusedclr.lr_finder import lr_find
+    from fusedclr.tuning import optimizer_classes
+
+    model_fn = load_object(args.model, "MODEL")
+    data_fn = load_object(args.data, "DATA")
+    loss_fn = _loss(args.loss)
+    model = model_fn()
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"MODEL {args.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    data = data_fn()
+    train_loader, val_loader = (data if isinstance(data, tuple) and len(data) == 2 else (data, None))
+    if args.use_val and val_loader is None:
+        raise CLIError(f"--use-val needs DATA {args.data!r} to return (train_loader, val_loader)")
+    if args.device is not None:
+        model = model.to(args.device)
+    SGD, AdamW, _, _ = optimizer_classes()
+    if args.optimizer == "sgd":
+        opt = SGD(model.parameters(), lr=args.start_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        opt = AdamW(model.parameters(), lr=args.start_lr, weight_decay=args.weight_decay)
+    result = lr_find(
+        model, train_loader, loss_fn, opt,
+        start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
+        smooth=args.smooth, diverge_threshold=args.diverge_threshold,
+        accumulation_steps=args.accumulation_steps, val_loader=val_loader if args.use_val else None,
+        device=args.device, amp=args.amp, progress=not args.no_progress,
+    )
+    print(result.summary())
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result.plot(out / "lr_find.png")
+        (out / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=1))
+        print(f"wrote {out / 'lr_find.png'} and {out / 'lr_find.json'}")
+    return 0
+
+
+def _cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        bench = importlib.import_module("fusedclr.bench")
+    except ImportError as exc:
+        if getattr(exc, "name", None) not in ("fusedclr.bench", None) and "fusedclr.bench" not in str(exc):
+            raise  # fusedclr.bench exists but one of its own imports failed: show that
+        print(
+            "fusedclr: error: 'fusedclr bench' needs the fusedclr.bench module, which is not part of this "
+            f"installation ({exc}); reinstall fusedclr from a checkout that has fusedclr/bench.py",
+            file=sys.stderr,
+        )
+        return 2
+    status = bench.main(list(argv))
+    return int(status or 0)
+
+
+# --------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fusedclr.demo import DEFAULT_OUT
+
+    parser = argparse.ArgumentParser(
+        prog="fusedclr",
+        description="fusedclr: fused optimizer steps with in-kernel LR/momentum schedules, and Leslie Smith's "
+        "tuning workflow (LR range test, one-cycle).",
+        epilog="Start with 'fusedclr demo'. 'fusedclr COMMAND --help' describes each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="range test + one-cycle vs constant LR on sklearn digits, plots, step-time table",
+        description="The tuning workflow end to end on real data that ships with scikit-learn (no download).",
+        epilog=EPILOG_DEMO, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--out", default=DEFAULT_OUT, help="output folder for plots and results.json "
+                      f"(default: ./{DEFAULT_OUT})")
+    demo.add_argument("--epochs", type=_positive_int, default=8, help="epochs per training run (default: 8)")
+    demo.add_argument("--seeds", type=_positive_int, default=5, help="seeds per schedule (default: 5)")
+    demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
+    demo.add_argument("--num-iter", type=_positive_int, default=100, help="range-test iterations (default: 100)")
+    demo.add_argument("--threads", type=_positive_int, default=1,
+                      help="torch threads for the range test and trainings (default: 1; the step-time table "
+                      "uses torch's default)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a few-second smoke run: 2 epochs, 1 seed, 40-step range test, small step-time table")
+    demo.add_argument("--no-step-time", action="store_true", help="skip the optimizer step-time table")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_cmd_demo)
+
+    lrf = sub.add_parser(
+        "lr-find", help="LR range test on your model/data factories ('module:function')",
+        description="Run an LR range test and print the suggested learning rates.",
+        epilog=EPILOG_LR_FIND, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lrf.add_argument("model", metavar="MODEL", help="'module:function' returning a torch.nn.Module")
+    lrf.add_argument("data", metavar="DATA", help="'module:function' returning train_loader or (train, val)")
+    lrf.add_argument("--loss", default="cross_entropy",
+                     help=f"one of {', '.join(sorted(LOSSES))}, or 'module:function' (default: cross_entropy)")
+    lrf.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                     help="fusedclr's (torch's when unavailable) SGD or AdamW (default: sgd)")
+    lrf.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    lrf.add_argument("--weight-decay", type=float, default=0.0,
+                     help="weight decay (default: 0, as Smith recommends while searching the LR)")
+    lrf.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (default: 1e-7)")
+    lrf.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default: 10)")
+    lrf.add_argument("--num-iter", type=int, default=100, help="iterations (default: 100)")
+    lrf.add_argument("--mode", choices=("exp", "linear"), default="exp", help="LR spacing (default: exp)")
+    lrf.add_argument("--smooth", type=float, default=0.98, help="EMA factor of the stopping rule (default: 0.98)")
+    lrf.add_argument("--diverge-threshold", type=float, default=4.0,
+                     help="stop when the smoothed loss exceeds this times its best (default: 4)")
+    lrf.add_argument("--accumulation-steps", type=int, default=1, help="batches per step (default: 1)")
+    lrf.add_argument("--use-val", action="store_true", help="record the validation loss (DATA returns a pair)")
+    lrf.add_argument("--device", default=None, help="move the model and batches there (default: stay put)")
+    lrf.add_argument("--amp", action="store_true", help="autocast (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    lrf.add_argument("--out", default=None, help="folder for lr_find.png and lr_find.json")
+    lrf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lrf.set_defaults(func=_cmd_lr_find)
+
+    sub.add_parser(
+        "bench", help="optimizer benchmarks (fusedclr.bench; 'fusedclr bench --help' for its options)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fusedclr`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # Everything after "bench" belongs to fusedclr.bench's own parser, --help included.
+        return _cmd_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        parser.exit(2, f"fusedclr: error: {exc}\n")
+    return 0  # unreachable: parser.exit raises SystemExit
