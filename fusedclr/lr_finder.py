@@ -493,7 +493,10 @@ class _Snapshot:
         self.tensors = {("p", k): _cpu_copy(v) for k, v in model.named_parameters()}
         self.tensors.update({("b", k): _cpu_copy(v) for k, v in model.named_buffers()})
         self.grads = {k: None if p.grad is None else _cpu_copy(p.grad) for k, p in model.named_parameters()}
+        # The tensors themselves, not only their values: a fusedclr optimizer's
+        # parameters and grads are views into its flat buffers, and must stay so.
         self.data = {k: p.data for k, p in model.named_parameters()}
+        self.grad_objects = {k: p.grad for k, p in model.named_parameters()}
         self.training = {k: m.training for k, m in model.named_modules()}
         self.optimizer = None if optimizer is None else _cpu_copy(optimizer.state_dict())
 
@@ -502,22 +505,22 @@ class _Snapshot:
         params = dict(model.named_parameters())
         if own_optimizer:
             # The temporary optimizer may have moved the parameters into its own flat
-            # buffers; hand back the original storage so nothing points into it.
+            # buffers; hand back the original storage (possibly another optimizer's views).
             for k, p in params.items():
-                if p.data.data_ptr() != self.data[k].data_ptr():
+                if p.data_ptr() != self.data[k].data_ptr():
                     p.data = self.data[k]
         for k, p in params.items():
             p.copy_(self.tensors[("p", k)])
         for k, b in model.named_buffers():
             b.copy_(self.tensors[("b", k)])
         for k, p in params.items():
-            saved = self.grads[k]
+            saved, original = self.grads[k], self.grad_objects[k]
             if saved is None:
                 p.grad = None
-            elif p.grad is None or own_optimizer:
-                p.grad = saved.to(p.device)
-            else:
-                p.grad.copy_(saved)
+                continue
+            if p.grad is not original:
+                p.grad = original
+            p.grad.copy_(saved)
         for k, m in model.named_modules():
             m.training = self.training.get(k, m.training)
         if optimizer is not None and self.optimizer is not None:

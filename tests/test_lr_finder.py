@@ -188,6 +188,21 @@ def test_default_optimizer_leaves_parameter_storage_untouched():
         assert torch.equal(a, b), k
 
 
+def test_default_optimizer_hands_the_parameters_back_to_the_users_fusedclr_optimizer():
+    """The temporary fusedclr.SGD re-points .data/.grad into its own buffers; they must come back."""
+    model, opt, _ = _setup(OPTIMIZERS["fusedclr.AdamW"])
+    twin_model, twin_opt, _ = _setup(OPTIMIZERS["fusedclr.AdamW"])
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+    lr_find(model, _data(), nn.functional.cross_entropy, num_iter=20, progress=False)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    _assert_same(model, opt, twin_model, twin_opt)
+    _continue(model, opt, None)
+    _continue(twin_model, twin_opt, None)
+    _assert_same(model, opt, twin_model, twin_opt)
+
+
 def test_restores_state_when_the_loss_is_nan_from_the_first_step():
     model, opt, _ = _setup(OPTIMIZERS["torch.SGD"])
     twin_model, twin_opt, _ = _setup(OPTIMIZERS["torch.SGD"])
