@@ -314,7 +314,7 @@ class SweepResult:
             ax.set_xlabel("weight decay")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="best")
         axes[0].plot([wds.index(best.weight_decay)], [best.val_loss], marker="*", ms=16, color="tab:red",
                      markeredgecolor="black", ls="none", zorder=5)
         fig.suptitle(f"one-cycle sweep at max_lr={self.max_lr:.3g} ({self.epochs} epoch(s) per run); "
