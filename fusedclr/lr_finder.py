@@ -359,11 +359,11 @@ class LRFinderResult:
             ax.axvline(lrs[-1], color="tab:red", ls="-.", lw=1.0, alpha=0.7, label=f"stopped: {self.stop_reason}")
         ax.set_xscale("log")
         if n:
-            finite = trend[np.isfinite(trend)]
-            i_min = int(np.argmin(finite))
-            low, high = float(finite.min()), float(np.max(finite[: i_min + 1]))
+            i_min = int(np.argmin(trend))
+            low = min(float(trend.min()), float(raw[:n].min()))  # the valid prefix is all finite
+            high = float(np.max(trend[: i_min + 1]))
             span = max(high - low, 1e-12 * max(1.0, abs(high)))
-            ax.set_ylim(low - 0.15 * span, high + 0.35 * span)
+            ax.set_ylim(low - 0.08 * span, high + 0.35 * span)
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("validation loss" if self.loss_source == "val" else "training loss")
         sug = self.suggestion
@@ -572,8 +572,8 @@ def lr_find(
     ``accumulation_steps`` batches, and records the mean batch loss (or, with
     ``val_loader``, the loss over the whole validation set after the step).
     The run stops early when the bias-corrected EMA of the loss (``smooth``)
-    exceeds ``diverge_threshold`` times its best value, or when the loss turns
-    NaN/inf.
+    exceeds ``diverge_threshold`` times its best value (a rule that needs
+    positive losses), or when the loss turns NaN/inf.
 
     Afterwards the model's parameters, gradients and every buffer (BatchNorm
     statistics included), its train/eval flags and the optimizer's state are
