@@ -146,7 +146,7 @@ BIG_SHAPES = frozenset({"200x1M", "10x16M", "gpt2-small"})
 # `--quick`: the same two regimes (many small tensors, few large ones), scaled
 # down so that the whole run takes seconds on 2 cores.
 QUICK_SHAPES: dict[str, list[Shape]] = {
-    "256x64": [(64,)] * 256,
+    "128x64": [(64,)] * 128,
     "4x256K": [(256 * K,)] * 4,
 }
 
@@ -440,7 +440,7 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(warmup_steps=3, warmup_s=0.0, min_samples=3, max_samples=20, max_time_s=0.02, min_sample_s=5e-4)
+QUICK = Budget(warmup_steps=2, warmup_s=0.0, min_samples=3, max_samples=20, max_time_s=0.01, min_sample_s=5e-4)
 
 
 def synchronizer(device: str) -> Callable[[], None]:
