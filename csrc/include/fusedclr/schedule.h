@@ -77,23 +77,20 @@ C10_HOST_DEVICE inline double anneal(int how, double start, double end, double p
   return end + (start - end) / 2.0 * (::cos(kPi * pct) + 1.0);
 }
 
-// ::floor on a non-negative quotient of integers, kept in integer arithmetic so
-// that steps beyond 2^53 still land in the right period.
-C10_HOST_DEVICE inline int64_t floordiv(int64_t a, int64_t b) {
-  return a / b;
-}
-
 C10_HOST_DEVICE inline Value stage_value(const double* st, const double* d, int64_t t) {
   const double* p = st + S_P0;
   const int kind = static_cast<int>(st[S_KIND]);
   const double td = static_cast<double>(t);
-  Value v{0.0, 0.0, true, st[S_HAS_MOM] != 0.0};
+  // Only the cyclical families schedule momentum; the flag alone is not enough
+  // (mirrors reference._stage_value).
+  Value v{0.0, 0.0, true, st[S_HAS_MOM] != 0.0 && (kind == CYCLIC || kind == ONE_CYCLE)};
   switch (kind) {
     case CONSTANT:
       v.lr = p[0];
       break;
     case STEP:
-      v.lr = p[0] * ::pow(p[1], static_cast<double>(floordiv(t, static_cast<int64_t>(p[2]))));
+      // Integer division keeps steps beyond 2^53 in the right period.
+      v.lr = p[0] * ::pow(p[1], static_cast<double>(t / static_cast<int64_t>(p[2])));
       break;
     case MULTISTEP: {
       const double* ms = d + static_cast<int64_t>(p[2]);
