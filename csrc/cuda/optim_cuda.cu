@@ -1,0 +1,299 @@
+// CUDA kernels of the fusedclr ops (schemas and contract: csrc/ops.cpp,
+// [note: flat-buffer step contract]). One update launch per op call whatever
+// the number of parameters, plus one tiny launch that advances the step
+// counters [note: step counters on CUDA]. Nothing here reads device memory
+// from the host or synchronizes, so a step is CUDA-graph capturable.
+//
+// [note: step counters on CUDA]
+// The contract increments seg_steps before the update uses it. Inside one
+// launch that races: a warp that bumped segment s could be followed by another
+// warp reading s for a later chunk and seeing the new value. We pay one tiny
+// launch instead (advance_steps_kernel: n_segments x 8 bytes, grid-stride,
+// ~the cost of an empty kernel), which is stream-ordered before the update
+// kernel, so the update reads settled values. The alternative, a last-block-
+// done counter, needs a zeroed global counter at every launch: zeroing it is
+// itself a memset on the stream (no cheaper than this launch), and a
+// persistent self-resetting counter breaks as soon as two streams or two
+// replayed graphs step at once. found_inf is read on the device by both
+// kernels, so a skipped step changes neither the counters nor the buffers.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "optim_kernels.cuh"
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+namespace fusedclr {
+namespace cuda {
+namespace {
+
+void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "fusedclr: ", name, " must be on ", device, " with the parameters, got ",
+              t.device(), "; move it with .to(param.device)");
+}
+
+void check_flat(const at::Tensor& t, const char* name, const at::Tensor& param) {
+  check_device(t, name, param.device());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "fusedclr: ", name,
+              " must be a contiguous 1-D flat buffer, got shape ", t.sizes(), " with strides ", t.strides());
+  TORCH_CHECK(t.numel() == param.numel(), "fusedclr: ", name, " has ", t.numel(),
+              " elements, the parameter buffer has ", param.numel());
+}
+
+// States are kept in the math type (float for fp32/bf16/fp16 parameters,
+// double for fp64); bf16 parameters may also keep bf16 states (14 B/param
+// Adam, DESIGN.md section 4). All states of one call share one dtype.
+at::ScalarType check_states(const at::Tensor& param,
+                            std::initializer_list<std::pair<const at::Tensor*, const char*>> states) {
+  const at::ScalarType math = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType first = states.begin()->first->scalar_type();
+  for (const auto& [t, name] : states) {
+    check_flat(*t, name, param);
+    const at::ScalarType dt = t->scalar_type();
+    TORCH_CHECK(dt == math || (dt == at::kBFloat16 && param.scalar_type() == at::kBFloat16), "fusedclr: ", name,
+                " must be ", math, param.scalar_type() == at::kBFloat16 ? " or BFloat16" : "", " for ",
+                param.scalar_type(), " parameters, got ", dt);
+    TORCH_CHECK(dt == first, "fusedclr: ", name, " is ", dt, " but ", states.begin()->second, " is ", first,
+                "; keep every state of a bucket in one dtype");
+  }
+  return first;
+}
+
+DeviceScalar device_scalar(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) {
+    return DeviceScalar{nullptr, false};
+  }
+  return DeviceScalar{t->data_ptr(), t->scalar_type() == at::kDouble};
+}
+
+StepArgs check_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& seg_steps,
+                    const at::Tensor& chunks, const std::optional<at::Tensor>& active, const at::Tensor& hyper,
+                    const at::Tensor& schedule, const at::Tensor& schedule_step,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    bool maximize) {
+  TORCH_CHECK(param.is_cuda(), "fusedclr: param must be a CUDA tensor for the CUDA kernels, got ", param.device());
+  check_flat(param, "param", param);
+  check_flat(grad, "grad", param);
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "fusedclr: grad dtype ", grad.scalar_type(),
+              " differs from param dtype ", param.scalar_type(), "; the flat grad buffer must match the params");
+  const at::Device dev = param.device();
+  check_device(seg_steps, "seg_steps", dev);
+  TORCH_CHECK(seg_steps.scalar_type() == at::kLong && seg_steps.dim() == 1 && seg_steps.is_contiguous(),
+              "fusedclr: seg_steps must be a contiguous int64 1-D tensor (one step per segment), got ",
+              seg_steps.scalar_type(), " of shape ", seg_steps.sizes());
+  check_device(chunks, "chunks", dev);
+  TORCH_CHECK(chunks.scalar_type() == at::kLong && chunks.dim() == 2 && chunks.size(1) == 3 && chunks.is_contiguous(),
+              "fusedclr: chunks must be a contiguous int64 [n, 3] table (segment, begin, end), got ",
+              chunks.scalar_type(), " of shape ", chunks.sizes());
+  if (active.has_value()) {
+    check_device(*active, "active", dev);
+    TORCH_CHECK((active->scalar_type() == at::kBool || active->scalar_type() == at::kByte) &&
+                    active->numel() == seg_steps.numel() && active->is_contiguous(),
+                "fusedclr: active must be a contiguous bool/uint8 tensor with one entry per segment (",
+                seg_steps.numel(), "), got ", active->scalar_type(), " of shape ", active->sizes());
+  }
+  check_device(hyper, "hyper", dev);
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.numel() == 2 && hyper.is_contiguous(),
+              "fusedclr: hyper must be a contiguous float64 [2] tensor (lr, momentum-or-beta1), got ",
+              hyper.scalar_type(), " of shape ", hyper.sizes());
+  check_device(schedule, "schedule", dev);
+  TORCH_CHECK(schedule.scalar_type() == at::kDouble && schedule.is_contiguous() &&
+                  schedule.numel() >= sched::HEADER_WORDS,
+              "fusedclr: schedule must be a contiguous float64 descriptor of at least ", sched::HEADER_WORDS,
+              " words, got ", schedule.scalar_type(), " of shape ", schedule.sizes());
+  check_device(schedule_step, "schedule_step", dev);
+  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
+              "fusedclr: schedule_step must be an int64 scalar tensor, got ", schedule_step.scalar_type(),
+              " of shape ", schedule_step.sizes());
+  for (const auto& [t, name] : {std::pair{&grad_scale, "grad_scale"}, std::pair{&found_inf, "found_inf"}}) {
+    if (t->has_value()) {
+      check_device(**t, name, dev);
+      TORCH_CHECK(((*t)->scalar_type() == at::kFloat || (*t)->scalar_type() == at::kDouble) && (*t)->numel() == 1,
+                  "fusedclr: ", name, " must be a float32 or float64 tensor with one element (GradScaler's), got ",
+                  (*t)->scalar_type(), " of shape ", (*t)->sizes());
+    }
+  }
+
+  StepArgs a{};
+  a.chunks = chunks.data_ptr<int64_t>();
+  a.n_chunks = chunks.size(0);
+  a.parts = 1;
+  a.numel = param.numel();
+  a.seg_steps = seg_steps.data_ptr<int64_t>();
+  a.n_segments = seg_steps.numel();
+  a.active = active.has_value() ? static_cast<const uint8_t*>(active->data_ptr()) : nullptr;
+  a.hyper = hyper.data_ptr<double>();
+  a.schedule = schedule.data_ptr<double>();
+  a.schedule_step = schedule_step.data_ptr<int64_t>();
+  a.grad_scale = device_scalar(grad_scale);
+  a.found_inf = device_scalar(found_inf);
+  a.maximize = maximize;
+  return a;
+}
+
+// Blocks of `kernel` the current device holds at once. The occupancy query
+// costs a few microseconds, so it is cached per (kernel, device).
+int64_t resident_blocks(const void* kernel) {
+  const int device = c10::cuda::current_device();
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  const auto found = cache.find(key);
+  if (found != cache.end()) {
+    return found->second;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t blocks =
+      static_cast<int64_t>(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+// Launches `kernel` once over the whole chunk table [note: chunk walk on CUDA].
+template <typename Args>
+void launch_update(void (*kernel)(Args), Args args, int vec, cudaStream_t stream) {
+  StepArgs& s = args.step;
+  if (s.n_chunks == 0) {
+    return;
+  }
+  const LaunchPlan plan = plan_launch(s.n_chunks, s.numel, vec, resident_blocks(reinterpret_cast<const void*>(kernel)));
+  s.parts = plan.parts;
+  kernel<<<static_cast<unsigned>(plan.blocks), kThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void advance_steps(const at::Tensor& seg_steps, const StepArgs& s, cudaStream_t stream) {
+  if (s.n_segments == 0) {
+    return;
+  }
+  const int64_t blocks = std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(s.n_segments, kThreads));
+  advance_steps_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(seg_steps.data_ptr<int64_t>(),
+                                                                               s.active, s.found_inf, s.n_segments);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                    const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
+                    const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
+                    double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const StepArgs step = check_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                   grad_scale, found_inf, maximize);
+  const bool amsgrad = max_exp_avg_sq.has_value();
+  const at::ScalarType state_dtype =
+      amsgrad ? check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
+                                     {&*max_exp_avg_sq, "max_exp_avg_sq"}})
+              : check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  advance_steps(seg_steps, step, stream);
+  const bool has_wd = weight_decay != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
+    using param_t = scalar_t;
+    FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
+      using state_t = state_type<param_t, BF16_STATE>;
+      AdamArgs<param_t, state_t> a{};
+      a.step = step;
+      a.param = param.data_ptr<param_t>();
+      a.grad = grad.data_ptr<param_t>();
+      a.exp_avg = static_cast<state_t*>(exp_avg.data_ptr());
+      a.exp_avg_sq = static_cast<state_t*>(exp_avg_sq.data_ptr());
+      a.max_exp_avg_sq = amsgrad ? static_cast<state_t*>(max_exp_avg_sq->data_ptr()) : nullptr;
+      a.beta2 = beta2;
+      a.eps = eps;
+      a.weight_decay = weight_decay;
+      constexpr int vec = vec_width<param_t, state_t>();
+      FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
+        FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
+          FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
+            // Decoupled without weight decay is plain Adam: one kernel for both.
+            launch_update(adam_kernel<param_t, state_t, HAS_WD, HAS_WD && DECOUPLED, AMSGRAD>, a, vec, stream);
+          });
+        });
+      });
+    });
+  });
+}
+
+void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
+                   const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
+                   const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
+                   double dampening, double weight_decay, bool nesterov, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const StepArgs step = check_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                   grad_scale, found_inf, maximize);
+  const bool has_buf = momentum_buffer.has_value();
+  const at::ScalarType state_dtype =
+      has_buf ? check_states(param, {{&*momentum_buffer, "momentum_buffer"}}) : param.scalar_type();
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  advance_steps(seg_steps, step, stream);
+  const bool has_wd = weight_decay != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
+    using param_t = scalar_t;
+    FUSEDCLR_BOOL_SWITCH(has_buf, HAS_BUF, [&] {
+      // Without a buffer the state type is moot: one kernel per param dtype.
+      FUSEDCLR_BOOL_SWITCH(HAS_BUF && state_dtype == at::kBFloat16, BF16_STATE, [&] {
+        using state_t = state_type<param_t, HAS_BUF && BF16_STATE>;
+        SgdArgs<param_t, state_t> a{};
+        a.step = step;
+        a.param = param.data_ptr<param_t>();
+        a.grad = grad.data_ptr<param_t>();
+        a.momentum_buffer = HAS_BUF ? static_cast<state_t*>(momentum_buffer->data_ptr()) : nullptr;
+        a.dampening = dampening;
+        a.weight_decay = weight_decay;
+        constexpr int vec = vec_width<param_t, state_t>();
+        FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
+          FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
+            launch_update(sgd_kernel<param_t, state_t, HAS_BUF, HAS_WD, HAS_BUF && NESTEROV>, a, vec, stream);
+          });
+        });
+      });
+    });
+  });
+}
+
+at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& schedule_step) {
+  TORCH_CHECK(schedule.is_cuda(), "fusedclr: schedule must be a CUDA tensor for the CUDA kernel, got ",
+              schedule.device());
+  TORCH_CHECK(schedule.scalar_type() == at::kDouble && schedule.is_contiguous() &&
+                  schedule.numel() >= sched::HEADER_WORDS,
+              "fusedclr: schedule must be a contiguous float64 descriptor of at least ", sched::HEADER_WORDS,
+              " words, got ", schedule.scalar_type(), " of shape ", schedule.sizes());
+  check_device(schedule_step, "schedule_step", schedule.device());
+  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
+              "fusedclr: schedule_step must be an int64 scalar tensor, got ", schedule_step.scalar_type(),
+              " of shape ", schedule_step.sizes());
+  const c10::cuda::CUDAGuard guard(schedule.device());
+  at::Tensor out = at::empty({4}, schedule.options());
+  schedule_eval_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(
+      schedule.data_ptr<double>(), schedule_step.data_ptr<int64_t>(), out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fusedclr, CUDA, m) {
+  m.impl("sgd_step_", &cuda::sgd_step_cuda);
+  m.impl("adam_step_", &cuda::adam_step_cuda);
+  m.impl("schedule_eval", &cuda::schedule_eval_cuda);
+}
+
+}  // namespace fusedclr

@@ -1,0 +1,293 @@
+// Device side of the CUDA ops: the argument blocks and the kernels. Host code
+// (validation, dispatch, launches) is in optim_cuda.cu, the only includer.
+// The kernels use no shared memory, no barriers and no warp shuffles: every
+// thread's work depends only on its own indices, which keeps them simple to
+// reason about (and lets them run one thread at a time under host emulation).
+//
+// [note: chunk walk on CUDA]
+// The unit of work is a warp, not a block. A *work item* is one part of one
+// chunk: the host splits every chunk into `parts` equal pieces (a multiple of
+// the vector width, so alignment survives) when there are too few chunks to
+// keep every warp of a full-occupancy grid busy, and never below
+// kMinPartIters vector iterations per lane (plan_launch). The grid is
+// persistent: the number of blocks the device holds at once (occupancy x
+// SMs), or fewer when there is less work, and warp w of block b takes items
+// b + gridDim.x * w, then strides by all the grid's warps, so neighbouring
+// items land on different SMs.
+// Per item a warp reads the chunk row, the segment's `active` flag and step,
+// and computes the per-item scalars (bias corrections, ...) with update.h.
+// Every lane computes the same values in lock-step, which costs the warp what
+// one thread would and needs neither shared memory nor __syncthreads(). The
+// schedule (lr, momentum / beta1) does not depend on the item and is evaluated
+// once per warp at kernel start. A warp and not a block per item keeps small
+// parameters cheap: a 64-element bias costs one warp iteration instead of
+// idling 7/8 of a 256-thread block.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+
+#include <fusedclr/schedule.h>
+#include <fusedclr/update.h>
+
+#include "flat_walk.cuh"
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace fusedclr {
+namespace cuda {
+namespace {
+
+// Work-item sizing [note: chunk walk on CUDA]: aim for this many items per
+// warp of a full grid (balances ragged chunk sizes), but never split a chunk
+// below kMinPartIters vector iterations per lane.
+constexpr int64_t kItemsPerWorker = 4;
+constexpr int64_t kMinPartIters = 4;
+
+// A one-element float32 or float64 device tensor (GradScaler's tensors are
+// float32; a scale derived from an fp64 bucket's grad norm is float64).
+struct DeviceScalar {
+  const void* ptr;  // nullptr: absent
+  bool is_double;
+
+  C10_DEVICE double get() const {
+    return is_double ? *static_cast<const double*>(ptr) : static_cast<double>(*static_cast<const float*>(ptr));
+  }
+};
+
+// Chunk table, counters, schedule and AMP inputs: what both optimizers read.
+struct StepArgs {
+  const int64_t* chunks;  // [n_chunks, 3]: segment, begin, end
+  int64_t n_chunks;
+  int64_t parts;  // work items per chunk
+  int64_t numel;
+  const int64_t* seg_steps;  // already advanced for this step
+  int64_t n_segments;
+  const uint8_t* active;  // nullptr: every segment is active
+  const double* hyper;    // [lr, momentum-or-beta1]
+  const double* schedule;
+  const int64_t* schedule_step;
+  DeviceScalar grad_scale;  // absent: 1
+  DeviceScalar found_inf;   // absent: never skip
+  bool maximize;
+};
+
+struct GroupValues {
+  double lr;
+  double momentum;  // SGD momentum or Adam beta1
+  double grad_scale;
+};
+
+C10_DEVICE inline bool step_skipped(const DeviceScalar& found_inf) {
+  return found_inf.ptr != nullptr && found_inf.get() != 0.0;
+}
+
+// Not inlined: the evaluator is long (pow, cos, loops) and identical for every
+// kernel; one copy keeps ptxas time and code size down.
+__device__ __noinline__ GroupValues group_values(const double* hyper, const double* schedule,
+                                                 const int64_t* schedule_step, DeviceScalar grad_scale) {
+  const sched::Value v = sched::evaluate(schedule, *schedule_step);
+  GroupValues g;
+  g.lr = v.has_lr ? v.lr : hyper[0];
+  g.momentum = v.has_momentum ? v.momentum : hyper[1];
+  g.grad_scale = grad_scale.ptr != nullptr ? grad_scale.get() : 1.0;
+  return g;
+}
+
+C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Runs fn(step, lo, hi) for each work item of this warp whose segment is active.
+template <int VEC, typename Fn>
+C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
+  const int64_t worker = blockIdx.x + static_cast<int64_t>(gridDim.x) * (threadIdx.x / kWarp);
+  const int64_t n_workers = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  const int64_t n_items = a.n_chunks * a.parts;
+  for (int64_t item = worker; item < n_items; item += n_workers) {
+    const int64_t c = item / a.parts;
+    const int64_t part = item - c * a.parts;
+    const int64_t seg = a.chunks[3 * c];
+    const int64_t begin = a.chunks[3 * c + 1];
+    const int64_t end = a.chunks[3 * c + 2];
+    CUDA_KERNEL_ASSERT_MSG(seg >= 0 && seg < a.n_segments && begin >= 0 && begin <= end && end <= a.numel,
+                           "fusedclr: chunk table row out of range of seg_steps or the buffer");
+    const int64_t span = ceil_div(ceil_div(end - begin, a.parts), VEC) * VEC;
+    const int64_t lo = begin + part * span;
+    const int64_t hi = lo + span < end ? lo + span : end;
+    if (lo >= hi || (a.active != nullptr && a.active[seg] == 0)) {
+      continue;
+    }
+    fn(a.seg_steps[seg], lo, hi);
+  }
+}
+
+// [note: step counters on CUDA] (optim_cuda.cu). Grid-stride, so a capped
+// grid covers any number of segments.
+constexpr int kAdvanceMaxBlocks = 1024;
+
+__global__ void __launch_bounds__(kThreads)
+    advance_steps_kernel(int64_t* seg_steps, const uint8_t* active, DeviceScalar found_inf, int64_t n) {
+  if (step_skipped(found_inf)) {
+    return;
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    if (active == nullptr || active[i] != 0) {
+      seg_steps[i] += 1;
+    }
+  }
+}
+
+template <typename P, typename S>
+struct AdamArgs {
+  StepArgs step;
+  P* param;
+  const P* grad;
+  S* exp_avg;
+  S* exp_avg_sq;
+  S* max_exp_avg_sq;  // amsgrad only
+  double beta2;
+  double eps;
+  double weight_decay;
+};
+
+template <typename P, typename S, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+__global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) {
+  using T = at::opmath_type<P>;
+  constexpr int VEC = vec_width<P, S>();
+  if (step_skipped(a.step.found_inf)) {
+    return;
+  }
+  const GroupValues gv = group_values(a.step.hyper, a.step.schedule, a.step.schedule_step, a.step.grad_scale);
+  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi) {
+    const AdamScalars<T> k = adam_scalars<T>(gv.lr, gv.momentum, a.beta2, a.eps, a.weight_decay, step,
+                                             gv.grad_scale, a.step.maximize);
+    const bool aligned = aligned16(a.param + lo) && aligned16(a.grad + lo) && aligned16(a.exp_avg + lo) &&
+                         aligned16(a.exp_avg_sq + lo) && (!AMSGRAD || aligned16(a.max_exp_avg_sq + lo));
+    walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
+      constexpr int N = decltype(width)::value;
+      constexpr bool V = decltype(vectorized)::value;
+      T p[N], g[N], m[N], v[N], vmax[N];
+      load<N, V>(a.param + i, p);
+      load<N, V>(a.grad + i, g);
+      load<N, V>(a.exp_avg + i, m);
+      load<N, V>(a.exp_avg_sq + i, v);
+      if constexpr (AMSGRAD) {
+        load<N, V>(a.max_exp_avg_sq + i, vmax);
+      }
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        adam_update<HAS_WD, DECOUPLED, AMSGRAD>(p[e], g[e], m[e], v[e], vmax[e], k);
+      }
+      store<N, V>(a.param + i, p);
+      store<N, V>(a.exp_avg + i, m);
+      store<N, V>(a.exp_avg_sq + i, v);
+      if constexpr (AMSGRAD) {
+        store<N, V>(a.max_exp_avg_sq + i, vmax);
+      }
+    });
+  });
+}
+
+template <typename P, typename S>
+struct SgdArgs {
+  StepArgs step;
+  P* param;
+  const P* grad;
+  S* momentum_buffer;  // HAS_BUF only
+  double dampening;
+  double weight_decay;
+};
+
+// HAS_BUF: a momentum buffer was given. Whether this step uses it depends on
+// the momentum value, which a schedule may move (to 0 even), so that choice is
+// a warp-uniform runtime branch per item.
+template <typename P, typename S, bool HAS_BUF, bool HAS_WD, bool NESTEROV>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
+  using T = at::opmath_type<P>;
+  constexpr int VEC = vec_width<P, S>();
+  if (step_skipped(a.step.found_inf)) {
+    return;
+  }
+  const GroupValues gv = group_values(a.step.hyper, a.step.schedule, a.step.schedule_step, a.step.grad_scale);
+  const bool use_momentum = HAS_BUF && gv.momentum != 0.0;
+  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi) {
+    const SgdScalars<T> k =
+        sgd_scalars<T>(gv.lr, gv.momentum, a.dampening, a.weight_decay, step, gv.grad_scale, a.step.maximize);
+    const auto update = [&](auto with_momentum) {
+      constexpr bool MOM = decltype(with_momentum)::value;
+      const bool aligned = aligned16(a.param + lo) && aligned16(a.grad + lo) &&
+                           (!MOM || aligned16(a.momentum_buffer + lo));
+      walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
+        constexpr int N = decltype(width)::value;
+        constexpr bool V = decltype(vectorized)::value;
+        T p[N], g[N], buf[N];
+        load<N, V>(a.param + i, p);
+        load<N, V>(a.grad + i, g);
+        if constexpr (MOM) {
+          // The first step overwrites the buffer with the grad: skip the read.
+          if (k.first) {
+#pragma unroll
+            for (int e = 0; e < N; ++e) {
+              buf[e] = T(0);
+            }
+          } else {
+            load<N, V>(a.momentum_buffer + i, buf);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          sgd_update<HAS_WD, MOM, NESTEROV && MOM>(p[e], g[e], buf[e], k);
+        }
+        store<N, V>(a.param + i, p);
+        if constexpr (MOM) {
+          store<N, V>(a.momentum_buffer + i, buf);
+        }
+      });
+    };
+    if (use_momentum) {
+      update(std::bool_constant<HAS_BUF>{});
+    } else {
+      update(std::false_type{});
+    }
+  });
+}
+
+__global__ void schedule_eval_kernel(const double* schedule, const int64_t* schedule_step, double* out) {
+  const sched::Value v = sched::evaluate(schedule, *schedule_step);
+  out[0] = v.lr;
+  out[1] = v.momentum;
+  out[2] = v.has_lr ? 1.0 : 0.0;
+  out[3] = v.has_momentum ? 1.0 : 0.0;
+}
+
+
+// state_t for param_t: the math type, or bf16 for bf16 params with bf16
+// states. Other combinations are rejected on the host, so they collapse to
+// the math type here and are never instantiated.
+template <typename P, bool BF16_STATE>
+using state_type =
+    std::conditional_t<BF16_STATE && std::is_same_v<P, c10::BFloat16>, c10::BFloat16, at::opmath_type<P>>;
+
+struct LaunchPlan {
+  int64_t blocks;
+  int64_t parts;
+};
+
+// Grid and chunk split for one update launch [note: chunk walk on CUDA].
+// `resident`: blocks of the kernel the device holds at once.
+inline LaunchPlan plan_launch(int64_t n_chunks, int64_t numel, int vec, int64_t resident) {
+  const int64_t workers = resident * kWarpsPerBlock;
+  const int64_t want = ceil_div(kItemsPerWorker * workers, n_chunks);
+  const int64_t cap = std::max<int64_t>(1, numel / (n_chunks * kMinPartIters * kWarp * vec));
+  const int64_t parts = std::clamp<int64_t>(want, 1, cap);
+  return LaunchPlan{std::min(resident, ceil_div(n_chunks * parts, kWarpsPerBlock)), parts};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedclr
