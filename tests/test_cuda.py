@@ -1,0 +1,488 @@
+"""The CUDA kernels (csrc/cuda) against the reference oracle.
+
+Every GPU test is marked ``gpu`` and skips without a CUDA device; the one
+registration test runs everywhere (CI builds the CUDA kernels without a GPU).
+Buckets are built the way the contract says (csrc/ops.cpp, [note: flat-buffer
+step contract]): segments padded to ``ALIGN`` elements, a chunk table of
+(segment, begin, end) rows no longer than the chunk size, padding kept zero.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import TOL
+
+from fusedclr import ops, reference
+from fusedclr.optim._flat import ALIGN
+from fusedclr.reference import Kind, descriptor, stage
+
+# Indirections so the same checks can drive another implementation of the ops.
+OPS = torch.ops.fusedclr
+DEVICE = "cuda"
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+STEPS = 7
+BLOCK = 4096
+# Ragged: not multiples of the chunk, the alignment or any vector width; a
+# 1-element segment, a chunk-sized one and one long enough to be split.
+RAGGED = [3 * BLOCK + 17, 1, 64, 1000, 5, BLOCK, 70001]
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+# Low-precision buffers against the reference in the same dtype: the two may
+# round the final store differently (fused multiply-adds, evaluation order),
+# so allow two units in the last place of the parameter dtype. The fp32 states
+# of such a bucket are held to the same bound: they inherit the parameters'
+# rounding (weight decay reads the stored parameter).
+TOL_LOWP = {dt: {"rtol": 2 * torch.finfo(dt).eps, "atol": 1e-5} for dt in LOW_PRECISION}
+
+SCHEDULES = {
+    "none": reference.no_schedule(),
+    "onecycle": descriptor(
+        [stage(Kind.ONE_CYCLE, [0.004, 0.1, 4e-6, 0.85, 0.95, 3, 3.0, 6.0, 10.0, 0], has_momentum=True)]
+    ),
+    "cyclic_triangular2": descriptor(
+        [stage(Kind.CYCLIC, [0.001, 0.01, 4.0, 0.5, 1, 1.0, 0.8, 0.9], has_momentum=True)]
+    ),
+    "warmup_then_cosine": descriptor(
+        [stage(Kind.LINEAR, [0.05, 0.1, 1.0, 3]), stage(Kind.COSINE, [0.05, 0.0, 6], t_begin=3)]
+    ),
+    "cosine_restarts": descriptor([stage(Kind.COSINE_RESTARTS, [0.05, 0.001, 2, 2, 0.5, 1, 0.0])]),
+    "multistep": descriptor([stage(Kind.MULTISTEP, [0.05, 0.1, 0, 3])], tail=[2.0, 5.0, 5.0]),
+}
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bucket(sizes, dtype, *, chunk=BLOCK, states=(), state_dtype=None, device=None, offset=0, seed=0):
+    """A flat bucket as fusedclr.optim._flat builds it. ``offset`` > 0 shifts every
+    buffer by that many elements inside its storage (misaligned pointers)."""
+    device = device or DEVICE
+    padded = [-(-n // ALIGN) * ALIGN for n in sizes]
+    total = sum(padded)
+    rows, off = [], 0
+    mask = torch.zeros(total, dtype=torch.bool)
+    for seg, (n, pn) in enumerate(zip(sizes, padded)):
+        rows.extend((seg, b, min(b + chunk, off + pn)) for b in range(off, off + pn, chunk))
+        mask[off : off + n] = True
+        off += pn
+    gen = torch.Generator().manual_seed(seed)
+
+    def buf(values, dt):
+        storage = torch.zeros(total + offset, dtype=dt, device=device)
+        out = storage[offset:]
+        out.copy_(values)
+        return out
+
+    sdt = state_dtype or _state_dtype(dtype)
+    b = {
+        "param": buf(torch.where(mask, torch.randn(total, generator=gen, dtype=torch.float64), 0), dtype),
+        "grad": buf(torch.zeros(total), dtype),
+        "seg_steps": torch.zeros(len(sizes), dtype=torch.int64, device=device),
+        "chunks": torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(device),
+        "hyper": torch.tensor([0.01, 0.9], dtype=torch.float64, device=device),
+        "schedule": torch.tensor(SCHEDULES["none"], dtype=torch.float64, device=device),
+        "schedule_step": torch.zeros((), dtype=torch.int64, device=device),
+        "mask": mask.to(device),
+    }
+    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+        b[name] = buf(torch.zeros(total), sdt) if name in states else None
+    return b
+
+
+def _grads(b, steps=STEPS, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    n = b["param"].numel()
+    mask = b["mask"].cpu()
+    return [torch.where(mask, torch.randn(n, generator=gen, dtype=torch.float64), 0) for _ in range(steps)]
+
+
+def _to(b, dtype=None, device=None):
+    """A copy of the bucket (params/grads in ``dtype``, states in its math type)."""
+    out = {}
+    for k, v in b.items():
+        if not isinstance(v, torch.Tensor):
+            out[k] = v
+        elif dtype is not None and k in ("param", "grad"):
+            out[k] = v.to(device=device, dtype=dtype).clone()
+        elif dtype is not None and k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            out[k] = v.to(device=device, dtype=_state_dtype(dtype)).clone()
+        else:
+            out[k] = v.to(device=device).clone()
+    return out
+
+
+def _adam_args(b, o, active=None, grad_scale=None, found_inf=None):
+    return (b["param"], b["grad"], b["exp_avg"], b["exp_avg_sq"], b["max_exp_avg_sq"], b["seg_steps"], b["chunks"],
+            active, b["hyper"], b["schedule"], b["schedule_step"], o.get("beta2", 0.999), o.get("eps", 1e-8),
+            o.get("weight_decay", 0.0), o.get("decoupled", False), o.get("maximize", False), grad_scale, found_inf)
+
+
+def _sgd_args(b, o, active=None, grad_scale=None, found_inf=None):
+    return (b["param"], b["grad"], b["momentum_buffer"], b["seg_steps"], b["chunks"], active, b["hyper"],
+            b["schedule"], b["schedule_step"], o.get("dampening", 0.0), o.get("weight_decay", 0.0),
+            o.get("nesterov", False), o.get("maximize", False), grad_scale, found_inf)
+
+
+KINDS = {
+    "adam": (lambda: OPS.adam_step_, reference.adam_step_, _adam_args),
+    "sgd": (lambda: OPS.sgd_step_, reference.sgd_step_, _sgd_args),
+}
+
+
+def _run(kind, b, o, grads, *, fused: bool, extra=lambda step: {}):
+    """Steps the bucket through ``grads`` with the op (fused) or the reference."""
+    op, ref, make_args = KINDS[kind]
+    fn = op() if fused else ref
+    for step, g in enumerate(grads):
+        b["grad"].copy_(g)
+        fn(*make_args(b, o, **extra(step)))
+        b["schedule_step"].add_(1)
+
+
+def _buffers(b):
+    return [k for k in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer") if b[k] is not None]
+
+
+def _check(kind, b, o, grads, dtype, extra=lambda step: {}):
+    """Runs the op on ``b`` and the reference on copies; compares every buffer
+    and the step counters. fp32/fp64: against a float64 reference at the dtype's
+    tolerance. bf16/fp16: against the reference in the same dtype, and no worse
+    than twice that reference's error against float64."""
+    ref64 = _to(b, torch.float64)
+    same = _to(b) if dtype in LOW_PRECISION else None
+    _run(kind, b, o, grads, fused=True, extra=extra)
+    _run(kind, ref64, o, grads, fused=False, extra=extra)
+    assert torch.equal(b["seg_steps"], ref64["seg_steps"])
+    if dtype in LOW_PRECISION:
+        _run(kind, same, o, grads, fused=False, extra=extra)
+        for key in _buffers(b):
+            torch.testing.assert_close(b[key], same[key], **TOL_LOWP[dtype], msg=lambda m: f"{key}: {m}")
+        _assert_within_twice(b, same, ref64)
+    else:
+        for key in _buffers(b):
+            want = ref64[key].to(b[key].dtype)
+            torch.testing.assert_close(b[key], want, **TOL[b[key].dtype], msg=lambda m: f"{key}: {m}")
+
+
+def _assert_within_twice(ours, same, ref64):
+    """Every buffer of ``ours`` is no further from the float64 run than twice the
+    reference's own distance in the same dtype (DESIGN.md section 5)."""
+    for key in _buffers(ours):
+        err_ours = (ours[key].double() - ref64[key]).abs().max().item()
+        err_ref = (same[key].double() - ref64[key]).abs().max().item()
+        assert err_ours <= 2 * err_ref + 1e-12, (key, err_ours, err_ref)
+
+
+SGD_MOMENTUM = {  # name: (hyper momentum, options, buffer)
+    "plain": (0.0, {}, False),
+    "buffer_momentum0": (0.0, {}, True),  # a buffer, but momentum 0 this step: torch leaves it alone
+    "momentum": (0.9, {}, True),
+    "dampening": (0.9, {"dampening": 0.3}, True),
+    "nesterov": (0.9, {"nesterov": True}, True),
+}
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("mode", list(SGD_MOMENTUM))
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+def test_sgd_matches_reference(dtype, mode, weight_decay, maximize):
+    momentum, options, buffer = SGD_MOMENTUM[mode]
+    b = _bucket(RAGGED, dtype, states=("momentum_buffer",) if buffer else ())
+    b["hyper"][1] = momentum
+    _check("sgd", b, dict(options, weight_decay=weight_decay, maximize=maximize), _grads(b), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+def test_adam_matches_reference(dtype, amsgrad, decoupled, maximize, weight_decay):
+    states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+    b = _bucket(RAGGED, dtype, states=states)
+    o = {"weight_decay": weight_decay, "decoupled": decoupled, "maximize": maximize}
+    _check("adam", b, o, _grads(b), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_float64(kind):
+    states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    b = _bucket(RAGGED, torch.float64, states=states)
+    _check(kind, b, {"weight_decay": 0.01, "nesterov": kind == "sgd"}, _grads(b), torch.float64)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_schedules(kind, schedule):
+    """lr and momentum/beta1 come from the descriptor at the device counter,
+    the rest from hyper; 12 steps cross every stage boundary above."""
+    states = ("exp_avg", "exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    b = _bucket(RAGGED, torch.float32, states=states)
+    b["schedule"] = torch.tensor(SCHEDULES[schedule], dtype=torch.float64, device=DEVICE)
+    _check(kind, b, {"weight_decay": 0.01, "decoupled": True}, _grads(b, steps=12), torch.float32)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_active_grad_scale_found_inf(kind):
+    """Inactive segments and skipped steps change nothing, bit for bit; scaled
+    grads with grad_scale match; the first step may be the skipped one (no
+    first-step initialisation leaks out)."""
+    states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    dtype = torch.float32
+    b = _bucket(RAGGED, dtype, states=states)
+    b["schedule"] = torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64, device=DEVICE)
+    n_seg = len(RAGGED)
+    skipped = {0, 3, 4}
+    scale = 1024.0
+
+    def extra(step):
+        active = torch.tensor([(i + step) % 3 != 0 for i in range(n_seg)], device=DEVICE) if step % 2 else None
+        dtype = torch.float64 if step % 3 == 2 else torch.float32  # both accepted
+        return {
+            "active": active,
+            "grad_scale": torch.tensor([scale], dtype=dtype, device=DEVICE),
+            "found_inf": torch.tensor([1.0 if step in skipped else 0.0], dtype=dtype, device=DEVICE),
+        }
+
+    grads = [g * scale for g in _grads(b, steps=9)]
+    # Bitwise no-op on every skipped step, including the first.
+    op, _, make_args = KINDS[kind]
+    probe = _to(b)
+    for step, g in enumerate(grads):
+        probe["grad"].copy_(g)
+        before = {k: v.clone() for k, v in probe.items() if isinstance(v, torch.Tensor) and k != "grad"}
+        op()(*make_args(probe, {"weight_decay": 0.01}, **extra(step)))
+        if step in skipped:
+            for key, value in before.items():
+                assert torch.equal(probe[key], value), f"{key} changed on skipped step {step}"
+        probe["schedule_step"].add_(1)
+    assert probe["seg_steps"].tolist() == [
+        sum(1 for s in range(9) if s not in skipped and (s % 2 == 0 or (i + s) % 3 != 0)) for i in range(n_seg)
+    ]
+    _check(kind, b, {"weight_decay": 0.01}, grads, dtype, extra=extra)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [BLOCK, 65536])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunking_and_alignment(dtype, offset, chunk):
+    """Large and small chunks (the kernel splits long ones), 128-bit paths and,
+    with buffers one element off alignment, the scalar path."""
+    b = _bucket([300_000, *RAGGED], dtype, chunk=chunk, states=("exp_avg", "exp_avg_sq"), offset=offset)
+    _check("adam", b, {"weight_decay": 0.01, "decoupled": True}, _grads(b), dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_many_small_segments(kind):
+    sizes = [64, 1, 17, 200] * 750
+    states = ("exp_avg", "exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    b = _bucket(sizes, torch.float32, states=states)
+    _check(kind, b, {"weight_decay": 0.01}, _grads(b), torch.float32)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_bf16_states(kind):
+    """bf16 parameters may keep bf16 states (DESIGN.md's 14 B/param row). The
+    kernel rounds each state once per step where the reference (like torch's
+    in-place bf16 ops) rounds intermediates too, so only the twice-the-error
+    rule against float64 applies."""
+    states = ("exp_avg", "exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    b = _bucket(RAGGED, torch.bfloat16, states=states, state_dtype=torch.bfloat16)
+    same, ref64 = _to(b), _to(b, torch.float64)
+    grads = _grads(b)
+    o = {"weight_decay": 0.01}
+    _run(kind, b, o, grads, fused=True)
+    _run(kind, same, o, grads, fused=False)
+    _run(kind, ref64, o, grads, fused=False)
+    assert all(b[key].dtype == torch.bfloat16 for key in _buffers(b))
+    _assert_within_twice(b, same, ref64)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_schedule_eval_matches_reference(schedule):
+    d = torch.tensor(SCHEDULES[schedule], dtype=torch.float64, device=DEVICE)
+    for t in [*range(20), 1000, 123_456_789]:
+        out = OPS.schedule_eval(d, torch.tensor(t, device=DEVICE)).tolist()
+        lr, mom = reference.schedule_value(SCHEDULES[schedule], t)
+        assert (bool(out[2]), bool(out[3])) == (lr is not None, mom is not None)
+        if lr is not None:
+            assert out[0] == pytest.approx(lr, rel=1e-12, abs=1e-300)
+        if mom is not None:
+            assert out[1] == pytest.approx(mom, rel=1e-12)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_cuda_graph_replay_matches_eager(kind):
+    """The step, schedule counter included, captured once and replayed equals
+    the eager run bit for bit: no host reads, no syncs, nothing baked in."""
+    states = ("exp_avg", "exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    o = {"weight_decay": 0.01, "decoupled": True}
+    b = _bucket(RAGGED, torch.float32, states=states)
+    b["schedule"] = torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64, device=DEVICE)
+    eager = _to(b)
+    grads = [g.to(DEVICE, torch.float32) for g in _grads(b, steps=STEPS + 1)]
+    op, _, make_args = KINDS[kind]
+    found_inf = torch.zeros(1, device=DEVICE)
+    grad_scale = torch.ones(1, device=DEVICE)
+
+    def step(bucket):
+        op()(*make_args(bucket, o, grad_scale=grad_scale, found_inf=found_inf))
+        bucket["schedule_step"].add_(1)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, as torch.cuda.graph asks
+        b["grad"].copy_(grads[0])
+        step(b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(b)
+    for g in grads[1:]:
+        b["grad"].copy_(g)
+        graph.replay()
+    for g in grads:
+        eager["grad"].copy_(g)
+        step(eager)
+    for key in [*_buffers(b), "seg_steps", "schedule_step"]:
+        torch.testing.assert_close(b[key], eager[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_params", [10, 3000])
+def test_two_launches_per_step_and_no_sync(n_params):
+    """One update launch plus the step-counter launch, whatever the number of
+    parameters ([note: step counters on CUDA]); no host synchronization."""
+    b = _bucket([100] * n_params, torch.float32, states=("exp_avg", "exp_avg_sq"))
+    b["schedule"] = torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64, device=DEVICE)
+    args = _adam_args(b, {"weight_decay": 0.01}, grad_scale=torch.ones(1, device=DEVICE),
+                      found_inf=torch.zeros(1, device=DEVICE))
+    OPS.adam_step_(*args)  # warm-up: module load, occupancy query
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        OPS.adam_step_(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        OPS.adam_step_(*args)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = sorted({e.name for e in kernels})
+    assert len(kernels) == 2, names
+    assert any("advance_steps_kernel" in n for n in names) and any("adam_kernel" in n for n in names), names
+
+
+@gpu
+@pytest.mark.gpu
+def test_bad_arguments_are_named():
+    b = _bucket([100, 7], torch.float32, states=("exp_avg", "exp_avg_sq"))
+    o = {}
+    cases = [
+        ("exp_avg", torch.zeros(b["param"].numel(), dtype=torch.float16, device=DEVICE), "exp_avg must be"),
+        ("exp_avg_sq", torch.zeros(b["param"].numel(), device="cpu"), "exp_avg_sq must be on"),
+        ("chunks", b["chunks"].int(), "chunks must be"),
+        ("hyper", b["hyper"].float(), "hyper must be"),
+        ("schedule_step", b["schedule_step"].double(), "schedule_step must be"),
+        ("grad", b["grad"][:-1], "grad has"),
+    ]
+    for key, value, match in cases:
+        bad = dict(b, **{key: value})
+        with pytest.raises(RuntimeError, match=match):
+            OPS.adam_step_(*_adam_args(bad, o))
+    with pytest.raises(RuntimeError, match="found_inf"):
+        OPS.adam_step_(*_adam_args(b, o, found_inf=torch.zeros(1, dtype=torch.int64, device=DEVICE)))
+    with pytest.raises(RuntimeError, match="grad_scale"):
+        OPS.adam_step_(*_adam_args(b, o, grad_scale=torch.ones(2, device=DEVICE)))
+
+
+@gpu
+@pytest.mark.gpu
+def test_opcheck_cuda():
+    b = _bucket([40, 9], torch.float32, states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"))
+    for g in _grads(b, steps=1):
+        b["grad"].copy_(g)
+    active = torch.tensor([True, False], device=DEVICE)
+    amp = {"grad_scale": torch.tensor([2.0], device=DEVICE), "found_inf": torch.zeros(1, device=DEVICE)}
+    torch.library.opcheck(OPS.adam_step_.default, _adam_args(_to(b), {"decoupled": True}, active=active, **amp))
+    torch.library.opcheck(OPS.sgd_step_.default, _sgd_args(_to(b), {"nesterov": True}, **amp))
+    torch.library.opcheck(OPS.schedule_eval.default, (b["schedule"], b["schedule_step"]))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_optimizer_on_cuda_matches_torch(cls):
+    """End to end: the optimizer class with backend='cuda' against torch.optim."""
+    import fusedclr
+
+    torch.manual_seed(0)
+    shapes = [(3 * BLOCK + 17,), (33, 17), (1,), (256, 300)]
+    ref_params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in shapes]
+    ours_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    options = {"lr": 0.01, "weight_decay": 0.01, **({"momentum": 0.9, "nesterov": True} if cls == "SGD" else {})}
+    ref = getattr(torch.optim, cls)(ref_params, **options)
+    ours = getattr(fusedclr, cls)(ours_params, backend="cuda", **options)
+    for _ in range(STEPS):
+        for p_ref, p_ours in zip(ref_params, ours_params):
+            g = torch.randn_like(p_ref)
+            p_ref.grad = g.clone()
+            if p_ours.grad is None:
+                p_ours.grad = g.clone()
+            else:
+                p_ours.grad.copy_(g)
+        ref.step()
+        ours.step()
+    for p_ref, p_ours in zip(ref_params, ours_params):
+        torch.testing.assert_close(p_ours.detach(), p_ref.detach(), **TOL[torch.float32])
+
+
+def _library_path() -> str | None:
+    spec = importlib.util.find_spec("fusedclr._C")
+    return spec.origin if spec is not None else None
+
+
+def _built_with_cuda(path: str) -> bool:
+    """CUDAExtension links libtorch_cuda; the CPU-only build does not."""
+    with open(path, "rb") as f:
+        return b"libtorch_cuda.so" in f.read()
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    """Runs without a GPU: a CUDA build registers all three ops for the CUDA key."""
+    path = _library_path()
+    if path is None or not ops.extension_available():
+        pytest.skip("fusedclr._C was not built")
+    if not _built_with_cuda(path):
+        pytest.skip("fusedclr._C was built without CUDA (no nvcc or FUSEDCLR_CUDA=0)")
+    for op in ("sgd_step_", "adam_step_", "schedule_eval"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CPU"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CUDA"), op
+    assert ops.cuda_kernels_registered()
