@@ -25,7 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "optim_kernels.cuh"
+#include "optim_dispatch.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -69,13 +69,6 @@ at::ScalarType check_states(const at::Tensor& param,
                 "; keep every state of a bucket in one dtype");
   }
   return first;
-}
-
-DeviceScalar device_scalar(const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) {
-    return DeviceScalar{nullptr, false};
-  }
-  return DeviceScalar{t->data_ptr(), t->scalar_type() == at::kDouble};
 }
 
 StepArgs check_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& seg_steps,
@@ -126,21 +119,8 @@ StepArgs check_step(const at::Tensor& param, const at::Tensor& grad, const at::T
     }
   }
 
-  StepArgs a{};
-  a.chunks = chunks.data_ptr<int64_t>();
-  a.n_chunks = chunks.size(0);
-  a.parts = 1;
-  a.numel = param.numel();
-  a.seg_steps = seg_steps.data_ptr<int64_t>();
-  a.n_segments = seg_steps.numel();
-  a.active = active.has_value() ? static_cast<const uint8_t*>(active->data_ptr()) : nullptr;
-  a.hyper = hyper.data_ptr<double>();
-  a.schedule = schedule.data_ptr<double>();
-  a.schedule_step = schedule_step.data_ptr<int64_t>();
-  a.grad_scale = device_scalar(grad_scale);
-  a.found_inf = device_scalar(found_inf);
-  a.maximize = maximize;
-  return a;
+  return make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale, found_inf,
+                        maximize);
 }
 
 // Blocks of `kernel` the current device holds at once. The occupancy query
@@ -202,32 +182,8 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   advance_steps(seg_steps, step, stream);
-  const bool has_wd = weight_decay != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
-    using param_t = scalar_t;
-    FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
-      using state_t = state_type<param_t, BF16_STATE>;
-      AdamArgs<param_t, state_t> a{};
-      a.step = step;
-      a.param = param.data_ptr<param_t>();
-      a.grad = grad.data_ptr<param_t>();
-      a.exp_avg = static_cast<state_t*>(exp_avg.data_ptr());
-      a.exp_avg_sq = static_cast<state_t*>(exp_avg_sq.data_ptr());
-      a.max_exp_avg_sq = amsgrad ? static_cast<state_t*>(max_exp_avg_sq->data_ptr()) : nullptr;
-      a.beta2 = beta2;
-      a.eps = eps;
-      a.weight_decay = weight_decay;
-      constexpr int vec = vec_width<param_t, state_t>();
-      FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
-        FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
-          FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
-            // Decoupled without weight decay is plain Adam: one kernel for both.
-            launch_update(adam_kernel<param_t, state_t, HAS_WD, HAS_WD && DECOUPLED, AMSGRAD>, a, vec, stream);
-          });
-        });
-      });
-    });
-  });
+  dispatch_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps, weight_decay,
+                decoupled, [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
 }
 
 void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
@@ -243,29 +199,8 @@ void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::o
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   advance_steps(seg_steps, step, stream);
-  const bool has_wd = weight_decay != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
-    using param_t = scalar_t;
-    FUSEDCLR_BOOL_SWITCH(has_buf, HAS_BUF, [&] {
-      // Without a buffer the state type is moot: one kernel per param dtype.
-      FUSEDCLR_BOOL_SWITCH(HAS_BUF && state_dtype == at::kBFloat16, BF16_STATE, [&] {
-        using state_t = state_type<param_t, HAS_BUF && BF16_STATE>;
-        SgdArgs<param_t, state_t> a{};
-        a.step = step;
-        a.param = param.data_ptr<param_t>();
-        a.grad = grad.data_ptr<param_t>();
-        a.momentum_buffer = HAS_BUF ? static_cast<state_t*>(momentum_buffer->data_ptr()) : nullptr;
-        a.dampening = dampening;
-        a.weight_decay = weight_decay;
-        constexpr int vec = vec_width<param_t, state_t>();
-        FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
-          FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-            launch_update(sgd_kernel<param_t, state_t, HAS_BUF, HAS_WD, HAS_BUF && NESTEROV>, a, vec, stream);
-          });
-        });
-      });
-    });
-  });
+  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov,
+               [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
 }
 
 at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& schedule_step) {

@@ -1,0 +1,116 @@
+// Host side shared by optim_cuda.cu and the kernels' host emulation
+// (tests/cuda_emulation.cpp): the kernels' argument blocks from the op's
+// tensors, and the choice of one kernel instantiation from the runtime dtypes
+// and flags. `launch(kernel, args, vec)` runs it: a CUDA launch in
+// optim_cuda.cu, every (block, thread) in turn on the CPU in the emulation.
+// Validation is the caller's (optim_cuda.cu: check_step, check_states).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include "optim_kernels.cuh"
+
+#include <optional>
+
+namespace fusedclr {
+namespace cuda {
+namespace {
+
+inline DeviceScalar device_scalar(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) {
+    return DeviceScalar{nullptr, false};
+  }
+  return DeviceScalar{t->data_ptr(), t->scalar_type() == at::kDouble};
+}
+
+inline StepArgs make_step_args(const at::Tensor& param, const at::Tensor& seg_steps, const at::Tensor& chunks,
+                               const std::optional<at::Tensor>& active, const at::Tensor& hyper,
+                               const at::Tensor& schedule, const at::Tensor& schedule_step,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf, bool maximize) {
+  StepArgs a{};
+  a.chunks = chunks.data_ptr<int64_t>();
+  a.n_chunks = chunks.size(0);
+  a.parts = 1;
+  a.numel = param.numel();
+  a.seg_steps = seg_steps.data_ptr<int64_t>();
+  a.n_segments = seg_steps.numel();
+  a.active = active.has_value() ? static_cast<const uint8_t*>(active->data_ptr()) : nullptr;
+  a.hyper = hyper.data_ptr<double>();
+  a.schedule = schedule.data_ptr<double>();
+  a.schedule_step = schedule_step.data_ptr<int64_t>();
+  a.grad_scale = device_scalar(grad_scale);
+  a.found_inf = device_scalar(found_inf);
+  a.maximize = maximize;
+  return a;
+}
+
+template <typename Launch>
+void dispatch_adam(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                   const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                   const StepArgs& step, at::ScalarType state_dtype, double beta2, double eps, double weight_decay,
+                   bool decoupled, Launch&& launch) {
+  const bool amsgrad = max_exp_avg_sq.has_value();
+  const bool has_wd = weight_decay != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
+    using param_t = scalar_t;
+    FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
+      using state_t = state_type<param_t, BF16_STATE>;
+      AdamArgs<param_t, state_t> a{};
+      a.step = step;
+      a.param = param.data_ptr<param_t>();
+      a.grad = grad.data_ptr<param_t>();
+      a.exp_avg = static_cast<state_t*>(exp_avg.data_ptr());
+      a.exp_avg_sq = static_cast<state_t*>(exp_avg_sq.data_ptr());
+      a.max_exp_avg_sq = amsgrad ? static_cast<state_t*>(max_exp_avg_sq->data_ptr()) : nullptr;
+      a.beta2 = beta2;
+      a.eps = eps;
+      a.weight_decay = weight_decay;
+      constexpr int vec = vec_width<param_t, state_t>();
+      FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
+        FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
+          FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
+            // Decoupled without weight decay is plain Adam: one kernel for both.
+            launch(adam_kernel<param_t, state_t, HAS_WD, HAS_WD && DECOUPLED, AMSGRAD>, a, vec);
+          });
+        });
+      });
+    });
+  });
+}
+
+template <typename Launch>
+void dispatch_sgd(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
+                  const StepArgs& step, at::ScalarType state_dtype, double dampening, double weight_decay,
+                  bool nesterov, Launch&& launch) {
+  const bool has_buf = momentum_buffer.has_value();
+  const bool has_wd = weight_decay != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
+    using param_t = scalar_t;
+    FUSEDCLR_BOOL_SWITCH(has_buf, HAS_BUF, [&] {
+      // Without a buffer the state type is moot: one kernel per param dtype.
+      FUSEDCLR_BOOL_SWITCH(HAS_BUF && state_dtype == at::kBFloat16, BF16_STATE, [&] {
+        constexpr bool kBf16State = HAS_BUF && BF16_STATE;
+        using state_t = state_type<param_t, kBf16State>;
+        SgdArgs<param_t, state_t> a{};
+        a.step = step;
+        a.param = param.data_ptr<param_t>();
+        a.grad = grad.data_ptr<param_t>();
+        a.momentum_buffer = HAS_BUF ? static_cast<state_t*>(momentum_buffer->data_ptr()) : nullptr;
+        a.dampening = dampening;
+        a.weight_decay = weight_decay;
+        constexpr int vec = vec_width<param_t, state_t>();
+        FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
+          FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
+            launch(sgd_kernel<param_t, state_t, HAS_BUF, HAS_WD, HAS_BUF && NESTEROV>, a, vec);
+          });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedclr
