@@ -1,0 +1,135 @@
+// Host emulation of the fusedclr CUDA kernels, for tests/test_cuda_emulated.py.
+//
+// csrc/cuda/optim_kernels.cuh is compiled here as plain C++ and every launch
+// runs each (block, thread) of its grid in turn on the CPU. That is exact for
+// these kernels: no thread reads what another writes (no shared memory,
+// barriers, shuffles or atomics), so any execution order gives the GPU's
+// result up to floating-point contraction. The kernel selection and argument
+// blocks are optim_cuda.cu's own (optim_dispatch.cuh); only validation and the
+// launch itself differ. The ops take CPU tensors and one extra argument, the
+// number of resident blocks the emulated device holds (it sizes the grid and
+// the chunk split exactly as the occupancy query does on a GPU).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <fusedclr/schedule.h>
+#include <fusedclr/update.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+// The CUDA built-ins the kernels use, as host stand-ins.
+struct EmulatedDim3 {
+  unsigned x = 0, y = 1, z = 1;
+};
+thread_local EmulatedDim3 threadIdx, blockIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __noinline__
+#define __launch_bounds__(...)
+
+#include "optim_dispatch.cuh"
+
+namespace fusedclr {
+namespace cuda {
+namespace {
+
+template <typename Kernel, typename... Args>
+void run_grid(int64_t blocks, Kernel kernel, const Args&... args) {
+  gridDim.x = static_cast<unsigned>(blocks);
+  blockDim.x = kThreads;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int t = 0; t < kThreads; ++t) {
+      blockIdx.x = static_cast<unsigned>(b);
+      threadIdx.x = static_cast<unsigned>(t);
+      kernel(args...);
+    }
+  }
+}
+
+// optim_cuda.cu's advance_steps and launch_update, with `resident` in place of
+// the occupancy query.
+void advance_steps(const at::Tensor& seg_steps, const StepArgs& s) {
+  if (s.n_segments > 0) {
+    run_grid(std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(s.n_segments, kThreads)), advance_steps_kernel,
+             seg_steps.data_ptr<int64_t>(), s.active, s.found_inf, s.n_segments);
+  }
+}
+
+auto launcher(int64_t resident) {
+  return [resident](auto kernel, auto args, int vec) {
+    if (args.step.n_chunks == 0) {
+      return;
+    }
+    const LaunchPlan plan = plan_launch(args.step.n_chunks, args.step.numel, vec, resident);
+    args.step.parts = plan.parts;
+    run_grid(plan.blocks, kernel, args);
+  };
+}
+
+void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+               const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+               const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
+               const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2,
+               double eps, double weight_decay, bool decoupled, bool maximize,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               int64_t resident) {
+  const StepArgs step = make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale,
+                                       found_inf, maximize);
+  advance_steps(seg_steps, step);
+  dispatch_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, exp_avg.scalar_type(), beta2, eps,
+                weight_decay, decoupled, launcher(resident));
+}
+
+void sgd_step(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
+              const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
+              const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step, double dampening,
+              double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, int64_t resident) {
+  const StepArgs step = make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale,
+                                       found_inf, maximize);
+  advance_steps(seg_steps, step);
+  const at::ScalarType state_dtype = momentum_buffer.has_value() ? momentum_buffer->scalar_type() : param.scalar_type();
+  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, launcher(resident));
+}
+
+at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_step) {
+  at::Tensor out = at::empty({4}, schedule.options());
+  run_grid(1, schedule_eval_kernel, schedule.data_ptr<double>(), schedule_step.data_ptr<int64_t>(),
+           out.data_ptr<double>());
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedclr
+
+TORCH_LIBRARY(fusedclr_emulated, m) {
+  m.def(
+      "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
+      "Tensor chunks, Tensor? active, Tensor hyper, Tensor schedule, Tensor schedule_step, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf, int resident) -> ()");
+  m.def(
+      "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, Tensor? active, "
+      "Tensor hyper, Tensor schedule, Tensor schedule_step, float beta2, float eps, "
+      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "int resident) -> ()");
+  m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fusedclr_emulated, CPU, m) {
+  m.impl("sgd_step_", &fusedclr::cuda::sgd_step);
+  m.impl("adam_step_", &fusedclr::cuda::adam_step);
+  m.impl("schedule_eval", &fusedclr::cuda::schedule_eval);
+}
