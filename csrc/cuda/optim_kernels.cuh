@@ -1,5 +1,6 @@
-// Device side of the CUDA ops: the argument blocks and the kernels. Host code
-// (validation, dispatch, launches) is in optim_cuda.cu, the only includer.
+// Device side of the CUDA ops: the argument blocks and the kernels. Kernel
+// selection is in optim_dispatch.cuh, validation and launches in optim_cuda.cu;
+// tests/cuda_emulation.cpp compiles this header as host C++.
 // The kernels use no shared memory, no barriers and no warp shuffles: every
 // thread's work depends only on its own indices, which keeps them simple to
 // reason about (and lets them run one thread at a time under host emulation).
@@ -205,7 +206,7 @@ struct SgdArgs {
 
 // HAS_BUF: a momentum buffer was given. Whether this step uses it depends on
 // the momentum value, which a schedule may move (to 0 even), so that choice is
-// a warp-uniform runtime branch per item.
+// a runtime branch, uniform over the whole launch.
 template <typename P, typename S, bool HAS_BUF, bool HAS_WD, bool NESTEROV>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
   using T = at::opmath_type<P>;
@@ -264,7 +265,6 @@ __global__ void schedule_eval_kernel(const double* schedule, const int64_t* sche
   out[2] = v.has_lr ? 1.0 : 0.0;
   out[3] = v.has_momentum ? 1.0 : 0.0;
 }
-
 
 // state_t for param_t: the math type, or bf16 for bf16 params with bf16
 // states. Other combinations are rejected on the host, so they collapse to
