@@ -328,14 +328,6 @@ def _resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
-def _gpt2_small_shapes() -> list[tuple[int, ...]]:
-    d = 768
-    shapes: list[tuple[int, ...]] = [(50257, d), (1024, d)]
-    for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
 def model_shapes(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
     """Model-like parameter lists, built from shapes (nothing is downloaded)."""
     mlp = [tuple(p.shape) for p in digits_model(0).parameters()]
@@ -345,7 +337,6 @@ def model_shapes(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
         "digits MLP (this demo)": mlp,
         "10000 x 64 (many small tensors)": [(64,)] * 10000,
         "ResNet-50-like": _resnet50_shapes(),
-        "GPT-2-small-like": _gpt2_small_shapes(),
     }
 
 
@@ -372,24 +363,53 @@ def _time_steps(opts: Sequence[torch.optim.Optimizer], reps: int | None, warmup:
     return [statistics.median(s) for s in samples], reps
 
 
+def _adamw_pair(shapes: Sequence[tuple[int, ...]], fused_cls: type | None) -> list[torch.optim.Optimizer]:
+    """torch's fused AdamW and (when available) fusedclr's over equal parameters and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    p_torch = [v.clone().requires_grad_() for v in values]
+    for p, g in zip(p_torch, grads):
+        p.grad = g.clone()
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(p_torch, lr=1e-3, weight_decay=1e-2, fused=True)]
+    if fused_cls is not None:
+        p_fused = [v.clone().requires_grad_() for v in values]
+        opts.append(fused_cls(p_fused, lr=1e-3, weight_decay=1e-2))
+        with torch.no_grad():
+            for p, g in zip(p_fused, grads):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)  # the flat gradient view the optimizer installed
+    return opts
+
+
 def step_time_table(
     cases: dict[str, list[tuple[int, ...]]] | None = None,
     *,
     quick: bool = False,
+    threads: Sequence[int] | None = None,
     reps: int | None = None,
     warmup: int = 1,
-    budget_s: float = 2.0,
+    budget_s: float = 1.0,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Time one AdamW step, ``fusedclr.AdamW`` vs ``torch.optim.AdamW(fused=True)``, on CPU, side by side.
 
     Both optimizers get the same parameters and gradients (fp32, lr 1e-3,
-    weight decay 1e-2) and are stepped alternately; each row is the median
-    over ``reps`` steps (by default as many as fit in ``budget_s`` per case,
-    3 to 50) after ``warmup`` steps. Returns one dict per case
-    (``fusedclr_ms`` is ``None`` when fusedclr's AdamW is unavailable).
+    weight decay 1e-2) and are stepped alternately; each number is the median
+    over ``reps`` steps (by default as many as fit in ``budget_s``, 3 to 50)
+    after ``warmup`` steps, at each torch thread count in ``threads`` (default:
+    1 and torch's default). One thread is the column to trust on a busy
+    machine: with more threads than free cores, every parallel region can
+    wait for a descheduled thread, which punishes whoever opens more regions.
+
+    Returns one dict per (case, thread count); ``fusedclr_ms`` is ``None``
+    when fusedclr's AdamW is unavailable.
     """
     cases = cases or model_shapes(quick)
+    default_threads = torch.get_num_threads()
+    threads = list(threads) if threads is not None else sorted({1, default_threads})
     try:
         from fusedclr import AdamW as FusedAdamW
         from fusedclr import extension_available
@@ -398,45 +418,38 @@ def step_time_table(
     except ImportError as exc:
         FusedAdamW, missing = None, f"fusedclr.AdamW unavailable ({exc})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    threads = torch.get_num_threads()
-    echo(f"Optimizer step time on CPU ({threads} torch threads, load average {load:.1f}): median per step, "
-         "the two optimizers stepped alternately")
+    echo(f"Optimizer step time on CPU, fusedclr.AdamW vs torch.optim.AdamW(fused=True): median ms per step, "
+         f"stepped alternately (load average {load:.1f} on {os.cpu_count()} cores)")
     if load > (os.cpu_count() or 1):
-        echo(f"note: the machine is busy (load {load:.1f} on {os.cpu_count()} cores): timings are noisy")
+        echo(f"note: the machine is busy: timings are noisy, the 1-thread columns least so")
     if missing:
         echo(f"note: {missing}")
-    header = f"{'parameters':<32} {'tensors':>7} {'elements':>11} {'torch fused':>12} {'fusedclr':>10} {'speedup':>8}"
+    header = f"{'parameters':<32} {'tensors':>7} {'elements':>11}"
+    for t in threads:
+        header += f" | {f'torch {t}t':>10} {f'fusedclr {t}t':>11} {'speedup':>7}"
     echo(header)
     echo("-" * len(header))
     rows = []
-    for name, shapes in cases.items():
-        numel = sum(math.prod(s) for s in shapes)
-        gen = torch.Generator().manual_seed(0)
-        values = [torch.randn(s, generator=gen) for s in shapes]
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        p_torch = [v.clone().requires_grad_() for v in values]
-        for p, g in zip(p_torch, grads):
-            p.grad = g.clone()
-        opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(p_torch, lr=1e-3, weight_decay=1e-2, fused=True)]
-        if FusedAdamW is not None:
-            p_fused = [v.clone().requires_grad_() for v in values]
-            opts.append(FusedAdamW(p_fused, lr=1e-3, weight_decay=1e-2))
-            with torch.no_grad():
-                for p, g in zip(p_fused, grads):
-                    if p.grad is None:
-                        p.grad = g.clone()
-                    else:
-                        p.grad.copy_(g)  # the flat gradient view the optimizer installed
-        del values, grads
-        times, n_reps = _time_steps(opts, reps, warmup, budget_s / 4 if quick else budget_s)
-        t_torch = times[0] * 1e3
-        t_fused = times[1] * 1e3 if len(times) > 1 else None
-        speedup = None if t_fused is None else t_torch / t_fused
-        rows.append({"parameters": name, "tensors": len(shapes), "elements": numel, "torch_fused_ms": t_torch,
-                     "fusedclr_ms": t_fused, "speedup": speedup, "reps": n_reps})
-        fused_txt = "n/a" if t_fused is None else f"{t_fused:.3f} ms"
-        speed_txt = "n/a" if speedup is None else f"{speedup:.2f}x"
-        echo(f"{name:<32} {len(shapes):>7} {numel:>11,} {t_torch:>9.3f} ms {fused_txt:>10} {speed_txt:>8}")
-        del opts
-    echo("speedup = torch fused time / fusedclr time (>1: fusedclr is faster)")
+    try:
+        for name, shapes in cases.items():
+            numel = sum(math.prod(s) for s in shapes)
+            opts = _adamw_pair(shapes, FusedAdamW)
+            line = f"{name:<32} {len(shapes):>7} {numel:>11,}"
+            for t in threads:
+                torch.set_num_threads(t)
+                times, n_reps = _time_steps(opts, reps, warmup, budget_s / 4 if quick else budget_s)
+                t_torch = times[0] * 1e3
+                t_fused = times[1] * 1e3 if len(times) > 1 else None
+                speedup = None if t_fused is None else t_torch / t_fused
+                rows.append({"parameters": name, "tensors": len(shapes), "elements": numel, "threads": t,
+                             "torch_fused_ms": t_torch, "fusedclr_ms": t_fused, "speedup": speedup, "reps": n_reps})
+                fused_txt = "n/a" if t_fused is None else f"{t_fused:.3f}"
+                speed_txt = "n/a" if speedup is None else f"{speedup:.2f}x"
+                line += f" | {t_torch:>10.3f} {fused_txt:>11} {speed_txt:>7}"
+            echo(line)
+            del opts
+    finally:
+        torch.set_num_threads(default_threads)
+    echo("speedup = torch fused time / fusedclr time (>1: fusedclr is faster); Nt = N torch threads. "
+         "'fusedclr bench' adds GPT-2-small and DESIGN.md's shapes with GB/s")
     return rows

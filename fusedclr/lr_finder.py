@@ -133,7 +133,6 @@ def _local_slopes(x: np.ndarray, y: np.ndarray, h: int) -> np.ndarray:
 class _Analysis:
     trend: list[float]
     suggestions: dict[str, float | None]
-    valid: int
     warnings: list[str]
 
 
@@ -147,7 +146,7 @@ def _analyse(lrs: Sequence[float], losses: Sequence[float], diverged: bool) -> _
         warnings.append(f"loss became non-finite at lr={lrs[valid]:.3g}; only the {valid} points before it are used")
     if valid < MIN_POINTS:
         warnings.append(f"only {valid} finite losses recorded; at least {MIN_POINTS} are needed to suggest anything")
-        return _Analysis([], none, valid, warnings)
+        return _Analysis([], none, warnings)
 
     x = np.log10(np.asarray(lrs[:valid], dtype=np.float64))
     y = raw[:valid]
@@ -191,7 +190,7 @@ def _analyse(lrs: Sequence[float], losses: Sequence[float], diverged: bool) -> _
     out["valley"] = lr(first_at_or_below(bottom + VALLEY_LEVEL * drop))
     out["max_lr"] = lr(first_at_or_below(bottom + MAX_LR_LEVEL * drop))
     out["base_lr"] = out["max_lr"] / DEFAULT_CLR_FACTOR
-    return _Analysis(trend.tolist(), out, valid, warnings)
+    return _Analysis(trend.tolist(), out, warnings)
 
 
 # --------------------------------------------------------------------------

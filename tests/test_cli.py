@@ -86,19 +86,24 @@ def test_quick_demo_prints_measured_tables_and_writes_plots(tmp_path, capsys):
     # ...and it ends with the step-time table.
     assert out.index("Optimizer step time") > out.index("higher mean final accuracy")
     rows = results["step_time"]
-    assert [r["parameters"] for r in rows] == ["digits MLP (this demo)", "500 x 64 (many small tensors)"]
+    threads = sorted({1, torch.get_num_threads()})
+    cases = ["digits MLP (this demo)", "500 x 64 (many small tensors)"]
+    assert [(r["parameters"], r["threads"]) for r in rows] == [(c, t) for c in cases for t in threads]
     for r in rows:
         assert r["torch_fused_ms"] > 0 and r["fusedclr_ms"] > 0
         assert r["speedup"] == pytest.approx(r["torch_fused_ms"] / r["fusedclr_ms"])
         line = next(line for line in out.splitlines() if line.startswith(r["parameters"]))
-        assert f"{r['torch_fused_ms']:.3f} ms" in line and f"{r['fusedclr_ms']:.3f} ms" in line
+        assert f" {r['torch_fused_ms']:.3f} " in line and f" {r['fusedclr_ms']:.3f} " in line
 
 
 def test_step_time_table_on_custom_shapes():
     lines = []
-    rows = step_time_table({"two tensors": [(3, 5), (7,)]}, reps=3, warmup=1, echo=lines.append)
+    threads = torch.get_num_threads()
+    rows = step_time_table({"two tensors": [(3, 5), (7,)]}, threads=[1], reps=3, warmup=1, echo=lines.append)
+    assert len(rows) == 1 and rows[0]["threads"] == 1
     assert rows[0]["tensors"] == 2 and rows[0]["elements"] == 22 and rows[0]["reps"] == 3
     assert any(line.startswith("two tensors") for line in lines)
+    assert torch.get_num_threads() == threads
 
 
 # --------------------------------------------------------------------------
