@@ -79,8 +79,6 @@ def _extensions():
                 visible = False
             if not visible:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-        if not os.environ.get("CUDA_HOME") and shutil.which("nvcc"):
-            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         print(f"fusedclr: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -106,7 +104,23 @@ def _extensions():
     ]
 
 
+def _set_cuda_home() -> None:
+    """torch.utils.cpp_extension fixes CUDA_HOME when first imported, from nvcc's
+    location; where nvcc is a wrapper script outside the toolkit (as on our CI
+    machines) that location has no libcudart, so point at the toolkit first."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else ""
+    has_cudart = any(os.path.exists(os.path.join(root, d, "libcudart.so")) for d in ("lib64", "lib"))
+    if not has_cudart and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        root = "/usr/local/cuda"
+    if root:
+        os.environ["CUDA_HOME"] = root
+
+
 def main() -> None:
+    _set_cuda_home()
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
