@@ -421,7 +421,7 @@ def step_time_table(
     echo(f"Optimizer step time on CPU, fusedclr.AdamW vs torch.optim.AdamW(fused=True): median ms per step, "
          f"stepped alternately (load average {load:.1f} on {os.cpu_count()} cores)")
     if load > (os.cpu_count() or 1):
-        echo(f"note: the machine is busy: timings are noisy, the 1-thread columns least so")
+        echo("note: the machine is busy: timings are noisy, the 1-thread columns least so")
     if missing:
         echo(f"note: {missing}")
     header = f"{'parameters':<32} {'tensors':>7} {'elements':>11}"
