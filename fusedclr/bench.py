@@ -19,9 +19,11 @@ What is measured [note: bench method]
   warm-up steps (which also compile, for ``torch-compile``), samples are taken
   until both a minimum count and a time budget are reached. We report the
   median and the spread: the inter-quartile range and min..max.
-* Providers of a case take their samples round-robin when all of them fit in
-  memory together (a noisy neighbour then hurts all of them alike), one after
-  another otherwise (the 200 x 1M fp32 AdamW case holds ~3.4 GB per provider).
+* Providers of a case take their samples in turns, so that a noisy
+  neighbour hurts all of them alike: all together when they fit in memory
+  together, else each one paired with torch-fused (the 200 x 1M fp32 AdamW
+  case holds ~3.4 GB per provider), its ratio then taken against the
+  torch-fused samples of its own pairing (see :func:`measure`).
 * Ratios are ``torch-fused time / provider time`` in the same process, so
   > 1 means faster than ``torch.optim.X(fused=True)``.
 * Effective GB/s = bytes moved per step / median time, with the bytes of
@@ -440,7 +442,7 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(warmup_steps=2, warmup_s=0.0, min_samples=3, max_samples=20, max_time_s=0.01, min_sample_s=5e-4)
+QUICK = Budget(warmup_steps=2, warmup_s=0.0, min_samples=3, max_samples=10, max_time_s=0.01, min_sample_s=5e-4)
 
 
 def synchronizer(device: str) -> Callable[[], None]:
@@ -539,6 +541,12 @@ class _Sampler:
 
     def timing(self) -> Timing:
         return Timing(self.wall, self.cpu, self.inner)
+
+    def fork(self) -> _Sampler:
+        """A fresh sampler of the same (warm, calibrated) step: new samples, same steps per sample."""
+        other = _Sampler(self.step, self.sync, self.budget)
+        other.inner, other.one = self.inner, self.one
+        return other
 
 
 def time_step(step: Callable[[], None], device: str, budget: Budget) -> Timing:
@@ -669,6 +677,35 @@ def _state_footprint(case: Case) -> int:
 INTERLEAVE_BYTES = 2 << 30
 
 
+def _memory_room(device: str) -> int:
+    """Half of the memory available now on ``device``: what two providers may hold at once."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError):
+        pass
+    return INTERLEAVE_BYTES
+
+
+def _lockstep(samplers: Sequence[_Sampler]) -> None:
+    """Samples all of ``samplers`` in turns (order reversed every round) until each is done.
+
+    Taking turns puts every sampler in the same stretches of time, so a busy
+    neighbour slows them alike; a sampler that is done keeps taking turns
+    (up to its ``max_samples``) while others are not.
+    """
+    order = list(samplers)
+    while not all(s.done for s in order):
+        for s in order:
+            if len(s.wall) < s.budget.max_samples:
+                s.sample()
+        order.reverse()
+
+
 def measure(
     case: Case,
     providers: Sequence[str],
@@ -677,7 +714,16 @@ def measure(
     compile_timeout: float | None = 300.0,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[dict[str, Any]]:
-    """Times every provider on ``case``; one result row per provider (skips and errors included)."""
+    """Times every provider on ``case``; one result row per provider (skips and errors included).
+
+    Three ways to share the machine's time fairly, by memory [note: bench method]:
+
+    * ``interleaved``: all providers live at once and sample in turns;
+    * ``paired``: too big for that, so torch-fused (the baseline) stays live and
+      each other provider samples in turns with it, then is freed; its ratio is
+      taken against the baseline samples of its own pairing;
+    * ``sequential``: not even two fit; one provider after another.
+    """
     rows: dict[str, dict[str, Any]] = {}
     runnable = []
     for name in providers:
@@ -687,17 +733,22 @@ def measure(
         else:
             rows[name] = {"provider": name, "status": "skipped", "reason": reason}
     sync = synchronizer(case.device)
-    interleave = _state_footprint(case) * len(runnable) <= INTERLEAVE_BYTES
-    live: dict[str, tuple[Stepper, _Sampler]] = {}
+    per, room = _state_footprint(case), _memory_room(case.device)
+    if per * len(runnable) <= min(INTERLEAVE_BYTES, room):
+        mode = "interleaved"
+    elif BASELINE in runnable and len(runnable) > 1 and 2 * per <= room:
+        mode = "paired"
+    else:
+        mode = "sequential"
 
-    def start(name: str) -> None:
+    def start(name: str) -> tuple[Stepper, _Sampler] | None:
         stepper = None
         try:
             stepper = build(name, case)
             sampler = _Sampler(stepper.step, sync, budget)
             with deadline(compile_timeout if name == "torch-compile" else None):
                 sampler.warm_up()
-            live[name] = (stepper, sampler)
+            return stepper, sampler
         except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
             if stepper is not None:
                 stepper.close()
@@ -707,55 +758,70 @@ def measure(
                 rows[name] = {"provider": name, "status": "error", "reason": f"{type(e).__name__}: {e}"[:300]}
             log(f"  {name}: {rows[name]['reason']}")
             free(case)
+            return None
 
-    def finish(name: str) -> None:
-        stepper, sampler = live.pop(name)
-        timing = sampler.timing()
+    def finish(name: str, stepper: Stepper, samplers: Sequence[_Sampler], pair: Timing | None = None) -> None:
+        pooled = Timing([w for s in samplers for w in s.wall], [c for s in samplers for c in s.cpu],
+                        samplers[0].inner)
         rows[name] = {
             "provider": name,
             "status": "ok",
-            **timing.summary(),
+            **pooled.summary(),
             "state_dtype": str(stepper.state_dtype).removeprefix("torch."),
             "launches_per_step": count_launches(stepper.step, case.device),
             "note": stepper.note,
         }
+        if pair is not None:
+            rows[name]["paired_baseline"] = {"median_s": pair.median, "min_s": min(pair.wall),
+                                             "cpu_s": pair.cpu_median}
         stepper.close()
-        del stepper, sampler
         free(case)
 
-    if interleave:
+    base = start(BASELINE) if mode == "paired" else None
+    if mode == "paired" and base is None:
+        mode, runnable = "sequential", [n for n in runnable if n != BASELINE]
+    if mode == "interleaved":
+        live = {name: got for name in runnable if (got := start(name)) is not None}
+        _lockstep([s for _, s in live.values()])
+        for name, (stepper, sampler) in live.items():
+            finish(name, stepper, [sampler])
+    elif mode == "paired" and base is not None:
+        base_runs: list[_Sampler] = []
         for name in runnable:
-            start(name)
-        while any(not s.done for _, s in live.values()):
-            for _, s in live.values():
-                if not s.done:
-                    s.sample()
-        for name in list(live):
-            finish(name)
+            got = None if name == BASELINE else start(name)
+            if got is None:
+                continue
+            with_base = base[1].fork()
+            _lockstep([with_base, got[1]])
+            base_runs.append(with_base)
+            finish(name, got[0], [got[1]], pair=with_base.timing())
+        if not base_runs:
+            _lockstep([base[1]])
+            base_runs.append(base[1])
+        finish(BASELINE, base[0], base_runs)
     else:
         for name in runnable:
-            start(name)
-            if name in live:
-                _, s = live[name]
-                while not s.done:
-                    s.sample()
-                finish(name)
+            got = start(name)
+            if got is not None:
+                _lockstep([got[1]])
+                finish(name, got[0], [got[1]])
 
     out = []
     for name in providers:
         row = {**dataclasses.asdict(case), "tensors": len(case.shapes), "numel": case.numel, **rows[name]}
-        row["interleaved"] = interleave
+        row["mode"] = mode
         out.append(row)
     return out
 
 
 def _annotate(rows: list[dict[str, Any]], copy_gbps: float) -> None:
     """Adds bytes, GB/s, % of copy bandwidth and the ratio against torch-fused to a case's rows."""
-    base = next((r for r in rows if r["provider"] == BASELINE and r["status"] == "ok"), None)
+    base_row = next((r for r in rows if r["provider"] == BASELINE and r["status"] == "ok"), None)
     for r in rows:
         r["copy_gbps"] = copy_gbps
         if r["status"] != "ok":
             continue
+        base = r.get("paired_baseline", base_row)
         bpp = bytes_per_param(r["optim"], DTYPES[r["dtype"]], getattr(torch, r["state_dtype"]))
         r["bytes_per_param"] = bpp
         r["bytes_per_step"] = bpp * r["numel"]
