@@ -502,6 +502,7 @@ class _Sampler:
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.inner = 1
+        self.one = 0.0  # fastest warm-up step, seconds
         self.spent = 0.0
 
     def warm_up(self) -> None:
@@ -1028,7 +1029,7 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
 
 
 def markdown_table(report: dict[str, Any], optim: str | None = None, schedule: str = "constant") -> str:
-    """Median ms per step (ratio vs torch-fused) for one optimizer and schedule, as markdown."""
+    """Median ms per step, ratio vs torch-fused and IQR for one optimizer and schedule, as markdown."""
     rows = [r for r in report["results"] if r["schedule"] == schedule and (optim is None or r["optim"] == optim)]
     providers = [p for p in report["config"]["providers"] if any(r["provider"] == p and r["status"] == "ok"
                                                                    for r in rows)]
@@ -1044,7 +1045,8 @@ def markdown_table(report: dict[str, Any], optim: str | None = None, schedule: s
                 cells.append("-")
                 continue
             ratio = r.get("ratio_vs_fused")
-            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f" ({_ratio(ratio)})"))
+            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f", {_ratio(ratio)}")
+                         + f" (IQR {100 * r['iqr_rel']:.0f}%)")
             if p.startswith("fusedclr-") and fc is None:
                 fc = r
         bw = "-" if fc is None else f"{fc['gbps']:.1f} ({fc['pct_copy']:.0f}%)"
@@ -1057,8 +1059,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
     parts = [f"Measured {report['date'][:10]} on {where}; torch {m['torch']}, commit "
-             f"{(report['git_commit'] or '?')[:12]}. Median time per step (ratio: torch-fused time / "
-             "this time, > 1 is faster); GB/s and % of the same run's copy bandwidth for fusedclr."]
+             f"{(report['git_commit'] or '?')[:12]}, load average {m.get('loadavg_before')} before and "
+             f"{m.get('loadavg_after')} after. Cells: median time per step, ratio torch-fused time / this "
+             "time (> 1 is faster), inter-quartile range as % of the median. Last column: the first fusedclr "
+             "provider's GB/s and % of the same run's copy bandwidth."]
     for optim in report["config"]["optims"]:
         for schedule in report["config"]["schedules"]:
             parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
@@ -1155,6 +1159,8 @@ def parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, from {', '.join(PROVIDERS)} (default: all)")
     ap.add_argument("--compile-timeout", type=float, default=300.0, metavar="S",
                     help="give up compiling torch-compile after S seconds (0: skip it; default 300)")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="measure nothing: print, plot and tabulate the report in PATH (from --json)")
     ap.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
     ap.add_argument("--no-big", action="store_true", help=f"skip the big shapes ({', '.join(sorted(BIG_SHAPES))})")
     return ap
@@ -1163,6 +1169,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``fusedclr bench``: run, print the tables, write JSON and plot; returns the exit status."""
     args = parser().parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        for key in dict.fromkeys((r["optim"], r["shape"], r["dtype"], r["schedule"]) for r in report["results"]):
+            rows = [r for r in report["results"] if (r["optim"], r["shape"], r["dtype"], r["schedule"]) == key]
+            print(format_table(rows, report["config"]["device"]))
+        _write(report, args)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fusedclr bench: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
@@ -1186,11 +1200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_timeout=compile_timeout,
         log=lambda s: print(s, flush=True),
     )
+    _write(report, args)
+    return 0
+
+
+def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
     m = report["machine"]
     print(f"\n{m.get('gpu') or m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
           f"torch {m['torch']}, {report['date']}, commit {report['git_commit']}, {report['elapsed_s']:.0f} s, "
-          f"load average {m['loadavg_before']} -> {m['loadavg_after']}")
-    if args.json:
+          f"load average {m.get('loadavg_before')} -> {m.get('loadavg_after')}")
+    if args.json and args.json != args.from_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -1203,7 +1222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.markdown, "w") as f:
             f.write(markdown_report(report))
         print(f"wrote {args.markdown}")
-    return 0
 
 
 if __name__ == "__main__":
