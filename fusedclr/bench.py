@@ -14,8 +14,8 @@ What is measured [note: bench method]
   backward pass would accumulate them in place.
 * Wall time is synchronized (``torch.cuda.synchronize()`` around every sample
   on a GPU). A sample is ``inner`` consecutive steps, ``inner`` chosen so that
-  a sample lasts at least ``Budget.min_sample_s`` (GPU steps of a few
-  microseconds would otherwise be dominated by the synchronization). After
+  a sample lasts about ``Budget.sample_s`` (GPU steps of a few microseconds
+  would otherwise be dominated by the synchronization). After
   warm-up steps (which also compile, for ``torch-compile``), samples are taken
   until both a minimum count and a time budget are reached. We report the
   median and the spread: the inter-quartile range and min..max.
@@ -440,6 +440,13 @@ class Budget:
     max_time_s: float = 2.0  # per provider, once min_samples are in
     min_sample_s: float = 2e-3  # steps per sample are raised until a sample takes this long
 
+    @property
+    def sample_s(self) -> float:
+        """Target length of one sample: at least ``min_sample_s``, and long enough that
+        ``2 x min_samples`` samples fill ``max_time_s``, so that providers taking turns
+        need about as many turns whatever the length of their steps."""
+        return max(self.min_sample_s, self.max_time_s / (2 * self.min_samples))
+
 
 FULL = Budget()
 QUICK = Budget(warmup_steps=2, warmup_s=0.0, min_samples=3, max_samples=5, max_time_s=0.01, min_sample_s=5e-4)
@@ -521,7 +528,7 @@ class _Sampler:
             self.sync()
             times.append(time.perf_counter() - t0)
         self.one = min(times[1:])
-        self.inner = max(1, min(1 << 14, math.ceil(b.min_sample_s / max(self.one, 1e-9))))
+        self.inner = max(1, min(1 << 14, math.ceil(b.sample_s / max(self.one, 1e-9))))
 
     @property
     def done(self) -> bool:
@@ -693,16 +700,16 @@ def _memory_room(device: str) -> int:
 
 
 def _lockstep(samplers: Sequence[_Sampler]) -> None:
-    """Samples all of ``samplers`` in turns (order reversed every round) until each is done.
+    """Samples ``samplers`` in turns (order reversed every round) until each is done.
 
-    Taking turns puts every sampler in the same stretches of time, so a busy
-    neighbour slows them alike; a sampler that is done keeps taking turns
-    (up to its ``max_samples``) while others are not.
+    Taking turns puts the samplers in the same stretches of time, so a busy
+    neighbour slows them alike. Samples last about ``Budget.sample_s``
+    whatever the step, so the providers need about as many turns.
     """
     order = list(samplers)
     while not all(s.done for s in order):
         for s in order:
-            if len(s.wall) < s.budget.max_samples:
+            if not s.done:
                 s.sample()
         order.reverse()
 
