@@ -142,8 +142,44 @@ void for_each_chunk(const at::Tensor& chunks, const std::optional<at::Tensor>& a
   });
 }
 
+// [note: CPU instruction sets]
+// The loops below are plain C++ that GCC/Clang vectorize. Built for baseline
+// x86-64 they get 128-bit SSE vectors, which leaves the sqrt/div-heavy Adam
+// update compute-bound at ~6 GB/s per core; torch's own fused CPU kernels use
+// AVX-512 where present. So each loop is compiled three times (baseline,
+// AVX2+FMA, AVX-512) through target attributes and the widest one the CPU
+// supports is picked once at run time. Measured on this 2-core AVX-512 box,
+// 25.6M-element fp32 AdamW, 1 thread: 125 ms (SSE) vs torch fused 52 ms.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FUSEDCLR_X86_MULTIVERSION 1
+#define FUSEDCLR_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define FUSEDCLR_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FUSEDCLR_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
+#else
+#define FUSEDCLR_ALWAYS_INLINE inline
+#endif
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+#ifdef FUSEDCLR_X86_MULTIVERSION
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return Isa::kAvx2;
+  }
+#endif
+  return Isa::kBase;
+}
+
+const Isa kIsa = detect_isa();
+
 template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-void adam_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+FUSEDCLR_ALWAYS_INLINE void adam_loop(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                 at::opmath_type<scalar_t>* __restrict__ m, at::opmath_type<scalar_t>* __restrict__ v,
                 at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin, int64_t end,
                 const AdamScalars<at::opmath_type<scalar_t>>& k) {
@@ -159,6 +195,43 @@ void adam_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
     m[i] = mi;
     v[i] = vi;
   }
+}
+
+// adam_range: the loop compiled for each instruction set, picked at run time
+// (see [note: CPU instruction sets]).
+template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+void adam_range_base(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
+    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
+    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
+  adam_loop<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+}
+#ifdef FUSEDCLR_X86_MULTIVERSION
+template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+FUSEDCLR_TARGET_AVX2 void adam_range_avx2(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
+    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
+    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
+  adam_loop<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+}
+template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+FUSEDCLR_TARGET_AVX512 void adam_range_avx512(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
+    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
+    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
+  adam_loop<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+}
+#endif
+template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+void adam_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
+    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
+    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
+#ifdef FUSEDCLR_X86_MULTIVERSION
+  if (kIsa == Isa::kAvx512) {
+    return adam_range_avx512<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+  }
+  if (kIsa == Isa::kAvx2) {
+    return adam_range_avx2<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+  }
+#endif
+  adam_range_base<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
 }
 
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -208,7 +281,7 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
 }
 
 template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
-void sgd_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
+FUSEDCLR_ALWAYS_INLINE void sgd_loop(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
                int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t unused = 0;
@@ -218,6 +291,39 @@ void sgd_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opm
     sgd_update<HAS_WD, USE_MOMENTUM, NESTEROV>(pi, static_cast<opmath_t>(g[i]), b, k);
     p[i] = static_cast<scalar_t>(pi);
   }
+}
+
+// sgd_range: the loop compiled for each instruction set, picked at run time
+// (see [note: CPU instruction sets]).
+template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
+void sgd_range_base(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
+    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
+  sgd_loop<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
+}
+#ifdef FUSEDCLR_X86_MULTIVERSION
+template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
+FUSEDCLR_TARGET_AVX2 void sgd_range_avx2(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
+    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
+  sgd_loop<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
+}
+template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
+FUSEDCLR_TARGET_AVX512 void sgd_range_avx512(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
+    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
+  sgd_loop<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
+}
+#endif
+template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
+void sgd_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
+    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
+#ifdef FUSEDCLR_X86_MULTIVERSION
+  if (kIsa == Isa::kAvx512) {
+    return sgd_range_avx512<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
+  }
+  if (kIsa == Isa::kAvx2) {
+    return sgd_range_avx2<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
+  }
+#endif
+  sgd_range_base<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
 }
 
 void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,

@@ -28,8 +28,7 @@ struct AdamScalars {
   T decay;          // 1 - lr * weight_decay (decoupled only)
   T step_size;      // lr / (1 - beta1^step)
   T bc2_sqrt;       // sqrt(1 - beta2^step)
-  T grad_scale;     // 1 when no GradScaler is attached
-  T sign;           // -1 when maximizing
+  T grad_mul;       // sign / grad_scale: -1 when maximizing, 1/scale under a GradScaler
 };
 
 template <typename T>
@@ -47,8 +46,7 @@ C10_HOST_DEVICE inline AdamScalars<T> adam_scalars(double lr, double beta1, doub
   k.decay = static_cast<T>(1.0 - lr * weight_decay);
   k.step_size = static_cast<T>(lr / (1.0 - ::pow(beta1, s)));
   k.bc2_sqrt = static_cast<T>(::sqrt(1.0 - ::pow(beta2, s)));
-  k.grad_scale = static_cast<T>(grad_scale);
-  k.sign = maximize ? T(-1) : T(1);
+  k.grad_mul = static_cast<T>((maximize ? -1.0 : 1.0) / grad_scale);
   return k;
 }
 
@@ -56,7 +54,9 @@ C10_HOST_DEVICE inline AdamScalars<T> adam_scalars(double lr, double beta1, doub
 // CPU loop vectorizes without branches.
 template <bool HAS_WD, bool DECOUPLED, bool AMSGRAD, typename T>
 C10_HOST_DEVICE inline void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& k) {
-  g = g / k.grad_scale * k.sign;
+  // A multiply, not a divide: GradScaler's scales are powers of two, so
+  // g * (1/scale) == g / scale exactly, and the Adam loop saves one division.
+  g = g * k.grad_mul;
   if (HAS_WD) {
     if (DECOUPLED) {
       p = p * k.decay;
@@ -82,8 +82,7 @@ struct SgdScalars {
   T momentum;
   T one_minus_dampening;  // computed in double, as torch does
   T weight_decay;
-  T grad_scale;
-  T sign;
+  T grad_mul;  // sign / grad_scale
   bool first;  // the segment's first step with momentum: buffer = grad
 };
 
@@ -96,8 +95,7 @@ C10_HOST_DEVICE inline SgdScalars<T> sgd_scalars(double lr, double momentum, dou
   k.momentum = static_cast<T>(momentum);
   k.one_minus_dampening = static_cast<T>(1.0 - dampening);
   k.weight_decay = static_cast<T>(weight_decay);
-  k.grad_scale = static_cast<T>(grad_scale);
-  k.sign = maximize ? T(-1) : T(1);
+  k.grad_mul = static_cast<T>((maximize ? -1.0 : 1.0) / grad_scale);
   k.first = step <= 1;
   return k;
 }
@@ -105,7 +103,7 @@ C10_HOST_DEVICE inline SgdScalars<T> sgd_scalars(double lr, double momentum, dou
 // One SGD element. USE_MOMENTUM selects the momentum-buffer path.
 template <bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV, typename T>
 C10_HOST_DEVICE inline void sgd_update(T& p, T g, T& buf, const SgdScalars<T>& k) {
-  g = g / k.grad_scale * k.sign;
+  g = g * k.grad_mul;
   if (HAS_WD) {
     g = g + k.weight_decay * p;
   }
