@@ -8,10 +8,37 @@ backend implementation once per bucket; every backend implements the op
 signatures of csrc/ops.cpp (``fusedclr.ops``, ``fusedclr.triton``,
 ``fusedclr.reference``). The step path has no host syncs and no Python loop
 over parameters, only over buckets.
+
+[note: step anatomy]
+``step()`` is two halves. ``_prepare_step`` is the host-side bookkeeping:
+gathering replaced gradients, validating them, mirroring float hyperparameters
+into the buckets' device tensors and picking the implementation. It reads
+Python values that change from step to step (``group["lr"]`` written by a
+scheduler, grad identities, caches), so it is disabled for Dynamo (as is
+``zero_grad``, like torch.optim's): under ``torch.compile`` it runs eagerly and
+Dynamo never guards on those values (guarding on them recompiled the step
+whenever a scheduler moved the lr, and ``map(attrgetter("grad"))`` was a graph
+break). The other half, the gradient guard (global norm, clip coefficient,
+non-finite check) and one op call per bucket, touches only tensors and per-run
+constants, so Dynamo traces it once and never recompiles.
+
+[note: fused clipping]
+With ``max_grad_norm`` the step computes the global L2 norm of the gradients
+(one reduction over each bucket's flat gradient buffer, combined on the
+device) and the coefficient of ``torch.nn.utils.clip_grad_norm_``,
+``min(1, max_norm / (norm + 1e-6))``. Instead of scaling the gradients in
+place, it folds ``1 / coef`` into the ``grad_scale`` tensor that the kernels
+already divide by, so the clip costs one extra read of the gradients and no
+write, where clip-then-step reads them twice more and writes them once. With a
+GradScaler, ``grad_scale`` holds the loss scale and the norm is that of the
+unscaled gradients. Nothing leaves the device: no ``.item()``, no sync.
+``skip_nonfinite`` turns a non-finite norm into ``found_inf`` (or-ed with a
+GradScaler's), which makes the kernels change nothing at all.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,7 +48,7 @@ import torch
 from torch import Tensor
 
 from fusedclr import ops, reference
-from fusedclr.optim._flat import Bucket, real_dtype
+from fusedclr.optim._flat import Bucket, ShardBucket, is_dtensor, real_dtype
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -75,17 +102,30 @@ class FlatOptimizerMixin:
     """Flat-bucket storage, gradient handling, state_dict and schedules for fusedclr optimizers.
 
     Subclasses define ``_OP`` (the op name), ``_state_names(group)``,
-    ``_momentum(group)`` and ``_launch(fn, bucket, group, active, grad_scale, found_inf)``.
+    ``_momentum(group)`` and ``_launch_args(bucket, group, active)`` (the op's
+    arguments up to, not including, ``grad_scale`` and ``found_inf``).
     """
 
     _OP: str
     _STEP_IN_STATE: bool  # whether torch keeps a per-parameter "step" (Adam) or not (SGD)
     _step_supports_amp_scaling = True
 
-    def _init_flat(self, backend: str) -> None:
+    def _init_flat(self, backend: str, max_grad_norm: float | None = None, skip_nonfinite: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+                raise TypeError(f"max_grad_norm must be a float or None, got {type(max_grad_norm).__name__}")
+            if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+                raise ValueError(
+                    f"Invalid max_grad_norm value: {max_grad_norm}; pass a positive finite norm, or None not to clip"
+                )
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
         self.backend = backend
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = skip_nonfinite
+        self.last_grad_norm: Tensor | None = None
         self._buckets: list[list[Bucket]] = []
         self._impl: dict[torch.device, Callable[..., None]] = {}
         self._scheduler: Any = None
@@ -119,17 +159,36 @@ class FlatOptimizerMixin:
         group = self.param_groups[-1]
         self._buckets.append(self._make_buckets(group))
         self._bind_state()
+        self._alloc_grad_norm()
         if self._scheduler is not None:
             self._attach_schedule(self._scheduler)
 
+    def _alloc_grad_norm(self) -> None:
+        """``last_grad_norm``: one persistent 0-dim tensor on the first bucket's device, updated in place.
+
+        In place, so a reference to it stays current, CUDA graphs see a static
+        address, and torch.compile keeps the write (an attribute assigned in
+        the traced step was lost under torch.compile, torch 2.14).
+        """
+        buckets = [b for bs in self._buckets for b in bs]
+        if (self.max_grad_norm is None and not self.skip_nonfinite) or not buckets:
+            return
+        dtype = functools.reduce(torch.promote_types, [b.grad_norm_dtype for b in buckets])
+        old = self.last_grad_norm
+        if old is None or old.dtype != dtype or old.device != buckets[0].device:
+            self.last_grad_norm = torch.zeros((), dtype=dtype, device=buckets[0].device)
+
     def _make_buckets(self, group: dict[str, Any]) -> list[Bucket]:
-        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        by_key: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
         for p in group["params"]:
-            by_key[(p.device, real_dtype(p))].append(p)
+            # DTensors go to ShardBuckets [note: shard buckets], one per mesh and sharded mesh dims.
+            shard_key = (p.device_mesh, tuple(pl.is_shard() for pl in p.placements)) if is_dtensor(p) else None
+            by_key[(p.device, real_dtype(p), shard_key)].append(p)
         buckets = []
-        for (_, dtype), params in by_key.items():
+        for (_, dtype, shard_key), params in by_key.items():
             state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            buckets.append(Bucket(params, self._state_names(group), state_dtype))
+            cls = Bucket if shard_key is None else ShardBucket
+            buckets.append(cls(params, self._state_names(group), state_dtype))
         return buckets
 
     def _impl_for(self, device: torch.device) -> Callable[..., None]:
@@ -189,26 +248,66 @@ class FlatOptimizerMixin:
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
-            grad_scale, found_inf: GradScaler's fused protocol: grads are divided
-                by ``grad_scale`` in-kernel, and when ``found_inf`` is non-zero
+            grad_scale, found_inf: GradScaler's fused protocol (the scaler may
+                also set them as attributes of the optimizer, as
+                ``torch.amp.GradScaler.step`` does): grads are divided by
+                ``grad_scale`` in-kernel, and when ``found_inf`` is non-zero
                 nothing changes at all (parameters, states, step counts).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Validate every bucket's grads before any update, so that a failed step changes nothing.
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        launches = self._prepare_step()
+        grad_scale, found_inf = self._guard_grads(grad_scale, found_inf)
+        for fn, bucket, args in launches:
+            fn(*args, _on(grad_scale, bucket.device), _on(found_inf, bucket.device))
+            bucket.finish_step()
+        return loss
+
+    # torch.optim's own lazy torch.compiler.disable: imports torch._dynamo on first call, not at import.
+    @torch._disable_dynamo
+    def _prepare_step(self) -> list[tuple[Callable[..., None], Bucket, tuple[Any, ...]]]:
+        """The host-side half of a step [note: step anatomy]: ``(implementation, bucket, op args)`` per bucket.
+
+        Validates every bucket's grads before returning, so that a failed step changes nothing.
+        """
         actives = [[b.gather() for b in buckets] for buckets in self._buckets]
+        launches = []
         for group, buckets, acts in zip(self.param_groups, self._buckets, actives):
             for b, active in zip(buckets, acts):
                 if b.schedule is None:
                     b.schedule, b.schedule_step = _no_schedule(b.device)
                 self._sync_hyper(b, group)
-                gs = None if grad_scale is None else grad_scale.to(b.device, non_blocking=True)
-                fi = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
-                self._launch(self._impl_for(b.device), b, group, active, gs, fi)
-        return loss
+                launches.append((self._impl_for(b.device), b, self._launch_args(b, group, active)))
+        return launches
 
+    def _guard_grads(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Folds clipping into ``grad_scale`` and the non-finite check into ``found_inf`` [note: fused clipping]."""
+        if self.max_grad_norm is None and not self.skip_nonfinite:
+            return grad_scale, found_inf
+        norms = [b.grad_norm() for buckets in self._buckets for b in buckets]
+        if not norms:
+            return grad_scale, found_inf
+        device = norms[0].device
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(device, non_blocking=True).reshape(())  # the norm of the unscaled grads
+        self.last_grad_norm.copy_(norm)
+        if self.max_grad_norm is not None:
+            # 1 / clip_grad_norm_'s coefficient; NaN and inf norms propagate as they do in torch's clip.
+            inv_coef = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)
+            grad_scale = inv_coef if grad_scale is None else grad_scale.to(device, non_blocking=True) * inv_coef
+        if self.skip_nonfinite:
+            bad = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
+            found_inf = bad if found_inf is None else found_inf.to(device, torch.float32, non_blocking=True) + bad
+        return grad_scale, found_inf
+
+    @torch._disable_dynamo  # host-side bookkeeping, as torch.optim's own zero_grad [note: step anatomy]
     def zero_grad(self, set_to_none: bool | None = None) -> None:
         """Zeroes the gradients: one fill per bucket.
 
@@ -232,13 +331,23 @@ class FlatOptimizerMixin:
     # -- state_dict ------------------------------------------------------------
 
     def _stepped_state(self) -> dict[Tensor, dict[str, Any]]:
-        """torch-layout per-parameter state of every parameter that has stepped."""
+        """torch-layout per-parameter state of every parameter that has stepped.
+
+        DTensor parameters (ShardBuckets) export their state from construction
+        on, stepped or not: torch.distributed.checkpoint loads into the tensors
+        of a fresh optimizer's state_dict, which torch.optim materialises with a
+        zero-lr step (``_init_optim_state``). That step never runs for a fusedclr
+        optimizer (its ``state`` is bound from the start) and could not work
+        anyway (an in-kernel schedule does not read the group's lr). A
+        never-stepped entry (step 0, zero states) resumes like no entry.
+        """
         out: dict[Tensor, dict[str, Any]] = {}
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
                 steps = b.seg_steps.cpu().tolist()  # one device-to-host copy per bucket, not on the step path
                 for i, p in enumerate(b.params):
-                    entry = self._export_state(group, b, i, steps[i])
+                    placeholder = isinstance(b, ShardBucket) and p.requires_grad
+                    entry = self._export_state(group, b, i, steps[i], placeholder)
                     if entry:
                         out[p] = entry
         return out
@@ -252,7 +361,9 @@ class FlatOptimizerMixin:
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict layout, so checkpoints move both ways.
 
-        Only parameters that have stepped have state (as in torch). State
+        Only parameters that have stepped have state (as in torch), except
+        DTensor parameters, whose states are DTensors with the parameters'
+        placements from the start (for torch.distributed.checkpoint). State
         tensors are live views of the flat buffers, as torch returns its own
         state tensors by reference; ``torch.save`` copies them.
         """
@@ -310,7 +421,7 @@ class FlatOptimizerMixin:
         for buckets in self._buckets:
             for b in buckets:
                 for i, p in enumerate(b.params):
-                    live = {name: b.state_view(name, i) for name in b.states}
+                    live = {name: b.state_tensor(name, i) for name in b.states}
                     if self._STEP_IN_STATE:
                         live["step"] = b.seg_steps[i]
                     self.state[p] = live
@@ -320,11 +431,17 @@ class FlatOptimizerMixin:
     def _state_keys(self) -> set[str]:
         raise NotImplementedError
 
-    def _export_state(self, group: dict[str, Any], bucket: Bucket, index: int, step: int) -> dict[str, Any]:
+    def _export_state(self, group: dict[str, Any], bucket: Bucket, index: int, step: int,
+                      placeholder: bool) -> dict[str, Any]:
+        """The torch-layout state of one parameter; empty when it never stepped, unless ``placeholder``."""
         raise NotImplementedError
 
     def _import_state(self, group: dict[str, Any], bucket: Bucket, index: int, state: dict[str, Any]) -> int:
         raise NotImplementedError
+
+
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def step_value(step: Any) -> int:

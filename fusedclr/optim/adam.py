@@ -34,21 +34,21 @@ class _AdamFlat(FlatOptimizerMixin):
         beta1 = group["betas"][0]
         return float(beta1)
 
-    def _launch(self, fn, b: Bucket, group: dict[str, Any], active, grad_scale, found_inf) -> None:
+    def _launch_args(self, b: Bucket, group: dict[str, Any], active) -> tuple[Any, ...]:
         beta2 = group["betas"][1]
-        fn(
+        return (
             b.flat, b.grad_flat, b.states["exp_avg"], b.states["exp_avg_sq"], b.states.get("max_exp_avg_sq"),
             b.seg_steps, b.chunks, active, b.hyper, b.schedule, b.schedule_step,
             float(beta2), float(group["eps"]), float(group["weight_decay"]), self._decoupled(group),
-            bool(group["maximize"]), grad_scale, found_inf,
+            bool(group["maximize"]),
         )
 
-    def _export_state(self, group, bucket: Bucket, index: int, step: int) -> dict[str, Any]:
-        if step == 0:
+    def _export_state(self, group, bucket: Bucket, index: int, step: int, placeholder: bool) -> dict[str, Any]:
+        if step == 0 and not placeholder:
             return {}
         out: dict[str, Any] = {"step": self._step_tensor(step)}
         for name in self._state_names(group):
-            out[name] = bucket.state_view(name, index)
+            out[name] = bucket.state_tensor(name, index)
         return out
 
     def _import_state(self, group, bucket: Bucket, index: int, state: dict[str, Any]) -> int:
@@ -59,7 +59,7 @@ class _AdamFlat(FlatOptimizerMixin):
         for name in bucket.states:
             view = bucket.state_view(name, index)
             if name in state:
-                view.copy_(state[name].reshape(view.shape))
+                view.copy_(bucket.local_value(state[name], index))
             else:  # e.g. amsgrad turned on when resuming: torch starts max_exp_avg_sq at zero
                 view.zero_()
         return step_value(state["step"])
@@ -75,8 +75,8 @@ class Adam(_AdamFlat, torch.optim.Adam):
 
     Takes torch's arguments (``foreach``, ``fused`` and ``capturable`` are
     accepted and ignored: the step is always fused and capturable) plus the
-    keyword-only ``backend``: ``"auto"`` (default), ``"cpu"``, ``"cuda"``,
-    ``"triton"`` or ``"reference"``.
+    keyword-only ``backend``, ``max_grad_norm`` and ``skip_nonfinite`` (see
+    :class:`AdamW`).
     """
 
     _DECOUPLED = False
@@ -84,9 +84,10 @@ class Adam(_AdamFlat, torch.optim.Adam):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, decoupled_weight_decay: bool = False, backend: str = "auto") -> None:
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, backend: str = "auto",
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False) -> None:
         _check_supported(differentiable)
-        self._init_flat(backend)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite)
         extra = {"decoupled_weight_decay": decoupled_weight_decay} if _ADAM_TAKES_DECOUPLED else {}
         if decoupled_weight_decay and not _ADAM_TAKES_DECOUPLED:
             self._DECOUPLED = True
@@ -111,6 +112,18 @@ class AdamW(_AdamFlat, torch.optim.AdamW):
         backend: ``"auto"`` (default: the C++ kernel for CPU tensors, CUDA
             kernels, else Triton, else the reference, for CUDA tensors),
             ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+        max_grad_norm: clip the global L2 norm of all gradients to this value
+            as ``torch.nn.utils.clip_grad_norm_`` would, inside the update kernel
+            (no host sync; the ``.grad`` tensors themselves are left unscaled).
+            The norm of the last step (of the unscaled gradients, under a
+            GradScaler) is kept in ``last_grad_norm``, a 0-dim device tensor
+            updated in place. ``None`` (default) does not clip.
+        skip_nonfinite: skip the whole step on the device (parameters, states
+            and step counts stay as they are) when the global L2 norm of the
+            gradients is not finite: a NaN or inf gradient, or a norm beyond
+            the float range (~1.8e19 in float32). Or-ed with a GradScaler's
+            ``found_inf``. Without it, as in torch, NaN and inf propagate into
+            the parameters.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -124,8 +137,9 @@ class AdamW(_AdamFlat, torch.optim.AdamW):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, backend: str = "auto") -> None:
+                 fused: bool | None = None, backend: str = "auto", max_grad_norm: float | None = None,
+                 skip_nonfinite: bool = False) -> None:
         _check_supported(differentiable)
-        self._init_flat(backend)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused)

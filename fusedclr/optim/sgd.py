@@ -18,7 +18,8 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     The momentum buffer is allocated when the group's momentum is non-zero or an
     attached schedule cycles momentum; its first update copies the gradient, as
     torch's does. Takes torch's arguments (``foreach`` and ``fused`` are accepted
-    and ignored) plus the keyword-only ``backend`` (see :class:`fusedclr.AdamW`).
+    and ignored) plus the keyword-only ``backend``, ``max_grad_norm`` and
+    ``skip_nonfinite`` (see :class:`fusedclr.AdamW`).
     """
 
     _OP = "sgd_step_"
@@ -27,10 +28,10 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", max_grad_norm: float | None = None, skip_nonfinite: bool = False) -> None:
         if differentiable:
             raise ValueError("fusedclr optimizers do not support differentiable=True; use torch.optim for that")
-        self._init_flat(backend)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
 
@@ -55,19 +56,20 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
         if desc is not None and _schedules_momentum(desc):
             self._ensure_buffer(bucket)
 
-    def _launch(self, fn, b: Bucket, group: dict[str, Any], active, grad_scale, found_inf) -> None:
+    def _launch_args(self, b: Bucket, group: dict[str, Any], active) -> tuple[Any, ...]:
         if group["momentum"] != 0 and "momentum_buffer" not in b.states:
             self._ensure_buffer(b)
-        fn(
+        return (
             b.flat, b.grad_flat, b.states.get("momentum_buffer"), b.seg_steps, b.chunks, active, b.hyper,
             b.schedule, b.schedule_step, float(group["dampening"]), float(group["weight_decay"]),
-            bool(group["nesterov"]), bool(group["maximize"]), grad_scale, found_inf,
+            bool(group["nesterov"]), bool(group["maximize"]),
         )
 
-    def _export_state(self, group, bucket: Bucket, index: int, step: int) -> dict[str, Any]:
-        if step == 0 or "momentum_buffer" not in bucket.states:
+    def _export_state(self, group, bucket: Bucket, index: int, step: int, placeholder: bool) -> dict[str, Any]:
+        # A placeholder buffer loads as a stepped one: exact unless dampening != 0 (torch's first step copies).
+        if (step == 0 and not placeholder) or "momentum_buffer" not in bucket.states:
             return {}
-        return {"momentum_buffer": bucket.state_view("momentum_buffer", index)}
+        return {"momentum_buffer": bucket.state_tensor("momentum_buffer", index)}
 
     def _import_state(self, group, bucket: Bucket, index: int, state: dict[str, Any]) -> int:
         buf = state.get("momentum_buffer")
@@ -77,7 +79,7 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
             return 0
         self._ensure_buffer(bucket)
         view = bucket.state_view("momentum_buffer", index)
-        view.copy_(buf.reshape(view.shape))
+        view.copy_(bucket.local_value(buf, index))
         return 1
 
 
