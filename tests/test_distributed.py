@@ -1,0 +1,274 @@
+"""fusedclr under DDP, FSDP2 and ZeroRedundancyOptimizer: 2 processes, gloo, CPU.
+
+Every case trains a small model on 2 ranks, each on half of every batch, and
+compares with single-process training on the whole batch by torch.optim (and
+torch.nn.utils.clip_grad_norm_), the ground truth. The workers run in processes
+forked from a forkserver that has imported torch once, so a case costs well under
+a second on top of one interpreter start.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fusedclr
+
+WORLD = 2
+STEPS = 4
+CLIP = 0.3
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed "
+                       "with gloo"),
+]
+
+
+# --------------------------------------------------------------------------
+# Harness
+# --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, name: str, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A short timeout: a rank that fails leaves the other waiting in a collective.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        globals()[name](rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(worker, *args) -> None:
+    """Runs ``worker(rank, *args)`` on WORLD ranks; a failure on any rank fails the test with its traceback."""
+    multiprocessing.set_forkserver_preload(
+        ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.checkpoint", "fusedclr", __name__]
+    )
+    torch.multiprocessing.start_processes(_entry, args=(worker.__name__, _free_port(), args), nprocs=WORLD,
+                                          start_method="forkserver")
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # Odd sizes: FSDP2 shards 7 rows as 4 + 3 and 3 rows as 2 + 1.
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 5, generator=gen), torch.randn(8, 3, generator=gen)
+
+
+def _loss(model, x, y, rank: int | None = None) -> torch.Tensor:
+    if rank is not None:  # this rank's half of the batch; the mean over halves is the full mean
+        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+OPTIONS = {
+    "AdamW": {"lr": 0.05, "weight_decay": 0.01, "amsgrad": True},
+    "SGD": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+}
+
+
+def _groups(model, cls: str) -> list[dict]:
+    """Two param groups (weights, biases) with different learning rates."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [{"params": weights}, {"params": biases, "lr": OPTIONS[cls]["lr"] / 2}]
+
+
+def _single_process(cls: str, steps: int = STEPS, clip: float | None = CLIP) -> torch.nn.Module:
+    """The ground truth: torch.optim on the whole batch in this process."""
+    model = _model()
+    opt = getattr(torch.optim, cls)(_groups(model, cls), **OPTIONS[cls])
+    for step in range(steps):
+        opt.zero_grad()
+        _loss(model, *_batch(step)).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return model
+
+
+def _assert_params_match(expected: torch.nn.Module, model: torch.nn.Module) -> None:
+    for (name, want), got in zip(expected.named_parameters(), model.parameters(), strict=True):
+        got = got.full_tensor() if hasattr(got, "full_tensor") else got
+        torch.testing.assert_close(got.detach(), want.detach(), msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------
+# DDP
+# --------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, cls: str, gradient_as_bucket_view: bool) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(_model(seed=rank), gradient_as_bucket_view=gradient_as_bucket_view)  # DDP broadcasts rank 0's
+    opt = getattr(fusedclr, cls)(_groups(ddp.module, cls), **OPTIONS[cls], max_grad_norm=CLIP)
+    flat = opt._buckets[0][0].grad_flat
+    for step in range(STEPS):
+        opt.zero_grad()
+        _loss(ddp, *_batch(step), rank).backward()
+        grad = ddp.module[0].weight.grad
+        in_flat = flat.data_ptr() <= grad.data_ptr() < flat.data_ptr() + flat.numel() * flat.element_size()
+        # With bucket views DDP owns the grads and the step gathers them; without, DDP writes into ours.
+        assert in_flat != gradient_as_bucket_view, (step, in_flat)
+        opt.step()
+    _assert_params_match(_single_process(cls), ddp.module)
+
+
+@pytest.mark.parametrize("gradient_as_bucket_view", [False, True])
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_ddp_matches_single_process(cls, gradient_as_bucket_view):
+    """DDP (both gradient modes) + fused clipping over all-reduced grads == one process."""
+    _run(_ddp_worker, cls, gradient_as_bucket_view)
+
+
+# --------------------------------------------------------------------------
+# FSDP2
+# --------------------------------------------------------------------------
+
+
+def _fsdp_model(seed: int = 0) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(seed)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _fsdp_train(model, opt, steps: range) -> None:
+    for step in steps:
+        opt.zero_grad()
+        _loss(model, *_batch(step), dist.get_rank()).backward()
+        opt.step()
+
+
+def _fsdp_worker(rank: int, cls: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    model = _fsdp_model()
+    params = list(model.parameters())
+    assert all(isinstance(p, DTensor) for p in params)
+    shards = [p.to_local().data_ptr() for p in params]
+    opt = getattr(fusedclr, cls)(_groups(model, cls), **OPTIONS[cls], max_grad_norm=CLIP)
+    _fsdp_train(model, opt, range(STEPS))
+    # FSDP owns the storage: the shards were updated in place, never re-pointed.
+    assert [p.to_local().data_ptr() for p in params] == shards
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    _assert_params_match(_single_process(cls), model)
+    reference = _single_process(cls, steps=STEPS, clip=None)  # the clip must have mattered
+    assert not torch.allclose(params[0].full_tensor(), next(reference.parameters()))
+    state = opt.state_dict()["state"]
+    for pid, p in enumerate(p for group in opt.param_groups for p in group["params"]):
+        for name, value in state[pid].items():
+            if name != "step":
+                assert isinstance(value, DTensor) and value.placements == p.placements, name
+                assert value.to_local().shape == p.to_local().shape
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_fsdp2_matches_single_process(cls):
+    """fully_shard + fused clipping (norm reduced over the shards) == one process; DTensor
+    shards never re-pointed; states are DTensors placed like their parameters."""
+    _run(_fsdp_worker, cls)
+
+
+def _dcp_worker(rank: int, cls: str, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _fsdp_model()
+    opt = getattr(fusedclr, cls)(_groups(model, cls), **OPTIONS[cls], max_grad_norm=CLIP)
+    _fsdp_train(model, opt, range(3))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    _fsdp_train(model, opt, range(3, 6))  # the uninterrupted run
+
+    fresh = _fsdp_model(seed=123)  # other weights: the load must bring everything
+    fresh_opt = getattr(fusedclr, cls)(_groups(fresh, cls), **OPTIONS[cls], max_grad_norm=CLIP)
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _fsdp_train(fresh, fresh_opt, range(3, 6))
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a.to_local(), b.to_local())
+    want, got = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert want.keys() == got.keys()
+    for pid in want:
+        for key, value in want[pid].items():
+            if key == "step":
+                assert float(got[pid][key]) == float(value) == 6
+            else:
+                assert torch.equal(got[pid][key].to_local(), value.to_local()), (pid, key)
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_fsdp2_dcp_save_load_resumes_exactly(cls, tmp_path):
+    """torch.distributed.checkpoint saves the DTensor states shard by shard; a fresh
+    model and optimizer loaded from it continue bitwise like the uninterrupted run."""
+    _run(_dcp_worker, cls, str(tmp_path / "ckpt"))
+
+
+# --------------------------------------------------------------------------
+# ZeroRedundancyOptimizer
+# --------------------------------------------------------------------------
+
+
+def _zero_worker(rank: int) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(_model())
+    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=fusedclr.AdamW, **OPTIONS["AdamW"])
+    assert isinstance(opt.optim, fusedclr.AdamW)
+    owned = {id(p) for g in opt.optim.param_groups for p in g["params"]}
+    assert 0 < len(owned) < len(list(ddp.parameters())), "each rank must own a strict subset"
+    for step in range(STEPS):
+        opt.zero_grad()
+        _loss(ddp, *_batch(step), rank).backward()
+        opt.step()
+    model = _model()
+    truth = torch.optim.AdamW(model.parameters(), **OPTIONS["AdamW"])
+    for step in range(STEPS):
+        truth.zero_grad()
+        _loss(model, *_batch(step)).backward()
+        truth.step()
+    _assert_params_match(model, ddp.module)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        merged = opt.state_dict()["state"]
+        want = truth.state_dict()["state"]
+        assert merged.keys() == want.keys()
+        for pid, st in want.items():
+            for key, value in st.items():
+                if key == "step":
+                    assert float(merged[pid][key]) == float(value)
+                else:
+                    torch.testing.assert_close(merged[pid][key], value)
+
+
+def test_zero_redundancy_optimizer_with_fused_adamw():
+    """ZeroRedundancyOptimizer(optimizer_class=fusedclr.AdamW) under DDP == one process,
+    and its consolidated state_dict is torch's."""
+    _run(_zero_worker)
