@@ -254,10 +254,11 @@ class _InKernelSchedule:
         return self._fc_values()
 
     def _update_lr(self, epoch: int | None = None) -> None:
-        try:
-            super()._update_lr(epoch)  # type: ignore[misc]
-        finally:
-            self._fc_sync()
+        # Counters follow only successful updates: when torch's step raises (e.g.
+        # OneCycleLR past total_steps) the group keeps its last lr, and so must
+        # the kernel; the next successful step fills the counter to last_epoch.
+        super()._update_lr(epoch)  # type: ignore[misc]
+        self._fc_sync()
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -1005,10 +1006,8 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
 
     def step(self) -> None:  # type: ignore[override]
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
-        try:
-            _torch_sched.SequentialLR.step(self)
-        finally:
-            self._fc_sync()
+        _torch_sched.SequentialLR.step(self)
+        self._fc_sync()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state from :meth:`state_dict`, children included, and re-attaches the composed schedule."""

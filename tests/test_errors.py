@@ -342,8 +342,6 @@ def test_scheduler_stepped_past_its_end_raises_torchs_error():
     torch.testing.assert_close(p.detach(), p_ref.detach())
 
 
-@pytest.mark.xfail(strict=True, reason="fusedclr.lr_scheduler advances its device counter even when step() raises "
-                   "past the end, so the kernel extrapolates where torch keeps the last lr")
 def test_optimizer_step_after_a_failed_scheduler_step_uses_torchs_lr():
     (p_ref, opt_ref, sched_ref), (p, opt, sched) = _one_cycle_pair(total_steps=3)
     for _ in range(6):
