@@ -630,3 +630,30 @@ def test_kernels_are_built_on_first_use_only():
     assert lines[:2] == ["[]", "False"], result.stdout
     assert "fusedclr.triton._ops" in lines[2] and lines[3] == "True", result.stdout
 
+
+
+@needs_kernels
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_optimizer_with_triton_backend_and_in_kernel_one_cycle_matches_torch(cls):
+    """End to end: fusedclr.<cls>(backend="triton") + fusedclr OneCycleLR against torch's pair."""
+    import fusedclr
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(37, device=DEVICE)), torch.nn.Parameter(torch.randn(5, 3, device=DEVICE))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kw = {"momentum": 0.9} if cls == "SGD" else {}
+    ours = getattr(fusedclr, cls)(ps, lr=0.01, backend="triton", **kw)
+    ref = getattr(torch.optim, cls)(qs, lr=0.01, **kw)
+    s_ours = fusedclr.lr_scheduler.OneCycleLR(ours, max_lr=0.1, total_steps=10)
+    s_ref = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=0.1, total_steps=10)
+    for _ in range(8):
+        for p, q in zip(ps, qs):
+            g = torch.randn(p.shape, device=DEVICE)
+            p.grad.copy_(g)
+            q.grad = g.clone()
+        ours.step()
+        ref.step()
+        s_ours.step()
+        s_ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p.detach(), q.detach())

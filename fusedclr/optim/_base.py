@@ -74,6 +74,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[...
     if backend == "triton":
         from fusedclr import triton as fc_triton
 
+        fc_triton.load()  # import + register now: a first import inside a compiled step cannot be traced
         return getattr(fc_triton, op)
     if backend in ("cpu", "cuda"):
         if backend != kind:
@@ -93,6 +94,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[...
         from fusedclr import triton as fc_triton
 
         if fc_triton.available():
+            fc_triton.load()
             return getattr(fc_triton, op)
     ops.warn_missing_extension()
     return getattr(reference, op)
