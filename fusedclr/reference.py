@@ -296,6 +296,22 @@ def _schedule_scalars(hyper: Tensor, schedule: Tensor, schedule_step: Tensor) ->
     return (h[0] if lr is None else lr), (h[1] if mom is None else mom)
 
 
+def _begin(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor, active: Tensor | None,
+           grad_scale: Tensor | None, found_inf: Tensor | None, maximize: bool):
+    """The steps' common start: advance the step counts, then per-element (go mask, step
+    count, parameter and unscaled, sign-adjusted gradient in the math dtype)."""
+    go_seg, steps = _advance(seg_steps, active, found_inf)
+    ids = _segment_ids(chunks, param.numel())
+    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    p = param.to(math_dtype)
+    g = grad.to(math_dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(math_dtype)
+    if maximize:
+        g = -g
+    return go_seg[ids], steps[ids], p, g
+
+
 def sgd_step_(
     param: Tensor,
     grad: Tensor,
@@ -315,20 +331,11 @@ def sgd_step_(
 ) -> None:
     """Reference of ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract)."""
     lr, momentum = _schedule_scalars(hyper, schedule, schedule_step)
-    go_seg, steps = _advance(seg_steps, active, found_inf)
-    ids = _segment_ids(chunks, param.numel())
-    go = go_seg[ids]
-    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    p = param.to(math_dtype)
-    g = grad.to(math_dtype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(math_dtype)
-    if maximize:
-        g = -g
+    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize)
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
     if momentum_buffer is not None and momentum != 0:
-        first = steps[ids] <= 1
+        first = steps <= 1
         buf = torch.where(first, g, momentum_buffer * momentum + (1 - dampening) * g)
         momentum_buffer.copy_(torch.where(go, buf, momentum_buffer))
         g = g + momentum * buf if nesterov else buf
@@ -358,16 +365,8 @@ def adam_step_(
 ) -> None:
     """Reference of ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract)."""
     lr, beta1 = _schedule_scalars(hyper, schedule, schedule_step)
-    go_seg, steps = _advance(seg_steps, active, found_inf)
-    ids = _segment_ids(chunks, param.numel())
-    go = go_seg[ids]
-    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    p = param.to(math_dtype)
-    g = grad.to(math_dtype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(math_dtype)
-    if maximize:
-        g = -g
+    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize)
+    math_dtype = p.dtype
     if weight_decay != 0:
         if decoupled:
             p = p * (1 - lr * weight_decay)
@@ -377,7 +376,7 @@ def adam_step_(
     v = exp_avg_sq * beta2 + (1 - beta2) * g * g
     # Bias corrections per element from each segment's own step, in float64 as
     # torch computes them in Python floats.
-    s = steps[ids].to(torch.float64).clamp_min(1)
+    s = steps.to(torch.float64).clamp_min(1)
     bc1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=s.device), s)
     bc2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=s.device), s))
     second = v

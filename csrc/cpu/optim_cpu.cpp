@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <fusedclr/schedule.h>
+#include <fusedclr/switch.h>
 #include <fusedclr/update.h>
 
 #include <algorithm>
@@ -22,16 +23,6 @@ namespace {
 // overhead (~µs) outweighs the work.
 constexpr int64_t kGrainElements = 32768;
 
-#define FUSEDCLR_BOOL_SWITCH(COND, NAME, ...) \
-  [&] {                                       \
-    if (COND) {                               \
-      constexpr bool NAME = true;             \
-      return __VA_ARGS__();                   \
-    } else {                                  \
-      constexpr bool NAME = false;            \
-      return __VA_ARGS__();                   \
-    }                                         \
-  }()
 
 void check_flat(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "fusedclr: ", name, " must be a CPU tensor, got ", t.device());

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <fusedclr/switch.h>
+
 namespace fusedclr {
 namespace cuda {
 
@@ -16,19 +18,6 @@ constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // per block; kernels declare __launch_bounds__(kThreads)
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int kPackBytes = 16;  // one 128-bit load or store
-
-// Runtime flag -> compile-time constant, as flash-attention does. Template
-// only on flags that matter in the inner loop: each one doubles the kernels.
-#define FUSEDCLR_BOOL_SWITCH(COND, NAME, ...) \
-  [&] {                                       \
-    if (COND) {                               \
-      constexpr bool NAME = true;             \
-      return __VA_ARGS__();                   \
-    } else {                                  \
-      constexpr bool NAME = false;            \
-      return __VA_ARGS__();                   \
-    }                                         \
-  }()
 
 // Elements per thread per iteration of the vectorized loop: one 128-bit pack
 // of the narrowest array, so the wider arrays take two (bf16 param, fp32 state).
