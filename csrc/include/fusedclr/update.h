@@ -16,6 +16,16 @@
 
 namespace fusedclr {
 
+// sqrt in the math type. A bare ::sqrt(float) resolves to the C double
+// version on the host, which made the CPU loops compute in double (vsqrtpd,
+// vdivsd) and ran ~1.6x slower than torch's float math.
+C10_HOST_DEVICE inline float sqrt_t(float x) {
+  return ::sqrtf(x);
+}
+C10_HOST_DEVICE inline double sqrt_t(double x) {
+  return ::sqrt(x);
+}
+
 // Scalars of one Adam/AdamW step for one segment, in the math type.
 template <typename T>
 struct AdamScalars {
@@ -72,7 +82,7 @@ C10_HOST_DEVICE inline void adam_update(T& p, T g, T& m, T& v, T& vmax, const Ad
     vmax = vmax > v ? vmax : v;
     second = vmax;
   }
-  const T denom = ::sqrt(second) / k.bc2_sqrt + k.eps;
+  const T denom = sqrt_t(second) / k.bc2_sqrt + k.eps;
   p = p - k.step_size * m / denom;
 }
 
