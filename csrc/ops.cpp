@@ -32,12 +32,57 @@ TORCH_LIBRARY(fusedclr, m) {
 }
 
 // `import fusedclr._C` loads this library, whose static initialisers register
-// the ops above; the module itself is empty.
+// the ops above. The module also carries one host helper for the optimizers'
+// step path, grads_are (see below).
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+namespace {
+
+// grads_are(params, expected) -> bool: whether every params[i].grad is the
+// tensor expected[i] (None: no grad). This is the fast-path check of
+// fusedclr/optim/_flat.py's Bucket.gather; in Python the .grad getters cost
+// ~70-90 ns per parameter (0.9 ms for 10000 parameters, more than the update
+// kernel itself), here a few ns.
+PyObject* grads_are(PyObject* /*self*/, PyObject* args) {
+  PyObject* params = nullptr;
+  PyObject* expected = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &params, &PyList_Type, &expected)) {
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  if (PyList_GET_SIZE(expected) != n) {
+    PyErr_SetString(PyExc_ValueError, "grads_are: params and expected differ in length");
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PyList_GET_ITEM(params, i);
+    PyObject* e = PyList_GET_ITEM(expected, i);
+    if (!THPVariable_Check(p) || (e != Py_None && !THPVariable_Check(e))) {
+      PyErr_SetString(PyExc_TypeError, "grads_are: expected lists of tensors (or None)");
+      return nullptr;
+    }
+    const at::Tensor& grad = THPVariable_Unpack(p).grad();
+    const bool same = e == Py_None ? !grad.defined()
+                                   : grad.defined() && grad.unsafeGetTensorImpl() ==
+                                                           THPVariable_Unpack(e).unsafeGetTensorImpl();
+    if (!same) {
+      Py_RETURN_FALSE;
+    }
+  }
+  Py_RETURN_TRUE;
+}
+
+PyMethodDef kMethods[] = {
+    {"grads_are", grads_are, METH_VARARGS, "Whether every params[i].grad is expected[i] (None: no grad)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
   return PyModule_Create(&module_def);
 }
 }

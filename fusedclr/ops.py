@@ -8,6 +8,7 @@ fake tensors can trace them, and exposes thin wrappers.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -18,15 +19,21 @@ __all__ = [
     "cuda_kernels_registered",
     "extension_available",
     "extension_error",
+    "grads_are",
     "schedule_eval",
     "sgd_step_",
 ]
 
 _EXT_ERROR: str | None = None
+_grads_are = None
 try:
-    from fusedclr import _C  # noqa: F401  (registers the ops with the dispatcher)
+    from fusedclr import _C  # registers the ops with the dispatcher
+
+    _grads_are = getattr(_C, "grads_are", None)
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     _EXT_ERROR = str(exc)
+
+_grad_of = operator.attrgetter("grad")
 
 _warned = False
 
@@ -53,6 +60,15 @@ def warn_missing_extension() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def grads_are(params: list[Tensor], expected: list[Tensor | None]) -> bool:
+    """Whether every ``params[i].grad is expected[i]``: the optimizers' per-step
+    check that no gradient was replaced. One C loop when the extension is loaded
+    (a few ns per parameter instead of ~80 ns for the Python ``.grad`` getter)."""
+    if _grads_are is not None:
+        return _grads_are(params, expected)
+    return all(map(operator.is_, map(_grad_of, params), expected))
 
 
 def cuda_kernels_registered() -> bool:

@@ -214,3 +214,26 @@ def test_package_works_without_extension():
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_grads_are_matches_python_identity_check():
+    """The C fast-path check agrees with `p.grad is e` in every case the optimizers rely on."""
+    import operator
+
+    ps = [torch.nn.Parameter(torch.ones(2)) for _ in range(4)]
+    views = [torch.zeros(2) for _ in ps]
+    for p, v in zip(ps, views):
+        p.grad = v
+    cases = {
+        "all views": (ps, views),
+        "one replaced": (ps, [*views[:3], torch.zeros(2)]),
+        "expected None, grad set": (ps, [*views[:3], None]),
+    }
+    for name, (params, expected) in cases.items():
+        want = all(map(operator.is_, (p.grad for p in params), expected))
+        assert ops.grads_are(params, expected) is want, name
+    ps[3].grad = None
+    assert ops.grads_are(ps, [*views[:3], None]) is True
+    assert ops.grads_are(ps, views) is False
+    with pytest.raises(ValueError, match="length"):
+        ops.grads_are(ps, views[:2])

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusedclr import ops
+
 ALIGN = 16
 CHUNK = {"cpu": 16384}
 DEFAULT_CHUNK = 8192
@@ -227,9 +229,9 @@ class Bucket:
         are active). Fast path: every grad is still the view we installed, which
         costs one C-level pass over the parameters and no tensor work.
         """
-        grads = list(map(_grad_of, self.params))
-        if all(map(operator.is_, grads, self.expected)):
+        if ops.grads_are(self.params, self.expected):
             return self.static_active
+        grads = list(map(_grad_of, self.params))
         self._check_grads(grads)
         return self._copy_grads_in(grads, grads)
 
@@ -250,9 +252,9 @@ class Bucket:
                 p.grad = None
             return
         self.grad_flat.zero_()
-        grads = list(map(_grad_of, self.params))
-        if all(map(operator.is_, grads, self.expected)):
+        if ops.grads_are(self.params, self.expected):
             return
+        grads = list(map(_grad_of, self.params))
         for p, g, e in zip(self.params, grads, self.expected):
             if g is e:
                 continue
