@@ -143,6 +143,8 @@ SHAPES: dict[str, list[Shape]] = {
     "resnet50": resnet50_shapes(),
     "gpt2-small": gpt2_small_shapes(),
 }
+# The "n tensors x numel" lists (DESIGN.md's and the quick ones), as opposed to model-shaped lists.
+SHAPES_NXM = frozenset({"10000x64", "2000x1024", "200x1M", "10x16M", "128x64", "4x256K"})
 # Over 100M elements: seconds per step and gigabytes per provider on a laptop-class CPU.
 BIG_SHAPES = frozenset({"200x1M", "10x16M", "gpt2-small"})
 # `--quick`: the same two regimes (many small tensors, few large ones), scaled
@@ -1035,29 +1037,34 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
     return "\n".join(out)
 
 
-def markdown_table(report: dict[str, Any], optim: str | None = None, schedule: str = "constant") -> str:
-    """Median ms per step, ratio vs torch-fused and IQR for one optimizer and schedule, as markdown."""
-    rows = [r for r in report["results"] if r["schedule"] == schedule and (optim is None or r["optim"] == optim)]
+def markdown_table(report: dict[str, Any], optim: str, schedule: str = "constant") -> str:
+    """Median ms per step, ratio vs torch-fused and IQR for one optimizer and schedule, as markdown.
+
+    A ratio marked with a dagger was taken against the torch-fused samples of
+    its own pairing (``mode == "paired"``), not against the torch-fused cell.
+    """
+    rows = [r for r in report["results"] if r["schedule"] == schedule and r["optim"] == optim]
     providers = [p for p in report["config"]["providers"] if any(r["provider"] == p and r["status"] == "ok"
                                                                    for r in rows)]
-    keys = list(dict.fromkeys((r["optim"], r["shape"], r["dtype"]) for r in rows))
-    out = ["| optim | shape | dtype | " + " | ".join(providers) + " | fusedclr GB/s (% copy) |",
-           "|---|---|---|" + "---|" * len(providers) + "---|"]
+    keys = list(dict.fromkeys((r["shape"], r["dtype"]) for r in rows))
+    out = ["| shape | dtype | " + " | ".join(providers) + " | fusedclr GB/s (% copy) |",
+           "|---|---|" + "---|" * len(providers) + "---|"]
     for key in keys:
         cells = []
         fc = None
         for p in providers:
-            r = next((r for r in rows if (r["optim"], r["shape"], r["dtype"]) == key and r["provider"] == p), None)
+            r = next((r for r in rows if (r["shape"], r["dtype"]) == key and r["provider"] == p), None)
             if r is None or r["status"] != "ok":
                 cells.append("-")
                 continue
             ratio = r.get("ratio_vs_fused")
-            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f", {_ratio(ratio)}")
+            mark = "†" if "paired_baseline" in r else ""
+            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f", {_ratio(ratio)}{mark}")
                          + f" (IQR {100 * r['iqr_rel']:.0f}%)")
             if p.startswith("fusedclr-") and fc is None:
                 fc = r
         bw = "-" if fc is None else f"{fc['gbps']:.1f} ({fc['pct_copy']:.0f}%)"
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {bw} |")
+        out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {bw} |")
     return "\n".join(out)
 
 
@@ -1068,8 +1075,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     parts = [f"Measured {report['date'][:10]} on {where}; torch {m['torch']}, commit "
              f"{(report['git_commit'] or '?')[:12]}, load average {m.get('loadavg_before')} before and "
              f"{m.get('loadavg_after')} after. Cells: median time per step, ratio torch-fused time / this "
-             "time (> 1 is faster), inter-quartile range as % of the median. Last column: the first fusedclr "
-             "provider's GB/s and % of the same run's copy bandwidth."]
+             "time (> 1 is faster), inter-quartile range as % of the median; †: ratio against the torch-fused "
+             "samples taken in turns with this provider (big shapes), which can differ from the torch-fused "
+             "cell (all its samples). Last column: the first fusedclr provider's GB/s and % of the same run's "
+             "copy bandwidth."]
     for optim in report["config"]["optims"]:
         for schedule in report["config"]["schedules"]:
             parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
@@ -1078,59 +1087,63 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    """Log-log time per step against tensor count and against parameter count, one row per (optim, dtype)."""
+    """Log-log time per step against tensor count (left) and parameter count (right).
+
+    One row per (optimizer, dtype, schedule), one colour per provider. The
+    ``n x numel`` shapes are joined by lines (in that family, more tensors
+    means smaller ones); model-shaped lists are stars, unjoined. Bars span the
+    inter-quartile range.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     ok = [r for r in report["results"] if r["status"] == "ok"]
-    panels = list(dict.fromkeys((r["optim"], r["dtype"]) for r in ok)) or [("-", "-")]
+    panels = list(dict.fromkeys((r["optim"], r["dtype"], r["schedule"]) for r in ok)) or [("-", "-", "-")]
     providers = [p for p in report["config"]["providers"] if any(r["provider"] == p for r in ok)]
     colors = {p: f"C{i}" for i, p in enumerate(PROVIDERS)}
-    legend_rows = math.ceil(2 * len(providers) / 4)
-    top_in, bottom_in = 0.8, 0.75 + 0.2 * legend_rows  # title; x labels and legend (inches)
-    height = 4.4 * len(panels) + top_in + bottom_in
+    top_in, bottom_in = 0.9, 1.0  # title; x label and legend (inches)
+    height = 3.9 * len(panels) + top_in + bottom_in
     fig, axes = plt.subplots(len(panels), 2, figsize=(13, height), squeeze=False)
     # Fixed margins: tight_layout measured every label and took half the time of the whole plot.
     fig.subplots_adjust(left=0.065, right=0.985, top=1 - top_in / height, bottom=bottom_in / height,
-                        hspace=0.32, wspace=0.2)
-    for row, (optim, dtype) in enumerate(panels):
+                        hspace=0.38, wspace=0.18)
+    for row, (optim, dtype, schedule) in enumerate(panels):
+        mine = [r for r in ok if (r["optim"], r["dtype"], r["schedule"]) == (optim, dtype, schedule)]
         for col, (xkey, xlabel) in enumerate((("tensors", "tensors per step"), ("numel", "parameters per step"))):
             ax = axes[row][col]
             for p in providers:
-                for schedule, style in (("constant", "-"), ("onecycle", ":")):
+                for family, fmt in ((SHAPES_NXM, "o-"), (None, "*")):
                     pts = sorted(
-                        (r[xkey], r["median_s"] * 1e3, r["q1_s"] * 1e3, r["q3_s"] * 1e3, r["shape"])
-                        for r in ok
-                        if (r["optim"], r["dtype"], r["provider"], r["schedule"]) == (optim, dtype, p, schedule)
+                        (r[xkey], r["median_s"] * 1e3, r["q1_s"] * 1e3, r["q3_s"] * 1e3)
+                        for r in mine
+                        if r["provider"] == p and ((r["shape"] in family) if family else (r["shape"] not in SHAPES_NXM))
                     )
                     if not pts:
                         continue
-                    xs, ys, lo, hi, _ = zip(*pts)
+                    xs, ys, lo, hi = zip(*pts)
                     ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
-                                fmt="o" + style, color=colors[p], ms=4, capsize=2, lw=1.4 if style == "-" else 1,
-                                alpha=1.0 if style == "-" else 0.6,
-                                label=p if schedule == "constant" else f"{p} + OneCycleLR")
-            labelled = {}
-            for r in ok:
-                if (r["optim"], r["dtype"]) == (optim, dtype) and r["provider"] == BASELINE:
-                    labelled.setdefault(r["shape"], (r[xkey], r["median_s"] * 1e3))
-            for name, (x, y) in labelled.items():
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="0.35")
+                                fmt=fmt, color=colors[p], ms=4 if family else 9, capsize=2, lw=1.3)
+            for r in mine:
+                if r["provider"] == BASELINE:
+                    ax.annotate(r["shape"], (r[xkey], r["median_s"] * 1e3), textcoords="offset points",
+                                xytext=(5, 4), fontsize=7, color="0.3")
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("time per step, ms (median, IQR bars)")
-            ax.set_title(f"{optim} {dtype} on {report['config']['device']}", fontsize=10)
+            ax.set_xlabel(xlabel, fontsize=9)
+            ax.set_ylabel("ms per step (median)", fontsize=9)
+            sched = "constant lr" if schedule == "constant" else "OneCycleLR (torch's / fusedclr's in-kernel)"
+            ax.set_title(f"{optim} {dtype}, {sched}", fontsize=10)
             ax.grid(True, which="both", alpha=0.25)
-    handles, labels = axes[0][0].get_legend_handles_labels()
     m = report["machine"]
-    where = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores)"
-    fig.suptitle(f"fusedclr bench: {where}, torch {m['torch']}, {report['date'][:10]}; "
-                 "solid: constant lr, dotted: OneCycleLR", fontsize=10)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m.get('torch_threads', '?')} torch threads"
+    fig.suptitle(f"fusedclr bench on {report['config']['device']}: {where}, torch {m['torch']}, "
+                 f"{report['date'][:10]}; bars: inter-quartile range", fontsize=10, y=1 - 0.3 / height)
+    handles = [Line2D([], [], color=colors[p], marker="o", label=p) for p in providers]
+    handles.append(Line2D([], [], color="0.3", marker="*", ms=9, ls="", label="model-shaped lists"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
