@@ -1166,7 +1166,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fusedclr bench",
         description="Time fusedclr's optimizer step against torch.optim (for-loop, foreach, fused, compiled) "
-        "and report ratios vs torch fused, GB/s and %% of copy bandwidth.",
+        "and report ratios vs torch fused, GB/s and % of copy bandwidth.",
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small shapes, short budget: finishes in seconds")
