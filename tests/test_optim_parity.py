@@ -282,3 +282,19 @@ def test_zero_grad_modes():
     torch.testing.assert_close(q.detach(), torch.ones(2))
     opt.zero_grad(set_to_none=False)  # re-attaches the flat views
     assert q.grad is not None and q.grad.data_ptr() == flat.data_ptr() + 16 * flat.element_size()
+
+
+def test_attached_schedule_costs_no_per_step_hyper_copy():
+    """With lr and beta1 from the in-kernel schedule, step() does not mirror the group's
+    (scheduler-written) floats into the device hyper tensor: no H2D copy per step."""
+    p = torch.nn.Parameter(torch.randn(40))
+    opt = fusedclr.AdamW([p], lr=0.01)
+    sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20)
+    hyper = opt._buckets[0][0].hyper
+    opt.step()
+    version = hyper._version
+    for _ in range(5):
+        p.grad.normal_()
+        opt.step()
+        sched.step()
+    assert hyper._version == version, "hyper was rewritten although the schedule provides lr and beta1"

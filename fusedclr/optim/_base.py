@@ -64,6 +64,17 @@ def _no_schedule(device: torch.device) -> tuple[Tensor, Tensor]:
     return _NO_SCHEDULE[device]
 
 
+def _covers(desc: list[float] | None) -> tuple[bool, bool]:
+    """Whether every stage of a descriptor provides the lr / the momentum (beta1)."""
+    if desc is None or int(desc[0]) <= 0:
+        return False, False
+    stages = [desc[reference.HEADER_WORDS + i * reference.STAGE_WORDS:][: reference.STAGE_WORDS]
+              for i in range(int(desc[0]))]
+    cyclical = (reference.Kind.CYCLIC, reference.Kind.ONE_CYCLE)
+    mom = all(st[reference.S_HAS_MOM] and int(st[reference.S_KIND]) in cyclical for st in stages)
+    return True, mom
+
+
 def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[..., None]:
     """The implementation of ``op`` (``"sgd_step_"`` / ``"adam_step_"``) for tensors on ``device``."""
     if backend not in BACKENDS:
@@ -216,6 +227,8 @@ class FlatOptimizerMixin:
                 else:
                     b.schedule = torch.tensor(desc, dtype=torch.float64).to(b.device)
                     b.schedule_step = scheduler._fc_counter(b.device)
+                b.schedule_covers = _covers(desc)
+                b.hyper_cache = None
                 self._on_schedule(b, desc)
 
     def _on_schedule(self, bucket: Bucket, desc: list[float] | None) -> None:
@@ -229,8 +242,14 @@ class FlatOptimizerMixin:
         A float only costs a copy when it changed; a tensor lr (which a torch
         scheduler updates in place) is copied device-side every step, no sync.
         """
-        lr = group["lr"]
-        mom = self._momentum(group)
+        covers_lr, covers_mom = getattr(bucket, "schedule_covers", (False, False))
+        if covers_lr and covers_mom:
+            return  # the kernel takes both from the schedule: no per-step copy
+        # The scheduler mirrors its values into group["lr"] every step; when the
+        # kernel reads them from the descriptor, watching them would cost a
+        # host-to-device copy per step (and break CUDA-graph replay).
+        lr = 0.0 if covers_lr else group["lr"]
+        mom = 0.0 if covers_mom else self._momentum(group)
         if isinstance(lr, Tensor):
             bucket.hyper[0].copy_(lr.reshape(()))
             key = ("tensor", mom)
