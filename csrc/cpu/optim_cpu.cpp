@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace fusedclr {
 namespace {
@@ -153,9 +155,20 @@ void for_each_chunk(const at::Tensor& chunks, const std::optional<at::Tensor>& a
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
+// FUSEDCLR_CPU_ISA=base|avx2|avx512 caps the instruction set (for comparisons
+// and for ruling the vector loops out when debugging), as ATEN_CPU_CAPABILITY
+// does for torch's kernels.
 Isa detect_isa() {
 #ifdef FUSEDCLR_X86_MULTIVERSION
+  const char* cap = std::getenv("FUSEDCLR_CPU_ISA");
+  const std::string want = cap == nullptr ? "" : cap;
   __builtin_cpu_init();
+  if (want == "base") {
+    return Isa::kBase;
+  }
+  if (want == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kBase;
+  }
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
     return Isa::kAvx512;

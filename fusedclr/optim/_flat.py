@@ -27,6 +27,20 @@ the same single kernel launch. The states are exposed as DTensors with the
 parameters' mesh and placements (views of the flat state buffers), so
 ``torch.distributed.checkpoint`` saves and loads them shard by shard, and the
 global gradient norm reduces the local sums of squares over the mesh.
+
+[note: staggered buffers]
+The update streams through the parameter, gradient and state buffers at the
+same element index. Large CPU allocations come from mmap and start at the
+same offset within a 4 KiB page, so without care all four (or five) streams
+hit addresses that agree in their low 12 bits: the core's memory
+disambiguation then sees false store-to-load dependencies (4K aliasing) and
+the same L1 sets fill up. On a 2-core EPYC this made fp32 AdamW over 200 x 1M
+elements run at 1.03 ns/element; torch's fused kernel over one 210M-element
+tensor is exactly as slow, and its 200 separately allocated tensors (whose
+page offsets happen to differ) take 0.52. :func:`_staggered_zeros` therefore
+places buffer ``slot`` at byte ``slot * STAGGER`` of a page, for the same
+0.50 ns/element. CUDA's allocator and the GPU's address hashing do not have
+this problem, so only CPU buffers are staggered.
 """
 
 from __future__ import annotations
@@ -41,6 +55,9 @@ from torch import Tensor
 from fusedclr import ops
 
 ALIGN = 16
+# Byte distance between the page offsets of a bucket's flat buffers [note: staggered buffers].
+STAGGER = 768
+PAGE = 4096
 CHUNK = {"cpu": 16384}
 DEFAULT_CHUNK = 8192
 
@@ -70,6 +87,22 @@ def is_dtensor(t: Tensor) -> bool:
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _staggered_zeros(total: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
+    """A zero 1-D buffer of ``total`` elements; on CPU it starts ``slot * STAGGER`` bytes into a page.
+
+    See [note: staggered buffers]. Slots 0 and 1 are the parameter and gradient
+    buffers, 2 and up the states; the offsets stay 64-byte aligned.
+    """
+    if device.type != "cpu":
+        return torch.zeros(total, dtype=dtype, device=device)
+    item = torch.empty((), dtype=dtype).element_size()
+    pad = PAGE // item
+    raw = torch.zeros(total + pad, dtype=dtype, device=device)
+    want = (slot * STAGGER) % PAGE
+    start = ((want - raw.data_ptr()) % PAGE) // item
+    return raw[start : start + total]
 
 
 def _flat_real(t: Tensor) -> Tensor:
@@ -108,9 +141,11 @@ class Bucket:
         # Allocate and fill everything before re-pointing any parameter, so a
         # failure (out of memory) leaves the model untouched.
         opts = {"device": self.device}
-        flat = torch.zeros(total, dtype=self.dtype, **opts)
-        grad_flat = torch.zeros(total, dtype=self.dtype, **opts)
-        self.states = {name: torch.zeros(total, dtype=state_dtype, **opts) for name in state_names}
+        flat = _staggered_zeros(total, self.dtype, self.device, 0)
+        grad_flat = _staggered_zeros(total, self.dtype, self.device, 1)
+        self.states = {
+            name: _staggered_zeros(total, state_dtype, self.device, 2 + i) for i, name in enumerate(state_names)
+        }
         self.seg_steps = torch.zeros(len(self.params), dtype=torch.int64, **opts)
         with torch.no_grad():
             for t, off, n in zip(self.locals, offsets, numels):
@@ -170,7 +205,7 @@ class Bucket:
 
     def add_state(self, name: str, dtype: torch.dtype) -> None:
         if name not in self.states:
-            self.states[name] = torch.zeros_like(self.flat, dtype=dtype)
+            self.states[name] = _staggered_zeros(self.flat.numel(), dtype, self.device, 2 + len(self.states))
 
     # -- gradients -----------------------------------------------------------
 
