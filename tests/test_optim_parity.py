@@ -210,6 +210,40 @@ def test_state_dict_round_trip(backend, direction, cls):
                 torch.testing.assert_close(got.to(value.dtype), value, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_low_precision_checkpoint_keeps_fp32_states(backend, cls):
+    """bf16 parameters keep fp32 states; a fusedclr checkpoint reloads them unrounded
+    (torch.optim's load_state_dict casts states to the parameter dtype) and the resumed
+    run is bit for bit the uninterrupted one."""
+    options = {"lr": 0.02, "weight_decay": 0.01} | ({"momentum": 0.9} if cls == "SGD" else {})
+    groups = _make_params(torch.bfloat16)
+    grads = _grads(groups, 6, torch.bfloat16)
+    whole = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
+    opt = getattr(fusedclr, cls)(_group_dicts(whole, [{}, {}, {}]), backend=backend, **options)
+    for s in range(3):
+        _set_grads(whole, grads[s], s, flat=True)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"params": [[p.detach() for p in ps] for ps in whole], "optim": opt.state_dict()}, buf)
+    for s in range(3, 6):
+        _set_grads(whole, grads[s], s, flat=True)
+        opt.step()
+    buf.seek(0)
+    ckpt = torch.load(buf, map_location="cpu")
+    resumed = [[torch.nn.Parameter(p.clone()) for p in ps] for ps in ckpt["params"]]
+    opt2 = getattr(fusedclr, cls)(_group_dicts(resumed, [{}, {}, {}]), backend=backend, **options)
+    opt2.load_state_dict(ckpt["optim"])
+    assert all(v.dtype == torch.float32 for st in opt2.state_dict()["state"].values()
+               for k, v in st.items() if k != "step")
+    for s in range(3, 6):
+        _set_grads(resumed, grads[s], s, flat=True)
+        opt2.step()
+    for ps_a, ps_b in zip(whole, resumed):
+        for pa, pb in zip(ps_a, ps_b):
+            assert torch.equal(pa.detach(), pb.detach())
+
+
 def test_state_is_live_view_of_flat_buffers():
     p = torch.nn.Parameter(torch.randn(10))
     opt = fusedclr.Adam([p], lr=0.1)

@@ -423,8 +423,15 @@ class FlatOptimizerMixin:
                             f"loaded state of parameter {pi} in group {gi} has unknown key {key!r}; "
                             f"{type(self).__name__} keeps {sorted(self._state_keys())}"
                         )
+        # The saved tensors as they are: torch.optim's load_state_dict casts every
+        # floating state to its parameter's dtype, which for bf16/fp16 parameters
+        # would round fp32 states and masters on the way in.
+        loaded = {
+            p: saved_state.get(pid, {})
+            for group, sg in zip(self.param_groups, saved_groups)
+            for p, pid in zip(group["params"], sg["params"])
+        }
         super().load_state_dict(state_dict)
-        loaded = self.state
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
                 steps = []
