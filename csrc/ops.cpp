@@ -13,6 +13,9 @@
 // `schedule` is the float64 descriptor (csrc/include/fusedclr/schedule.h)
 // evaluated at the int64 0-dim `schedule_step`. With `found_inf` non-zero the
 // op changes nothing at all; `grad_scale` divides the grads in-kernel.
+// `master_param` (fp32, bf16/fp16 params) and `sr_seed` (bf16 params) are the
+// precision opt-ins of csrc/include/fusedclr/precision.h [note: precision
+// opt-ins]; bf16 parameters may also pass bf16 state buffers.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedclr, m) {
@@ -20,12 +23,13 @@ TORCH_LIBRARY(fusedclr, m) {
       "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
       "Tensor chunks, Tensor? active, Tensor hyper, Tensor schedule, Tensor schedule_step, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? master_param=None, int? sr_seed=None) -> ()");
   m.def(
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, Tensor? active, "
       "Tensor hyper, Tensor schedule, Tensor schedule_step, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(f!)? master_param=None, int? sr_seed=None) -> ()");
   // [lr, momentum, has_lr, has_momentum] as float64 [4]: the kernels' own
   // evaluator, exposed so tests compare it with reference.schedule_value.
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");

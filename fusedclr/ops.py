@@ -80,13 +80,14 @@ if extension_available():
 
     @torch.library.register_fake("fusedclr::sgd_step_")
     def _sgd_step_fake(param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule,
-                       schedule_step, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf):
+                       schedule_step, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf,
+                       master_param=None, sr_seed=None):
         return None
 
     @torch.library.register_fake("fusedclr::adam_step_")
     def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
                         schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale,
-                        found_inf):
+                        found_inf, master_param=None, sr_seed=None):
         return None
 
     @torch.library.register_fake("fusedclr::schedule_eval")

@@ -14,7 +14,9 @@ Two layers:
   (no Python loop over parameters). These are the ``backend="reference"`` path.
 
 :func:`schedule_value` evaluates the schedule descriptor described in
-``csrc/include/fusedclr/schedule.h`` [note: schedule descriptor].
+``csrc/include/fusedclr/schedule.h`` [note: schedule descriptor];
+:func:`round_stochastic` and the master-weight handling of the flat steps are
+the twins of ``csrc/include/fusedclr/precision.h`` [note: precision opt-ins].
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ __all__ = [
     "Kind",
     "adam_step_",
     "adam_update_",
+    "mix32",
+    "round_stochastic",
+    "rounding_key",
     "schedule_value",
     "sgd_step_",
     "sgd_update_",
@@ -297,19 +302,91 @@ def _schedule_scalars(hyper: Tensor, schedule: Tensor, schedule_step: Tensor) ->
 
 
 def _begin(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor, active: Tensor | None,
-           grad_scale: Tensor | None, found_inf: Tensor | None, maximize: bool):
-    """The steps' common start: advance the step counts, then per-element (go mask, step
-    count, parameter and unscaled, sign-adjusted gradient in the math dtype)."""
+           grad_scale: Tensor | None, found_inf: Tensor | None, maximize: bool, master_param: Tensor | None,
+           sr_seed: int | None):
+    """The steps' common start: check the precision opt-ins, advance the step counts, then
+    per-element (go mask, step count, parameter and unscaled, sign-adjusted gradient in the
+    math dtype). Under master weights the parameter is the master, unless the parameter was
+    written outside the optimizer [note: precision opt-ins]."""
+    _check_precision(param, master_param, sr_seed)
     go_seg, steps = _advance(seg_steps, active, found_inf)
     ids = _segment_ids(chunks, param.numel())
     math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     p = param.to(math_dtype)
+    if master_param is not None:
+        p = torch.where(master_param.to(param.dtype) == param, master_param, p)
     g = grad.to(math_dtype)
     if grad_scale is not None:
         g = g / grad_scale.to(math_dtype)
     if maximize:
         g = -g
     return go_seg[ids], steps[ids], p, g
+
+
+# --------------------------------------------------------------------------
+# Precision opt-ins: master weights and stochastic rounding
+# --------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _check_precision(param: Tensor, master_param: Tensor | None, sr_seed: int | None) -> None:
+    """The checks of csrc/include/fusedclr/checks.h (check_precision)."""
+    if master_param is not None:
+        if param.dtype not in (torch.bfloat16, torch.float16):
+            raise RuntimeError(f"fusedclr: master_param is for BFloat16 or Half parameters, got {param.dtype} "
+                               "parameters; pass master_param=None")
+        if master_param.dtype != torch.float32 or master_param.shape != param.shape:
+            raise RuntimeError(f"fusedclr: master_param must be a float32 buffer of {param.numel()} elements, got "
+                               f"{master_param.dtype} of shape {tuple(master_param.shape)}")
+    if sr_seed is not None:
+        if param.dtype != torch.bfloat16:
+            raise RuntimeError(f"fusedclr: sr_seed (stochastic rounding) is for BFloat16 parameters, got "
+                               f"{param.dtype} parameters; pass sr_seed=None")
+        if master_param is not None:
+            raise RuntimeError("fusedclr: pass master_param or sr_seed, not both: with master weights the "
+                               "parameter is the master rounded to nearest")
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``(x * c) mod 2**32`` for int64 tensors of uint32 values, without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """``fusedclr::mix32`` (csrc/include/fusedclr/precision.h) on int64 tensors of uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: int, steps: Tensor) -> Tensor:
+    """``fusedclr::rounding_key`` for every element's step count."""
+    return mix32((seed & _M32) ^ mix32(_mul32(steps & _M32, 0x9E3779B9)))
+
+
+def round_stochastic(x: Tensor, key: Tensor, index: Tensor) -> Tensor:
+    """float32 -> bfloat16 rounded stochastically, bit for bit ``fusedclr::round_stochastic``."""
+    bits = x.view(torch.int32).to(torch.int64) & _M32
+    noise = mix32(key ^ (index & _M32)) >> 16
+    up = ((bits + noise) >> 16) & 0xFFFF
+    out = (up - ((up >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # uint16 bits -> int16 -> bf16
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
+
+
+def _write_param(param: Tensor, new_p: Tensor, go: Tensor, steps: Tensor, master_param: Tensor | None,
+                 sr_seed: int | None) -> None:
+    """Stores the updated math values where ``go``: rounded to nearest, via the master, or stochastically."""
+    if master_param is not None:
+        master_param.copy_(torch.where(go, new_p, master_param))
+    if sr_seed is not None:
+        index = torch.arange(param.numel(), device=param.device)
+        rounded = round_stochastic(new_p, rounding_key(sr_seed, steps), index)
+    else:
+        rounded = new_p.to(param.dtype)
+    param.copy_(torch.where(go, rounded, param))
 
 
 def sgd_step_(
@@ -328,19 +405,21 @@ def sgd_step_(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    master_param: Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """Reference of ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract)."""
     lr, momentum = _schedule_scalars(hyper, schedule, schedule_step)
-    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize)
+    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize, master_param,
+                             sr_seed)
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
     if momentum_buffer is not None and momentum != 0:
         first = steps <= 1
-        buf = torch.where(first, g, momentum_buffer * momentum + (1 - dampening) * g)
-        momentum_buffer.copy_(torch.where(go, buf, momentum_buffer))
+        buf = torch.where(first, g, momentum_buffer.to(p.dtype) * momentum + (1 - dampening) * g)
+        _store(momentum_buffer, buf, go)
         g = g + momentum * buf if nesterov else buf
-    new_p = p.add(g, alpha=-lr)
-    param.copy_(torch.where(go, new_p.to(param.dtype), param))
+    _write_param(param, p.add(g, alpha=-lr), go, steps, master_param, sr_seed)
 
 
 def adam_step_(
@@ -362,18 +441,22 @@ def adam_step_(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    master_param: Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """Reference of ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract)."""
     lr, beta1 = _schedule_scalars(hyper, schedule, schedule_step)
-    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize)
+    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize, master_param,
+                             sr_seed)
     math_dtype = p.dtype
     if weight_decay != 0:
         if decoupled:
             p = p * (1 - lr * weight_decay)
         else:
             g = g.add(p, alpha=weight_decay)
-    m = exp_avg.lerp(g.to(exp_avg.dtype), 1 - beta1)
-    v = exp_avg_sq * beta2 + (1 - beta2) * g * g
+    # States load into the math dtype and round once when stored (bf16 states).
+    m = exp_avg.to(math_dtype).lerp(g, 1 - beta1)
+    v = exp_avg_sq.to(math_dtype) * beta2 + (1 - beta2) * g * g
     # Bias corrections per element from each segment's own step, in float64 as
     # torch computes them in Python floats.
     s = steps.to(torch.float64).clamp_min(1)
@@ -381,12 +464,16 @@ def adam_step_(
     bc2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=s.device), s))
     second = v
     if max_exp_avg_sq is not None:
-        vmax = torch.maximum(max_exp_avg_sq, v)
-        max_exp_avg_sq.copy_(torch.where(go, vmax, max_exp_avg_sq))
+        vmax = torch.maximum(max_exp_avg_sq.to(math_dtype), v)
+        _store(max_exp_avg_sq, vmax, go)
         second = vmax
     step_size = (lr / bc1).to(math_dtype)
     denom = second.sqrt() / bc2_sqrt.to(math_dtype) + eps
-    new_p = p - step_size * m / denom
-    exp_avg.copy_(torch.where(go, m, exp_avg))
-    exp_avg_sq.copy_(torch.where(go, v, exp_avg_sq))
-    param.copy_(torch.where(go, new_p.to(param.dtype), param))
+    _store(exp_avg, m, go)
+    _store(exp_avg_sq, v, go)
+    _write_param(param, p - step_size * m / denom, go, steps, master_param, sr_seed)
+
+
+def _store(state: Tensor, value: Tensor, go: Tensor) -> None:
+    """Writes a state's new math-dtype values where ``go``, rounding to its dtype."""
+    state.copy_(torch.where(go, value.to(state.dtype), state))

@@ -5,10 +5,11 @@
 // these kernels: no thread reads what another writes (no shared memory,
 // barriers, shuffles or atomics), so any execution order gives the GPU's
 // result up to floating-point contraction. The kernel selection and argument
-// blocks are optim_cuda.cu's own (optim_dispatch.cuh); only validation and the
-// launch itself differ. The ops take CPU tensors and one extra argument, the
-// number of resident blocks the emulated device holds (it sizes the grid and
-// the chunk split exactly as the occupancy query does on a GPU).
+// blocks are optim_cuda.cu's own (optim_dispatch.cuh), the buffer checks the
+// shared ones (fusedclr/checks.h); only the launch itself differs. The ops
+// take CPU tensors and one extra argument, the number of resident blocks the
+// emulated device holds (it sizes the grid and the chunk split exactly as the
+// occupancy query does on a GPU).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +19,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <fusedclr/checks.h>
 #include <fusedclr/schedule.h>
 #include <fusedclr/update.h>
 
@@ -82,24 +84,34 @@ void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
                const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2,
                double eps, double weight_decay, bool decoupled, bool maximize,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               int64_t resident) {
+               const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed, int64_t resident) {
   const StepArgs step = make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale,
                                        found_inf, maximize);
+  check_precision(param, master_param, sr_seed);
+  const at::ScalarType state_dtype =
+      max_exp_avg_sq.has_value()
+          ? check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}, {&*max_exp_avg_sq, "max_exp_avg_sq"}})
+          : check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
   advance_steps(seg_steps, step);
-  dispatch_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, exp_avg.scalar_type(), beta2, eps,
-                weight_decay, decoupled, launcher(resident));
+  dispatch_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps,
+                weight_decay, decoupled, master_param, sr_seed, launcher(resident));
 }
 
 void sgd_step(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
               const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
               const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step, double dampening,
               double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, int64_t resident) {
+              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+              std::optional<int64_t> sr_seed, int64_t resident) {
   const StepArgs step = make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale,
                                        found_inf, maximize);
+  check_precision(param, master_param, sr_seed);
+  const at::ScalarType state_dtype = momentum_buffer.has_value()
+                                         ? check_states(param, {{&*momentum_buffer, "momentum_buffer"}})
+                                         : param.scalar_type();
   advance_steps(seg_steps, step);
-  const at::ScalarType state_dtype = momentum_buffer.has_value() ? momentum_buffer->scalar_type() : param.scalar_type();
-  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, launcher(resident));
+  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
+               sr_seed, launcher(resident));
 }
 
 at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_step) {
@@ -118,13 +130,14 @@ TORCH_LIBRARY(fusedclr_emulated, m) {
       "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
       "Tensor chunks, Tensor? active, Tensor hyper, Tensor schedule, Tensor schedule_step, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf, int resident) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? master_param=None, int? sr_seed=None, "
+      "int resident=4) -> ()");
   m.def(
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, Tensor? active, "
       "Tensor hyper, Tensor schedule, Tensor schedule_step, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "int resident) -> ()");
+      "Tensor(f!)? master_param=None, int? sr_seed=None, int resident=4) -> ()");
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
 }
 

@@ -320,6 +320,117 @@ def test_bf16_states(kind):
     _assert_within_twice(b, same, ref64)
 
 
+# -- precision opt-ins [note: precision opt-ins] -------------------------------
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The bf16 spacing above |x| (float32 result): 2**(e - 8) for x = m * 2**e, 0.5 <= |m| < 1."""
+    _, e = torch.frexp(x.float())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), e - 8)
+
+
+def _run_precision(kind, dtype, *, master=False, sr_seed=None, rewrite_at=None, steps=STEPS):
+    """The op and the reference in ``dtype`` on one bucket, with master weights or
+    stochastic rounding; ``rewrite_at`` overwrites segment 1's parameters before
+    that step, as a model.load_state_dict would."""
+    states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    b = _bucket(RAGGED, dtype, states=states)
+    b["schedule"] = torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64, device=DEVICE)
+    b["master_param"] = b["param"].float() if master else None
+    same = _to(b)
+    grads = _grads(b, steps=steps)
+    op, ref, make_args = KINDS[kind]
+    o = {"weight_decay": 0.01, "decoupled": True, "nesterov": True}
+    seg1 = (-(-RAGGED[0] // ALIGN) * ALIGN, -(-RAGGED[0] // ALIGN) * ALIGN + RAGGED[1])
+    for fn, bucket in ((op(), b), (ref, same)):
+        for step, g in enumerate(grads):
+            if step == rewrite_at:
+                bucket["param"][seg1[0] : seg1[1]] = 0.5
+            bucket["grad"].copy_(g)
+            fn(*make_args(bucket, o), bucket["master_param"], sr_seed)
+            bucket["schedule_step"].add_(1)
+    return b, same, seg1
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_master_weights_match_reference(kind, dtype):
+    """fp32 masters follow the reference at fp32 tolerance, each parameter is its
+    master rounded to nearest, and a parameter rewritten outside the optimizer
+    restarts its master (the rewritten segment steps on from 0.5)."""
+    b, same, seg1 = _run_precision(kind, dtype, master=True, rewrite_at=3)
+    assert torch.equal(b["seg_steps"], same["seg_steps"])
+    torch.testing.assert_close(b["master_param"], same["master_param"], **TOL[torch.float32])
+    assert torch.equal(b["param"], b["master_param"].to(dtype))
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+        if b[key] is not None:
+            torch.testing.assert_close(b[key], same[key], **TOL[torch.float32], msg=lambda m: f"{key}: {m}")
+    # Without the restart the rewritten segment would end where an untouched run ends.
+    untouched, _, _ = _run_precision(kind, dtype, master=True)
+    end = slice(*seg1)
+    assert (b["master_param"][end] - untouched["master_param"][end]).abs().min().item() > 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", [1234, 2**40 + 7, -5])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_stochastic_rounding_matches_reference(kind, seed):
+    """The hashed rounding bits are the reference's: a parameter may differ by one
+    bf16 ulp only where the two fp32 values straddle a rounding threshold (an fp32
+    ulp apart), which a few elements in 10^3 at most do; a round-to-nearest
+    kernel, or other bits, would differ on about half of them. An element that took
+    the other side once keeps that one-ulp offset (at the magnitude it had then, ~1
+    for these N(0, 1) parameters) even where it later moves towards zero."""
+    b, same, _ = _run_precision(kind, torch.bfloat16, sr_seed=seed)
+    ours, want = b["param"].float(), same["param"].float()
+    diff = (ours - want).abs()
+    one_ulp = torch.maximum(torch.maximum(_bf16_ulp(ours), _bf16_ulp(want)), torch.tensor(2.0**-7))
+    assert (diff <= one_ulp).all()
+    assert (diff > 0).float().mean().item() < 2e-3
+    rne, _, _ = _run_precision(kind, torch.bfloat16)
+    assert (rne["param"] != b["param"]).float().mean().item() > 0.2  # it did round differently
+
+
+@gpu
+@pytest.mark.gpu
+def test_stochastic_rounding_is_unbiased():
+    """An SGD update of 0.3 ulp below 1.0 rounds down on 30% of the elements (65536
+    draws: the binomial spread is 0.0018), where rounding to nearest never moves."""
+    n = 65536
+    b = _bucket([n], torch.bfloat16)
+    b["param"].fill_(1.0)
+    b["grad"].fill_(1.0)
+    ulp = 2.0**-8  # bf16 spacing just below 1.0
+    b["hyper"][0] = 0.3 * ulp
+    OPS.sgd_step_(*_sgd_args(b, {}), None, 99)
+    moved = (b["param"].float() != 1.0).float().mean().item()
+    assert abs(moved - 0.3) < 0.01
+    assert set(b["param"].float().unique().tolist()) == {1.0 - ulp, 1.0}
+
+
+@gpu
+@pytest.mark.gpu
+def test_precision_arguments_are_checked():
+    b = _bucket([100, 7], torch.float32, states=("exp_avg", "exp_avg_sq"))
+    low = _bucket([100, 7], torch.bfloat16, states=("exp_avg", "exp_avg_sq"))
+    half = _bucket([100, 7], torch.float16, states=("exp_avg", "exp_avg_sq"))
+    cases = [
+        (b, b["param"].clone(), None, "master_param is for BFloat16 or Half"),
+        (low, low["param"].clone(), None, "master_param must be Float"),
+        (low, low["param"].float()[:-1], None, "master_param has"),
+        (half, None, 3, "sr_seed .stochastic rounding. is for BFloat16"),
+        (low, low["param"].float(), 3, "not both"),
+    ]
+    for bucket, master, seed, match in cases:
+        before = bucket["param"].clone()
+        with pytest.raises(RuntimeError, match=match):
+            OPS.adam_step_(*_adam_args(bucket, {}), master, seed)
+        assert torch.equal(bucket["param"], before) and int(bucket["seg_steps"].sum()) == 0
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("schedule", list(SCHEDULES))

@@ -42,8 +42,8 @@ def emulated(tmp_path_factory):
     )
     lib = torch.ops.fusedclr_emulated
     return types.SimpleNamespace(
-        sgd_step_=lambda *args: lib.sgd_step_(*args, RESIDENT_BLOCKS),
-        adam_step_=lambda *args: lib.adam_step_(*args, RESIDENT_BLOCKS),
+        sgd_step_=lambda *args: lib.sgd_step_(*args, resident=RESIDENT_BLOCKS),
+        adam_step_=lambda *args: lib.adam_step_(*args, resident=RESIDENT_BLOCKS),
         schedule_eval=lib.schedule_eval,
     )
 
@@ -100,3 +100,23 @@ def test_bf16_states(kind):
 @pytest.mark.parametrize("schedule", list(checks.SCHEDULES))
 def test_schedule_eval(schedule):
     checks.test_schedule_eval_matches_reference(schedule)
+
+
+@pytest.mark.parametrize("dtype", checks.LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_master_weights(kind, dtype):
+    checks.test_master_weights_match_reference(kind, dtype)
+
+
+@pytest.mark.parametrize("seed", [1234, 2**40 + 7])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_stochastic_rounding(kind, seed):
+    checks.test_stochastic_rounding_matches_reference(kind, seed)
+
+
+def test_stochastic_rounding_is_unbiased():
+    checks.test_stochastic_rounding_is_unbiased()
+
+
+def test_precision_arguments_are_checked():
+    checks.test_precision_arguments_are_checked()

@@ -9,6 +9,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <fusedclr/checks.h>
+#include <fusedclr/precision.h>
 #include <fusedclr/schedule.h>
 #include <fusedclr/switch.h>
 #include <fusedclr/update.h>
@@ -17,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 namespace fusedclr {
 namespace {
@@ -25,21 +28,6 @@ namespace {
 // overhead (~µs) outweighs the work.
 constexpr int64_t kGrainElements = 32768;
 
-
-void check_flat(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedclr: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous() && t.dim() == 1, "fusedclr: ", name,
-              " must be a contiguous 1-D flat buffer, got shape ", t.sizes());
-  TORCH_CHECK(t.numel() == like.numel(), "fusedclr: ", name, " has ", t.numel(),
-              " elements, the parameter buffer has ", like.numel());
-}
-
-void check_state(const at::Tensor& t, const char* name, const at::Tensor& param) {
-  check_flat(t, name, param);
-  const auto want = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(t.scalar_type() == want, "fusedclr: ", name, " must be ", want, " for ",
-              param.scalar_type(), " parameters, got ", t.scalar_type());
-}
 
 // Shared checks and bookkeeping of both optimizers; returns the schedule's
 // value and whether the step is skipped (found_inf).
@@ -54,6 +42,8 @@ StepSetup begin_step(const at::Tensor& param, const at::Tensor& grad, const at::
                      const at::Tensor& chunks, const std::optional<at::Tensor>& active,
                      const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(param.device().is_cpu(), "fusedclr: param must be a CPU tensor for the CPU kernel, got ",
+              param.device());
   check_flat(param, "param", param);
   check_flat(grad, "grad", param);
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "fusedclr: grad dtype ", grad.scalar_type(),
@@ -182,101 +172,117 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
-template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-FUSEDCLR_ALWAYS_INLINE void adam_loop(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
-                at::opmath_type<scalar_t>* __restrict__ m, at::opmath_type<scalar_t>* __restrict__ v,
-                at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin, int64_t end,
-                const AdamScalars<at::opmath_type<scalar_t>>& k) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  opmath_t unused = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    opmath_t pi = static_cast<opmath_t>(p[i]);
-    opmath_t mi = m[i];
-    opmath_t vi = v[i];
-    opmath_t& vm = AMSGRAD ? vmax[i] : unused;
-    adam_update<HAS_WD, DECOUPLED, AMSGRAD>(pi, static_cast<opmath_t>(g[i]), mi, vi, vm, k);
-    p[i] = static_cast<scalar_t>(pi);
-    m[i] = mi;
-    v[i] = vi;
-  }
-}
-
-// adam_range: the loop compiled for each instruction set, picked at run time
-// (see [note: CPU instruction sets]).
-template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-void adam_range_base(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
-    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
-    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
-  adam_loop<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+// [note: CPU loops]
+// Each update is a Loop struct whose static run() walks [begin, end) of the
+// flat buffers; run_loop<Loop> calls it through a function compiled for the
+// widest instruction set the CPU has [note: CPU instruction sets]. P is the
+// parameter type, S the state type (the math type, or bf16 [note: precision
+// opt-ins]), W how the parameter is written; `master` is read only under
+// ParamWrite::kMaster and `key` only under kStochastic.
+template <typename Loop, typename... A>
+void run_base(A... a) {
+  Loop::run(a...);
 }
 #ifdef FUSEDCLR_X86_MULTIVERSION
-template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-FUSEDCLR_TARGET_AVX2 void adam_range_avx2(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
-    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
-    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
-  adam_loop<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+template <typename Loop, typename... A>
+FUSEDCLR_TARGET_AVX2 void run_avx2(A... a) {
+  Loop::run(a...);
 }
-template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-FUSEDCLR_TARGET_AVX512 void adam_range_avx512(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
-    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
-    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
-  adam_loop<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+template <typename Loop, typename... A>
+FUSEDCLR_TARGET_AVX512 void run_avx512(A... a) {
+  Loop::run(a...);
 }
 #endif
-template <typename scalar_t, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-void adam_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ m,
-    at::opmath_type<scalar_t>* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ vmax, int64_t begin,
-    int64_t end, const AdamScalars<at::opmath_type<scalar_t>>& k) {
+template <typename Loop, typename... A>
+void run_loop(A... a) {
 #ifdef FUSEDCLR_X86_MULTIVERSION
   if (kIsa == Isa::kAvx512) {
-    return adam_range_avx512<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+    return run_avx512<Loop>(a...);
   }
   if (kIsa == Isa::kAvx2) {
-    return adam_range_avx2<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+    return run_avx2<Loop>(a...);
   }
 #endif
-  adam_range_base<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, k);
+  run_base<Loop>(a...);
 }
+
+template <typename P, typename S, ParamWrite W, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+struct AdamLoop {
+  using T = at::opmath_type<P>;
+  static FUSEDCLR_ALWAYS_INLINE void run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m,
+                                         S* __restrict__ v, S* __restrict__ vmax, float* __restrict__ master,
+                                         int64_t begin, int64_t end, const AdamScalars<T>* k, uint32_t key) {
+    float no_master = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      float& mst = W == ParamWrite::kMaster ? master[i] : no_master;
+      T pi = read_param<W, T>(p[i], mst);
+      T mi = static_cast<T>(m[i]);
+      T vi = static_cast<T>(v[i]);
+      T vmi = AMSGRAD ? static_cast<T>(vmax[i]) : T(0);
+      adam_update<HAS_WD, DECOUPLED, AMSGRAD>(pi, static_cast<T>(g[i]), mi, vi, vmi, *k);
+      p[i] = write_param<W, P>(pi, mst, key, i);
+      m[i] = static_cast<S>(mi);
+      v[i] = static_cast<S>(vi);
+      if (AMSGRAD) {
+        vmax[i] = static_cast<S>(vmi);
+      }
+    }
+  }
+};
 
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                    const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
                    const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
                    double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_state(exp_avg, "exp_avg", param);
-  check_state(exp_avg_sq, "exp_avg_sq", param);
-  if (max_exp_avg_sq.has_value()) {
-    check_state(*max_exp_avg_sq, "max_exp_avg_sq", param);
-  }
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
+  const bool amsgrad = max_exp_avg_sq.has_value();
+  const at::ScalarType state_dtype =
+      amsgrad ? check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
+                                     {&*max_exp_avg_sq, "max_exp_avg_sq"}})
+              : check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
+  check_precision(param, master_param, sr_seed);
   const StepSetup s = begin_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                  grad_scale, found_inf);
   if (s.skip) {
     return;
   }
   const int64_t* steps = seg_steps.data_ptr<int64_t>();
+  const int64_t seed = sr_seed.value_or(0);
+  float* master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* p = param.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    opmath_t* m = exp_avg.data_ptr<opmath_t>();
-    opmath_t* v = exp_avg_sq.data_ptr<opmath_t>();
-    opmath_t* vmax = max_exp_avg_sq.has_value() ? max_exp_avg_sq->data_ptr<opmath_t>() : nullptr;
+    using P = scalar_t;
+    using T = at::opmath_type<P>;
     struct Cache {  // per-task memo of the last segment's scalars
       int64_t step = -1;
-      AdamScalars<opmath_t> adam{};
+      AdamScalars<T> adam{};
+      uint32_t key = 0;
     };
-    FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
-      FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
-        FUSEDCLR_BOOL_SWITCH(vmax != nullptr, AMSGRAD, [&] {
-          for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
-            // Segments usually share one step count: recompute the bias corrections only when it changes.
-            if (cache.step != steps[seg]) {
-              cache.step = steps[seg];
-              cache.adam = adam_scalars<opmath_t>(s.lr, s.momentum, beta2, eps, weight_decay, cache.step,
-                                                  s.grad_scale, maximize);
-            }
-            adam_range<scalar_t, HAS_WD, DECOUPLED, AMSGRAD>(p, g, m, v, vmax, begin, end, cache.adam);
+    FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
+      using S = std::conditional_t<BF16_STATE && std::is_same_v<P, c10::BFloat16>, c10::BFloat16, T>;
+      P* p = param.data_ptr<P>();
+      const P* g = grad.data_ptr<P>();
+      S* m = static_cast<S*>(exp_avg.data_ptr());
+      S* v = static_cast<S*>(exp_avg_sq.data_ptr());
+      S* vmax = amsgrad ? static_cast<S*>(max_exp_avg_sq->data_ptr()) : nullptr;
+      switch_write<P>(master != nullptr, sr_seed.has_value(), [&](auto mode) {
+        constexpr ParamWrite W = decltype(mode)::value;
+        FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
+          FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
+            FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
+              for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
+                // Segments usually share one step count: recompute the bias corrections only when it changes.
+                if (cache.step != steps[seg]) {
+                  cache.step = steps[seg];
+                  cache.adam = adam_scalars<T>(s.lr, s.momentum, beta2, eps, weight_decay, cache.step,
+                                               s.grad_scale, maximize);
+                  cache.key = rounding_key(seed, cache.step);
+                }
+                run_loop<AdamLoop<P, S, W, HAS_WD, DECOUPLED, AMSGRAD>>(p, g, m, v, vmax, master, begin, end,
+                                                                         &cache.adam, cache.key);
+              });
+            });
           });
         });
       });
@@ -284,87 +290,75 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
   });
 }
 
-template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
-FUSEDCLR_ALWAYS_INLINE void sgd_loop(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
-               int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  opmath_t unused = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    opmath_t pi = static_cast<opmath_t>(p[i]);
-    opmath_t& b = USE_MOMENTUM ? buf[i] : unused;
-    sgd_update<HAS_WD, USE_MOMENTUM, NESTEROV>(pi, static_cast<opmath_t>(g[i]), b, k);
-    p[i] = static_cast<scalar_t>(pi);
+template <typename P, typename S, ParamWrite W, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
+struct SgdLoop {
+  using T = at::opmath_type<P>;
+  static FUSEDCLR_ALWAYS_INLINE void run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ buf,
+                                         float* __restrict__ master, int64_t begin, int64_t end,
+                                         const SgdScalars<T>* k, uint32_t key) {
+    float no_master = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      float& mst = W == ParamWrite::kMaster ? master[i] : no_master;
+      T pi = read_param<W, T>(p[i], mst);
+      T b = USE_MOMENTUM ? static_cast<T>(buf[i]) : T(0);
+      sgd_update<HAS_WD, USE_MOMENTUM, NESTEROV>(pi, static_cast<T>(g[i]), b, *k);
+      p[i] = write_param<W, P>(pi, mst, key, i);
+      if (USE_MOMENTUM) {
+        buf[i] = static_cast<S>(b);
+      }
+    }
   }
-}
-
-// sgd_range: the loop compiled for each instruction set, picked at run time
-// (see [note: CPU instruction sets]).
-template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
-void sgd_range_base(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
-    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
-  sgd_loop<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
-}
-#ifdef FUSEDCLR_X86_MULTIVERSION
-template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
-FUSEDCLR_TARGET_AVX2 void sgd_range_avx2(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
-    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
-  sgd_loop<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
-}
-template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
-FUSEDCLR_TARGET_AVX512 void sgd_range_avx512(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
-    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
-  sgd_loop<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
-}
-#endif
-template <typename scalar_t, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
-void sgd_range(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, at::opmath_type<scalar_t>* __restrict__ buf,
-    int64_t begin, int64_t end, const SgdScalars<at::opmath_type<scalar_t>>& k) {
-#ifdef FUSEDCLR_X86_MULTIVERSION
-  if (kIsa == Isa::kAvx512) {
-    return sgd_range_avx512<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
-  }
-  if (kIsa == Isa::kAvx2) {
-    return sgd_range_avx2<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
-  }
-#endif
-  sgd_range_base<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, k);
-}
+};
 
 void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                   const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
                   const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
                   double dampening, double weight_decay, bool nesterov, bool maximize,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (momentum_buffer.has_value()) {
-    check_state(*momentum_buffer, "momentum_buffer", param);
-  }
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
+  const at::ScalarType state_dtype = momentum_buffer.has_value()
+                                         ? check_states(param, {{&*momentum_buffer, "momentum_buffer"}})
+                                         : param.scalar_type();
+  check_precision(param, master_param, sr_seed);
   const StepSetup s = begin_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                  grad_scale, found_inf);
   if (s.skip) {
     return;
   }
   const int64_t* steps = seg_steps.data_ptr<int64_t>();
+  const int64_t seed = sr_seed.value_or(0);
+  float* master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
   // torch's SGD takes the momentum path only when momentum != 0 this step.
   const bool use_momentum = momentum_buffer.has_value() && s.momentum != 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* p = param.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    opmath_t* buf = use_momentum ? momentum_buffer->data_ptr<opmath_t>() : nullptr;
+    using P = scalar_t;
+    using T = at::opmath_type<P>;
     struct Cache {
       int64_t step = -1;
-      SgdScalars<opmath_t> sgd{};
+      SgdScalars<T> sgd{};
+      uint32_t key = 0;
     };
-    FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
-      FUSEDCLR_BOOL_SWITCH(use_momentum, USE_MOMENTUM, [&] {
-        FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-          for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
-            if (cache.step != steps[seg]) {
-              cache.step = steps[seg];
-              cache.sgd = sgd_scalars<opmath_t>(s.lr, s.momentum, dampening, weight_decay, cache.step,
-                                                s.grad_scale, maximize);
-            }
-            sgd_range<scalar_t, HAS_WD, USE_MOMENTUM, NESTEROV>(p, g, buf, begin, end, cache.sgd);
+    FUSEDCLR_BOOL_SWITCH(use_momentum && state_dtype == at::kBFloat16, BF16_STATE, [&] {
+      using S = std::conditional_t<BF16_STATE && std::is_same_v<P, c10::BFloat16>, c10::BFloat16, T>;
+      P* p = param.data_ptr<P>();
+      const P* g = grad.data_ptr<P>();
+      S* buf = use_momentum ? static_cast<S*>(momentum_buffer->data_ptr()) : nullptr;
+      switch_write<P>(master != nullptr, sr_seed.has_value(), [&](auto mode) {
+        constexpr ParamWrite W = decltype(mode)::value;
+        FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
+          FUSEDCLR_BOOL_SWITCH(use_momentum, USE_MOMENTUM, [&] {
+            FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
+              for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
+                if (cache.step != steps[seg]) {
+                  cache.step = steps[seg];
+                  cache.sgd = sgd_scalars<T>(s.lr, s.momentum, dampening, weight_decay, cache.step, s.grad_scale,
+                                             maximize);
+                  cache.key = rounding_key(seed, cache.step);
+                }
+                run_loop<SgdLoop<P, S, W, HAS_WD, USE_MOMENTUM, NESTEROV>>(p, g, buf, master, begin, end,
+                                                                           &cache.sgd, cache.key);
+              });
+            });
           });
         });
       });

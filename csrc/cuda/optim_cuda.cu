@@ -25,6 +25,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <fusedclr/checks.h>
+
 #include "optim_dispatch.cuh"
 
 #include <algorithm>
@@ -42,33 +44,6 @@ namespace {
 void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, "fusedclr: ", name, " must be on ", device, " with the parameters, got ",
               t.device(), "; move it with .to(param.device)");
-}
-
-void check_flat(const at::Tensor& t, const char* name, const at::Tensor& param) {
-  check_device(t, name, param.device());
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "fusedclr: ", name,
-              " must be a contiguous 1-D flat buffer, got shape ", t.sizes(), " with strides ", t.strides());
-  TORCH_CHECK(t.numel() == param.numel(), "fusedclr: ", name, " has ", t.numel(),
-              " elements, the parameter buffer has ", param.numel());
-}
-
-// States are kept in the math type (float for fp32/bf16/fp16 parameters,
-// double for fp64); bf16 parameters may also keep bf16 states (14 B/param
-// Adam, DESIGN.md section 4). All states of one call share one dtype.
-at::ScalarType check_states(const at::Tensor& param,
-                            std::initializer_list<std::pair<const at::Tensor*, const char*>> states) {
-  const at::ScalarType math = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::ScalarType first = states.begin()->first->scalar_type();
-  for (const auto& [t, name] : states) {
-    check_flat(*t, name, param);
-    const at::ScalarType dt = t->scalar_type();
-    TORCH_CHECK(dt == math || (dt == at::kBFloat16 && param.scalar_type() == at::kBFloat16), "fusedclr: ", name,
-                " must be ", math, param.scalar_type() == at::kBFloat16 ? " or BFloat16" : "", " for ",
-                param.scalar_type(), " parameters, got ", dt);
-    TORCH_CHECK(dt == first, "fusedclr: ", name, " is ", dt, " but ", states.begin()->second, " is ", first,
-                "; keep every state of a bucket in one dtype");
-  }
-  return first;
 }
 
 StepArgs check_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& seg_steps,
@@ -171,9 +146,11 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                     const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
                     const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
                     double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
   const StepArgs step = check_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                    grad_scale, found_inf, maximize);
+  check_precision(param, master_param, sr_seed);
   const bool amsgrad = max_exp_avg_sq.has_value();
   const at::ScalarType state_dtype =
       amsgrad ? check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
@@ -183,24 +160,26 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   advance_steps(seg_steps, step, stream);
   dispatch_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps, weight_decay,
-                decoupled, [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
+                decoupled, master_param, sr_seed, [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
 }
 
 void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                    const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
                    const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
                    double dampening, double weight_decay, bool nesterov, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
   const StepArgs step = check_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                    grad_scale, found_inf, maximize);
+  check_precision(param, master_param, sr_seed);
   const bool has_buf = momentum_buffer.has_value();
   const at::ScalarType state_dtype =
       has_buf ? check_states(param, {{&*momentum_buffer, "momentum_buffer"}}) : param.scalar_type();
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   advance_steps(seg_steps, step, stream);
-  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov,
-               [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
+  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
+               sr_seed, [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
 }
 
 at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& schedule_step) {

@@ -50,7 +50,8 @@ template <typename Launch>
 void dispatch_adam(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                    const StepArgs& step, at::ScalarType state_dtype, double beta2, double eps, double weight_decay,
-                   bool decoupled, Launch&& launch) {
+                   bool decoupled, const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed,
+                   Launch&& launch) {
   const bool amsgrad = max_exp_avg_sq.has_value();
   const bool has_wd = weight_decay != 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
@@ -64,15 +65,20 @@ void dispatch_adam(const at::Tensor& param, const at::Tensor& grad, const at::Te
       a.exp_avg = static_cast<state_t*>(exp_avg.data_ptr());
       a.exp_avg_sq = static_cast<state_t*>(exp_avg_sq.data_ptr());
       a.max_exp_avg_sq = amsgrad ? static_cast<state_t*>(max_exp_avg_sq->data_ptr()) : nullptr;
+      a.master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
+      a.sr_seed = sr_seed.value_or(0);
       a.beta2 = beta2;
       a.eps = eps;
       a.weight_decay = weight_decay;
       constexpr int vec = vec_width<param_t, state_t>();
-      FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
-        FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
-          FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
-            // Decoupled without weight decay is plain Adam: one kernel for both.
-            launch(adam_kernel<param_t, state_t, HAS_WD, HAS_WD && DECOUPLED, AMSGRAD>, a, vec);
+      switch_write<param_t>(master_param.has_value(), sr_seed.has_value(), [&](auto mode) {
+        constexpr ParamWrite W = decltype(mode)::value;
+        FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
+          FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
+            FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
+              // Decoupled without weight decay is plain Adam: one kernel for both.
+              launch(adam_kernel<param_t, state_t, W, HAS_WD, HAS_WD && DECOUPLED, AMSGRAD>, a, vec);
+            });
           });
         });
       });
@@ -83,7 +89,8 @@ void dispatch_adam(const at::Tensor& param, const at::Tensor& grad, const at::Te
 template <typename Launch>
 void dispatch_sgd(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                   const StepArgs& step, at::ScalarType state_dtype, double dampening, double weight_decay,
-                  bool nesterov, Launch&& launch) {
+                  bool nesterov, const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed,
+                  Launch&& launch) {
   const bool has_buf = momentum_buffer.has_value();
   const bool has_wd = weight_decay != 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
@@ -98,12 +105,17 @@ void dispatch_sgd(const at::Tensor& param, const at::Tensor& grad, const std::op
         a.param = param.data_ptr<param_t>();
         a.grad = grad.data_ptr<param_t>();
         a.momentum_buffer = HAS_BUF ? static_cast<state_t*>(momentum_buffer->data_ptr()) : nullptr;
+        a.master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
+        a.sr_seed = sr_seed.value_or(0);
         a.dampening = dampening;
         a.weight_decay = weight_decay;
         constexpr int vec = vec_width<param_t, state_t>();
-        FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
-          FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-            launch(sgd_kernel<param_t, state_t, HAS_BUF, HAS_WD, HAS_BUF && NESTEROV>, a, vec);
+        switch_write<param_t>(master_param.has_value(), sr_seed.has_value(), [&](auto mode) {
+          constexpr ParamWrite W = decltype(mode)::value;
+          FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
+            FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
+              launch(sgd_kernel<param_t, state_t, W, HAS_BUF, HAS_WD, HAS_BUF && NESTEROV>, a, vec);
+            });
           });
         });
       });

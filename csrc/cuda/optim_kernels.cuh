@@ -29,6 +29,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 
+#include <fusedclr/precision.h>
 #include <fusedclr/schedule.h>
 #include <fusedclr/update.h>
 
@@ -126,6 +127,44 @@ C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
   }
 }
 
+// N parameters from `param` (and, under kMaster, their masters) as math values
+// [note: precision opt-ins]. `master` is scratch for store_param.
+template <ParamWrite W, int N, bool V, typename P, typename T>
+C10_DEVICE C10_ALWAYS_INLINE void load_param(const P* param, const float* master_src, T (&p)[N],
+                                             float (&master)[N]) {
+  if constexpr (W == ParamWrite::kMaster) {
+    P raw[N];
+    load<N, V>(param, raw);
+    load<N, V>(master_src, master);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      p[e] = read_param<W, T>(raw[e], master[e]);
+    }
+  } else {
+    load<N, V>(param, p);
+  }
+}
+
+// Stores N updated math values as parameters of element index i.. (and their
+// masters under kMaster).
+template <ParamWrite W, int N, bool V, typename P, typename T>
+C10_DEVICE C10_ALWAYS_INLINE void store_param(P* param, float* master_dst, const T (&p)[N], float (&master)[N],
+                                              uint32_t key, int64_t i) {
+  if constexpr (W == ParamWrite::kRound) {
+    store<N, V>(param, p);
+  } else {
+    P out[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      out[e] = write_param<W, P>(p[e], master[e], key, i + e);
+    }
+    store<N, V>(param, out);
+    if constexpr (W == ParamWrite::kMaster) {
+      store<N, V>(master_dst, master);
+    }
+  }
+}
+
 // [note: step counters on CUDA] (optim_cuda.cu). Grid-stride, so a capped
 // grid covers any number of segments.
 constexpr int kAdvanceMaxBlocks = 1024;
@@ -151,12 +190,14 @@ struct AdamArgs {
   S* exp_avg;
   S* exp_avg_sq;
   S* max_exp_avg_sq;  // amsgrad only
+  float* master;      // ParamWrite::kMaster only [note: precision opt-ins]
+  int64_t sr_seed;    // ParamWrite::kStochastic only
   double beta2;
   double eps;
   double weight_decay;
 };
 
-template <typename P, typename S, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
+template <typename P, typename S, ParamWrite W, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) {
   using T = at::opmath_type<P>;
   constexpr int VEC = vec_width<P, S>();
@@ -167,13 +208,16 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) 
   for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi) {
     const AdamScalars<T> k = adam_scalars<T>(gv.lr, gv.momentum, a.beta2, a.eps, a.weight_decay, step,
                                              gv.grad_scale, a.step.maximize);
+    const uint32_t key = rounding_key(a.sr_seed, step);
     const bool aligned = aligned16(a.param + lo) && aligned16(a.grad + lo) && aligned16(a.exp_avg + lo) &&
-                         aligned16(a.exp_avg_sq + lo) && (!AMSGRAD || aligned16(a.max_exp_avg_sq + lo));
+                         aligned16(a.exp_avg_sq + lo) && (!AMSGRAD || aligned16(a.max_exp_avg_sq + lo)) &&
+                         (W != ParamWrite::kMaster || aligned16(a.master + lo));
     walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
       constexpr int N = decltype(width)::value;
       constexpr bool V = decltype(vectorized)::value;
       T p[N], g[N], m[N], v[N], vmax[N];
-      load<N, V>(a.param + i, p);
+      float master[N];
+      load_param<W, N, V>(a.param + i, a.master + i, p, master);
       load<N, V>(a.grad + i, g);
       load<N, V>(a.exp_avg + i, m);
       load<N, V>(a.exp_avg_sq + i, v);
@@ -184,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) 
       for (int e = 0; e < N; ++e) {
         adam_update<HAS_WD, DECOUPLED, AMSGRAD>(p[e], g[e], m[e], v[e], vmax[e], k);
       }
-      store<N, V>(a.param + i, p);
+      store_param<W, N, V>(a.param + i, a.master + i, p, master, key, i);
       store<N, V>(a.exp_avg + i, m);
       store<N, V>(a.exp_avg_sq + i, v);
       if constexpr (AMSGRAD) {
@@ -200,6 +244,8 @@ struct SgdArgs {
   P* param;
   const P* grad;
   S* momentum_buffer;  // HAS_BUF only
+  float* master;       // ParamWrite::kMaster only [note: precision opt-ins]
+  int64_t sr_seed;     // ParamWrite::kStochastic only
   double dampening;
   double weight_decay;
 };
@@ -207,7 +253,7 @@ struct SgdArgs {
 // HAS_BUF: a momentum buffer was given. Whether this step uses it depends on
 // the momentum value, which a schedule may move (to 0 even), so that choice is
 // a runtime branch, uniform over the whole launch.
-template <typename P, typename S, bool HAS_BUF, bool HAS_WD, bool NESTEROV>
+template <typename P, typename S, ParamWrite W, bool HAS_BUF, bool HAS_WD, bool NESTEROV>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
   using T = at::opmath_type<P>;
   constexpr int VEC = vec_width<P, S>();
@@ -219,15 +265,18 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
   for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi) {
     const SgdScalars<T> k =
         sgd_scalars<T>(gv.lr, gv.momentum, a.dampening, a.weight_decay, step, gv.grad_scale, a.step.maximize);
+    const uint32_t key = rounding_key(a.sr_seed, step);
     const auto update = [&](auto with_momentum) {
       constexpr bool MOM = decltype(with_momentum)::value;
       const bool aligned = aligned16(a.param + lo) && aligned16(a.grad + lo) &&
-                           (!MOM || aligned16(a.momentum_buffer + lo));
+                           (!MOM || aligned16(a.momentum_buffer + lo)) &&
+                           (W != ParamWrite::kMaster || aligned16(a.master + lo));
       walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
         constexpr int N = decltype(width)::value;
         constexpr bool V = decltype(vectorized)::value;
         T p[N], g[N], buf[N];
-        load<N, V>(a.param + i, p);
+        float master[N];
+        load_param<W, N, V>(a.param + i, a.master + i, p, master);
         load<N, V>(a.grad + i, g);
         if constexpr (MOM) {
           // The first step overwrites the buffer with the grad: skip the read.
@@ -244,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
         for (int e = 0; e < N; ++e) {
           sgd_update<HAS_WD, MOM, NESTEROV && MOM>(p[e], g[e], buf[e], k);
         }
-        store<N, V>(a.param + i, p);
+        store_param<W, N, V>(a.param + i, a.master + i, p, master, key, i);
         if constexpr (MOM) {
           store<N, V>(a.momentum_buffer + i, buf);
         }
