@@ -33,6 +33,7 @@ __all__ = [
     "Kind",
     "adam_step_",
     "adam_update_",
+    "check_precision",
     "mix32",
     "round_stochastic",
     "rounding_key",
@@ -308,7 +309,7 @@ def _begin(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor, activ
     per-element (go mask, step count, parameter and unscaled, sign-adjusted gradient in the
     math dtype). Under master weights the parameter is the master, unless the parameter was
     written outside the optimizer [note: precision opt-ins]."""
-    _check_precision(param, master_param, sr_seed)
+    check_precision(param, master_param, sr_seed)
     go_seg, steps = _advance(seg_steps, active, found_inf)
     ids = _segment_ids(chunks, param.numel())
     math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -330,8 +331,9 @@ def _begin(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor, activ
 _M32 = 0xFFFFFFFF
 
 
-def _check_precision(param: Tensor, master_param: Tensor | None, sr_seed: int | None) -> None:
-    """The checks of csrc/include/fusedclr/checks.h (check_precision)."""
+def check_precision(param: Tensor, master_param: Tensor | None, sr_seed: int | None) -> None:
+    """The precision opt-ins' argument checks, as ``fusedclr::check_precision``
+    (csrc/include/fusedclr/checks.h) makes them; the Triton ops use them too."""
     if master_param is not None:
         if param.dtype not in (torch.bfloat16, torch.float16):
             raise RuntimeError(f"fusedclr: master_param is for BFloat16 or Half parameters, got {param.dtype} "

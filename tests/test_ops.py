@@ -166,6 +166,15 @@ def test_opcheck_every_op():
                           _adam_args(_clone(b), active=torch.tensor([True, False]), grad_scale=torch.tensor(2.0),
                                      found_inf=torch.tensor(0.0)))
     torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, _sgd_args(_clone(b)))
+    # The precision opt-ins [note: precision opt-ins]: a mutated fp32 master, a seed with bf16 states.
+    low = _bucket([40, 9], dtype=torch.bfloat16, amsgrad=True)
+    master = low["param"].float()
+    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default, (*_adam_args(_clone(low)), master))
+    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, (*_sgd_args(_clone(low)), master.clone()))
+    bf16_states = {k: v.bfloat16() if k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and v is not None else v
+                   for k, v in _clone(low).items()}
+    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default, (*_adam_args(bf16_states), None, 7))
+    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, _sgd_args(_clone(low)), {"sr_seed": 2**40})
     torch.library.opcheck(torch.ops.fusedclr.schedule_eval.default,
                           (torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64), torch.tensor(3)))
 

@@ -123,7 +123,9 @@ class FlatOptimizerMixin:
     _STEP_IN_STATE: bool  # whether torch keeps a per-parameter "step" (Adam) or not (SGD)
     _step_supports_amp_scaling = True
 
-    def _init_flat(self, backend: str, max_grad_norm: float | None = None, skip_nonfinite: bool = False) -> None:
+    def _init_flat(self, backend: str, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                   state_dtype: torch.dtype | None = None, master_weights: bool = False,
+                   stochastic_rounding: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_grad_norm is not None:
@@ -133,9 +135,27 @@ class FlatOptimizerMixin:
                 raise ValueError(
                     f"Invalid max_grad_norm value: {max_grad_norm}; pass a positive finite norm, or None not to clip"
                 )
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
+        for name, flag in (("skip_nonfinite", skip_nonfinite), ("master_weights", master_weights),
+                           ("stochastic_rounding", stochastic_rounding)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if state_dtype is not None and not isinstance(state_dtype, torch.dtype):
+            raise TypeError(f"state_dtype must be a torch.dtype or None, got {type(state_dtype).__name__}")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"state_dtype must be None (float32 states), torch.float32 or torch.bfloat16, got {state_dtype}"
+            )
+        if master_weights and stochastic_rounding:
+            raise ValueError(
+                "pass master_weights=True or stochastic_rounding=True, not both: with master weights the "
+                "parameters are their fp32 masters rounded to nearest, and nothing is left to round stochastically"
+            )
         self.backend = backend
+        # [note: precision opt-ins] (csrc/include/fusedclr/precision.h)
+        self.state_dtype = state_dtype
+        self.master_weights = master_weights
+        self.stochastic_rounding = stochastic_rounding
+        self._sr_buckets = 0
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = skip_nonfinite
         self.last_grad_norm: Tensor | None = None
@@ -199,10 +219,25 @@ class FlatOptimizerMixin:
             by_key[(p.device, real_dtype(p), shard_key)].append(p)
         buckets = []
         for (_, dtype, shard_key), params in by_key.items():
-            state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             cls = Bucket if shard_key is None else ShardBucket
-            buckets.append(cls(params, self._state_names(group), state_dtype))
+            buckets.append(cls(params, self._state_names(group), self._bucket_state_dtype(dtype),
+                               master=self.master_weights and dtype in (torch.bfloat16, torch.float16),
+                               sr_seed=self._next_sr_seed() if self.stochastic_rounding and dtype == torch.bfloat16
+                               else None))
         return buckets
+
+    def _bucket_state_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """State dtype of a bucket of ``dtype`` parameters: bf16 only where asked and the parameters are bf16."""
+        if self.state_dtype == torch.bfloat16 and dtype == torch.bfloat16:
+            return torch.bfloat16
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def _next_sr_seed(self) -> int:
+        """A stochastic-rounding seed per bucket, from torch's initial seed: reproducible under
+        ``torch.manual_seed`` (so a resumed run draws the same bits) and without consuming
+        random numbers, which would shift the caller's random stream."""
+        self._sr_buckets += 1
+        return (torch.initial_seed() + 0x9E3779B97F4A7C15 * self._sr_buckets) % 2**63
 
     def _impl_for(self, device: torch.device) -> Callable[..., None]:
         fn = self._impl.get(device)
@@ -286,7 +321,7 @@ class FlatOptimizerMixin:
         launches = self._prepare_step()
         grad_scale, found_inf = self._guard_grads(grad_scale, found_inf)
         for fn, bucket, args in launches:
-            fn(*args, _on(grad_scale, bucket.device), _on(found_inf, bucket.device))
+            fn(*args, _on(grad_scale, bucket.device), _on(found_inf, bucket.device), bucket.master, bucket.sr_seed)
             bucket.finish_step()
         return loss
 
@@ -369,6 +404,8 @@ class FlatOptimizerMixin:
                 for i, p in enumerate(b.params):
                     placeholder = isinstance(b, ShardBucket) and p.requires_grad
                     entry = self._export_state(group, b, i, steps[i], placeholder)
+                    if entry and b.master is not None:
+                        entry["master_param"] = b.master_tensor(i)
                     if entry:
                         out[p] = entry
         return out
@@ -418,10 +455,10 @@ class FlatOptimizerMixin:
                             f"loaded state {key!r} of parameter {pi} in group {gi} has shape "
                             f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}"
                         )
-                    if key not in self._state_keys():
+                    if key not in self._state_keys() | {"master_param"}:
                         raise ValueError(
                             f"loaded state of parameter {pi} in group {gi} has unknown key {key!r}; "
-                            f"{type(self).__name__} keeps {sorted(self._state_keys())}"
+                            f"{type(self).__name__} keeps {sorted(self._state_keys() | {'master_param'})}"
                         )
         # The saved tensors as they are: torch.optim's load_state_dict casts every
         # floating state to its parameter's dtype, which for bf16/fp16 parameters
@@ -436,7 +473,13 @@ class FlatOptimizerMixin:
             for b in buckets:
                 steps = []
                 for i, p in enumerate(b.params):
-                    steps.append(self._import_state(group, b, i, loaded.get(p, {})))
+                    state = loaded.get(p, {})
+                    steps.append(self._import_state(group, b, i, state))
+                    if b.master is not None:
+                        # Without a saved master (a torch.optim checkpoint), start from the parameter.
+                        saved = state.get("master_param")
+                        value = b.param_views[i] if saved is None else b.local_value(saved, i)
+                        b.master_view(i).copy_(value)
                 b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))
                 b.hyper_cache = None
         self.state = defaultdict(dict)
@@ -450,6 +493,8 @@ class FlatOptimizerMixin:
             for b in buckets:
                 for i, p in enumerate(b.params):
                     live = {name: b.state_tensor(name, i) for name in b.states}
+                    if b.master is not None:
+                        live["master_param"] = b.master_tensor(i)
                     if self._STEP_IN_STATE:
                         live["step"] = b.seg_steps[i]
                     self.state[p] = live

@@ -39,8 +39,19 @@ elements run at 1.03 ns/element; torch's fused kernel over one 210M-element
 tensor is exactly as slow, and its 200 separately allocated tensors (whose
 page offsets happen to differ) take 0.52. :func:`_staggered_zeros` therefore
 places buffer ``slot`` at byte ``slot * STAGGER`` of a page, for the same
-0.50 ns/element. CUDA's allocator and the GPU's address hashing do not have
-this problem, so only CPU buffers are staggered.
+0.50 ns/element. A bucket has at most six streams (parameter, gradient, three
+Adam states and the fp32 master), so ``STAGGER`` = 640 keeps every pair at
+least 640 bytes apart within the page. CUDA's allocator and the GPU's address
+hashing do not have this problem, so only CPU buffers are staggered.
+
+[note: bucket precision]
+A bucket of bf16 or fp16 parameters may hold an fp32 ``master`` copy of its
+parameter buffer and, for bf16, bf16 state buffers or a stochastic-rounding
+seed; the kernels' side is [note: precision opt-ins]
+(csrc/include/fusedclr/precision.h). The master starts as the parameters'
+values, is exposed as the ``master_param`` state of every parameter and
+travels in ``state_dict()``; the kernels restart it from any parameter that
+was written outside the optimizer.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ from fusedclr import ops
 
 ALIGN = 16
 # Byte distance between the page offsets of a bucket's flat buffers [note: staggered buffers].
-STAGGER = 768
+STAGGER = 640
 PAGE = 4096
 CHUNK = {"cpu": 16384}
 DEFAULT_CHUNK = 8192
@@ -118,10 +129,14 @@ class Bucket:
     Args:
         params: the parameters, in the group's order.
         state_names: the per-element state buffers to allocate (``exp_avg``, ...).
-        state_dtype: dtype of the state buffers (fp32 for fp32/bf16/fp16 parameters).
+        state_dtype: dtype of the state buffers (fp32 for fp32/bf16/fp16
+            parameters, or bf16 for bf16 ones [note: bucket precision]).
+        master: keep an fp32 master copy of the parameters (bf16/fp16 only).
+        sr_seed: the stochastic-rounding seed of bf16 parameter writes, or ``None``.
     """
 
-    def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype) -> None:
+    def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype,
+                 master: bool = False, sr_seed: int | None = None) -> None:
         self.params = list(params)
         # The tensors whose elements the flat buffers hold: the parameters
         # themselves, or their local shards (ShardBucket).
@@ -141,15 +156,17 @@ class Bucket:
         # Allocate and fill everything before re-pointing any parameter, so a
         # failure (out of memory) leaves the model untouched.
         opts = {"device": self.device}
-        flat = _staggered_zeros(total, self.dtype, self.device, 0)
-        grad_flat = _staggered_zeros(total, self.dtype, self.device, 1)
-        self.states = {
-            name: _staggered_zeros(total, state_dtype, self.device, 2 + i) for i, name in enumerate(state_names)
-        }
+        self.state_dtype = state_dtype
+        self._slots = 0
+        flat = self._zeros(total, self.dtype)
+        grad_flat = self._zeros(total, self.dtype)
+        self.states = {name: self._zeros(total, state_dtype) for name in state_names}
         self.seg_steps = torch.zeros(len(self.params), dtype=torch.int64, **opts)
         with torch.no_grad():
             for t, off, n in zip(self.locals, offsets, numels):
                 flat[off : off + n].copy_(_flat_real(t.detach()))
+        self.master = self._zeros(total, torch.float32).copy_(flat) if master else None
+        self.sr_seed = sr_seed
 
         chunk = CHUNK.get(self.device.type, DEFAULT_CHUNK)
         rows = []
@@ -172,6 +189,12 @@ class Bucket:
         self.hyper_cache: tuple | None = None
         self.schedule: Tensor | None = None
         self.schedule_step: Tensor | None = None
+
+    def _zeros(self, total: int, dtype: torch.dtype) -> Tensor:
+        """A zero flat buffer in the bucket's next stagger slot [note: staggered buffers]."""
+        out = _staggered_zeros(total, dtype, self.device, self._slots)
+        self._slots += 1
+        return out
 
     def _locals(self) -> list[Tensor]:
         return self.params
@@ -203,9 +226,18 @@ class Bucket:
         """A loaded state tensor of parameter ``index`` in the shape of :meth:`state_view`."""
         return value.reshape(self.locals[index].shape)
 
-    def add_state(self, name: str, dtype: torch.dtype) -> None:
+    def master_view(self, index: int) -> Tensor:
+        """The fp32 master of parameter ``index`` (a view of ``master``), shaped like the parameter."""
+        off, n = self.offsets[index], self.numels[index]
+        return _shaped(self.master[off : off + n], self.locals[index])
+
+    def master_tensor(self, index: int) -> Tensor:
+        """The master as ``optimizer.state`` and ``state_dict()`` expose it (a live view)."""
+        return self.master_view(index)
+
+    def add_state(self, name: str) -> None:
         if name not in self.states:
-            self.states[name] = _staggered_zeros(self.flat.numel(), dtype, self.device, 2 + len(self.states))
+            self.states[name] = self._zeros(self.flat.numel(), self.state_dtype)
 
     # -- gradients -----------------------------------------------------------
 
@@ -316,7 +348,8 @@ class ShardBucket(Bucket):
     into the global one.
     """
 
-    def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype) -> None:
+    def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype,
+                 master: bool = False, sr_seed: int | None = None) -> None:
         from torch.distributed.tensor import Partial, Replicate
 
         first = params[0]
@@ -324,7 +357,7 @@ class ShardBucket(Bucket):
         # Shard(d) or _StridedShard placements contribute partial sums of squares; replicas do not.
         self.norm_placements = [Partial() if pl.is_shard() else Replicate() for pl in first.placements]
         self._live: list[Tensor] = []
-        super().__init__(params, state_names, state_dtype)
+        super().__init__(params, state_names, state_dtype, master, sr_seed)
 
     def _locals(self) -> list[Tensor]:
         with torch.no_grad():  # under no_grad, to_local() is the shard itself, not an autograd alias
@@ -334,13 +367,17 @@ class ShardBucket(Bucket):
         """Nothing: FSDP owns the parameters' storage; every step copies in and out."""
 
     def state_tensor(self, name: str, index: int) -> Tensor:
+        return self._as_dtensor(self.state_view(name, index), index)
+
+    def master_tensor(self, index: int) -> Tensor:
+        return self._as_dtensor(self.master_view(index), index)
+
+    def _as_dtensor(self, local: Tensor, index: int) -> Tensor:
         from torch.distributed.tensor import DTensor
 
         p = self.params[index]
-        return DTensor.from_local(
-            self.state_view(name, index), p.device_mesh, p.placements, run_check=False,
-            shape=p.shape, stride=p.stride(),
-        )
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
 
     def local_value(self, value: Tensor, index: int) -> Tensor:
         p = self.params[index]

@@ -75,7 +75,8 @@ class Adam(_AdamFlat, torch.optim.Adam):
 
     Takes torch's arguments (``foreach``, ``fused`` and ``capturable`` are
     accepted and ignored: the step is always fused and capturable) plus the
-    keyword-only ``backend``, ``max_grad_norm`` and ``skip_nonfinite`` (see
+    keyword-only ``backend``, ``max_grad_norm``, ``skip_nonfinite``,
+    ``state_dtype``, ``master_weights`` and ``stochastic_rounding`` (see
     :class:`AdamW`).
     """
 
@@ -85,9 +86,11 @@ class Adam(_AdamFlat, torch.optim.Adam):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, backend: str = "auto",
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False) -> None:
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 state_dtype: torch.dtype | None = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False) -> None:
         _check_supported(differentiable)
-        self._init_flat(backend, max_grad_norm, skip_nonfinite)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding)
         extra = {"decoupled_weight_decay": decoupled_weight_decay} if _ADAM_TAKES_DECOUPLED else {}
         if decoupled_weight_decay and not _ADAM_TAKES_DECOUPLED:
             self._DECOUPLED = True
@@ -124,6 +127,20 @@ class AdamW(_AdamFlat, torch.optim.AdamW):
             the float range (~1.8e19 in float32). Or-ed with a GradScaler's
             ``found_inf``. Without it, as in torch, NaN and inf propagate into
             the parameters.
+        state_dtype: ``None`` (default) or ``torch.float32``: fp32 states (fp64
+            for fp64 parameters). ``torch.bfloat16``: buckets of bf16
+            parameters keep their states in bf16 (the math stays fp32; 14
+            instead of 22 bytes per parameter per step). Other buckets keep fp32.
+        master_weights: buckets of bf16 and fp16 parameters keep an fp32
+            master copy, updated in fp32; the parameter is the master rounded to
+            nearest, so updates below half an ulp of the parameter accumulate.
+            The master is the ``master_param`` state in ``optimizer.state`` and
+            ``state_dict()``. A parameter written outside the optimizer (e.g.
+            ``model.load_state_dict``) wins: its master restarts from it.
+        stochastic_rounding: bf16 parameters are written with stochastic
+            rounding (unbiased in expectation), from a counter-based hash of
+            (seed, step, element), so runs are reproducible: the seed derives
+            from ``torch.initial_seed()``. Not with ``master_weights``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -138,8 +155,9 @@ class AdamW(_AdamFlat, torch.optim.AdamW):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, backend: str = "auto", max_grad_norm: float | None = None,
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, state_dtype: torch.dtype | None = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False) -> None:
         _check_supported(differentiable)
-        self._init_flat(backend, max_grad_norm, skip_nonfinite)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused)

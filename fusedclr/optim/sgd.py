@@ -18,8 +18,9 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     The momentum buffer is allocated when the group's momentum is non-zero or an
     attached schedule cycles momentum; its first update copies the gradient, as
     torch's does. Takes torch's arguments (``foreach`` and ``fused`` are accepted
-    and ignored) plus the keyword-only ``backend``, ``max_grad_norm`` and
-    ``skip_nonfinite`` (see :class:`fusedclr.AdamW`).
+    and ignored) plus the keyword-only ``backend``, ``max_grad_norm``,
+    ``skip_nonfinite``, ``state_dtype``, ``master_weights`` and
+    ``stochastic_rounding`` (see :class:`fusedclr.AdamW`).
     """
 
     _OP = "sgd_step_"
@@ -28,10 +29,12 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 backend: str = "auto", max_grad_norm: float | None = None, skip_nonfinite: bool = False) -> None:
+                 backend: str = "auto", max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 state_dtype: torch.dtype | None = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False) -> None:
         if differentiable:
             raise ValueError("fusedclr optimizers do not support differentiable=True; use torch.optim for that")
-        self._init_flat(backend, max_grad_norm, skip_nonfinite)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
 
@@ -47,7 +50,7 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
 
     def _ensure_buffer(self, b: Bucket) -> None:
         if "momentum_buffer" not in b.states:
-            b.add_state("momentum_buffer", torch.float64 if b.dtype == torch.float64 else torch.float32)
+            b.add_state("momentum_buffer")
             # The buffer starts like torch's None: the next step of each segment copies the grad.
             b.seg_steps.zero_()
             self._bind_state()
