@@ -563,13 +563,18 @@ def test_kernels_compile_for_sm90():
     ptrs = {"seg_steps_ptr": "*i64", "chunks_ptr": "*i64", "hyper_ptr": "*fp64", "schedule_ptr": "*fp64",
             "schedule_step_ptr": "*i64", "active_ptr": "*i1", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
     flags = {"HAS_ACTIVE": True, "HAS_GRAD_SCALE": True, "HAS_FOUND_INF": True, "MATH_F64": False, "BLOCK": 1024}
+    adam = {"BETA2": 0.999, "EPS": 1e-8, "WEIGHT_DECAY": 1e-2, "DECOUPLED": True, "AMSGRAD": True, "MAXIMIZE": False}
+    sgd = {"DAMPENING": 0.1, "WEIGHT_DECAY": 1e-2, "NESTEROV": True, "MAXIMIZE": True, "HAS_MOMENTUM_BUFFER": True}
     kernels = [
         (_adam_kernel.fn, {"param_ptr": "*bf16", "grad_ptr": "*bf16", "exp_avg_ptr": "*fp32",
-                           "exp_avg_sq_ptr": "*fp32", "max_exp_avg_sq_ptr": "*fp32"},
-         {"BETA2": 0.999, "EPS": 1e-8, "WEIGHT_DECAY": 1e-2, "DECOUPLED": True, "AMSGRAD": True,
-          "MAXIMIZE": False}),
+                           "exp_avg_sq_ptr": "*fp32", "max_exp_avg_sq_ptr": "*fp32"}, {**adam, "WRITE": 0}),
         (_sgd_kernel.fn, {"param_ptr": "*fp32", "grad_ptr": "*fp32", "momentum_buffer_ptr": "*fp32"},
-         {"DAMPENING": 0.1, "WEIGHT_DECAY": 1e-2, "NESTEROV": True, "MAXIMIZE": True, "HAS_MOMENTUM_BUFFER": True}),
+         {**sgd, "WRITE": 0}),
+        # The precision opt-ins: bf16 states with stochastic rounding; fp16 with an fp32 master.
+        (_adam_kernel.fn, {"param_ptr": "*bf16", "grad_ptr": "*bf16", "exp_avg_ptr": "*bf16",
+                           "exp_avg_sq_ptr": "*bf16", "max_exp_avg_sq_ptr": "*bf16"}, {**adam, "WRITE": 2}),
+        (_sgd_kernel.fn, {"param_ptr": "*fp16", "grad_ptr": "*fp16", "momentum_buffer_ptr": "*fp32",
+                          "master_ptr": "*fp32"}, {**sgd, "WRITE": 1}),
     ]
     for fn, bufs, opts in kernels:
         consts = {**opts, **flags}
@@ -592,7 +597,7 @@ def test_kernels_compile_for_sm90():
     print("compiled _advance_steps_kernel")
     """, {})
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 3, result.stdout
+    assert result.stdout.count("compiled") == 5, result.stdout
 
 
 @needs_kernels
@@ -657,3 +662,72 @@ def test_optimizer_with_triton_backend_and_in_kernel_one_cycle_matches_torch(cls
         s_ref.step()
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p.detach(), q.detach())
+
+
+# --------------------------------------------------------------------------
+# Precision opt-ins [note: precision opt-ins]: the CUDA suite's checks, on Triton
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def on_triton(monkeypatch):
+    import test_cuda as checks
+
+    monkeypatch.setattr(checks, "OPS", ft)
+    monkeypatch.setattr(checks, "DEVICE", DEVICE)
+    # Ragged around this module's BLOCK, small enough for the interpreter.
+    monkeypatch.setattr(checks, "RAGGED", [3 * BLOCK + 17, 1, 64, 1000, 5, 2 * BLOCK + 1])
+    return checks
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_bf16_states(on_triton, kind):
+    on_triton.test_bf16_states(kind)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_master_weights(on_triton, kind, dtype):
+    on_triton.test_master_weights_match_reference(kind, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed", [1234, 2**40 + 7])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_stochastic_rounding(on_triton, kind, seed):
+    on_triton.test_stochastic_rounding_matches_reference(kind, seed)
+
+
+@needs_kernels
+def test_stochastic_rounding_is_unbiased(on_triton):
+    on_triton.test_stochastic_rounding_is_unbiased()
+
+
+@needs_kernels
+@pytest.mark.parametrize("option", [{"master_weights": True}, {"stochastic_rounding": True},
+                                    {"state_dtype": torch.bfloat16}], ids=lambda o: next(iter(o)))
+def test_optimizer_precision_options_match_the_reference_backend(option):
+    """fusedclr.AdamW(backend="triton") on bf16 parameters with each opt-in against backend="reference"."""
+    import fusedclr
+
+    runs = []
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)  # the stochastic-rounding seed derives from it
+        ps = [torch.nn.Parameter(torch.randn(s, device=DEVICE).bfloat16()) for s in [(37,), (5, 3), (300,)]]
+        opt = fusedclr.AdamW(ps, lr=0.01, backend=backend, **option)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in ps:
+                p.grad.copy_(torch.randn(p.shape, generator=gen).to(DEVICE))
+            opt.step()
+        runs.append((ps, opt))
+    (ours, opt), (want, ref_opt) = runs
+    for p, q in zip(ours, want):
+        torch.testing.assert_close(p.detach(), q.detach(), **LOW_TOL[torch.bfloat16])
+        for key, value in ref_opt.state[q].items():
+            got = opt.state[p][key]
+            assert got.dtype == value.dtype, key
+            if key != "step":
+                torch.testing.assert_close(got, value, **LOW_TOL[torch.bfloat16], msg=lambda m, k=key: f"{k}: {m}")

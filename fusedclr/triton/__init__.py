@@ -105,10 +105,12 @@ def sgd_step_(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    master_param: Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """Triton ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract)."""
     _load().sgd_step_(param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
-                      dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
+                      dampening, weight_decay, nesterov, maximize, grad_scale, found_inf, master_param, sr_seed)
 
 
 def adam_step_(
@@ -130,7 +132,10 @@ def adam_step_(
     maximize: bool,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    master_param: Tensor | None = None,
+    sr_seed: int | None = None,
 ) -> None:
     """Triton ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract)."""
     _load().adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
-                       schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf)
+                       schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf,
+                       master_param, sr_seed)

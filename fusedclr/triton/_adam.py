@@ -15,8 +15,11 @@ from fusedclr.triton._common import (
     chunk_row,
     div,
     edge_lanes,
+    load_param,
+    rounding_key,
     sqrt,
     store,
+    store_param,
     to_math,
     update_configs,
 )
@@ -32,6 +35,8 @@ def _adam_tile(
     exp_avg_ptr,
     exp_avg_sq_ptr,
     max_exp_avg_sq_ptr,
+    master_ptr,
+    key,
     grad_scale,
     weight,
     weight_small,
@@ -46,8 +51,9 @@ def _adam_tile(
     MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     MATH_F64: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
-    p = to_math(tl.load(param_ptr + idx, mask=mask), MATH_F64)
+    p = load_param(param_ptr, master_ptr, idx, mask, WRITE, MATH_F64)
     g = to_math(tl.load(grad_ptr + idx, mask=mask), MATH_F64)
     if HAS_GRAD_SCALE:
         g = div(g, grad_scale, MATH_F64)
@@ -73,15 +79,15 @@ def _adam_tile(
     p = p - div(m * step_size, denom, MATH_F64)
     store(exp_avg_ptr + idx, m, mask)
     store(exp_avg_sq_ptr + idx, v, mask)
-    store(param_ptr + idx, p, mask)
+    store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE)
 
 
 @triton.autotune(
     configs=update_configs(),
     key=["numel"],
-    restore_value=["param_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr"],
+    restore_value=["param_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr", "master_ptr"],
 )
-@triton.jit(do_not_specialize=["numel"])
+@triton.jit(do_not_specialize=["numel", "sr_seed"])
 def _adam_kernel(
     param_ptr,
     grad_ptr,
@@ -96,6 +102,8 @@ def _adam_kernel(
     schedule_step_ptr,
     grad_scale_ptr,
     found_inf_ptr,
+    master_ptr,
+    sr_seed,
     numel,
     BETA2: tl.constexpr,
     EPS: tl.constexpr,
@@ -107,12 +115,14 @@ def _adam_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     MATH_F64: tl.constexpr,
+    WRITE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One program per chunk; ``numel`` is only the autotuning key."""
     seg, begin, end = chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE, HAS_FOUND_INF)
     lr, beta1 = _lr_and_momentum(hyper_ptr, schedule_ptr, schedule_step_ptr)
     step = tl.load(seg_steps_ptr + seg) + 1
+    key = rounding_key(sr_seed, step)
     # Per-segment scalars in float64, as torch computes them in Python floats,
     # then cast to the math type as torch casts a Python scalar.
     bias_correction1 = 1.0 - _ipow(beta1, step)
@@ -129,10 +139,10 @@ def _adam_kernel(
     lo, hi = aligned_bounds(begin, end)
     for off in range(lo, hi, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        _adam_tile(idx, idx < hi, param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, grad_scale,
-                   weight, weight_small, decay, step_size, bc2_sqrt, BETA2, EPS, WEIGHT_DECAY, DECOUPLED, AMSGRAD,
-                   MAXIMIZE, HAS_GRAD_SCALE, MATH_F64)
+        _adam_tile(idx, idx < hi, param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr,
+                   key, grad_scale, weight, weight_small, decay, step_size, bc2_sqrt, BETA2, EPS, WEIGHT_DECAY,
+                   DECOUPLED, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, MATH_F64, WRITE)
     idx, mask = edge_lanes(begin, end, lo, hi)
-    _adam_tile(idx, mask, param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, grad_scale, weight,
-               weight_small, decay, step_size, bc2_sqrt, BETA2, EPS, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE,
-               HAS_GRAD_SCALE, MATH_F64)
+    _adam_tile(idx, mask, param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, key,
+               grad_scale, weight, weight_small, decay, step_size, bc2_sqrt, BETA2, EPS, WEIGHT_DECAY, DECOUPLED,
+               AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, MATH_F64, WRITE)

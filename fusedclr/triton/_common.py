@@ -127,6 +127,70 @@ def store(ptrs, x, mask):
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
+# [note: precision opt-ins] (csrc/include/fusedclr/precision.h): how the
+# parameter is written, a constexpr of the update kernels. Same values as
+# fusedclr::ParamWrite.
+WRITE_ROUND = 0
+WRITE_MASTER = 1
+WRITE_STOCHASTIC = 2
+
+
+@triton.jit
+def _mix32(x):
+    """``fusedclr::mix32`` on uint32 tensors (multiplication wraps modulo 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def rounding_key(sr_seed, step):
+    """``fusedclr::rounding_key``: the per-(seed, step) key of the stochastic-rounding hash.
+
+    ``sr_seed`` arrives reduced modulo 2**32 (the launchers' ``_seed_bits``); the
+    int64 ``step`` is truncated to its low 32 bits, as C++'s cast does.
+    """
+    step_bits = step.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)
+    return _mix32(sr_seed.to(tl.uint32) ^ _mix32(step_bits))
+
+
+@triton.jit
+def _round_stochastic(x, key, idx):
+    """float32 -> bfloat16 rounded stochastically, bit for bit ``fusedclr::round_stochastic``."""
+    bits = x.to(tl.uint32, bitcast=True)
+    noise = _mix32(key ^ idx.to(tl.uint32)) >> 16
+    up = ((bits + noise) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, _bf16_rtne(x), up)
+
+
+@triton.jit
+def load_param(param_ptr, master_ptr, idx, mask, WRITE: tl.constexpr, MATH_F64: tl.constexpr):
+    """The parameters as math values: under master weights the master, unless the parameter
+    no longer holds its rounding (written outside the optimizer)."""
+    p = to_math(tl.load(param_ptr + idx, mask=mask), MATH_F64)
+    if WRITE == 1:
+        master = tl.load(master_ptr + idx, mask=mask)
+        if param_ptr.dtype.element_ty == tl.bfloat16:
+            rounded = _bf16_rtne(master)
+        else:
+            rounded = master.to(param_ptr.dtype.element_ty)
+        p = tl.where(rounded.to(tl.float32) == p, master, p)
+    return p
+
+
+@triton.jit
+def store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE: tl.constexpr):
+    """Stores updated math values as parameters (and masters), as ``fusedclr::write_param``."""
+    if WRITE == 1:
+        tl.store(master_ptr + idx, p, mask=mask)
+    if WRITE == 2:
+        tl.store(param_ptr + idx, _round_stochastic(p, key, idx), mask=mask)
+    else:
+        store(param_ptr + idx, p, mask)
+
+
 @triton.jit
 def chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
     """(segment, begin, end) of this program's chunk, with ``end = begin`` when the

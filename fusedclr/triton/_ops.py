@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op, wrap_triton
 
+from fusedclr import reference
 from fusedclr.triton import _common
 from fusedclr.triton._adam import _adam_kernel
 from fusedclr.triton._common import ADVANCE_BLOCK, _advance_steps_kernel
@@ -124,7 +125,35 @@ def _check_common(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor
     floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     _check_small("grad_scale", grad_scale, param, floats, 1)
     _check_small("found_inf", found_inf, param, floats, 1)
-    return (torch.float64,) if param.dtype == torch.float64 else (torch.float32,)
+    if param.dtype == torch.float64:
+        return (torch.float64,)
+    # bf16 parameters may keep bf16 states [note: precision opt-ins].
+    return (torch.float32, torch.bfloat16) if param.dtype == torch.bfloat16 else (torch.float32,)
+
+
+def _check_states(param: Tensor, dtypes: tuple[torch.dtype, ...], **states: Optional[Tensor]) -> None:
+    """Every given state is a flat buffer of an allowed dtype, all of one dtype."""
+    given = {name: t for name, t in states.items() if t is not None}
+    for name, t in given.items():
+        _check_flat(name, t, param, dtypes)
+    if len({t.dtype for t in given.values()}) > 1:
+        raise TypeError("fusedclr.triton: the states have dtypes "
+                        f"{ {name: t.dtype for name, t in given.items()} }; keep every state of a bucket in one dtype")
+
+
+def _write_mode(param: Tensor, master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
+    """The kernels' WRITE constexpr, after the reference's checks of the precision opt-ins."""
+    if master_param is not None:
+        _check_flat("master_param", master_param, param, (torch.float32,))
+    reference.check_precision(param, master_param, sr_seed)
+    if sr_seed is not None:
+        return _common.WRITE_STOCHASTIC
+    return _common.WRITE_ROUND if master_param is None else _common.WRITE_MASTER
+
+
+def _seed_bits(sr_seed: Optional[int]) -> int:
+    """The seed modulo 2**32, as C++'s uint32_t cast takes it."""
+    return 0 if sr_seed is None else int(sr_seed) & 0xFFFFFFFF
 
 
 def _skip_launch(param: Tensor) -> bool:
@@ -160,21 +189,22 @@ def _advance(launch, seg_steps: Tensor, active: Optional[Tensor], found_inf: Opt
 def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], seg_steps: Tensor,
               chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
               dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-              grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+              grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
+              sr_seed: Optional[int] = None) -> None:
     state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                  grad_scale, found_inf)
-    if momentum_buffer is not None:
-        _check_flat("momentum_buffer", momentum_buffer, param, state_dtypes)
+    _check_states(param, state_dtypes, momentum_buffer=momentum_buffer)
+    write = _write_mode(param, master_param, sr_seed)
     if _skip_launch(param):
         return
     if chunks.shape[0] > 0:
         launch(_sgd_kernel)[(chunks.shape[0],)](
             param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
-            grad_scale, found_inf, param.numel(),
+            grad_scale, found_inf, master_param, _seed_bits(sr_seed), param.numel(),
             DAMPENING=float(dampening), WEIGHT_DECAY=float(weight_decay), NESTEROV=bool(nesterov),
             MAXIMIZE=bool(maximize), HAS_MOMENTUM_BUFFER=momentum_buffer is not None,
             HAS_ACTIVE=active is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, MATH_F64=param.dtype == torch.float64,
+            HAS_FOUND_INF=found_inf is not None, MATH_F64=param.dtype == torch.float64, WRITE=write,
         )
     _advance(launch, seg_steps, active, found_inf)
 
@@ -183,23 +213,22 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
                max_exp_avg_sq: Optional[Tensor], seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor],
                hyper: Tensor, schedule: Tensor, schedule_step: Tensor, beta2: float, eps: float,
                weight_decay: float, decoupled: bool, maximize: bool, grad_scale: Optional[Tensor],
-               found_inf: Optional[Tensor]) -> None:
+               found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
+               sr_seed: Optional[int] = None) -> None:
     state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                  grad_scale, found_inf)
-    _check_flat("exp_avg", exp_avg, param, state_dtypes)
-    _check_flat("exp_avg_sq", exp_avg_sq, param, state_dtypes)
-    if max_exp_avg_sq is not None:
-        _check_flat("max_exp_avg_sq", max_exp_avg_sq, param, state_dtypes)
+    _check_states(param, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
+    write = _write_mode(param, master_param, sr_seed)
     if _skip_launch(param):
         return
     if chunks.shape[0] > 0:
         launch(_adam_kernel)[(chunks.shape[0],)](
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper, schedule,
-            schedule_step, grad_scale, found_inf, param.numel(),
+            schedule_step, grad_scale, found_inf, master_param, _seed_bits(sr_seed), param.numel(),
             BETA2=float(beta2), EPS=float(eps), WEIGHT_DECAY=float(weight_decay), DECOUPLED=bool(decoupled),
             AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=bool(maximize), HAS_ACTIVE=active is not None,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            MATH_F64=param.dtype == torch.float64,
+            MATH_F64=param.dtype == torch.float64, WRITE=write,
         )
     _advance(launch, seg_steps, active, found_inf)
 
@@ -209,23 +238,25 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
 # --------------------------------------------------------------------------
 
 
-@triton_op("fusedclr::triton_sgd_step_", mutates_args={"param", "momentum_buffer", "seg_steps"})
+@triton_op("fusedclr::triton_sgd_step_", mutates_args={"param", "momentum_buffer", "seg_steps", "master_param"})
 def _sgd_op(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], seg_steps: Tensor, chunks: Tensor,
             active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor, dampening: float,
             weight_decay: float, nesterov: bool, maximize: bool, grad_scale: Optional[Tensor],
-            found_inf: Optional[Tensor]) -> None:
+            found_inf: Optional[Tensor], master_param: Optional[Tensor] = None, sr_seed: Optional[int] = None) -> None:
     _sgd_body(wrap_triton, param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
-              dampening, weight_decay, nesterov, maximize, grad_scale, found_inf)
+              dampening, weight_decay, nesterov, maximize, grad_scale, found_inf, master_param, sr_seed)
 
 
 @triton_op("fusedclr::triton_adam_step_",
-           mutates_args={"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "seg_steps"})
+           mutates_args={"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "seg_steps", "master_param"})
 def _adam_op(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor],
              seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor,
              schedule_step: Tensor, beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool,
-             grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+             grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
+             sr_seed: Optional[int] = None) -> None:
     _adam_body(wrap_triton, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
-               schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf)
+               schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf,
+               master_param, sr_seed)
 
 
 def _direct(kernel):

@@ -10,7 +10,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedclr.triton._common import aligned_bounds, chunk_row, div, edge_lanes, store, to_math, update_configs
+from fusedclr.triton._common import (
+    aligned_bounds,
+    chunk_row,
+    div,
+    edge_lanes,
+    load_param,
+    rounding_key,
+    store,
+    store_param,
+    to_math,
+    update_configs,
+)
 from fusedclr.triton._schedule import _lr_and_momentum
 
 
@@ -21,6 +32,8 @@ def _sgd_tile(
     param_ptr,
     grad_ptr,
     momentum_buffer_ptr,
+    master_ptr,
+    key,
     grad_scale,
     neg_lr,
     momentum,
@@ -33,8 +46,9 @@ def _sgd_tile(
     HAS_MOMENTUM_BUFFER: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     MATH_F64: tl.constexpr,
+    WRITE: tl.constexpr,
 ):
-    p = to_math(tl.load(param_ptr + idx, mask=mask), MATH_F64)
+    p = load_param(param_ptr, master_ptr, idx, mask, WRITE, MATH_F64)
     g = to_math(tl.load(grad_ptr + idx, mask=mask), MATH_F64)
     if HAS_GRAD_SCALE:
         g = div(g, grad_scale, MATH_F64)
@@ -56,15 +70,15 @@ def _sgd_tile(
         g = tl.where(use_momentum, stepped, g)
         store(momentum_buffer_ptr + idx, buf, tl.where(use_momentum, mask, False))
     p = p + g * neg_lr
-    store(param_ptr + idx, p, mask)
+    store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE)
 
 
 @triton.autotune(
     configs=update_configs(),
     key=["numel"],
-    restore_value=["param_ptr", "momentum_buffer_ptr"],
+    restore_value=["param_ptr", "momentum_buffer_ptr", "master_ptr"],
 )
-@triton.jit(do_not_specialize=["numel"])
+@triton.jit(do_not_specialize=["numel", "sr_seed"])
 def _sgd_kernel(
     param_ptr,
     grad_ptr,
@@ -77,6 +91,8 @@ def _sgd_kernel(
     schedule_step_ptr,
     grad_scale_ptr,
     found_inf_ptr,
+    master_ptr,
+    sr_seed,
     numel,
     DAMPENING: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
@@ -87,12 +103,15 @@ def _sgd_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     MATH_F64: tl.constexpr,
+    WRITE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One program per chunk; ``numel`` is only the autotuning key."""
     seg, begin, end = chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE, HAS_FOUND_INF)
     lr, momentum = _lr_and_momentum(hyper_ptr, schedule_ptr, schedule_step_ptr)
-    first = tl.load(seg_steps_ptr + seg) + 1 <= 1
+    step = tl.load(seg_steps_ptr + seg) + 1
+    first = step <= 1
+    key = rounding_key(sr_seed, step)
     use_momentum = momentum != 0.0
     # torch casts the Python-float scalars to the math type: p.add(g, alpha=-lr), buf.mul_(momentum).
     neg_lr = to_math(-lr, MATH_F64)
@@ -103,9 +122,10 @@ def _sgd_kernel(
     lo, hi = aligned_bounds(begin, end)
     for off in range(lo, hi, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        _sgd_tile(idx, idx < hi, param_ptr, grad_ptr, momentum_buffer_ptr, grad_scale, neg_lr, momentum,
-                  use_momentum, first, DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE, HAS_MOMENTUM_BUFFER,
-                  HAS_GRAD_SCALE, MATH_F64)
+        _sgd_tile(idx, idx < hi, param_ptr, grad_ptr, momentum_buffer_ptr, master_ptr, key, grad_scale, neg_lr,
+                  momentum, use_momentum, first, DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE, HAS_MOMENTUM_BUFFER,
+                  HAS_GRAD_SCALE, MATH_F64, WRITE)
     idx, mask = edge_lanes(begin, end, lo, hi)
-    _sgd_tile(idx, mask, param_ptr, grad_ptr, momentum_buffer_ptr, grad_scale, neg_lr, momentum, use_momentum,
-              first, DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE, HAS_MOMENTUM_BUFFER, HAS_GRAD_SCALE, MATH_F64)
+    _sgd_tile(idx, mask, param_ptr, grad_ptr, momentum_buffer_ptr, master_ptr, key, grad_scale, neg_lr, momentum,
+              use_momentum, first, DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE, HAS_MOMENTUM_BUFFER, HAS_GRAD_SCALE,
+              MATH_F64, WRITE)
