@@ -4,8 +4,10 @@
 # results into one folder:
 #   env.json          torch / CUDA / GPU versions
 #   build.log         the in-place build
-#   junit_gpu.xml     the GPU tests, JUnit
-#   gpu_tests.json    the same, summarized (counts, failures)
+#   junit_gpu.xml     the GPU tests (pytest -m gpu), JUnit
+#   junit_triton.xml  tests/test_triton.py with compiled kernels (its own process:
+#                     the interpreter is chosen per process), JUnit
+#   gpu_tests.json    both, summarized (counts, failures)
 #   bench_cuda.json   the benchmark (and bench_cuda.png), when `fusedclr bench` exists
 #   summary.json      what ran and how it ended
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]   (default: $OUT, else fusedclr-out/gpu)
@@ -61,18 +63,31 @@ fi
 
 if [ "$build_rc" -eq 0 ]; then
   echo "== GPU tests"
-  "$PY" -m pytest -m gpu tests/ -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/junit_gpu.xml"
+  "$PY" -m pytest -m gpu tests/ --ignore=tests/test_triton.py -q -rs -p no:cacheprovider \
+    --junitxml="$OUT_DIR/junit_gpu.xml"
   tests_rc=$?
-  "$PY" - "$OUT_DIR/junit_gpu.xml" "$OUT_DIR/gpu_tests.json" <<'PY'
-import json, sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root)
-out = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-out["time_s"] = round(sum(float(s.get("time", 0)) for s in suites), 2)
-out["failed"] = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
-                 if c.find("failure") is not None or c.find("error") is not None]
-json.dump(out, open(sys.argv[2], "w"), indent=2)
-print(json.dumps({k: v for k, v in out.items() if k != "failed"}))
+  echo "== Triton tests on the GPU (compiled kernels)"
+  TRITON_INTERPRET=0 "$PY" -m pytest tests/test_triton.py -q -rs -p no:cacheprovider \
+    --junitxml="$OUT_DIR/junit_triton.xml"
+  triton_rc=$?
+  if [ "$tests_rc" -eq 0 ] && [ "$triton_rc" -ne 0 ]; then tests_rc=$triton_rc; fi
+  "$PY" - "$OUT_DIR/gpu_tests.json" "$OUT_DIR/junit_gpu.xml" "$OUT_DIR/junit_triton.xml" <<'PY'
+import json, os, sys, xml.etree.ElementTree as ET
+out = {}
+for path in sys.argv[2:]:
+    if not os.path.exists(path):
+        out[os.path.basename(path)] = "missing"
+        continue
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    part = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    part["time_s"] = round(sum(float(s.get("time", 0)) for s in suites), 2)
+    part["failed"] = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
+                      if c.find("failure") is not None or c.find("error") is not None]
+    out[os.path.basename(path)] = part
+json.dump(out, open(sys.argv[1], "w"), indent=2)
+print(json.dumps({f: {k: v for k, v in p.items() if k != "failed"} if isinstance(p, dict) else p
+                  for f, p in out.items()}))
 PY
 
   echo "== GPU benchmark"

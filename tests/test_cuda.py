@@ -487,6 +487,122 @@ def test_cuda_graph_replay_matches_eager(kind):
         torch.testing.assert_close(b[key], eager[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
 
 
+TRAIN_STEPS = 100
+WARMUP_STEPS = 3
+
+
+def _training(cls, backend, device):
+    """A small model, a fusedclr optimizer with an in-kernel OneCycleLR (cyclical momentum
+    / beta1) and the batches of TRAIN_STEPS + WARMUP_STEPS steps."""
+    import fusedclr
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(device)
+    kw = {"momentum": 0.9, "nesterov": True} if cls == "SGD" else {"weight_decay": 0.01}
+    opt = getattr(fusedclr, cls)(model.parameters(), lr=0.01, backend=backend, **kw)
+    sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=TRAIN_STEPS + WARMUP_STEPS + 1)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 32, generator=gen).to(device), torch.randn(16, 8, generator=gen).to(device))
+            for _ in range(TRAIN_STEPS + WARMUP_STEPS)]
+    return model, opt, sched, data
+
+
+def _train_step(model, opt, sched, x, y):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss
+
+
+def _applied(opt):
+    """[lr, momentum] that the next step's kernels read (the schedule at the device counter)."""
+    b = opt._buckets[0][0]
+    return ops.schedule_eval(b.schedule, b.schedule_step)[:2].clone()
+
+
+def _eager_training(cls, backend, device):
+    model, opt, sched, data = _training(cls, backend, device)
+    applied = []
+    for x, y in data:
+        applied.append(_applied(opt))
+        _train_step(model, opt, sched, x, y)
+    return model, torch.stack(applied)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_cuda_graph_of_a_whole_training_step_matches_eager(cls):
+    """Forward, backward, opt.step() and scheduler.step() captured once in a CUDA graph
+    and replayed TRAIN_STEPS times: the parameters and the lr / momentum the kernels
+    read at every step equal the eager run's. Only the device counter advances on
+    replay (the host-side scheduler does not run), and that is all the kernels need."""
+    eager, eager_applied = _eager_training(cls, "cuda", DEVICE)
+    model, opt, sched, data = _training(cls, "cuda", DEVICE)
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    applied = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, as torch.cuda.graph asks
+        for x, y in data[:WARMUP_STEPS]:
+            applied.append(_applied(opt))
+            static_x.copy_(x)
+            static_y.copy_(y)
+            _train_step(model, opt, sched, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _train_step(model, opt, sched, static_x, static_y)
+    for x, y in data[WARMUP_STEPS:]:
+        applied.append(_applied(opt))
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    applied = torch.stack(applied)
+    assert applied[:, 0].max() > 2 * applied[:, 0].min()  # the schedule moved
+    torch.testing.assert_close(applied, eager_applied, rtol=0, atol=0)
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_compiled_training_step_never_recompiles_on_gpu(backend):
+    """torch.compile (Inductor) of a whole training step on the GPU, with the schedule
+    moving lr and beta1 in-kernel every step: no recompilation after the first step
+    over TRAIN_STEPS steps, and the eager parameters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    torch._dynamo.reset()
+    eager, _ = _eager_training("AdamW", backend, DEVICE)
+    model, opt, sched, data = _training("AdamW", backend, DEVICE)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    compiled = torch.compile(step)
+    for i, (x, y) in enumerate(data):
+        compiled(x, y)
+        sched.step()
+        if i == 0:
+            after_first = (counters["frames"]["total"], counters["stats"]["unique_graphs"])
+            assert after_first[1] > 0, "nothing was compiled"
+    assert (counters["frames"]["total"], counters["stats"]["unique_graphs"]) == after_first, dict(counters["frames"])
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_params", [10, 3000])
