@@ -396,6 +396,27 @@ def test_stochastic_rounding_matches_reference(kind, seed):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_skipped_step_leaves_masters_and_rounding_alone(kind):
+    """found_inf set: no parameter, state, master or step count moves, with master
+    weights or with stochastic rounding; the next, unskipped step does move them."""
+    states = ("exp_avg", "exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
+    op, _, make_args = KINDS[kind]
+    for master, seed in ((True, None), (False, 11)):
+        b = _bucket(RAGGED, torch.bfloat16, states=states)
+        b["master_param"] = b["param"].float() + 1e-3 if master else None  # a master finer than its parameter
+        b["grad"].copy_(_grads(b, steps=1)[0])
+        for found_inf, moves in ((1.0, False), (0.0, True)):
+            before = {k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor) and k != "grad"}
+            skip = torch.tensor([found_inf], device=DEVICE)
+            op()(*make_args(b, {"weight_decay": 0.01}, found_inf=skip), b["master_param"], seed)
+            for key, value in before.items():
+                if key in ("param", "master_param", "seg_steps"):
+                    assert torch.equal(b[key], value) != moves, (key, master, seed, found_inf)
+
+
+@gpu
+@pytest.mark.gpu
 def test_stochastic_rounding_is_unbiased():
     """An SGD update of 0.3 ulp below 1.0 rounds down on 30% of the elements (65536
     draws: the binomial spread is 0.0018), where rounding to nearest never moves."""

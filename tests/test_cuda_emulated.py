@@ -120,3 +120,8 @@ def test_stochastic_rounding_is_unbiased():
 
 def test_precision_arguments_are_checked():
     checks.test_precision_arguments_are_checked()
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_skipped_step_leaves_masters_and_rounding_alone(kind):
+    checks.test_skipped_step_leaves_masters_and_rounding_alone(kind)

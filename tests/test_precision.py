@@ -43,6 +43,10 @@ class TestCpuKernel:
     def test_stochastic_rounding_is_unbiased(self):
         checks.test_stochastic_rounding_is_unbiased()
 
+    @pytest.mark.parametrize("kind", ["adam", "sgd"])
+    def test_skipped_step(self, kind):
+        checks.test_skipped_step_leaves_masters_and_rounding_alone(kind)
+
     def test_arguments_are_checked(self):
         checks.test_precision_arguments_are_checked()
 

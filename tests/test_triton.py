@@ -706,6 +706,12 @@ def test_stochastic_rounding_is_unbiased(on_triton):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_skipped_step_leaves_masters_and_rounding_alone(on_triton, kind):
+    on_triton.test_skipped_step_leaves_masters_and_rounding_alone(kind)
+
+
+@needs_kernels
 @pytest.mark.parametrize("option", [{"master_weights": True}, {"stochastic_rounding": True},
                                     {"state_dtype": torch.bfloat16}], ids=lambda o: next(iter(o)))
 def test_optimizer_precision_options_match_the_reference_backend(option):
