@@ -186,6 +186,24 @@ def _advance(launch, seg_steps: Tensor, active: Optional[Tensor], found_inf: Opt
     )
 
 
+def _launch_step(launch, kernel, buffers: tuple, consts: dict, param: Tensor, seg_steps: Tensor, chunks: Tensor,
+                 active: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                 master_param: Optional[Tensor], sr_seed: Optional[int]) -> None:
+    """What both ops do once their buffers are checked: one update launch over the chunk
+    table (``buffers``: the kernel's arguments up to ``schedule_step_ptr``), then the
+    step counters [note: triton step counters]."""
+    write = _write_mode(param, master_param, sr_seed)
+    if _skip_launch(param):
+        return
+    if chunks.shape[0] > 0:
+        launch(kernel)[(chunks.shape[0],)](
+            *buffers, grad_scale, found_inf, master_param, _seed_bits(sr_seed), param.numel(), **consts,
+            HAS_ACTIVE=active is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, MATH_F64=param.dtype == torch.float64, WRITE=write,
+        )
+    _advance(launch, seg_steps, active, found_inf)
+
+
 def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], seg_steps: Tensor,
               chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
               dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
@@ -194,19 +212,11 @@ def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Ten
     state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                  grad_scale, found_inf)
     _check_states(param, state_dtypes, momentum_buffer=momentum_buffer)
-    write = _write_mode(param, master_param, sr_seed)
-    if _skip_launch(param):
-        return
-    if chunks.shape[0] > 0:
-        launch(_sgd_kernel)[(chunks.shape[0],)](
-            param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
-            grad_scale, found_inf, master_param, _seed_bits(sr_seed), param.numel(),
-            DAMPENING=float(dampening), WEIGHT_DECAY=float(weight_decay), NESTEROV=bool(nesterov),
-            MAXIMIZE=bool(maximize), HAS_MOMENTUM_BUFFER=momentum_buffer is not None,
-            HAS_ACTIVE=active is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, MATH_F64=param.dtype == torch.float64, WRITE=write,
-        )
-    _advance(launch, seg_steps, active, found_inf)
+    buffers = (param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step)
+    consts = {"DAMPENING": float(dampening), "WEIGHT_DECAY": float(weight_decay), "NESTEROV": bool(nesterov),
+              "MAXIMIZE": bool(maximize), "HAS_MOMENTUM_BUFFER": momentum_buffer is not None}
+    _launch_step(launch, _sgd_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,
+                 master_param, sr_seed)
 
 
 def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -218,19 +228,12 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
     state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
                                  grad_scale, found_inf)
     _check_states(param, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
-    write = _write_mode(param, master_param, sr_seed)
-    if _skip_launch(param):
-        return
-    if chunks.shape[0] > 0:
-        launch(_adam_kernel)[(chunks.shape[0],)](
-            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper, schedule,
-            schedule_step, grad_scale, found_inf, master_param, _seed_bits(sr_seed), param.numel(),
-            BETA2=float(beta2), EPS=float(eps), WEIGHT_DECAY=float(weight_decay), DECOUPLED=bool(decoupled),
-            AMSGRAD=max_exp_avg_sq is not None, MAXIMIZE=bool(maximize), HAS_ACTIVE=active is not None,
-            HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            MATH_F64=param.dtype == torch.float64, WRITE=write,
-        )
-    _advance(launch, seg_steps, active, found_inf)
+    buffers = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper, schedule,
+               schedule_step)
+    consts = {"BETA2": float(beta2), "EPS": float(eps), "WEIGHT_DECAY": float(weight_decay),
+              "DECOUPLED": bool(decoupled), "AMSGRAD": max_exp_avg_sq is not None, "MAXIMIZE": bool(maximize)}
+    _launch_step(launch, _adam_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,
+                 master_param, sr_seed)
 
 
 # --------------------------------------------------------------------------
