@@ -443,6 +443,7 @@ class FlatOptimizerMixin:
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         saved_state = state_dict["state"]
+        known = self._state_keys() | {"master_param"}  # masters of any optimizer load (or are dropped)
         for gi, (group, sg) in enumerate(zip(self.param_groups, saved_groups)):
             if len(sg["params"]) != len(group["params"]):
                 raise ValueError(
@@ -455,10 +456,10 @@ class FlatOptimizerMixin:
                             f"loaded state {key!r} of parameter {pi} in group {gi} has shape "
                             f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}"
                         )
-                    if key not in self._state_keys() | {"master_param"}:
+                    if key not in known:
                         raise ValueError(
                             f"loaded state of parameter {pi} in group {gi} has unknown key {key!r}; "
-                            f"{type(self).__name__} keeps {sorted(self._state_keys() | {'master_param'})}"
+                            f"{type(self).__name__} keeps {sorted(known)}"
                         )
         # The saved tensors as they are: torch.optim's load_state_dict casts every
         # floating state to its parameter's dtype, which for bf16/fp16 parameters

@@ -16,12 +16,12 @@ from fusedclr.triton._common import (
     div,
     edge_lanes,
     load_param,
-    rounding_key,
     sqrt,
     store,
     store_param,
     to_math,
     update_configs,
+    write_key,
 )
 from fusedclr.triton._schedule import _ipow, _lr_and_momentum
 
@@ -122,7 +122,7 @@ def _adam_kernel(
     seg, begin, end = chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE, HAS_FOUND_INF)
     lr, beta1 = _lr_and_momentum(hyper_ptr, schedule_ptr, schedule_step_ptr)
     step = tl.load(seg_steps_ptr + seg) + 1
-    key = rounding_key(sr_seed, step)
+    key = write_key(sr_seed, step, WRITE)
     # Per-segment scalars in float64, as torch computes them in Python floats,
     # then cast to the math type as torch casts a Python scalar.
     bias_correction1 = 1.0 - _ipow(beta1, step)

@@ -157,6 +157,16 @@ def rounding_key(sr_seed, step):
 
 
 @triton.jit
+def write_key(sr_seed, step, WRITE: tl.constexpr):
+    """The stochastic-rounding key of a program's segment, computed only when it is used."""
+    if WRITE == 2:
+        key = rounding_key(sr_seed, step)
+    else:
+        key = 0
+    return key
+
+
+@triton.jit
 def _round_stochastic(x, key, idx):
     """float32 -> bfloat16 rounded stochastically, bit for bit ``fusedclr::round_stochastic``."""
     bits = x.to(tl.uint32, bitcast=True)

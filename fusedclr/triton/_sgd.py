@@ -16,11 +16,11 @@ from fusedclr.triton._common import (
     div,
     edge_lanes,
     load_param,
-    rounding_key,
     store,
     store_param,
     to_math,
     update_configs,
+    write_key,
 )
 from fusedclr.triton._schedule import _lr_and_momentum
 
@@ -111,7 +111,7 @@ def _sgd_kernel(
     lr, momentum = _lr_and_momentum(hyper_ptr, schedule_ptr, schedule_step_ptr)
     step = tl.load(seg_steps_ptr + seg) + 1
     first = step <= 1
-    key = rounding_key(sr_seed, step)
+    key = write_key(sr_seed, step, WRITE)
     use_momentum = momentum != 0.0
     # torch casts the Python-float scalars to the math type: p.add(g, alpha=-lr), buf.mul_(momentum).
     neg_lr = to_math(-lr, MATH_F64)
