@@ -45,9 +45,14 @@ namespace {
 
 // grads_are(params, expected) -> bool: whether every params[i].grad is the
 // tensor expected[i] (None: no grad). This is the fast-path check of
-// fusedclr/optim/_flat.py's Bucket.gather; in Python the .grad getters cost
-// ~70-90 ns per parameter (0.9 ms for 10000 parameters, more than the update
-// kernel itself), here a few ns.
+// fusedclr/optim/_flat.py's Bucket.gather, on the step path of every
+// optimizer step, so it is O(parameters) at a few ns each: in Python the .grad
+// getters cost ~70-90 ns per parameter (0.9 ms for 10000 parameters, more than
+// the update kernel itself). Per parameter it follows pointers only:
+// PyObject_TypeCheck rather than THPVariable_Check (an isinstance through the
+// metaclass), and TensorImpl::grad() rather than Tensor::grad() (which first
+// asks autograd whether the tensor is a leaf). On the 2-vCPU dev machine this
+// halved the check: 16 -> 6.7 us for 2000 parameters, 100 -> 50 us for 10000.
 PyObject* grads_are(PyObject* /*self*/, PyObject* args) {
   PyObject* params = nullptr;
   PyObject* expected = nullptr;
@@ -59,17 +64,21 @@ PyObject* grads_are(PyObject* /*self*/, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "grads_are: params and expected differ in length");
     return nullptr;
   }
+  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  if (tensor_type == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "grads_are: torch is not initialised");
+    return nullptr;
+  }
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     PyObject* e = PyList_GET_ITEM(expected, i);
-    if (!THPVariable_Check(p) || (e != Py_None && !THPVariable_Check(e))) {
+    if (!PyObject_TypeCheck(p, tensor_type) || (e != Py_None && !PyObject_TypeCheck(e, tensor_type))) {
       PyErr_SetString(PyExc_TypeError, "grads_are: expected lists of tensors (or None)");
       return nullptr;
     }
-    const at::Tensor& grad = THPVariable_Unpack(p).grad();
+    const at::Tensor& grad = THPVariable_Unpack(p).unsafeGetTensorImpl()->grad();
     const bool same = e == Py_None ? !grad.defined()
-                                   : grad.defined() && grad.unsafeGetTensorImpl() ==
-                                                           THPVariable_Unpack(e).unsafeGetTensorImpl();
+                                   : grad.unsafeGetTensorImpl() == THPVariable_Unpack(e).unsafeGetTensorImpl();
     if (!same) {
       Py_RETURN_FALSE;
     }

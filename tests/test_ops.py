@@ -246,3 +246,15 @@ def test_grads_are_matches_python_identity_check():
     assert ops.grads_are(ps, views) is False
     with pytest.raises(ValueError, match="length"):
         ops.grads_are(ps, views[:2])
+    with pytest.raises(TypeError, match="lists of tensors"):
+        ops.grads_are([*ps[:3], "not a tensor"], views)
+    with pytest.raises(TypeError, match="lists of tensors"):
+        ops.grads_are(ps, [*views[:3], 1.0])
+    # A tensor that never had autograd metadata has no grad; a tensor subclass is a tensor.
+    class Sub(torch.Tensor):
+        pass
+
+    bare, sub = torch.zeros(2), torch.zeros(2).as_subclass(Sub)
+    sub.grad = views[0]
+    assert ops.grads_are([bare, sub], [None, views[0]]) is True
+    assert ops.grads_are([bare, sub], [views[1], views[0]]) is False
