@@ -855,6 +855,8 @@ def run(
     providers: Sequence[str],
     budget: Budget,
     compile_timeout: float | None = 300.0,
+    time_limit_s: float | None = None,
+    on_case: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Runs every case; returns the report that :func:`main` prints and writes as JSON.
@@ -862,11 +864,44 @@ def run(
     The copy yardstick is measured right before and right after each case's
     providers, and the faster of the two is used: noise from other processes
     only ever slows a copy down, so this is the conservative denominator.
+
+    With ``time_limit_s``, no case starts once that many seconds have passed;
+    the cases left out are listed in the report's ``not_run`` (a case already
+    started runs to its end). ``on_case`` receives the report so far after
+    every case, so that a run cut short from outside still leaves its results.
     """
     started = time.perf_counter()
     load_before = _loadavg()
     results: list[dict[str, Any]] = []
     copies: list[dict[str, Any]] = []
+    not_run: list[dict[str, str]] = []
+
+    def report() -> dict[str, Any]:
+        machine = machine_info(device)
+        machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
+        return {
+            "schema": "fusedclr-bench/1",
+            "machine": machine,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "config": {
+                "device": device,
+                "optims": list(optims),
+                "shapes": {s: {"tensors": len(shape_list(s)), "numel": numel_of(shape_list(s))} for s in shapes},
+                "dtypes": list(dtypes),
+                "schedules": list(schedules),
+                "providers": list(providers),
+                "baseline": BASELINE,
+                "budget": dataclasses.asdict(budget),
+                "time_limit_s": time_limit_s,
+                "bytes_per_param": "2*param + grad + 2*state*states (DESIGN.md section 4)",
+                "onecycle_total_steps": ONECYCLE_TOTAL_STEPS,
+            },
+            "copy": copies,
+            "results": results,
+            "not_run": not_run,
+            "elapsed_s": time.perf_counter() - started,
+        }
 
     def copy(case: Case, when: str) -> float:
         gbps, timing, moved = copy_bandwidth(case.copy_bytes, device, budget)
@@ -879,35 +914,21 @@ def run(
             for dtype in dtypes:
                 for schedule in schedules:
                     case = Case(optim, shape, dtype, schedule, device)
+                    if time_limit_s is not None and time.perf_counter() - started >= time_limit_s:
+                        not_run.append({"optim": optim, "shape": shape, "dtype": dtype, "schedule": schedule,
+                                        "reason": f"--time-limit {time_limit_s:g} s reached"})
+                        continue
                     before = copy(case, "before")
                     rows = measure(case, providers, budget, compile_timeout=compile_timeout, log=log)
                     gbps = max(before, copy(case, "after"))
                     _annotate(rows, gbps)
                     results += rows
                     log(format_table(rows, device))
-    machine = machine_info(device)
-    machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
-    return {
-        "schema": "fusedclr-bench/1",
-        "machine": machine,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "config": {
-            "device": device,
-            "optims": list(optims),
-            "shapes": {s: {"tensors": len(shape_list(s)), "numel": numel_of(shape_list(s))} for s in shapes},
-            "dtypes": list(dtypes),
-            "schedules": list(schedules),
-            "providers": list(providers),
-            "baseline": BASELINE,
-            "budget": dataclasses.asdict(budget),
-            "bytes_per_param": "2*param + grad + 2*state*states (DESIGN.md section 4)",
-            "onecycle_total_steps": ONECYCLE_TOTAL_STEPS,
-        },
-        "copy": copies,
-        "results": results,
-        "elapsed_s": time.perf_counter() - started,
-    }
+                    if on_case is not None:
+                        on_case(report())
+    if not_run:
+        log(f"time limit reached: {len(not_run)} case(s) not run (listed under 'not_run' in the report)")
+    return report()
 
 
 # --------------------------------------------------------------------------
@@ -1083,6 +1104,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         for schedule in report["config"]["schedules"]:
             parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
                          + markdown_table(report, optim, schedule))
+    if report.get("not_run"):
+        cases = ", ".join(f"{c['optim']} {c['shape']} {c['dtype']} {c['schedule']}" for c in report["not_run"])
+        parts.append(f"Not run ({report['not_run'][0]['reason']}): {cases}.")
     return "\n\n".join(parts) + "\n"
 
 
@@ -1188,7 +1212,23 @@ def parser() -> argparse.ArgumentParser:
                     help="measure nothing: print, plot and tabulate the report in PATH (from --json)")
     ap.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
     ap.add_argument("--no-big", action="store_true", help=f"skip the big shapes ({', '.join(sorted(BIG_SHAPES))})")
+    ap.add_argument("--seconds", type=_positive_float, metavar="S",
+                    help=f"time each provider of a case for about S seconds once its minimum samples are in "
+                    f"(default {FULL.max_time_s:g}; --quick: {QUICK.max_time_s:g})")
+    ap.add_argument("--time-limit", type=_positive_float, metavar="S",
+                    help="start no case after S seconds; the cases left out are listed in the report. "
+                    "With --json, the report is rewritten after every case")
     return ap
+
+
+def _positive_float(value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not out > 0 or math.isinf(out):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1214,6 +1254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     compile_timeout = args.compile_timeout
     if args.quick and args.providers is None:
         compile_timeout = 0.0  # compiling alone takes tens of seconds on a CPU
+    budget = QUICK if args.quick else FULL
+    if args.seconds is not None:
+        budget = dataclasses.replace(budget, max_time_s=args.seconds)
     report = run(
         device=args.device,
         optims=args.optim,
@@ -1221,12 +1264,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtypes=args.dtypes,
         schedules=args.schedules,
         providers=providers,
-        budget=QUICK if args.quick else FULL,
+        budget=budget,
         compile_timeout=compile_timeout,
+        time_limit_s=args.time_limit,
+        on_case=(lambda partial: _dump_json(partial, args.json)) if args.json else None,
         log=lambda s: print(s, flush=True),
     )
     _write(report, args)
     return 0
+
+
+def _dump_json(report: dict[str, Any], path: str) -> None:
+    """Writes ``report`` to ``path`` through a temporary file, so the file is always whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -1235,9 +1289,7 @@ def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
           f"torch {m['torch']}, {report['date']}, commit {report['git_commit']}, {report['elapsed_s']:.0f} s, "
           f"load average {m.get('loadavg_before')} -> {m.get('loadavg_after')}")
     if args.json and args.json != args.from_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        _dump_json(report, args.json)
         print(f"wrote {args.json}")
     if args.plot:
         plot(report, args.plot)

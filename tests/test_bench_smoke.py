@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,3 +92,34 @@ def test_model_shape_lists_match_the_architectures():
     resnet, gpt2 = bench.SHAPES["resnet50"], bench.SHAPES["gpt2-small"]
     assert (len(resnet), bench.numel_of(resnet)) == (161, 25_557_032)
     assert (len(gpt2), bench.numel_of(gpt2)) == (148, 124_439_808)
+
+
+def test_time_limit_stops_starting_cases_and_each_case_is_written_as_it_ends(tmp_path):
+    """``--time-limit``: the run ends after the first case (its limit is spent when the second
+    would start: the log sleeps past it), lists the rest under ``not_run``, and the report
+    went out after the case that ran, which is how ``--json`` is rewritten as a run goes."""
+    reports = []
+    out = bench.run(device="cpu", optims=["sgd"], shapes=["128x64"], dtypes=["fp32", "bf16"],
+                    schedules=["constant"], providers=["torch-foreach"], budget=bench.QUICK,
+                    time_limit_s=0.5, on_case=reports.append, log=lambda s: time.sleep(0.6))
+    assert len(reports) == 1 and [r["dtype"] for r in reports[0]["results"]] == ["fp32"]
+    assert [r["dtype"] for r in out["results"]] == ["fp32"]
+    assert out["not_run"] == [{"optim": "sgd", "shape": "128x64", "dtype": "bf16", "schedule": "constant",
+                               "reason": "--time-limit 0.5 s reached"}]
+    assert "Not run (--time-limit 0.5 s reached): sgd 128x64 bf16 constant." in bench.markdown_report(out)
+
+    path = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--quick", "--optim", "sgd", "--shapes", "128x64", "--dtypes", "fp32",
+                       "--schedules", "constant", "--providers", "torch-foreach", "--seconds", "0.05",
+                       "--json", str(path)]) == 0
+    written = json.loads(path.read_text())
+    assert written["config"]["budget"]["max_time_s"] == 0.05 and written["not_run"] == []
+    assert not (tmp_path / "b.json.tmp").exists()
+
+
+@pytest.mark.parametrize("flag", ["--seconds", "--time-limit"])
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "soon"])
+def test_time_flags_reject_non_positive_values(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args([flag, value])
+    assert flag in capsys.readouterr().err
