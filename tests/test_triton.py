@@ -534,6 +534,36 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
     assert "is set now, but was not when fusedclr.triton built its kernels" in errors[1]
 
 
+@interpreter_only
+def test_interpreter_runs_loops_over_loaded_bounds():
+    """The probe behind the interpreter check finds nothing wrong with the Triton that CI runs."""
+    from fusedclr.triton import _common
+
+    assert _common.interpreter_problem() == ""
+    assert ft._load().INTERPRETER_PROBLEM == ""
+
+
+@interpreter_only
+def test_a_broken_interpreter_is_named_before_any_buffer_changes(monkeypatch):
+    """Where the probe fails (Triton 3.6's interpreter with NumPy >= 2.4), a CPU step raises an
+    error that says why, and the buffers are as they were."""
+    from fusedclr.triton import _common
+
+    def broken(*args, **kwargs):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(_common._loop_bound_probe_kernel, "run", broken)
+    problem = _common.interpreter_problem()
+    assert "triton-lang/triton#9171" in problem and "TypeError: only 0-dimensional" in problem
+    monkeypatch.setattr(ft._load(), "INTERPRETER_PROBLEM", problem)
+    bucket = Bucket("sgd")
+    before = bucket.param.clone(), bucket.seg_steps.clone()
+    with pytest.raises(RuntimeError, match=r"backend='triton' on CPU tensors: Triton .*triton#9171"):
+        ft.sgd_step_(bucket.param, bucket.grads[0], None, bucket.seg_steps, bucket.chunks, None, bucket.hyper,
+                     bucket.schedule, bucket.schedule_step, 0.0, 0.0, False, False, None, None)
+    assert torch.equal(bucket.param, before[0]) and torch.equal(bucket.seg_steps, before[1])
+
+
 def _nvidia_backend() -> str:
     try:
         import triton.backends

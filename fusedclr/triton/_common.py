@@ -254,3 +254,40 @@ def _advance_steps_kernel(
         inc = tl.where(tl.load(found_inf_ptr) == 0, inc, 0)
     steps = tl.load(seg_steps_ptr + offs, mask=mask)
     tl.store(seg_steps_ptr + offs, steps + inc, mask=mask)
+
+
+@triton.jit
+def _loop_bound_probe_kernel(n_ptr, out_ptr):
+    """Counts ``range(0, n)`` with ``n`` loaded from memory: the loop shape of every kernel
+    here, whose bounds come from the chunk table (see :func:`interpreter_problem`)."""
+    count = tl.full([], 0, tl.int64)
+    for _ in range(0, tl.load(n_ptr)):
+        count += 1
+    tl.store(out_ptr, count)
+
+
+def interpreter_problem() -> str:
+    """Why this Triton's interpreter cannot run the kernels here, or ``""`` when it can.
+
+    Triton 3.6's interpreter turns a loop bound loaded from memory into a
+    Python int with ``int()`` of a one-element array, which NumPy >= 2.4
+    refuses (triton-lang/triton#9171; Triton 3.8 runs it). Every kernel here
+    loops over such bounds, so the combination fails on the first step. Asked
+    once, by running a one-program probe through the interpreter.
+    """
+    import torch
+
+    n = torch.tensor([3], dtype=torch.int64)
+    out = torch.zeros(1, dtype=torch.int64)
+    try:
+        _loop_bound_probe_kernel[(1,)](n, out)
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe is the answer
+        import numpy
+
+        return (f"Triton {triton.__version__}'s interpreter cannot run loops whose bounds are loaded from "
+                f"memory with NumPy {numpy.__version__} ({type(exc).__name__}: {exc}); this is "
+                "triton-lang/triton#9171, fixed in later Triton. Use Triton >= 3.8 or NumPy < 2.4 for the "
+                "interpreter")
+    if int(out.item()) != 3:
+        return f"Triton {triton.__version__}'s interpreter ran range(0, 3) {int(out.item())} times"
+    return ""

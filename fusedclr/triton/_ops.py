@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op, wrap_triton
 
@@ -46,6 +46,13 @@ def _is_interpreted(kernel: object) -> bool:
 # Whether the kernels were built for Triton's interpreter: decided once, when
 # @triton.jit ran at this module's import.
 INTERPRETED = _is_interpreted(_sgd_kernel)
+# Why the interpreter cannot run the kernels here ("" when it can): probed once, on real
+# tensors even when the first use happens while tracing.
+if INTERPRETED:
+    with unset_fake_temporarily():
+        INTERPRETER_PROBLEM = _common.interpreter_problem()
+else:
+    INTERPRETER_PROBLEM = ""
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -56,6 +63,8 @@ _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_device(param: Tensor) -> None:
+    if param.device.type == "cpu" and INTERPRETER_PROBLEM:
+        raise RuntimeError(f"fusedclr.triton: backend='triton' on CPU tensors: {INTERPRETER_PROBLEM}.")
     if param.device.type == "cpu" and not INTERPRETED:
         if _common.interpreting():
             when = "TRITON_INTERPRET=1 is set now, but was not when fusedclr.triton built its kernels"
