@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: builds fusedclr in place with its CUDA kernels,
-# runs the GPU tests (pytest -m gpu) and the GPU benchmark, and writes the
-# results into one folder:
-#   env.json          torch / CUDA / GPU versions
-#   build.log         the in-place build
-#   junit_gpu.xml     the GPU tests (pytest -m gpu), JUnit
-#   junit_triton.xml  tests/test_triton.py with compiled kernels (its own process:
-#                     the interpreter is chosen per process), JUnit
-#   gpu_tests.json    both, summarized (counts, failures)
-#   bench_cuda.json   the benchmark (and bench_cuda.png), when `fusedclr bench` exists
-#   summary.json      what ran and how it ended
+# runs the GPU tests and the GPU benchmark inside one time budget, and writes
+# the results into one folder (seven files at most):
+#   summary.json    machine, versions, every stage's status and seconds, test
+#                   counts and the names of failed tests
+#   build.log       the in-place build
+#   junit.xml       every test run below, one <testsuite> each (JUnit)
+#   console.log     everything the tests and the benchmark printed
+#   bench_cuda.json `fusedclr bench --device cuda`, rewritten after every case
+#   bench_cuda.md   its tables (constant lr and OneCycleLR)
+#   bench_cuda.png  its plot
+#
+# Stages, in this order; each is capped and keeps time for the ones after it:
+#   1. build      pip install --no-build-isolation --no-deps -e .  (CUDA required)
+#   2. gpu tests  pytest -m gpu tests/ (all but test_triton.py)
+#   3. triton     tests/test_triton.py with compiled kernels (TRITON_INTERPRET=0, a
+#                 process of its own: Triton picks the interpreter per process)
+#   4. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, DESIGN.md's
+#                 shapes; torch for-loop / foreach / fused against fusedclr's CUDA
+#                 and Triton kernels; it gets the rest of the budget, and no case
+#                 starts once that has passed (the rest are listed as not run)
+# Tests run in parallel with pytest-xdist when it is installed; the tests marked
+# `timing` (host time per step) run alone, after the others of their stage.
+#
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]   (default: $OUT, else fusedclr-out/gpu)
-# Exit status: non-zero when the build or a GPU test failed; a missing or
-# failing benchmark is recorded in summary.json but does not fail the script.
+# Environment:
+#   GPU_CHECK_BUDGET_S  seconds for the whole script (default 540); stages that
+#                       find too little left are recorded as not run
+#   GPU_CHECK_WORKERS   pytest-xdist workers (default: min(8, cores))
+#   GPU_CHECK_BENCH     extra `fusedclr bench` arguments, appended (e.g.
+#                       "--providers torch-fused,torch-compile,fusedclr-cuda --compile-timeout 120")
+#   PYTHON              interpreter (default: .venv/bin/python, else python3)
+# Exit status: non-zero when the build or a test failed or a stage ran out of
+# time; a failing benchmark is recorded in summary.json but does not fail the script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +46,7 @@ elif [ -x .venv/bin/python ]; then
 else
   PY=$(command -v python3 || command -v python)
 fi
+export PYTHONUNBUFFERED=1
 
 # torch derives CUDA_HOME from `which nvcc`, which is wrong when nvcc is a
 # wrapper script outside the toolkit (/usr/local/bin/nvcc -> exec .../cuda/bin/nvcc).
@@ -33,86 +54,168 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 
-"$PY" - "$OUT_DIR/env.json" <<'PY'
-import json, subprocess, sys
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
+START=$(date +%s)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+STAGES="$WORK/stages.tsv" # name, status, seconds
+: >"$STAGES"
+CONSOLE="$OUT_DIR/console.log"
+: >"$CONSOLE"
+
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+# cap SECONDS RESERVE: what a stage may take: at most SECONDS, keeping RESERVE seconds for
+# the stages after it while that leaves it a minute; else whatever is left (earlier
+# stages come first).
+cap() {
+  local l
+  l=$(left)
+  if [ $((l - $2)) -ge 60 ]; then min "$1" $((l - $2)); else min "$1" "$l"; fi
+}
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$STAGES"; echo "== $1: $2 (${3} s)"; }
+
+# run_stage NAME SECONDS CMD...: runs CMD under `timeout`, output to the console log and here.
+run_stage() {
+  local name=$1 limit=$2 t0 rc
+  shift 2
+  if [ "$limit" -lt 20 ]; then
+    record "$name" "not run: $(left) s of the ${BUDGET_S} s budget left" 0
+    return 99
+  fi
+  echo "== $name (up to ${limit} s)" | tee -a "$CONSOLE"
+  t0=$(date +%s)
+  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$CONSOLE"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    record "$name" "timed out after ${limit} s" $(($(date +%s) - t0))
+  else
+    record "$name" "exit $rc" $(($(date +%s) - t0))
+  fi
+  return "$rc"
+}
+
+"$PY" - "$WORK/env.json" <<'PY'
+import json, os, platform, subprocess, sys
 import torch
-info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(), "cores": os.cpu_count()}
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
                 memory_gib=round(p.total_memory / 2**30, 1))
+for mod in ("triton", "numpy", "xdist"):
+    try:
+        info[mod] = getattr(__import__(mod), "__version__", "?")
+    except Exception as exc:  # noqa: BLE001
+        info[mod] = None
 try:
     info["nvcc"] = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-except OSError:
+except (OSError, IndexError):
     info["nvcc"] = None
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info))
 PY
 
-build_rc=0
-tests_rc=-1
-bench_status="not run"
-
-echo "== build (in place, CUDA required)"
-FUSEDCLR_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-  "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT_DIR/build.log" 2>&1 || build_rc=$?
-tail -n 5 "$OUT_DIR/build.log"
-if [ "$build_rc" -eq 0 ]; then
-  "$PY" -c "import fusedclr.ops as o; assert o.cuda_kernels_registered(), o.extension_error()" || build_rc=1
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "warning: no CUDA GPU is visible: the build is checked, the GPU tests skip, the script fails" >&2
 fi
 
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+  CORES=$(nproc)
+  WORKERS=${GPU_CHECK_WORKERS:-$((CORES < 8 ? CORES : 8))}
+  [ "$WORKERS" -gt 1 ] && XDIST=(-n "$WORKERS")
+fi
+PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
+
+ok=1
+# 1. build
+build_s=$(cap 300 200)
+echo "== build (in place, CUDA required; up to ${build_s} s)"
+t0=$(date +%s)
+FUSEDCLR_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout -k 15 "$build_s" \
+  "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT_DIR/build.log" 2>&1
+build_rc=$?
+tail -n 5 "$OUT_DIR/build.log"
 if [ "$build_rc" -eq 0 ]; then
-  echo "== GPU tests"
-  "$PY" -m pytest -m gpu tests/ --ignore=tests/test_triton.py -q -rs -p no:cacheprovider \
-    --junitxml="$OUT_DIR/junit_gpu.xml"
-  tests_rc=$?
-  echo "== Triton tests on the GPU (compiled kernels)"
-  TRITON_INTERPRET=0 "$PY" -m pytest tests/test_triton.py -q -rs -p no:cacheprovider \
-    --junitxml="$OUT_DIR/junit_triton.xml"
-  triton_rc=$?
-  if [ "$tests_rc" -eq 0 ] && [ "$triton_rc" -ne 0 ]; then tests_rc=$triton_rc; fi
-  "$PY" - "$OUT_DIR/gpu_tests.json" "$OUT_DIR/junit_gpu.xml" "$OUT_DIR/junit_triton.xml" <<'PY'
-import json, os, sys, xml.etree.ElementTree as ET
-out = {}
-for path in sys.argv[2:]:
-    if not os.path.exists(path):
-        out[os.path.basename(path)] = "missing"
-        continue
+  "$PY" -c "import fusedclr.ops as o; assert o.cuda_kernels_registered(), o.extension_error()" >>"$OUT_DIR/build.log" 2>&1 ||
+    build_rc=1
+fi
+record build "exit $build_rc" $(($(date +%s) - t0))
+
+if [ "$build_rc" -ne 0 ]; then
+  ok=0
+else
+  # 2. the GPU tests of every module but test_triton.py; the timing tests alone, after the rest.
+  run_stage "gpu tests" "$(cap 180 300)" "${PYTEST[@]}" "${XDIST[@]}" -m "gpu and not timing" tests \
+    --ignore=tests/test_triton.py --junitxml="$WORK/junit_gpu.xml" || ok=0
+  run_stage "gpu timing tests" "$(cap 60 290)" "${PYTEST[@]}" -m "gpu and timing" tests \
+    --ignore=tests/test_triton.py --junitxml="$WORK/junit_gpu_timing.xml"
+  rc=$?
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && ok=0 # 5: no timing test in these modules
+
+  # 3. the Triton suite with compiled kernels, in processes of its own.
+  run_stage "triton tests" "$(cap 200 160)" env TRITON_INTERPRET=0 "${PYTEST[@]}" "${XDIST[@]}" -m "not timing" \
+    tests/test_triton.py --junitxml="$WORK/junit_triton.xml" || ok=0
+  run_stage "triton timing tests" "$(cap 60 150)" env TRITON_INTERPRET=0 "${PYTEST[@]}" -m timing \
+    tests/test_triton.py --junitxml="$WORK/junit_triton_timing.xml" || ok=0
+
+  # 4. the benchmark gets what is left: no case starts after its time limit, and the
+  #    case under way when it passes may run on for up to 50 s (then the summary).
+  bench_s=$(($(left) - 70))
+  if [ "$bench_s" -lt 30 ]; then
+    record bench "not run: $(left) s of the ${BUDGET_S} s budget left" 0
+  else
+    # shellcheck disable=SC2086 # GPU_CHECK_BENCH is a list of arguments
+    run_stage bench "$((bench_s + 50))" "$PY" -m fusedclr bench --device cuda --optim adamw --dtypes fp32,bf16 \
+      --providers torch-forloop,torch-foreach,torch-fused,fusedclr-cuda,fusedclr-triton --seconds 0.5 \
+      --time-limit "$bench_s" --json "$OUT_DIR/bench_cuda.json" --markdown "$OUT_DIR/bench_cuda.md" \
+      --plot "$OUT_DIR/bench_cuda.png" ${GPU_CHECK_BENCH:-}
+  fi
+fi
+
+"$PY" - "$OUT_DIR" "$WORK" "$ok" <<'PY'
+import glob, json, os, sys, xml.etree.ElementTree as ET
+out_dir, work, ok = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+summary = {"ok": ok, "env": json.load(open(os.path.join(work, "env.json")))}
+summary["stages"] = []
+for line in open(os.path.join(work, "stages.tsv")):
+    stage, status, seconds = line.rstrip("\n").split("\t")
+    summary["stages"].append({"stage": stage, "status": status, "seconds": int(seconds)})
+if not summary["env"]["cuda_available"]:
+    summary["ok"] = False
+    summary["why_not_ok"] = "no CUDA GPU was visible: every GPU test skipped and nothing was measured"
+merged = ET.Element("testsuites")
+tests = {}
+for path in sorted(glob.glob(os.path.join(work, "junit_*.xml"))):
+    name = os.path.basename(path)[len("junit_"):-len(".xml")]
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root)
     part = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    part["time_s"] = round(sum(float(s.get("time", 0)) for s in suites), 2)
+    part["seconds"] = round(sum(float(s.get("time", 0)) for s in suites), 1)
     part["failed"] = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
                       if c.find("failure") is not None or c.find("error") is not None]
-    out[os.path.basename(path)] = part
-json.dump(out, open(sys.argv[1], "w"), indent=2)
-print(json.dumps({f: {k: v for k, v in p.items() if k != "failed"} if isinstance(p, dict) else p
-                  for f, p in out.items()}))
-PY
-
-  echo "== GPU benchmark"
-  if "$PY" -m fusedclr bench --help >/dev/null 2>&1; then
-    if "$PY" -m fusedclr bench --device cuda --json "$OUT_DIR/bench_cuda.json" --plot "$OUT_DIR/bench_cuda.png"; then
-      bench_status="ok"
-    else
-      bench_status="failed (exit $?)"
-    fi
-  else
-    bench_status="unavailable: 'python -m fusedclr bench' is not in this checkout"
-  fi
-  echo "bench: $bench_status"
-fi
-
-"$PY" - "$OUT_DIR/summary.json" "$build_rc" "$tests_rc" "$bench_status" <<'PY'
-import json, sys
-path, build_rc, tests_rc, bench = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-summary = {"build_ok": build_rc == 0, "tests_exit": None if tests_rc < 0 else tests_rc, "bench": bench}
-json.dump(summary, open(path, "w"), indent=2)
-print(json.dumps(summary))
+    tests[name] = part
+    for s in suites:
+        s.set("name", name)
+        merged.append(s)
+summary["tests"] = tests
+ET.ElementTree(merged).write(os.path.join(out_dir, "junit.xml"), encoding="utf-8", xml_declaration=True)
+bench = os.path.join(out_dir, "bench_cuda.json")
+if os.path.exists(bench):
+    report = json.load(open(bench))
+    rows = [r for r in report["results"] if r["status"] == "ok"]
+    summary["bench"] = {"cases": len({(r["shape"], r["dtype"], r["schedule"]) for r in rows}),
+                        "not_run": len(report.get("not_run", [])),
+                        "errors": [f"{r['provider']} {r['shape']} {r['dtype']}: {r['reason']}"
+                                   for r in report["results"] if r["status"] == "error"]}
+json.dump(summary, open(os.path.join(out_dir, "summary.json"), "w"), indent=2)
+print(json.dumps({k: v for k, v in summary.items() if k != "env"}, indent=1))
 PY
 
 if [ "$build_rc" -ne 0 ]; then
   echo "error: the in-place CUDA build failed; see $OUT_DIR/build.log" >&2
   exit 1
 fi
-exit "$tests_rc"
+"$PY" -c "import json, sys; sys.exit(0 if json.load(open(sys.argv[1]))['ok'] else 1)" "$OUT_DIR/summary.json"

@@ -769,6 +769,7 @@ def test_optimizer_precision_options_match_the_reference_backend(option):
                 torch.testing.assert_close(got, value, **LOW_TOL[torch.bfloat16], msg=lambda m, k=key: f"{k}: {m}")
 
 
+@pytest.mark.timing
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: the host cost of compiled Triton launches")
 @pytest.mark.parametrize("n_params", [10, 2000])
 def test_host_time_of_a_step_is_under_30us_whatever_the_tensor_count(n_params):
@@ -786,11 +787,28 @@ def test_host_time_of_a_step_is_under_30us_whatever_the_tensor_count(n_params):
     for _ in range(20):  # autotuning and compilation
         opt.step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(200):
-        start = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    torch.cuda.synchronize()
-    median = sorted(times)[len(times) // 2]
-    assert median < 30e-6, f"host time per step {median * 1e6:.1f} us with {n_params} tensors"
+
+    def median_us(fn) -> float:
+        times = []
+        for _ in range(200):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        return sorted(times)[len(times) // 2] * 1e6
+
+    step = median_us(opt.step)
+    # Where the time goes, for the failure message: the host-side preparation (the grads
+    # check, hyper-parameter sync) and the argument checks of the op without its launches.
+    prepare = median_us(opt._prepare_step)
+    fn, bucket, args = opt._prepare_step()[0]
+    ops = ft._load()
+    launch_step = ops._launch_step
+    ops._launch_step = lambda *a: None
+    try:
+        checks = median_us(lambda: fn(*args, None, None, None, None))
+    finally:
+        ops._launch_step = launch_step
+    assert step < 30, (f"host time per step {step:.1f} us with {n_params} tensors: preparation {prepare:.1f} us, "
+                       f"op checks {checks:.1f} us, the rest (two launches, torch.optim's step wrapper) "
+                       f"{step - prepare - checks:.1f} us")
