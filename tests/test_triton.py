@@ -408,6 +408,43 @@ def test_two_launches_per_step_whatever_the_tensor_count(monkeypatch, n_params):
 
 @needs_kernels
 @pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_bucket_entry_checks_buffers_once_and_again_when_one_is_replaced(monkeypatch, op):
+    """fusedclr's optimizers call ``for_buckets(op)``: the same steps as the public op (against
+    the reference; step counts exactly), its buffers checked on the first call and again
+    only when one is replaced; grad_scale / found_inf / active are checked on every call
+    [note: triton checks per bucket]."""
+    from types import SimpleNamespace
+
+    ops = ft._load()
+    checked = []
+    real = ops._check_common
+    monkeypatch.setattr(ops, "_check_common", lambda *a: checked.append(1) or real(*a))
+    impl = SimpleNamespace(**{f"{op}_step_": ft.for_buckets(f"{op}_step_")})
+    opts = {"weight_decay": 0.01, "beta2": 0.99} if op == "adam" else {"weight_decay": 0.01}
+    kw = {"momentum": 0.9} if op == "sgd" else {}
+    ours, expected = Bucket(op, **kw), Bucket(op, **kw)
+    grad = ours.grads[0]
+    for _ in range(3):
+        ours.apply(impl, grad, opts)
+        expected.apply(ref, expected.grads[0], opts)
+    assert len(checked) == 1
+    for name, t in expected.tensors().items():
+        tol = _tol(t.dtype) if t.is_floating_point() else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(ours.tensors()[name], t, **tol, msg=name)
+
+    with pytest.raises(ValueError, match="grad_scale must have 1 element"):
+        ours.apply(impl, grad, opts, grad_scale=torch.ones(2, device=DEVICE))
+    assert len(checked) == 1  # the per-step arguments are checked without the buffers
+    ours.schedule = torch.tensor(ref.no_schedule(), dtype=torch.float32, device=DEVICE)
+    with pytest.raises(TypeError, match="schedule has dtype torch.float32"):
+        ours.apply(impl, grad, opts)
+    assert len(checked) == 2
+    with pytest.raises(TypeError, match="grad has dtype torch.int32"):
+        ours.apply(impl, grad.int(), opts)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["sgd", "adam"])
 def test_compiled_step_does_not_recompile_as_the_schedule_advances(op):
     """torch.compile captures the Triton op once; the device counter moving through a
     SequentialLR's stages (and cyclic momentum) never triggers a recompile.

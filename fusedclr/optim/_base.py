@@ -85,8 +85,8 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[...
     if backend == "triton":
         from fusedclr import triton as fc_triton
 
-        fc_triton.load()  # import + register now: a first import inside a compiled step cannot be traced
-        return getattr(fc_triton, op)
+        # Imports and registers now (a first import inside a compiled step cannot be traced).
+        return fc_triton.for_buckets(op)
     if backend in ("cpu", "cuda"):
         if backend != kind:
             raise ValueError(f"backend={backend!r} cannot update parameters on {device}; use backend='auto'")
@@ -105,8 +105,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[...
         from fusedclr import triton as fc_triton
 
         if fc_triton.available():
-            fc_triton.load()
-            return getattr(fc_triton, op)
+            return fc_triton.for_buckets(op)
     ops.warn_missing_extension()
     return getattr(reference, op)
 

@@ -21,11 +21,12 @@ clear error rather than a crash.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 from torch import Tensor
 
-__all__ = ["adam_step_", "available", "load", "sgd_step_", "why_unavailable"]
+__all__ = ["adam_step_", "available", "for_buckets", "load", "sgd_step_", "why_unavailable"]
 
 _impl: ModuleType | None = None
 _import_error: str | None = None
@@ -87,6 +88,16 @@ def _load() -> ModuleType:
             )
         _impl = importlib.import_module("fusedclr.triton._ops")
     return _impl
+
+
+def for_buckets(op: str) -> Callable[..., None]:
+    """The implementation of ``op`` (``"sgd_step_"`` / ``"adam_step_"``) that fusedclr's
+    optimizers call: the same signature and kernels, but a bucket's buffers are checked on
+    their first step and again only when one of them is replaced, not on every step
+    (the arguments that change per step are checked every time)."""
+    if op not in ("sgd_step_", "adam_step_"):
+        raise ValueError(f"op must be 'sgd_step_' or 'adam_step_', got {op!r}")
+    return getattr(_load(), f"{op}for_bucket_")
 
 
 def sgd_step_(

@@ -20,6 +20,7 @@ functionalize (``aot_eager``, ``inductor``) would have to trace the interpreted
 kernel, and get a clear error instead of a silently empty graph.
 """
 
+import operator
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ from fusedclr.triton._adam import _adam_kernel
 from fusedclr.triton._common import ADVANCE_BLOCK, _advance_steps_kernel
 from fusedclr.triton._sgd import _sgd_kernel
 
-__all__ = ["INTERPRETED", "adam_step_", "sgd_step_"]
+__all__ = ["INTERPRETED", "adam_step_", "adam_step_for_bucket_", "sgd_step_", "sgd_step_for_bucket_"]
 
 
 def _is_interpreted(kernel: object) -> bool:
@@ -131,13 +132,22 @@ def _check_common(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor
     _check_small("hyper", hyper, param, (torch.float64,))
     _check_small("schedule", schedule, param, (torch.float64,))
     _check_small("schedule_step", schedule_step, param, (torch.int64,), 1)
-    floats = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    _check_small("grad_scale", grad_scale, param, floats, 1)
-    _check_small("found_inf", found_inf, param, floats, 1)
+    _check_per_call(param, seg_steps, None, grad_scale, found_inf)
     if param.dtype == torch.float64:
         return (torch.float64,)
     # bf16 parameters may keep bf16 states [note: precision opt-ins].
     return (torch.float32, torch.bfloat16) if param.dtype == torch.bfloat16 else (torch.float32,)
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_per_call(param: Tensor, seg_steps: Tensor, active: Optional[Tensor], grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor]) -> None:
+    """The checks of the arguments that change from step to step (all ``None`` in most steps)."""
+    _check_small("active", active, param, (torch.bool, torch.uint8), seg_steps.numel())
+    _check_small("grad_scale", grad_scale, param, _FLOATS, 1)
+    _check_small("found_inf", found_inf, param, _FLOATS, 1)
 
 
 def _check_states(param: Tensor, dtypes: tuple[torch.dtype, ...], **states: Optional[Tensor]) -> None:
@@ -150,14 +160,35 @@ def _check_states(param: Tensor, dtypes: tuple[torch.dtype, ...], **states: Opti
                         f"{ {name: t.dtype for name, t in given.items()} }; keep every state of a bucket in one dtype")
 
 
-def _write_mode(param: Tensor, master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
-    """The kernels' WRITE constexpr, after the reference's checks of the precision opt-ins."""
+def _check_precision(param: Tensor, master_param: Optional[Tensor], sr_seed: Optional[int]) -> None:
+    """The reference's checks of the precision opt-ins."""
     if master_param is not None:
         _check_flat("master_param", master_param, param, (torch.float32,))
     reference.check_precision(param, master_param, sr_seed)
+
+
+def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
+    """The kernels' WRITE constexpr."""
     if sr_seed is not None:
         return _common.WRITE_STOCHASTIC
     return _common.WRITE_ROUND if master_param is None else _common.WRITE_MASTER
+
+
+# [note: triton checks per bucket]
+# fusedclr's optimizers call the ops with the same bucket buffers every step, and
+# checking them in Python costs microseconds of a step whose whole host budget
+# is 30 us (DESIGN.md section 4). Their entry points (`*_step_for_bucket_`)
+# check the buffers once and remember them on the chunk table, by identity;
+# any buffer replaced (a new schedule descriptor, a master copy) is checked
+# again. What changes from step to step (active, grad_scale, found_inf) is
+# checked on every call. The public `sgd_step_` / `adam_step_` check everything
+# on every call.
+_CHECKED_ATTR = "_fusedclr_checked_with"
+
+
+def _checked_before(chunks: Tensor, static: tuple) -> bool:
+    prev = getattr(chunks, _CHECKED_ATTR, None)
+    return prev is not None and len(prev) == len(static) and all(map(operator.is_, prev, static))
 
 
 def _seed_bits(sr_seed: Optional[int]) -> int:
@@ -201,7 +232,7 @@ def _launch_step(launch, kernel, buffers: tuple, consts: dict, param: Tensor, se
     """What both ops do once their buffers are checked: one update launch over the chunk
     table (``buffers``: the kernel's arguments up to ``schedule_step_ptr``), then the
     step counters [note: triton step counters]."""
-    write = _write_mode(param, master_param, sr_seed)
+    write = _write_mode(master_param, sr_seed)
     if _skip_launch(param):
         return
     if chunks.shape[0] > 0:
@@ -217,10 +248,17 @@ def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Ten
               chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
               dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
               grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
-              sr_seed: Optional[int] = None) -> None:
-    state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
-                                 grad_scale, found_inf)
-    _check_states(param, state_dtypes, momentum_buffer=momentum_buffer)
+              sr_seed: Optional[int] = None, remember: bool = False) -> None:
+    static = (param, grad, momentum_buffer, seg_steps, hyper, schedule, schedule_step, master_param, sr_seed)
+    if remember and _checked_before(chunks, static):
+        _check_per_call(param, seg_steps, active, grad_scale, found_inf)
+    else:
+        state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                     grad_scale, found_inf)
+        _check_states(param, state_dtypes, momentum_buffer=momentum_buffer)
+        _check_precision(param, master_param, sr_seed)
+        if remember:
+            setattr(chunks, _CHECKED_ATTR, static)
     buffers = (param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step)
     consts = {"DAMPENING": float(dampening), "WEIGHT_DECAY": float(weight_decay), "NESTEROV": bool(nesterov),
               "MAXIMIZE": bool(maximize), "HAS_MOMENTUM_BUFFER": momentum_buffer is not None}
@@ -233,10 +271,18 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
                hyper: Tensor, schedule: Tensor, schedule_step: Tensor, beta2: float, eps: float,
                weight_decay: float, decoupled: bool, maximize: bool, grad_scale: Optional[Tensor],
                found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
-               sr_seed: Optional[int] = None) -> None:
-    state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
-                                 grad_scale, found_inf)
-    _check_states(param, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
+               sr_seed: Optional[int] = None, remember: bool = False) -> None:
+    static = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, hyper, schedule, schedule_step,
+              master_param, sr_seed)
+    if remember and _checked_before(chunks, static):
+        _check_per_call(param, seg_steps, active, grad_scale, found_inf)
+    else:
+        state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+                                     grad_scale, found_inf)
+        _check_states(param, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
+        _check_precision(param, master_param, sr_seed)
+        if remember:
+            setattr(chunks, _CHECKED_ATTR, static)
     buffers = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper, schedule,
                schedule_step)
     consts = {"BETA2": float(beta2), "EPS": float(eps), "WEIGHT_DECAY": float(weight_decay),
@@ -290,5 +336,21 @@ def sgd_step_(*args, **kwargs) -> None:
 def adam_step_(*args, **kwargs) -> None:
     if _eager(args[0] if args else kwargs["param"]):
         _adam_body(_direct, *args, **kwargs)
+    else:
+        torch.ops.fusedclr.triton_adam_step_(*args, **kwargs)
+
+
+def sgd_step_for_bucket_(*args, **kwargs) -> None:
+    """``sgd_step_`` for fusedclr's optimizers [note: triton checks per bucket]."""
+    if _eager(args[0] if args else kwargs["param"]):
+        _sgd_body(_direct, *args, **kwargs, remember=True)
+    else:
+        torch.ops.fusedclr.triton_sgd_step_(*args, **kwargs)
+
+
+def adam_step_for_bucket_(*args, **kwargs) -> None:
+    """``adam_step_`` for fusedclr's optimizers [note: triton checks per bucket]."""
+    if _eager(args[0] if args else kwargs["param"]):
+        _adam_body(_direct, *args, **kwargs, remember=True)
     else:
         torch.ops.fusedclr.triton_adam_step_(*args, **kwargs)
