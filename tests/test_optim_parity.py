@@ -360,3 +360,72 @@ def test_attached_schedule_costs_no_per_step_hyper_copy():
         opt.step()
         sched.step()
     assert hyper._version == version, "hyper was rewritten although the schedule provides lr and beta1"
+
+
+def _hooked_step_trace(cls_torch: type, cls_ours: type):
+    """Calls of every kind of step hook, for a torch optimizer and ours set up alike."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    traces = []
+    for cls in (cls_torch, cls_ours):
+        calls = []
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.ones(3)
+        opt = cls([p], lr=0.1)
+        handles = [
+            register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", type(o).__name__))),
+            register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", sorted(k)))),
+            opt.register_step_pre_hook(lambda o, a, k: (a, {"closure": lambda: 7.0})),
+            opt.register_step_post_hook(lambda o, a, k: calls.append(("post", k["closure"]()))),
+        ]
+        try:
+            loss = opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+        traces.append((calls, loss, p.detach().clone()))
+    return traces
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_step_hooks_run_as_torch_runs_them(cls):
+    """The step wrapper [note: step wrapper] keeps torch's hooks: global and per-optimizer
+    pre- and post-hooks in torch's order, a pre-hook replacing the arguments, and the error
+    for a pre-hook that returns something else."""
+    (torch_calls, torch_loss, torch_p), (calls, loss, p) = _hooked_step_trace(getattr(torch.optim, cls),
+                                                                              getattr(fusedclr, cls))
+    assert calls == torch_calls == [("global pre", cls), ("post", 7.0), ("global post", ["closure"])]
+    assert loss == torch_loss == 7.0
+    torch.testing.assert_close(p, torch_p)
+
+    q = torch.nn.Parameter(torch.ones(2))
+    q.grad = torch.ones(2)
+    opt = getattr(fusedclr, cls)([q], lr=0.1)
+    handle = opt.register_step_pre_hook(lambda o, a, k: "neither None nor (args, kwargs)")
+    with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+        opt.step()
+    handle.remove()
+    torch.testing.assert_close(q.detach(), torch.ones(2))  # nothing stepped
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_profiler_sees_the_step_as_it_sees_torchs(cls):
+    """One ``Optimizer.step#<class>.step`` user scope per step, as torch.optim records it,
+    also after a step that raised inside the scope (the scope is closed on the way out)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.nn.Parameter(torch.ones(2))
+    q.grad = torch.ones(2)
+    opt = getattr(fusedclr, cls)([q], lr=0.1)
+    handle = opt.register_step_pre_hook(lambda o, a, k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        opt.step()
+    handle.remove()
+
+    names = {}
+    for name, o in (("torch", getattr(torch.optim, cls)([q], lr=0.1)), ("fusedclr", opt)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            o.step()
+            o.step()
+        names[name] = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+    assert names["fusedclr"] == names["torch"] == [f"Optimizer.step#{cls}.step"] * 2

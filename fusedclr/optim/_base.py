@@ -47,6 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torch.optim.optimizer import _global_optimizer_post_hooks as _global_step_post_hooks
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_step_pre_hooks
+
 from fusedclr import ops, reference
 from fusedclr.optim._flat import Bucket, ShardBucket, is_dtensor, real_dtype
 
@@ -121,6 +124,53 @@ class FlatOptimizerMixin:
     _OP: str
     _STEP_IN_STATE: bool  # whether torch keeps a per-parameter "step" (Adam) or not (SGD)
     _step_supports_amp_scaling = True
+
+    @staticmethod
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        """torch.optim.Optimizer's wrapper of ``step`` at a quarter of its host cost.
+
+        [note: step wrapper]
+        ``torch.optim.Optimizer.__init__`` wraps every optimizer's ``step`` once
+        (``_patch_step_function``): a profiler scope named
+        ``Optimizer.step#<class>.step`` around the global and per-optimizer step
+        pre-hooks, the step, ``_optimizer_step_code`` and the post-hooks. Its
+        scope, ``torch.autograd.profiler.record_function``, goes through the
+        dispatcher on entry and exit: 4.5 us per step on the 2-vCPU dev machine,
+        where fusedclr's whole host side is about 10. This wrapper does the
+        same, in the same order, with the same scope (a ``RecordFunction`` of user
+        scope, which the profiler and any other observer see as before) opened
+        and closed through torch's direct bindings: 1.2 us. Under
+        ``torch.compile`` it defers to torch's wrapper, which Dynamo knows.
+        """
+        torch_wrapped = torch.optim.Optimizer.profile_hook_step(func)
+        enter = torch._C._autograd._record_function_with_args_enter
+        leave = torch._C._autograd._record_function_with_args_exit
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return torch_wrapped(*args, **kwargs)
+            self = args[0]
+            scope = enter(f"Optimizer.step#{type(self).__name__}.step")
+            try:
+                for pre_hook in (*_global_step_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+                    result = pre_hook(self, args, kwargs)
+                    if result is not None:
+                        if isinstance(result, tuple) and len(result) == 2:
+                            args, kwargs = result
+                        else:
+                            raise RuntimeError(
+                                f"{func} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                            )
+                out = func(*args, **kwargs)
+                self._optimizer_step_code()
+                for post_hook in (*self._optimizer_step_post_hooks.values(), *_global_step_post_hooks.values()):
+                    post_hook(self, args, kwargs)
+                return out
+            finally:
+                leave(scope)
+
+        return wrapper
 
     def _init_flat(self, backend: str, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
                    state_dtype: torch.dtype | None = None, master_weights: bool = False,
