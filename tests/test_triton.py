@@ -406,6 +406,115 @@ def test_two_launches_per_step_whatever_the_tensor_count(monkeypatch, n_params):
     assert seg_steps.tolist() == [1] * n_params
 
 
+def _written_arguments(op: str, dtype: torch.dtype, master: bool) -> set[str]:
+    """The kernel arguments (``*_ptr`` names) that one Triton step changes, every option on."""
+    n = 3 * BLOCK + 17
+    gen = torch.Generator().manual_seed(3)
+    param = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
+    args = {"param": param, "grad": torch.randn(n, generator=gen).to(dtype).to(DEVICE)}
+    if op == "sgd":
+        args["momentum_buffer"] = torch.randn(n, generator=gen).to(DEVICE)
+    else:
+        args.update(exp_avg=torch.randn(n, generator=gen).to(DEVICE),
+                    exp_avg_sq=torch.rand(n, generator=gen).to(DEVICE),
+                    max_exp_avg_sq=torch.zeros(n, device=DEVICE))
+    args.update(seg_steps=torch.zeros(1, dtype=torch.int64, device=DEVICE),
+                chunks=torch.tensor([[0, 0, n]], device=DEVICE), active=torch.ones(1, dtype=torch.bool, device=DEVICE),
+                hyper=torch.tensor([1e-2, 0.9], dtype=torch.float64, device=DEVICE),
+                schedule=torch.tensor(ref.no_schedule(), dtype=torch.float64, device=DEVICE),
+                schedule_step=torch.zeros((), dtype=torch.int64, device=DEVICE))
+    scalars = (0.1, 0.01, True, False) if op == "sgd" else (0.999, 1e-8, 0.01, True, False)
+    amp = {"grad_scale": torch.ones(1, device=DEVICE), "found_inf": torch.zeros(1, device=DEVICE)}
+    if master:
+        amp["master_param"] = param.float() + 1e-3
+    before = {k: v.clone() for k, v in {**args, **amp}.items()}
+    getattr(ft, f"{op}_step_")(*args.values(), *scalars, *amp.values())
+    changed = {k for k, v in {**args, **amp}.items() if not torch.equal(v, before[k])}
+    return {"master_ptr" if k == "master_param" else f"{k}_ptr" for k in changed}
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_autotuning_restores_every_buffer_a_kernel_writes_and_skips_absent_ones(op):
+    """Autotuning times each config on the live buffers, so whatever the update kernel
+    writes must be saved and restored; Triton 3.6's own ``restore_value`` fails on the
+    ``None`` ones (no amsgrad maximum, no master), so the kernels carry hooks of their own.
+    The hooks are driven here as Triton's timing loop drives them (the interpreter has one
+    config and never times)."""
+    from fusedclr.triton import _adam, _common, _sgd
+
+    kernel, in_place = (_sgd._sgd_kernel, _sgd._SGD_IN_PLACE) if op == "sgd" else (_adam._adam_kernel,
+                                                                                   _adam._ADAM_IN_PLACE)
+    assert kernel.user_defined_pre_hook and kernel.user_defined_post_hook and not kernel.restore_value
+    written = _written_arguments(op, torch.float32, False) | _written_arguments(op, torch.bfloat16, True)
+    # seg_steps moves in the second, step-counter launch, which is not autotuned.
+    assert written - {"seg_steps_ptr"} == set(in_place)
+
+    pre, post = _common.restoring_hooks(in_place)
+    nargs = {name: None for name in in_place}
+    nargs["param_ptr"] = param = torch.ones(5)
+    nargs[in_place[1]] = state = torch.zeros(5)
+    for run in range(2):  # timing runs: save, the kernel writes, restore
+        pre(nargs)
+        param.add_(run + 1)
+        state.sub_(1)
+        post(nargs, exception=None)
+    pre(nargs, reset_only=True)  # what Triton calls once tuning is done
+    assert torch.equal(param, torch.ones(5)) and torch.equal(state, torch.zeros(5))
+
+
+@interpreter_only
+@pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_steps_are_unchanged_by_autotuning_runs(monkeypatch, op, master):
+    """Triton's own autotuner, on the CPU: two configs, each "timed" by running the kernel
+    twice on the live buffers (a stand-in for its GPU benchmarker), then the step itself.
+    The result must be one step, as the reference takes it: everything the timing runs
+    wrote is restored, and the buffers that are absent (no amsgrad maximum; no master in
+    the plain case) do not trip the hooks, as they did Triton 3.6's ``restore_value``."""
+    import triton
+
+    from fusedclr.triton import _adam, _sgd
+
+    kernel = _sgd._sgd_kernel if op == "sgd" else _adam._adam_kernel
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        timed.append(1)
+        return [1.0 / len(timed)] * len(quantiles)  # the later config is faster
+
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK": 256}, num_warps=4),
+                                            triton.Config({"BLOCK": 512}, num_warps=4)])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_do_bench", bench)
+    # Triton caches its benchmarker in the instance (a cached_property in 3.8).
+    monkeypatch.setitem(vars(kernel), "do_bench", bench)
+
+    dtype = torch.bfloat16 if master else torch.float32
+    opts = {"momentum": 0.9, "weight_decay": 0.01} if op == "sgd" else {"weight_decay": 0.01, "decoupled": True}
+    expected, actual = Bucket(op, dtype=dtype, momentum=opts.get("momentum", 0.0)), Bucket(
+        op, dtype=dtype, momentum=opts.get("momentum", 0.0))
+    masters = [b.param.float() for b in (expected, actual)] if master else [None, None]
+    for k in range(3):
+        for b, impl, m in ((expected, ref, masters[0]), (actual, ft, masters[1])):
+            args = [b.param, b.grads[k], *([b.states["momentum_buffer"]] if op == "sgd" else
+                                          [b.states["exp_avg"], b.states["exp_avg_sq"], None])]
+            common = [b.seg_steps, b.chunks, None, b.hyper, b.schedule, b.schedule_step]
+            scalars = ([0.0, opts["weight_decay"], False, False] if op == "sgd" else
+                       [0.999, 1e-8, opts["weight_decay"], True, False])
+            getattr(impl, f"{op}_step_")(*args, *common, *scalars, None, None, m)
+            b.schedule_step.add_(1)
+    assert len(timed) == 2  # tuned once (one numel), both configs timed
+    assert kernel.cache and list(kernel.cache.values())[0].kwargs["BLOCK"] == 512
+    for name, t in expected.tensors().items():
+        tol = _tol(t.dtype) if t.is_floating_point() else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(actual.tensors()[name], t, **tol, msg=name)
+    if master:
+        torch.testing.assert_close(masters[1], masters[0], **TOL[torch.float32])
+
+
 @needs_kernels
 @pytest.mark.parametrize("op", ["sgd", "adam"])
 def test_bucket_entry_checks_buffers_once_and_again_when_one_is_replaced(monkeypatch, op):

@@ -16,6 +16,7 @@ from fusedclr.triton._common import (
     div,
     edge_lanes,
     load_param,
+    restoring_hooks,
     store,
     store_param,
     to_math,
@@ -73,10 +74,16 @@ def _sgd_tile(
     store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE)
 
 
+# The arguments the kernel writes, restored after each autotuning run.
+_SGD_IN_PLACE = ("param_ptr", "momentum_buffer_ptr", "master_ptr")
+_pre_hook, _post_hook = restoring_hooks(_SGD_IN_PLACE)
+
+
 @triton.autotune(
     configs=update_configs(),
     key=["numel"],
-    restore_value=["param_ptr", "momentum_buffer_ptr", "master_ptr"],
+    pre_hook=_pre_hook,
+    post_hook=_post_hook,
 )
 @triton.jit(do_not_specialize=["numel", "sr_seed"])
 def _sgd_kernel(
