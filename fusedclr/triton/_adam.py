@@ -16,7 +16,6 @@ from fusedclr.triton._common import (
     div,
     edge_lanes,
     load_param,
-    restoring_hooks,
     sqrt,
     store,
     store_param,
@@ -83,16 +82,15 @@ def _adam_tile(
     store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE)
 
 
-# The arguments the kernel writes, restored after each autotuning run.
+# The arguments the kernel writes, restored after each autotuning run. The launcher
+# never passes None for them [note: triton absent buffers].
 _ADAM_IN_PLACE = ("param_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr", "master_ptr")
-_pre_hook, _post_hook = restoring_hooks(_ADAM_IN_PLACE)
 
 
 @triton.autotune(
     configs=update_configs(),
     key=["numel"],
-    pre_hook=_pre_hook,
-    post_hook=_post_hook,
+    restore_value=list(_ADAM_IN_PLACE),
 )
 @triton.jit(do_not_specialize=["numel", "sr_seed"])
 def _adam_kernel(

@@ -67,34 +67,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def restoring_hooks(names: tuple[str, ...]):
-    """``pre_hook`` / ``post_hook`` for ``triton.autotune`` that keep the buffers ``names``
-    (those the kernel updates in place) as they were across the timing runs.
-
-    What ``restore_value=names`` means, but an argument that is ``None`` (no
-    momentum buffer, no amsgrad maximum, no master copy) is left out: Triton 3.6's
-    own hooks clone every named argument and fail on ``None`` (3.8 skips them), so
-    the first autotuned launch of a kernel without one of those buffers would
-    raise on a GPU. The interpreter has one config and never times; the tests
-    drive Triton's autotuner on the CPU with two configs and a stand-in
-    benchmarker (tests/test_triton.py::test_steps_are_unchanged_by_autotuning_runs).
-    """
-    saved: dict = {}
-
-    def pre_hook(kwargs: dict, reset_only: bool = False) -> None:
-        if reset_only:  # called after tuning to reset buffers to zero; there are none here
-            return
-        saved.clear()
-        saved.update({name: kwargs[name].clone() for name in names if kwargs[name] is not None})
-
-    def post_hook(kwargs: dict, exception: BaseException | None) -> None:
-        for name, value in saved.items():
-            kwargs[name].copy_(value)
-        saved.clear()
-
-    return pre_hook, post_hook
-
-
 def update_configs() -> list[triton.Config]:
     """Autotuning configs for the update kernels: one in the interpreter (no timing there)."""
     if interpreting():

@@ -226,18 +226,45 @@ def _advance(launch, seg_steps: Tensor, active: Optional[Tensor], found_inf: Opt
     )
 
 
+# [note: triton absent buffers]
+# The update kernels are autotuned with `restore_value` naming every buffer they
+# write, some of which a step may not have (no momentum buffer, no amsgrad
+# maximum, no master copy: the kernel's constexprs then never touch them).
+# Triton 3.6 (torch 2.11's) clones each named argument before timing a config
+# and fails on None (3.8 skips None). So a launch on real tensors (the direct
+# eager path, and the op's own implementation, which DTensor parameters reach)
+# passes a one-element placeholder instead, on the parameters' device, cached.
+# While torch.compile traces the op (fake or functional tensors) the kernel gets
+# None as before: Inductor does the autotuning there, and it accepts
+# restore_value (but not autotuning hooks, which is why the kernels do not carry
+# their own).
+_PLACEHOLDERS: dict[torch.device, Tensor] = {}
+
+
+def _placeholder(t: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
+    """``t``, or for an absent buffer of a launch on real tensors the device's placeholder."""
+    if t is not None or isinstance(param, (FakeTensor, FunctionalTensor)):
+        return t
+    got = _PLACEHOLDERS.get(param.device)
+    if got is None:
+        got = _PLACEHOLDERS[param.device] = torch.zeros(1, dtype=torch.float32, device=param.device)
+    return got
+
+
 def _launch_step(launch, kernel, buffers: tuple, consts: dict, param: Tensor, seg_steps: Tensor, chunks: Tensor,
                  active: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                  master_param: Optional[Tensor], sr_seed: Optional[int]) -> None:
     """What both ops do once their buffers are checked: one update launch over the chunk
-    table (``buffers``: the kernel's arguments up to ``schedule_step_ptr``), then the
-    step counters [note: triton step counters]."""
+    table (``buffers``: the kernel's arguments up to ``schedule_step_ptr``, absent written
+    buffers already replaced by placeholders), then the step counters
+    [note: triton step counters]."""
     write = _write_mode(master_param, sr_seed)
     if _skip_launch(param):
         return
     if chunks.shape[0] > 0:
+        master = _placeholder(master_param, param)
         launch(kernel)[(chunks.shape[0],)](
-            *buffers, grad_scale, found_inf, master_param, _seed_bits(sr_seed), param.numel(), **consts,
+            *buffers, grad_scale, found_inf, master, _seed_bits(sr_seed), param.numel(), **consts,
             HAS_ACTIVE=active is not None, HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, MATH_F64=param.dtype == torch.float64, WRITE=write,
         )
@@ -259,7 +286,8 @@ def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Ten
         _check_precision(param, master_param, sr_seed)
         if remember:
             setattr(chunks, _CHECKED_ATTR, static)
-    buffers = (param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step)
+    buffers = (param, grad, _placeholder(momentum_buffer, param), seg_steps, chunks, active, hyper, schedule,
+               schedule_step)
     consts = {"DAMPENING": float(dampening), "WEIGHT_DECAY": float(weight_decay), "NESTEROV": bool(nesterov),
               "MAXIMIZE": bool(maximize), "HAS_MOMENTUM_BUFFER": momentum_buffer is not None}
     _launch_step(launch, _sgd_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,
@@ -283,8 +311,8 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
         _check_precision(param, master_param, sr_seed)
         if remember:
             setattr(chunks, _CHECKED_ATTR, static)
-    buffers = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper, schedule,
-               schedule_step)
+    buffers = (param, grad, exp_avg, exp_avg_sq, _placeholder(max_exp_avg_sq, param), seg_steps, chunks,
+               active, hyper, schedule, schedule_step)
     consts = {"BETA2": float(beta2), "EPS": float(eps), "WEIGHT_DECAY": float(weight_decay),
               "DECOUPLED": bool(decoupled), "AMSGRAD": max_exp_avg_sq is not None, "MAXIMIZE": bool(maximize)}
     _launch_step(launch, _adam_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,

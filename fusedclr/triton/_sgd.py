@@ -16,7 +16,6 @@ from fusedclr.triton._common import (
     div,
     edge_lanes,
     load_param,
-    restoring_hooks,
     store,
     store_param,
     to_math,
@@ -74,16 +73,15 @@ def _sgd_tile(
     store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE)
 
 
-# The arguments the kernel writes, restored after each autotuning run.
+# The arguments the kernel writes, restored after each autotuning run. The launcher
+# never passes None for them [note: triton absent buffers].
 _SGD_IN_PLACE = ("param_ptr", "momentum_buffer_ptr", "master_ptr")
-_pre_hook, _post_hook = restoring_hooks(_SGD_IN_PLACE)
 
 
 @triton.autotune(
     configs=update_configs(),
     key=["numel"],
-    pre_hook=_pre_hook,
-    post_hook=_post_hook,
+    restore_value=list(_SGD_IN_PLACE),
 )
 @triton.jit(do_not_specialize=["numel", "sr_seed"])
 def _sgd_kernel(
