@@ -231,20 +231,24 @@ def _advance(launch, seg_steps: Tensor, active: Optional[Tensor], found_inf: Opt
 # write, some of which a step may not have (no momentum buffer, no amsgrad
 # maximum, no master copy: the kernel's constexprs then never touch them).
 # Triton 3.6 (torch 2.11's) clones each named argument before timing a config
-# and fails on None (3.8 skips None). So a launch on real tensors (the direct
-# eager path, and the op's own implementation, which DTensor parameters reach)
-# passes a one-element placeholder instead, on the parameters' device, cached.
-# While torch.compile traces the op (fake or functional tensors) the kernel gets
-# None as before: Inductor does the autotuning there, and it accepts
-# restore_value (but not autotuning hooks, which is why the kernels do not carry
-# their own).
+# and fails on None (3.8 skips None); Inductor, which autotunes user kernels
+# under torch.compile, clones every `restore_value` argument too and asserts
+# that each is a tensor. So no launch passes None for them: a launch on real
+# tensors (the direct eager path, and the op's own implementation, which DTensor
+# parameters reach) gets a cached one-element placeholder on the parameters'
+# device; while torch.compile traces the op it gets a fresh one-element
+# `torch.empty` (an allocation in the graph, no kernel). Autotuning hooks of the
+# kernels' own would have spared the placeholders in eager, but torch.compile
+# refuses kernels that carry them.
 _PLACEHOLDERS: dict[torch.device, Tensor] = {}
 
 
-def _placeholder(t: Optional[Tensor], param: Tensor) -> Optional[Tensor]:
-    """``t``, or for an absent buffer of a launch on real tensors the device's placeholder."""
-    if t is not None or isinstance(param, (FakeTensor, FunctionalTensor)):
+def _placeholder(t: Optional[Tensor], param: Tensor) -> Tensor:
+    """``t``, or for an absent buffer a one-element stand-in on the parameters' device."""
+    if t is not None:
         return t
+    if isinstance(param, (FakeTensor, FunctionalTensor)):
+        return torch.empty(1, dtype=torch.float32, device=param.device)
     got = _PLACEHOLDERS.get(param.device)
     if got is None:
         got = _PLACEHOLDERS[param.device] = torch.zeros(1, dtype=torch.float32, device=param.device)
