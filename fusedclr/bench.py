@@ -32,9 +32,18 @@ What is measured [note: bench method]
   same device, over a comparable byte count (``% copy``).
 * Host CPU time per step is ``time.process_time()``: all threads of this
   process. On a CPU device it is the compute itself (about wall time x the
-  threads that worked); on a GPU it is the host-side launch and Python cost.
+  threads that worked); on a GPU it is the host-side launch and Python cost,
+  read before the sample's closing synchronization (which spins on the CPU).
+  A sample whose launches fill the GPU's launch queue waits inside a step, and
+  that wait counts.
 * On a GPU, launches per step are counted with ``torch.profiler``: kernels,
-  memsets and memcpys that ran on the device, per step.
+  memsets and memcpys that ran on the device, per step (not the
+  ``Optimizer.step#...`` annotations).
+* On a GPU the copy yardstick moves at least 1 GiB, so that it measures the
+  memory's bandwidth rather than the L2 cache's (an H100/H200 holds 50-60 MB).
+  The two smallest shapes' optimizer states fit in L2, and a step after a step
+  finds them there: their GB/s are not HBM figures, and their ratios are about
+  launch and host costs.
 """
 
 from __future__ import annotations
@@ -543,8 +552,10 @@ class _Sampler:
         c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(self.inner):
             self.step()
+        # Host time up to the last launch, before the wait (a GPU sync spins on the CPU).
+        c1 = time.process_time()
         self.sync()
-        t1, c1 = time.perf_counter(), time.process_time()
+        t1 = time.perf_counter()
         self.wall.append((t1 - t0) / self.inner)
         self.cpu.append((c1 - c0) / self.inner)
         self.spent += t1 - t0
@@ -609,18 +620,38 @@ def copy_bandwidth(nbytes: int, device: str, budget: Budget) -> tuple[float, Tim
 
 
 def count_launches(step: Callable[[], None], device: str, steps: int = 3) -> float | None:
-    """Device activities (kernels, memsets, memcpys) per step, from torch.profiler; GPUs only."""
+    """Device activities (kernels, memsets, memcpys) per step, from torch.profiler; GPUs only.
+
+    Profiles the device alone and counts from the raw profiler events (building
+    torch's per-event Python objects takes ~40 us each, which is minutes for a
+    for-loop step over 10000 tensors). The ``Optimizer.step#...`` user
+    annotations that torch.optim and fusedclr open every step are device-side
+    events too and are not launches. ``None`` when the profiler sees nothing
+    (no CUPTI, or another tool holds it) or fails.
+    """
     if not device.startswith("cuda"):
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
+    try:
         torch.cuda.synchronize()
-    on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(on_device) / steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        cuda = torch.autograd.DeviceType.CUDA
+        n = sum(1 for e in prof.profiler.kineto_results.events()
+                if e.device_type() == cuda and not _is_user_annotation(e))
+    except Exception:  # noqa: BLE001 - a missing count must not end the run
+        return None
+    return n / steps if n else None
+
+
+def _is_user_annotation(event: Any) -> bool:
+    flag = getattr(event, "is_user_annotation", None)
+    if flag is None:
+        return False
+    return bool(flag() if callable(flag) else flag)
 
 
 class _Deadline(Exception):
@@ -778,7 +809,9 @@ def measure(
             "status": "ok",
             **pooled.summary(),
             "state_dtype": str(stepper.state_dtype).removeprefix("torch."),
-            "launches_per_step": count_launches(stepper.step, case.device),
+            # One step when steps are slow (for-loop steps over thousands of tensors): enough to count.
+            "launches_per_step": count_launches(stepper.step, case.device,
+                                                steps=1 if samplers[0].one > 0.01 else 3),
             "note": stepper.note,
         }
         if pair is not None:
@@ -865,18 +898,28 @@ def run(
     providers, and the faster of the two is used: noise from other processes
     only ever slows a copy down, so this is the conservative denominator.
 
-    With ``time_limit_s``, no case starts once that many seconds have passed;
-    the cases left out are listed in the report's ``not_run`` (a case already
-    started runs to its end). ``on_case`` receives the report so far after
-    every case, so that a run cut short from outside still leaves its results.
+    Cases run dtype by dtype, schedule by schedule, every shape in the order
+    given: the fp32 constant-lr table is whole first, so a run cut short keeps
+    complete tables. With ``time_limit_s``, no case starts once that many
+    seconds have passed, or when the last case's length would take the run past
+    them; the cases left out are listed in the report's ``not_run`` (a case
+    already started runs to its end). ``on_case`` receives the report so far
+    after every case (``complete`` false, the cases still to come under
+    ``not_run``), so that a run cut short from outside still leaves its results.
     """
     started = time.perf_counter()
     load_before = _loadavg()
     results: list[dict[str, Any]] = []
     copies: list[dict[str, Any]] = []
     not_run: list[dict[str, str]] = []
+    plan = [Case(optim, shape, dtype, schedule, device)
+            for optim in optims for dtype in dtypes for schedule in schedules for shape in shapes]
 
-    def report() -> dict[str, Any]:
+    def skipped(case: Case, reason: str) -> dict[str, str]:
+        return {"optim": case.optim, "shape": case.shape, "dtype": case.dtype, "schedule": case.schedule,
+                "reason": reason}
+
+    def report(pending: Sequence[Case] = ()) -> dict[str, Any]:
         machine = machine_info(device)
         machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
         return {
@@ -899,33 +942,37 @@ def run(
             },
             "copy": copies,
             "results": results,
-            "not_run": not_run,
+            # False in the reports written while the run goes on; cases skipped by
+            # --time-limit are under not_run either way.
+            "complete": not pending,
+            "not_run": not_run + [skipped(c, "not reached: the run was still going when this was written")
+                                  for c in pending],
             "elapsed_s": time.perf_counter() - started,
         }
 
     def copy(case: Case, when: str) -> float:
-        gbps, timing, moved = copy_bandwidth(case.copy_bytes, device, budget)
+        nbytes = case.copy_bytes if device == "cpu" else max(case.copy_bytes, 1 << 30)
+        gbps, timing, moved = copy_bandwidth(nbytes, device, budget)
         copies.append({"optim": case.optim, "shape": case.shape, "dtype": case.dtype, "schedule": case.schedule,
                        "when": when, "bytes": moved, "gbps": gbps, **timing.summary()})
         return gbps
 
-    for optim in optims:
-        for shape in shapes:
-            for dtype in dtypes:
-                for schedule in schedules:
-                    case = Case(optim, shape, dtype, schedule, device)
-                    if time_limit_s is not None and time.perf_counter() - started >= time_limit_s:
-                        not_run.append({"optim": optim, "shape": shape, "dtype": dtype, "schedule": schedule,
-                                        "reason": f"--time-limit {time_limit_s:g} s reached"})
-                        continue
-                    before = copy(case, "before")
-                    rows = measure(case, providers, budget, compile_timeout=compile_timeout, log=log)
-                    gbps = max(before, copy(case, "after"))
-                    _annotate(rows, gbps)
-                    results += rows
-                    log(format_table(rows, device))
-                    if on_case is not None:
-                        on_case(report())
+    last_case_s = 0.0
+    for i, case in enumerate(plan):
+        elapsed = time.perf_counter() - started
+        if time_limit_s is not None and elapsed + last_case_s > time_limit_s:
+            not_run.append(skipped(case, f"--time-limit {time_limit_s:g} s reached"))
+            continue
+        case_start = time.perf_counter()
+        before = copy(case, "before")
+        rows = measure(case, providers, budget, compile_timeout=compile_timeout, log=log)
+        gbps = max(before, copy(case, "after"))
+        _annotate(rows, gbps)
+        results += rows
+        log(format_table(rows, device))
+        last_case_s = time.perf_counter() - case_start
+        if on_case is not None:
+            on_case(report(plan[i + 1:]))
     if not_run:
         log(f"time limit reached: {len(not_run)} case(s) not run (listed under 'not_run' in the report)")
     return report()
@@ -1104,9 +1151,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         for schedule in report["config"]["schedules"]:
             parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
                          + markdown_table(report, optim, schedule))
-    if report.get("not_run"):
-        cases = ", ".join(f"{c['optim']} {c['shape']} {c['dtype']} {c['schedule']}" for c in report["not_run"])
-        parts.append(f"Not run ({report['not_run'][0]['reason']}): {cases}.")
+    by_reason: dict[str, list[str]] = {}
+    for c in report.get("not_run", []):
+        by_reason.setdefault(c["reason"], []).append(f"{c['optim']} {c['shape']} {c['dtype']} {c['schedule']}")
+    for reason, cases in by_reason.items():
+        parts.append(f"Not run ({reason}): {', '.join(cases)}.")
     return "\n\n".join(parts) + "\n"
 
 
@@ -1267,20 +1316,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget=budget,
         compile_timeout=compile_timeout,
         time_limit_s=args.time_limit,
-        on_case=(lambda partial: _dump_json(partial, args.json)) if args.json else None,
+        on_case=lambda partial: _write_partial(partial, args),
         log=lambda s: print(s, flush=True),
     )
     _write(report, args)
     return 0
 
 
-def _dump_json(report: dict[str, Any], path: str) -> None:
-    """Writes ``report`` to ``path`` through a temporary file, so the file is always whole."""
+def _write_partial(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """After every case: the JSON report and the markdown tables so far (the plot waits for the end)."""
+    if args.json:
+        _dump_json(report, args.json)
+    if args.markdown:
+        _dump_text(markdown_report(report), args.markdown)
+
+
+def _dump_text(text: str, path: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file, so the file is always whole."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _dump_json(report: dict[str, Any], path: str) -> None:
+    _dump_text(json.dumps(report, indent=1), path)
 
 
 def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -1291,14 +1352,16 @@ def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json and args.json != args.from_json:
         _dump_json(report, args.json)
         print(f"wrote {args.json}")
-    if args.plot:
-        plot(report, args.plot)
-        print(f"wrote {args.plot}")
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write(markdown_report(report))
+        _dump_text(markdown_report(report), args.markdown)
         print(f"wrote {args.markdown}")
+    if args.plot:
+        try:
+            plot(report, args.plot)
+        except ImportError as exc:  # matplotlib is an optional dependency
+            print(f"no plot: {exc} (pip install matplotlib)", file=sys.stderr)
+        else:
+            print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,10 @@ def test_time_limit_stops_starting_cases_and_each_case_is_written_as_it_ends(tmp
                     schedules=["constant"], providers=["torch-foreach"], budget=bench.QUICK,
                     time_limit_s=0.5, on_case=reports.append, log=lambda s: time.sleep(0.6))
     assert len(reports) == 1 and [r["dtype"] for r in reports[0]["results"]] == ["fp32"]
-    assert [r["dtype"] for r in out["results"]] == ["fp32"]
+    assert reports[0]["complete"] is False
+    assert [(c["dtype"], c["reason"]) for c in reports[0]["not_run"]] == [
+        ("bf16", "not reached: the run was still going when this was written")]
+    assert [r["dtype"] for r in out["results"]] == ["fp32"] and out["complete"] is True
     assert out["not_run"] == [{"optim": "sgd", "shape": "128x64", "dtype": "bf16", "schedule": "constant",
                                "reason": "--time-limit 0.5 s reached"}]
     assert "Not run (--time-limit 0.5 s reached): sgd 128x64 bf16 constant." in bench.markdown_report(out)
@@ -123,3 +126,36 @@ def test_time_flags_reject_non_positive_values(flag, value, capsys):
     with pytest.raises(SystemExit):
         bench.parser().parse_args([flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_cases_run_dtype_then_schedule_then_shape():
+    """A run cut short keeps whole tables: every shape of the first dtype and schedule first."""
+    out = bench.run(device="cpu", optims=["sgd"], shapes=["4x256K", "128x64"], dtypes=["fp32", "bf16"],
+                    schedules=["constant", "onecycle"], providers=["torch-foreach"], budget=bench.QUICK,
+                    log=lambda s: None)
+    assert [(r["dtype"], r["schedule"], r["shape"]) for r in out["results"]] == [
+        ("fp32", "constant", "4x256K"), ("fp32", "constant", "128x64"),
+        ("fp32", "onecycle", "4x256K"), ("fp32", "onecycle", "128x64"),
+        ("bf16", "constant", "4x256K"), ("bf16", "constant", "128x64"),
+        ("bf16", "onecycle", "4x256K"), ("bf16", "onecycle", "128x64")]
+
+
+def test_launch_counts_skip_cpu_and_user_annotations():
+    """count_launches is GPU-only, and the profiler's ``Optimizer.step#...`` annotations,
+    device-side events in recent torch, are not launches (method or attribute form)."""
+    assert bench.count_launches(lambda: None, "cpu") is None
+
+    class Method:
+        def __init__(self, flag):
+            self.flag = flag
+
+        def is_user_annotation(self):
+            return self.flag
+
+    class Attribute:
+        def __init__(self, flag):
+            self.is_user_annotation = flag
+
+    assert bench._is_user_annotation(Method(True)) and bench._is_user_annotation(Attribute(True))
+    assert not bench._is_user_annotation(Method(False)) and not bench._is_user_annotation(Attribute(False))
+    assert not bench._is_user_annotation(object())
