@@ -17,9 +17,10 @@
 #   3. triton     tests/test_triton.py with compiled kernels (TRITON_INTERPRET=0, a
 #                 process of its own: Triton picks the interpreter per process)
 #   4. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, DESIGN.md's
-#                 shapes; torch for-loop / foreach / fused against fusedclr's CUDA
-#                 and Triton kernels; it gets the rest of the budget, and no case
-#                 starts once that has passed (the rest are listed as not run)
+#                 shapes (the issues' target shapes first); torch for-loop / foreach /
+#                 fused against fusedclr's CUDA and Triton kernels; fp32 tables
+#                 first. It gets the rest of the budget, and no case starts once
+#                 that has passed (the rest are listed as not run)
 # Tests run in parallel with pytest-xdist when it is installed; the tests marked
 # `timing` (host time per step) run alone, after the others of their stage.
 #
@@ -169,6 +170,7 @@ else
   else
     # shellcheck disable=SC2086 # GPU_CHECK_BENCH is a list of arguments
     run_stage bench "$((bench_s + 50))" "$PY" -m fusedclr bench --device cuda --optim adamw --dtypes fp32,bf16 \
+      --shapes 200x1M,10000x64,2000x1024,gpt2-small,resnet50,10x16M \
       --providers torch-forloop,torch-foreach,torch-fused,fusedclr-cuda,fusedclr-triton --seconds 0.5 \
       --time-limit "$bench_s" --json "$OUT_DIR/bench_cuda.json" --markdown "$OUT_DIR/bench_cuda.md" \
       --plot "$OUT_DIR/bench_cuda.png" ${GPU_CHECK_BENCH:-}
@@ -207,6 +209,7 @@ if os.path.exists(bench):
     report = json.load(open(bench))
     rows = [r for r in report["results"] if r["status"] == "ok"]
     summary["bench"] = {"cases": len({(r["shape"], r["dtype"], r["schedule"]) for r in rows}),
+                        "complete": report.get("complete"),
                         "not_run": len(report.get("not_run", [])),
                         "errors": [f"{r['provider']} {r['shape']} {r['dtype']}: {r['reason']}"
                                    for r in report["results"] if r["status"] == "error"]}
