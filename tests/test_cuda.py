@@ -444,6 +444,8 @@ def test_precision_arguments_are_checked():
         (low, low["param"].float()[:-1], None, "master_param has"),
         (half, None, 3, "sr_seed .stochastic rounding. is for BFloat16"),
         (low, low["param"].float(), 3, "not both"),
+        # A parameter dtype no kernel updates: refused before the step counters move.
+        (dict(b, param=b["param"].int(), grad=b["grad"].int()), None, None, "param has dtype"),
     ]
     for bucket, master, seed, match in cases:
         before = bucket["param"].clone()

@@ -39,10 +39,14 @@ inline at::ScalarType check_states(const at::Tensor& param,
   return first;
 }
 
-// master_param and sr_seed [note: precision opt-ins].
+// The parameter dtype, master_param and sr_seed [note: precision opt-ins]. Every
+// op calls this before anything moves (the step counters advance before the
+// update's dtype dispatch), so a parameter dtype no kernel handles changes nothing.
 inline void check_precision(const at::Tensor& param, const std::optional<at::Tensor>& master_param,
                             const std::optional<int64_t>& sr_seed) {
   const at::ScalarType dt = param.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "fusedclr: param has dtype ", dt, "; the kernels update Float, Double, Half and BFloat16 parameters");
   if (master_param.has_value()) {
     TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "fusedclr: master_param is for BFloat16 or Half parameters, "
                 "got ", dt, " parameters; pass master_param=None");
