@@ -184,7 +184,7 @@ def _step_both(ref_opt, fc_opt, ref_params, fc_params, steps=5, clip=None, seed=
         for a, b in zip(ref_params, fc_params):
             if not a.requires_grad:
                 continue
-            g = torch.randn(a.shape, generator=gen, dtype=torch.float64).to(a.dtype)
+            g = torch.randn(a.shape, generator=gen, dtype=torch.float64).to(device=a.device, dtype=a.dtype)
             a.grad = g.clone()
             if b.grad is not None:
                 b.grad.copy_(g)  # into the flat view, as autograd accumulates: the fast path

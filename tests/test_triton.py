@@ -520,10 +520,15 @@ def test_bucket_entry_checks_buffers_once_and_again_when_one_is_replaced(monkeyp
     [note: triton checks per bucket]."""
     from types import SimpleNamespace
 
+    from fusedclr.triton import _adam, _sgd
+
     ops = ft._load()
-    checked = []
+    checked, tuned = [], []
     real = ops._check_common
     monkeypatch.setattr(ops, "_check_common", lambda *a: checked.append(1) or real(*a))
+    kernel = _sgd._sgd_kernel if op == "sgd" else _adam._adam_kernel
+    autotuner_run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: tuned.append(1) or autotuner_run(*a, **k))
     impl = SimpleNamespace(**{f"{op}_step_": ft.for_buckets(f"{op}_step_")})
     opts = {"weight_decay": 0.01, "beta2": 0.99} if op == "adam" else {"weight_decay": 0.01}
     kw = {"momentum": 0.9} if op == "sgd" else {}
@@ -532,18 +537,23 @@ def test_bucket_entry_checks_buffers_once_and_again_when_one_is_replaced(monkeyp
     for _ in range(3):
         ours.apply(impl, grad, opts)
         expected.apply(ref, expected.grads[0], opts)
-    assert len(checked) == 1
+    # Checked once, and Triton's autotuner ran once: later steps launch its chosen config.
+    assert len(checked) == 1 and len(tuned) == 1
+    ours.hyper = ours.hyper.clone()  # a replaced buffer: checked and tuned again
+    ours.apply(impl, grad, opts)
+    expected.apply(ref, expected.grads[0], opts)
+    assert len(checked) == 2 and len(tuned) == 2
     for name, t in expected.tensors().items():
         tol = _tol(t.dtype) if t.is_floating_point() else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(ours.tensors()[name], t, **tol, msg=name)
 
     with pytest.raises(ValueError, match="grad_scale must have 1 element"):
         ours.apply(impl, grad, opts, grad_scale=torch.ones(2, device=DEVICE))
-    assert len(checked) == 1  # the per-step arguments are checked without the buffers
+    assert len(checked) == 2  # the per-step arguments are checked without the buffers
     ours.schedule = torch.tensor(ref.no_schedule(), dtype=torch.float32, device=DEVICE)
     with pytest.raises(TypeError, match="schedule has dtype torch.float32"):
         ours.apply(impl, grad, opts)
-    assert len(checked) == 2
+    assert len(checked) == 3
     with pytest.raises(TypeError, match="grad has dtype torch.int32"):
         ours.apply(impl, grad.int(), opts)
 

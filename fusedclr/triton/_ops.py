@@ -184,6 +184,13 @@ def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
 # checked on every call. The public `sgd_step_` / `adam_step_` check everything
 # on every call.
 _CHECKED_ATTR = "_fusedclr_checked_with"
+# The autotuned config of a bucket's update kernel: Triton's Autotuner.run costs
+# 13-16 us of host time per call on the dev machine (it rebuilds its cache key,
+# str(dtype) of every tensor argument, on every launch), half the step's budget.
+# The bucket's key (numel and buffer dtypes) cannot change while its buffers are
+# the ones checked, so after the first, tuning launch the kernel runs with the
+# chosen config directly; replacing a buffer forgets it with the checks.
+_TUNED_ATTR = "_fusedclr_tuned_config"
 
 
 def _checked_before(chunks: Tensor, static: tuple) -> bool:
@@ -257,21 +264,29 @@ def _placeholder(t: Optional[Tensor], param: Tensor) -> Tensor:
 
 def _launch_step(launch, kernel, buffers: tuple, consts: dict, param: Tensor, seg_steps: Tensor, chunks: Tensor,
                  active: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                 master_param: Optional[Tensor], sr_seed: Optional[int]) -> None:
+                 master_param: Optional[Tensor], sr_seed: Optional[int], remember: bool = False) -> None:
     """What both ops do once their buffers are checked: one update launch over the chunk
     table (``buffers``: the kernel's arguments up to ``schedule_step_ptr``, absent written
     buffers already replaced by placeholders), then the step counters
-    [note: triton step counters]."""
+    [note: triton step counters]. With ``remember`` (a bucket's step), the config that
+    autotuning chose is kept on the chunk table and later steps launch the kernel with it
+    directly [note: triton checks per bucket]."""
     write = _write_mode(master_param, sr_seed)
     if _skip_launch(param):
         return
     if chunks.shape[0] > 0:
-        master = _placeholder(master_param, param)
-        launch(kernel)[(chunks.shape[0],)](
-            *buffers, grad_scale, found_inf, master, _seed_bits(sr_seed), param.numel(), **consts,
-            HAS_ACTIVE=active is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, MATH_F64=param.dtype == torch.float64, WRITE=write,
-        )
+        args = (*buffers, grad_scale, found_inf, _placeholder(master_param, param), _seed_bits(sr_seed),
+                param.numel())
+        flags = {**consts, "HAS_ACTIVE": active is not None, "HAS_GRAD_SCALE": grad_scale is not None,
+                 "HAS_FOUND_INF": found_inf is not None, "MATH_F64": param.dtype == torch.float64, "WRITE": write}
+        grid = (chunks.shape[0],)
+        tuned = getattr(chunks, _TUNED_ATTR, None) if remember else None
+        if tuned is not None and tuned[0] is kernel:
+            kernel.fn[grid](*args, **flags, **tuned[1])
+        else:
+            launch(kernel)[grid](*args, **flags)
+            if remember and launch is _direct and getattr(kernel, "best_config", None) is not None:
+                setattr(chunks, _TUNED_ATTR, (kernel, kernel.best_config.all_kwargs()))
     _advance(launch, seg_steps, active, found_inf)
 
 
@@ -290,12 +305,13 @@ def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Ten
         _check_precision(param, master_param, sr_seed)
         if remember:
             setattr(chunks, _CHECKED_ATTR, static)
+            setattr(chunks, _TUNED_ATTR, None)
     buffers = (param, grad, _placeholder(momentum_buffer, param), seg_steps, chunks, active, hyper, schedule,
                schedule_step)
     consts = {"DAMPENING": float(dampening), "WEIGHT_DECAY": float(weight_decay), "NESTEROV": bool(nesterov),
               "MAXIMIZE": bool(maximize), "HAS_MOMENTUM_BUFFER": momentum_buffer is not None}
     _launch_step(launch, _sgd_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,
-                 master_param, sr_seed)
+                 master_param, sr_seed, remember)
 
 
 def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -315,12 +331,13 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
         _check_precision(param, master_param, sr_seed)
         if remember:
             setattr(chunks, _CHECKED_ATTR, static)
+            setattr(chunks, _TUNED_ATTR, None)
     buffers = (param, grad, exp_avg, exp_avg_sq, _placeholder(max_exp_avg_sq, param), seg_steps, chunks,
                active, hyper, schedule, schedule_step)
     consts = {"BETA2": float(beta2), "EPS": float(eps), "WEIGHT_DECAY": float(weight_decay),
               "DECOUPLED": bool(decoupled), "AMSGRAD": max_exp_avg_sq is not None, "MAXIMIZE": bool(maximize)}
     _launch_step(launch, _adam_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,
-                 master_param, sr_seed)
+                 master_param, sr_seed, remember)
 
 
 # --------------------------------------------------------------------------
