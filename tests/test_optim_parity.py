@@ -283,14 +283,36 @@ def test_cpu_flat_buffers_start_at_staggered_page_offsets(cls, kwargs):
     assert all(t.data_ptr() % 64 == 0 and t.numel() == b.flat.numel() for t in buffers)
 
 
-def test_deepcopy_keeps_working():
-    """copy.deepcopy(optimizer) (used by some trainers) yields an independent working optimizer."""
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copies_keep_working(backend, how):
+    """copy.deepcopy(optimizer) (used by some trainers) and a pickled optimizer are independent
+    working optimizers: their parameters (which come without .grad, as torch's copies do) step
+    exactly as the original's, in storage of their own."""
     model = torch.nn.Linear(3, 2)
-    opt = fusedclr.AdamW(model.parameters(), lr=0.1)
+    opt = fusedclr.AdamW(model.parameters(), lr=0.1, backend=backend)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    clone = copy.deepcopy(opt)
+    if how == "deepcopy":
+        clone = copy.deepcopy(opt)
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        clone = torch.load(buf, weights_only=False)
     assert clone.state_dict()["state"][0]["step"] == 1
+    mine, theirs = opt.param_groups[0]["params"], clone.param_groups[0]["params"]
+    for p, q in zip(mine, theirs):
+        assert q.grad is None
+        q.grad = p.grad.clone()
+    opt.step()
+    clone.step()
+    for p, q in zip(mine, theirs):
+        assert torch.equal(p.detach(), q.detach()) and p.data_ptr() != q.data_ptr()
+    before = [p.detach().clone() for p in mine]
+    clone.step()  # the copy alone moves
+    assert all(torch.equal(p.detach(), b) for p, b in zip(mine, before))
+    assert not torch.equal(theirs[0].detach(), before[0])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

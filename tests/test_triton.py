@@ -964,3 +964,38 @@ def test_host_time_of_a_step_is_under_30us_whatever_the_tensor_count(n_params):
     assert step < 30, (f"host time per step {step:.1f} us with {n_params} tensors: preparation {prepare:.1f} us, "
                        f"op checks {checks:.1f} us, the rest (two launches, torch.optim's step wrapper) "
                        f"{step - prepare - checks:.1f} us")
+
+
+@needs_kernels
+def test_optimizer_with_triton_backend_pickles_and_copies_after_steps():
+    """The per-bucket memo of checks and tuned configs [note: triton checks per bucket]
+    stays out of the optimizer: torch.save and deepcopy work after steps, and the copies
+    step on exactly as the original does."""
+    import copy
+    import io
+
+    import fusedclr
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (40, 3 * BLOCK + 17)]
+    opt = fusedclr.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton")
+    for p in ps:
+        p.grad.normal_()
+    opt.step()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(opt)
+    for other in (loaded, copied):  # parameters travel without their .grad, as torch's do
+        for p, q in zip(opt.param_groups[0]["params"], other.param_groups[0]["params"]):
+            assert q.grad is None
+            q.grad = p.grad.clone()
+    for o in (opt, loaded, copied):
+        o.step()
+    want = [p.detach() for p in opt.param_groups[0]["params"]]
+    for other in (loaded, copied):
+        got = [p.detach() for p in other.param_groups[0]["params"]]
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(got, want))

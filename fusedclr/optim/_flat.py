@@ -190,6 +190,24 @@ class Bucket:
         self.schedule: Tensor | None = None
         self.schedule_step: Tensor | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        """After ``copy.deepcopy`` or unpickling (the optimizer's buckets travel with it).
+
+        ``Parameter.__deepcopy__`` clones a parameter's data into storage of its
+        own, while the copied flat buffers and views share storage as the
+        originals did (pickling keeps the parameters' sharing too), so deep-copied
+        parameters are pointed at the copied flat buffer again, as :meth:`_install`
+        did: otherwise the copy's steps would update its buffers and never its
+        parameters. As torch's copies do, they come without ``.grad``.
+        """
+        self.__dict__.update(state)
+        self._repoint()
+
+    def _repoint(self) -> None:
+        for p, view in zip(self.params, self.param_views):
+            if p.data_ptr() != view.data_ptr():
+                p.data = view
+
     def _zeros(self, total: int, dtype: torch.dtype) -> Tensor:
         """A zero flat buffer in the bucket's next stagger slot [note: staggered buffers]."""
         out = _staggered_zeros(total, dtype, self.device, self._slots)
@@ -365,6 +383,9 @@ class ShardBucket(Bucket):
 
     def _install(self) -> None:
         """Nothing: FSDP owns the parameters' storage; every step copies in and out."""
+
+    def _repoint(self) -> None:
+        """Nothing, as :meth:`_install`."""
 
     def state_tensor(self, name: str, index: int) -> Tensor:
         return self._as_dtensor(self.state_view(name, index), index)

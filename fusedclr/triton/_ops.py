@@ -21,6 +21,7 @@ kernel, and get a clear error instead of a silently empty graph.
 """
 
 import operator
+import weakref
 from typing import Optional
 
 import torch
@@ -178,24 +179,40 @@ def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
 # fusedclr's optimizers call the ops with the same bucket buffers every step, and
 # checking them in Python costs microseconds of a step whose whole host budget
 # is 30 us (DESIGN.md section 4). Their entry points (`*_step_for_bucket_`)
-# check the buffers once and remember them on the chunk table, by identity;
-# any buffer replaced (a new schedule descriptor, a master copy) is checked
-# again. What changes from step to step (active, grad_scale, found_inf) is
-# checked on every call. The public `sgd_step_` / `adam_step_` check everything
-# on every call.
-_CHECKED_ATTR = "_fusedclr_checked_with"
-# The autotuned config of a bucket's update kernel: Triton's Autotuner.run costs
-# 13-16 us of host time per call on the dev machine (it rebuilds its cache key,
-# str(dtype) of every tensor argument, on every launch), half the step's budget.
-# The bucket's key (numel and buffer dtypes) cannot change while its buffers are
-# the ones checked, so after the first, tuning launch the kernel runs with the
-# chosen config directly; replacing a buffer forgets it with the checks.
-_TUNED_ATTR = "_fusedclr_tuned_config"
+# check the buffers once and remember them, by identity, keyed by the bucket's
+# chunk table; any buffer replaced (a new schedule descriptor, a master copy) is
+# checked again. What changes from step to step (active, grad_scale,
+# found_inf) is checked on every call. The public `sgd_step_` / `adam_step_`
+# check everything on every call.
+#
+# The memo also keeps the config autotuning chose for the bucket's update
+# kernel: Triton's Autotuner.run costs 11 us of host time per call on the dev
+# machine with three configs (it rebuilds its cache key, str(dtype) of every
+# tensor argument, on every launch). The bucket's key (numel and buffer dtypes)
+# cannot change while its buffers are the ones checked, so after the first,
+# tuning launch the kernel runs with the chosen config directly; replacing a
+# buffer forgets it with the checks.
+#
+# The memo lives here, not on the chunk table (a tensor attribute would travel
+# with the optimizer into torch.save, and kernels do not pickle): id(chunks) ->
+# [weak reference to chunks, checked buffers, (kernel, config kwargs) or None],
+# dropped when the chunk table is freed.
+_MEMO: dict[int, list] = {}
+
+
+def _memo(chunks: Tensor) -> Optional[list]:
+    entry = _MEMO.get(id(chunks))
+    return entry if entry is not None and entry[0]() is chunks else None
+
+
+def _remember(chunks: Tensor, static: tuple) -> None:
+    key = id(chunks)
+    _MEMO[key] = [weakref.ref(chunks, lambda _ref, key=key: _MEMO.pop(key, None)), static, None]
 
 
 def _checked_before(chunks: Tensor, static: tuple) -> bool:
-    prev = getattr(chunks, _CHECKED_ATTR, None)
-    return prev is not None and len(prev) == len(static) and all(map(operator.is_, prev, static))
+    entry = _memo(chunks)
+    return entry is not None and len(entry[1]) == len(static) and all(map(operator.is_, entry[1], static))
 
 
 def _seed_bits(sr_seed: Optional[int]) -> int:
@@ -280,13 +297,14 @@ def _launch_step(launch, kernel, buffers: tuple, consts: dict, param: Tensor, se
         flags = {**consts, "HAS_ACTIVE": active is not None, "HAS_GRAD_SCALE": grad_scale is not None,
                  "HAS_FOUND_INF": found_inf is not None, "MATH_F64": param.dtype == torch.float64, "WRITE": write}
         grid = (chunks.shape[0],)
-        tuned = getattr(chunks, _TUNED_ATTR, None) if remember else None
+        entry = _memo(chunks) if remember else None
+        tuned = None if entry is None else entry[2]
         if tuned is not None and tuned[0] is kernel:
             kernel.fn[grid](*args, **flags, **tuned[1])
         else:
             launch(kernel)[grid](*args, **flags)
-            if remember and launch is _direct and getattr(kernel, "best_config", None) is not None:
-                setattr(chunks, _TUNED_ATTR, (kernel, kernel.best_config.all_kwargs()))
+            if entry is not None and launch is _direct and getattr(kernel, "best_config", None) is not None:
+                entry[2] = (kernel, kernel.best_config.all_kwargs())
     _advance(launch, seg_steps, active, found_inf)
 
 
@@ -304,8 +322,7 @@ def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Ten
         _check_states(param, state_dtypes, momentum_buffer=momentum_buffer)
         _check_precision(param, master_param, sr_seed)
         if remember:
-            setattr(chunks, _CHECKED_ATTR, static)
-            setattr(chunks, _TUNED_ATTR, None)
+            _remember(chunks, static)
     buffers = (param, grad, _placeholder(momentum_buffer, param), seg_steps, chunks, active, hyper, schedule,
                schedule_step)
     consts = {"DAMPENING": float(dampening), "WEIGHT_DECAY": float(weight_decay), "NESTEROV": bool(nesterov),
@@ -330,8 +347,7 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
         _check_states(param, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
         _check_precision(param, master_param, sr_seed)
         if remember:
-            setattr(chunks, _CHECKED_ATTR, static)
-            setattr(chunks, _TUNED_ATTR, None)
+            _remember(chunks, static)
     buffers = (param, grad, exp_avg, exp_avg_sq, _placeholder(max_exp_avg_sq, param), seg_steps, chunks,
                active, hyper, schedule, schedule_step)
     consts = {"BETA2": float(beta2), "EPS": float(eps), "WEIGHT_DECAY": float(weight_decay),
