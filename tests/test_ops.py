@@ -226,7 +226,8 @@ def test_package_works_without_extension():
 
 
 def test_grads_are_matches_python_identity_check():
-    """The C fast-path check agrees with `p.grad is e` in every case the optimizers rely on."""
+    """The C fast-path check agrees with `p.grad is e` in every case the optimizers rely on,
+    from the lists (grads_are) and prepared once (grads_checker, as buckets use it)."""
     import operator
 
     ps = [torch.nn.Parameter(torch.ones(2)) for _ in range(4)]
@@ -238,18 +239,21 @@ def test_grads_are_matches_python_identity_check():
         "one replaced": (ps, [*views[:3], torch.zeros(2)]),
         "expected None, grad set": (ps, [*views[:3], None]),
     }
+    checks = {name: ops.grads_checker(*lists) for name, lists in cases.items()}
     for name, (params, expected) in cases.items():
         want = all(map(operator.is_, (p.grad for p in params), expected))
         assert ops.grads_are(params, expected) is want, name
-    ps[3].grad = None
-    assert ops.grads_are(ps, [*views[:3], None]) is True
-    assert ops.grads_are(ps, views) is False
-    with pytest.raises(ValueError, match="length"):
-        ops.grads_are(ps, views[:2])
-    with pytest.raises(TypeError, match="lists of tensors"):
-        ops.grads_are([*ps[:3], "not a tensor"], views)
-    with pytest.raises(TypeError, match="lists of tensors"):
-        ops.grads_are(ps, [*views[:3], 1.0])
+        assert checks[name]() is want, name
+    ps[3].grad = None  # a prepared check sees grads change after it was made
+    assert ops.grads_are(ps, [*views[:3], None]) is True and checks["expected None, grad set"]() is True
+    assert ops.grads_are(ps, views) is False and checks["all views"]() is False
+    for fn in (ops.grads_are, ops.grads_checker):
+        with pytest.raises(ValueError, match="length"):
+            fn(ps, views[:2])
+        with pytest.raises(TypeError, match="lists of tensors"):
+            fn([*ps[:3], "not a tensor"], views)
+        with pytest.raises(TypeError, match="lists of tensors"):
+            fn(ps, [*views[:3], 1.0])
     # A tensor that never had autograd metadata has no grad; a tensor subclass is a tensor.
     class Sub(torch.Tensor):
         pass
@@ -258,3 +262,5 @@ def test_grads_are_matches_python_identity_check():
     sub.grad = views[0]
     assert ops.grads_are([bare, sub], [None, views[0]]) is True
     assert ops.grads_are([bare, sub], [views[1], views[0]]) is False
+    assert ops.grads_checker([bare, sub], [None, views[0]])() is True
+    assert ops.grads_checker([bare, sub], [views[1], views[0]])() is False

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import operator
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -180,6 +180,7 @@ class Bucket:
         self.flat = flat
         self.grad_flat = grad_flat
         self.expected = [g if p.requires_grad else None for p, g in zip(self.params, self.grad_views)]
+        self._grads_check: Callable[[], bool] | None = None  # see grads_unchanged
         frozen = [e is None for e in self.expected]
         self.static_active = (
             None if not any(frozen) else torch.tensor([not f for f in frozen], dtype=torch.bool).to(self.device)
@@ -189,6 +190,19 @@ class Bucket:
         self.hyper_cache: tuple | None = None
         self.schedule: Tensor | None = None
         self.schedule_step: Tensor | None = None
+
+    def grads_unchanged(self) -> bool:
+        """Whether every parameter's ``.grad`` is still the flat-buffer view installed for it
+        (``None`` for frozen parameters): the step's fast path, checked in C with the
+        extension [note: grads check]."""
+        check = self._grads_check
+        if check is None:
+            check = self._grads_check = ops.grads_checker(self.params, self.expected)
+        return check()
+
+    def __getstate__(self) -> dict:
+        # The prepared grads check holds this bucket's tensors and does not copy or pickle.
+        return {**self.__dict__, "_grads_check": None}
 
     def __setstate__(self, state: dict) -> None:
         """After ``copy.deepcopy`` or unpickling (the optimizer's buckets travel with it).
@@ -314,7 +328,7 @@ class Bucket:
         are active). Fast path: every grad is still the view we installed, which
         costs one C-level pass over the parameters and no tensor work.
         """
-        if ops.grads_are(self.params, self.expected):
+        if self.grads_unchanged():
             return self.static_active
         grads = list(map(_grad_of, self.params))
         self._check_grads(grads)
@@ -337,7 +351,7 @@ class Bucket:
                 p.grad = None
             return
         self.grad_flat.zero_()
-        if ops.grads_are(self.params, self.expected):
+        if self.grads_unchanged():
             return
         grads = list(map(_grad_of, self.params))
         for p, g, e in zip(self.params, grads, self.expected):
