@@ -1149,6 +1149,8 @@ def markdown_report(report: dict[str, Any]) -> str:
              "copy bandwidth."]
     for optim in report["config"]["optims"]:
         for schedule in report["config"]["schedules"]:
+            if not any(r["optim"] == optim and r["schedule"] == schedule for r in report["results"]):
+                continue  # not reached (time limit, or a run still going)
             parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
                          + markdown_table(report, optim, schedule))
     by_reason: dict[str, list[str]] = {}

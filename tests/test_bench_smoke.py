@@ -110,6 +110,10 @@ def test_time_limit_stops_starting_cases_and_each_case_is_written_as_it_ends(tmp
     assert out["not_run"] == [{"optim": "sgd", "shape": "128x64", "dtype": "bf16", "schedule": "constant",
                                "reason": "--time-limit 0.5 s reached"}]
     assert "Not run (--time-limit 0.5 s reached): sgd 128x64 bf16 constant." in bench.markdown_report(out)
+    # A schedule that no case reached gets no (empty) table.
+    planned = dict(out, config=dict(out["config"], schedules=["constant", "onecycle"]))
+    md = bench.markdown_report(planned)
+    assert "**sgd, constant lr**" in md and "OneCycleLR" not in md
 
     path = tmp_path / "b.json"
     assert bench.main(["--device", "cpu", "--quick", "--optim", "sgd", "--shapes", "128x64", "--dtypes", "fp32",
