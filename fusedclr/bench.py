@@ -898,9 +898,9 @@ def run(
     providers, and the faster of the two is used: noise from other processes
     only ever slows a copy down, so this is the conservative denominator.
 
-    Cases run dtype by dtype, schedule by schedule, every shape in the order
-    given: the fp32 constant-lr table is whole first, so a run cut short keeps
-    complete tables. With ``time_limit_s``, no case starts once that many
+    Cases run optimizer by optimizer, then dtype by dtype, schedule by schedule,
+    every shape in the order given: a run cut short has the fp32 rows of every
+    shape, constant lr then OneCycleLR, before any bf16 row. With ``time_limit_s``, no case starts once that many
     seconds have passed, or when the last case's length would take the run past
     them; the cases left out are listed in the report's ``not_run`` (a case
     already started runs to its end). ``on_case`` receives the report so far
@@ -942,9 +942,9 @@ def run(
             },
             "copy": copies,
             "results": results,
-            # False in the reports written while the run goes on; cases skipped by
-            # --time-limit are under not_run either way.
-            "complete": not pending,
+            # Whether every planned case ran: false in the reports written while the
+            # run goes on, and when --time-limit left cases out (listed under not_run).
+            "complete": not pending and not not_run,
             "not_run": not_run + [skipped(c, "not reached: the run was still going when this was written")
                                   for c in pending],
             "elapsed_s": time.perf_counter() - started,

@@ -83,7 +83,8 @@ def grads_checker(params: list[Tensor], expected: list[Tensor | None]) -> Callab
     it for these lists as they are now (later changes to the lists are not seen). With the
     extension it reads two pointers per parameter [note: grads check]."""
     if _grads_checker is not None:
-        return functools.partial(_grads_match, _grads_checker(params, expected))
+        # The partial holds the objects the capsule points to, where Python's GC sees them.
+        return functools.partial(_grads_match, _grads_checker(params, expected), tuple(params), tuple(expected))
     params, expected = list(params), list(expected)
     return lambda: all(map(operator.is_, map(_grad_of, params), expected))
 

@@ -106,7 +106,7 @@ def test_time_limit_stops_starting_cases_and_each_case_is_written_as_it_ends(tmp
     assert reports[0]["complete"] is False
     assert [(c["dtype"], c["reason"]) for c in reports[0]["not_run"]] == [
         ("bf16", "not reached: the run was still going when this was written")]
-    assert [r["dtype"] for r in out["results"]] == ["fp32"] and out["complete"] is True
+    assert [r["dtype"] for r in out["results"]] == ["fp32"] and out["complete"] is False
     assert out["not_run"] == [{"optim": "sgd", "shape": "128x64", "dtype": "bf16", "schedule": "constant",
                                "reason": "--time-limit 0.5 s reached"}]
     assert "Not run (--time-limit 0.5 s reached): sgd 128x64 bf16 constant." in bench.markdown_report(out)
@@ -121,6 +121,7 @@ def test_time_limit_stops_starting_cases_and_each_case_is_written_as_it_ends(tmp
                        "--json", str(path)]) == 0
     written = json.loads(path.read_text())
     assert written["config"]["budget"]["max_time_s"] == 0.05 and written["not_run"] == []
+    assert written["complete"] is True
     assert not (tmp_path / "b.json.tmp").exists()
 
 
@@ -133,7 +134,7 @@ def test_time_flags_reject_non_positive_values(flag, value, capsys):
 
 
 def test_cases_run_dtype_then_schedule_then_shape():
-    """A run cut short keeps whole tables: every shape of the first dtype and schedule first."""
+    """A run cut short has the fp32 rows of every shape (constant lr, then OneCycleLR) first."""
     out = bench.run(device="cpu", optims=["sgd"], shapes=["4x256K", "128x64"], dtypes=["fp32", "bf16"],
                     schedules=["constant", "onecycle"], providers=["torch-foreach"], budget=bench.QUICK,
                     log=lambda s: None)

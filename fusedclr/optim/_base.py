@@ -39,6 +39,7 @@ GradScaler's), which makes the kernels change nothing at all.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -153,7 +154,8 @@ class FlatOptimizerMixin:
             self = args[0]
             scope = enter(f"Optimizer.step#{type(self).__name__}.step")
             try:
-                for pre_hook in (*_global_step_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+                for pre_hook in itertools.chain(_global_step_pre_hooks.values(),
+                                                self._optimizer_step_pre_hooks.values()):
                     result = pre_hook(self, args, kwargs)
                     if result is not None:
                         if isinstance(result, tuple) and len(result) == 2:
@@ -164,7 +166,8 @@ class FlatOptimizerMixin:
                             )
                 out = func(*args, **kwargs)
                 self._optimizer_step_code()
-                for post_hook in (*self._optimizer_step_post_hooks.values(), *_global_step_post_hooks.values()):
+                for post_hook in itertools.chain(self._optimizer_step_post_hooks.values(),
+                                                 _global_step_post_hooks.values()):
                     post_hook(self, args, kwargs)
                 return out
             finally:

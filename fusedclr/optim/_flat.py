@@ -215,6 +215,7 @@ class Bucket:
         parameters. As torch's copies do, they come without ``.grad``.
         """
         self.__dict__.update(state)
+        self.__dict__.setdefault("_grads_check", None)  # pickled before the prepared check existed
         self._repoint()
 
     def _repoint(self) -> None:

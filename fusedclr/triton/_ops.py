@@ -188,10 +188,11 @@ def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
 # The memo also keeps the config autotuning chose for the bucket's update
 # kernel: Triton's Autotuner.run costs 11 us of host time per call on the dev
 # machine with three configs (it rebuilds its cache key, str(dtype) of every
-# tensor argument, on every launch). The bucket's key (numel and buffer dtypes)
-# cannot change while its buffers are the ones checked, so after the first,
-# tuning launch the kernel runs with the chosen config directly; replacing a
-# buffer forgets it with the checks.
+# tensor argument, on every launch). After the first, tuning launch the kernel
+# runs with the chosen config directly; replacing a buffer forgets it with the
+# checks. Triton's key also has the per-step arguments (active, grad_scale,
+# found_inf) that a later step may add; the bucket keeps its first config then,
+# which only matters for speed: every config computes the same step.
 #
 # The memo lives here, not on the chunk table (a tensor attribute would travel
 # with the optimizer into torch.save, and kernels do not pickle): id(chunks) ->
