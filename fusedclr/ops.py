@@ -28,13 +28,11 @@ __all__ = [
 ]
 
 _EXT_ERROR: str | None = None
-_grads_are = None
 _grads_checker = None
 _grads_match = None
 try:
     from fusedclr import _C  # registers the ops with the dispatcher
 
-    _grads_are = getattr(_C, "grads_are", None)
     _grads_checker = getattr(_C, "grads_checker", None)
     _grads_match = getattr(_C, "grads_match", None)
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -70,18 +68,17 @@ def warn_missing_extension() -> None:
 
 
 def grads_are(params: list[Tensor], expected: list[Tensor | None]) -> bool:
-    """Whether every ``params[i].grad is expected[i]``: the optimizers' per-step
-    check that no gradient was replaced. One C loop when the extension is loaded
-    (a few ns per parameter instead of ~80 ns for the Python ``.grad`` getter)."""
-    if _grads_are is not None:
-        return _grads_are(params, expected)
-    return all(map(operator.is_, map(_grad_of, params), expected))
+    """Whether every ``params[i].grad is expected[i]``: the optimizers' check that no
+    gradient was replaced, once. Buckets prepare it (:func:`grads_checker`) and run it
+    every step."""
+    return grads_checker(params, expected)()
 
 
 def grads_checker(params: list[Tensor], expected: list[Tensor | None]) -> Callable[[], bool]:
     """:func:`grads_are` prepared for repeated use: a function of no arguments that answers
     it for these lists as they are now (later changes to the lists are not seen). With the
-    extension it reads two pointers per parameter [note: grads check]."""
+    extension it is one C loop that reads two pointers per parameter (a few ns, where
+    Python's ``.grad`` getter costs ~80) [note: grads check]."""
     if _grads_checker is not None:
         # The partial holds the objects the capsule points to, where Python's GC sees them.
         return functools.partial(_grads_match, _grads_checker(params, expected), tuple(params), tuple(expected))

@@ -127,13 +127,12 @@ def _check_common(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor
         raise ValueError(f"fusedclr.triton: chunks must be an int64 [n, 3] table of (segment, begin, end), "
                          f"got shape {tuple(chunks.shape)}")
     _check_small("chunks", chunks, param, (torch.int64,))
-    _check_small("active", active, param, (torch.bool, torch.uint8), seg_steps.numel())
+    _check_per_call(param, seg_steps, active, grad_scale, found_inf)
     if hyper.numel() < 2:
         raise ValueError(f"fusedclr.triton: hyper must hold [lr, momentum-or-beta1], got shape {tuple(hyper.shape)}")
     _check_small("hyper", hyper, param, (torch.float64,))
     _check_small("schedule", schedule, param, (torch.float64,))
     _check_small("schedule_step", schedule_step, param, (torch.int64,), 1)
-    _check_per_call(param, seg_steps, None, grad_scale, found_inf)
     if param.dtype == torch.float64:
         return (torch.float64,)
     # bf16 parameters may keep bf16 states [note: precision opt-ins].
@@ -392,31 +391,23 @@ def _eager(param: Tensor) -> bool:
     return not torch.compiler.is_compiling() and type(param) in (Tensor, torch.nn.Parameter)
 
 
-def sgd_step_(*args, **kwargs) -> None:
-    if _eager(args[0] if args else kwargs["param"]):
-        _sgd_body(_direct, *args, **kwargs)
-    else:
-        torch.ops.fusedclr.triton_sgd_step_(*args, **kwargs)
+def _entry(body, op, remember: bool, doc: str):
+    """An op's Python entry point: plain tensors outside of compilation call ``body``
+    directly, everything else goes through the registered op [note: triton op dispatch]."""
+
+    def entry(*args, **kwargs) -> None:
+        if _eager(args[0] if args else kwargs["param"]):
+            body(_direct, *args, **kwargs, **({"remember": True} if remember else {}))
+        else:
+            op(*args, **kwargs)
+
+    entry.__doc__ = doc
+    return entry
 
 
-def adam_step_(*args, **kwargs) -> None:
-    if _eager(args[0] if args else kwargs["param"]):
-        _adam_body(_direct, *args, **kwargs)
-    else:
-        torch.ops.fusedclr.triton_adam_step_(*args, **kwargs)
-
-
-def sgd_step_for_bucket_(*args, **kwargs) -> None:
-    """``sgd_step_`` for fusedclr's optimizers [note: triton checks per bucket]."""
-    if _eager(args[0] if args else kwargs["param"]):
-        _sgd_body(_direct, *args, **kwargs, remember=True)
-    else:
-        torch.ops.fusedclr.triton_sgd_step_(*args, **kwargs)
-
-
-def adam_step_for_bucket_(*args, **kwargs) -> None:
-    """``adam_step_`` for fusedclr's optimizers [note: triton checks per bucket]."""
-    if _eager(args[0] if args else kwargs["param"]):
-        _adam_body(_direct, *args, **kwargs, remember=True)
-    else:
-        torch.ops.fusedclr.triton_adam_step_(*args, **kwargs)
+sgd_step_ = _entry(_sgd_body, torch.ops.fusedclr.triton_sgd_step_, False, "Triton ``fusedclr::sgd_step_``.")
+adam_step_ = _entry(_adam_body, torch.ops.fusedclr.triton_adam_step_, False, "Triton ``fusedclr::adam_step_``.")
+sgd_step_for_bucket_ = _entry(_sgd_body, torch.ops.fusedclr.triton_sgd_step_, True,
+                              "``sgd_step_`` for fusedclr's optimizers [note: triton checks per bucket].")
+adam_step_for_bucket_ = _entry(_adam_body, torch.ops.fusedclr.triton_adam_step_, True,
+                               "``adam_step_`` for fusedclr's optimizers [note: triton checks per bucket].")
