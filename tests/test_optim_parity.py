@@ -443,10 +443,13 @@ def test_profiler_sees_the_step_as_it_sees_torchs(cls):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             o.step()
             handle = o.register_step_pre_hook(lambda o, a, k: 1 / 0)
-            with pytest.raises(ZeroDivisionError):
+            # Keep the traceback (and with it the failed step's frame) alive over the next
+            # step: an unclosed scope would otherwise end when its handle is freed.
+            with pytest.raises(ZeroDivisionError) as failed:
                 o.step()
             handle.remove()
             o.step()
+            del failed
         # A scope left open by the failed step would swallow the last one (or lose itself).
         events = [e for e in prof.events() if e.name.startswith("Optimizer.step#")]
         names[name] = [e.name for e in events]
