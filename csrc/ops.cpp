@@ -2,169 +2,261 @@
 // kernels register with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda, and
 // fusedclr/ops.py registers a fake (meta) kernel for every op.
 //
-// [note: flat-buffer step contract]
-// param, grad and the state tensors are 1-D flat buffers of one (param group,
-// device, dtype) bucket. `chunks` is an int64 [n, 3] table of (segment, begin,
-// end) element ranges covering the buffer; a segment is one parameter (padded).
-// `seg_steps` (int64 [n_segments]) is each segment's step count; a step first
-// increments it for every active segment (`active`: uint8/bool [n_segments],
-// absent = all active) and then uses the new value. `hyper` is float64
-// [lr, momentum-or-beta1] for whatever the schedule does not provide;
-// `schedule` is the float64 descriptor (csrc/include/fusedclr/schedule.h)
-// evaluated at the int64 0-dim `schedule_step`. With `found_inf` non-zero the
-// op changes nothing at all; `grad_scale` divides the grads in-kernel.
-// `master_param` (fp32, bf16/fp16 params) and `sr_seed` (bf16 params) are the
-// precision opt-ins of csrc/include/fusedclr/precision.h [note: precision
-// opt-ins]; bf16 parameters may also pass bf16 state buffers.
+// [note: step contract]
+// An update op steps one bucket: the parameters of one (param group, device,
+// dtype). `segments` is the bucket's segment table [note: segment table]
+// (csrc/include/fusedclr/segments.h): per segment the addresses of its
+// parameter and gradient (0: no gradient, the segment is inactive), its offset
+// into the flat state buffers and its element count; `param_dtype` is the
+// parameters' (real) dtype. The state tensors (exp_avg, ..., master_param) are
+// 1-D flat buffers of the bucket, and `chunks` is an int64 [n, 3] table of
+// (segment, begin, end) ranges in state coordinates covering every segment's
+// elements. `seg_steps` (int64 [n_segments]) is each segment's step count; a
+// step first increments it for every active segment and then uses the new
+// value. `hyper` is float64 [lr, momentum-or-beta1] for whatever the schedule
+// does not provide; `schedule` is the float64 descriptor
+// (csrc/include/fusedclr/schedule.h) evaluated at the int64 0-dim
+// `schedule_step`. With `found_inf` non-zero the op changes nothing at all;
+// `grad_scale` divides the grads in-kernel. `master_param` (fp32, bf16/fp16
+// params) and `sr_seed` (bf16 params) are the precision opt-ins of
+// csrc/include/fusedclr/precision.h [note: precision opt-ins]; bf16 parameters
+// may also pass bf16 state buffers. The parameters are written through the
+// table's addresses: the schema cannot name them, so the ops are kept in
+// program order by the states and counters they do name.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedclr, m) {
   m.def(
-      "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
-      "Tensor chunks, Tensor? active, Tensor hyper, Tensor schedule, Tensor schedule_step, "
+      "sgd_step_(Tensor segments, ScalarType param_dtype, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
+      "Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? master_param=None, int? sr_seed=None) -> ()");
   m.def(
-      "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, Tensor? active, "
+      "adam_step_(Tensor segments, ScalarType param_dtype, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, "
       "Tensor hyper, Tensor schedule, Tensor schedule_step, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor(f!)? master_param=None, int? sr_seed=None) -> ()");
   // [lr, momentum, has_lr, has_momentum] as float64 [4]: the kernels' own
   // evaluator, exposed so tests compare it with reference.schedule_value.
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
+  // Sum of squares of the active segments' gradients (float64, 0-dim): the
+  // bucket's share of the global gradient norm [note: fused clipping].
+  m.def("grad_sumsq(Tensor segments, ScalarType param_dtype, Tensor chunks) -> Tensor");
 }
 
 // `import fusedclr._C` loads this library, whose static initialisers register
-// the ops above. The module also carries the host helpers of the optimizers'
-// step path: the grads check (see below).
+// the ops above. The module also carries the host half of the segment table:
+// the per-step refresh (see below).
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#include <fusedclr/segments.h>
 
 #include <memory>
 #include <vector>
 
 namespace {
 
-// [note: grads check]
-// Every optimizer step first asks whether each params[i].grad is still the
-// flat-buffer view expected[i] (None: no grad), the fast path of
-// fusedclr/optim/_flat.py's Bucket.gather. It is O(parameters), so it follows
-// pointers only: in Python the .grad getters cost ~70-90 ns per parameter (0.9
-// ms for 10000 parameters, more than the update kernel itself).
-// TensorImpl::grad() rather than Tensor::grad() (which first asks autograd
-// whether the tensor is a leaf), PyObject_TypeCheck rather than
-// THPVariable_Check (an isinstance through the metaclass). A bucket prepares
-// its check once (grads_checker: the tensors behind the Python objects, held
-// in C++), so a step's check (grads_match) reads two pointers per parameter;
-// ops.grads_are is a check prepared and run once.
-// For 2000 parameters on the 2-vCPU dev machine: 16 us through
-// THPVariable_Check and Tensor::grad(), 7-8 us from the lists, 4.4 us prepared.
-inline bool same_grad(const at::Tensor& param, const c10::TensorImpl* expected) {
-  const at::Tensor& grad = param.unsafeGetTensorImpl()->grad();
-  return expected == nullptr ? !grad.defined() : grad.unsafeGetTensorImpl() == expected;
-}
+// [note: segment refresh]
+// Every step, before the launch, a bucket refreshes its host segment table
+// from the parameters as they are now: the address of each parameter and of
+// its .grad (0 when the grad is None). That is O(parameters), so it is one C
+// loop that follows pointers: TensorImpl::grad() (not Tensor::grad(), which
+// first asks autograd whether the tensor is a leaf) and the impl's cached
+// metadata. It also checks what the kernels rely on, cheaply: the gradient has
+// the parameter's dtype, device, sizes and strides and is dense; the parameter
+// still has the dtype, device and element count the bucket was built for and
+// is dense. Anything else returns a flag and the bucket's Python side takes
+// over: it raises an error that names the parameter, or re-buckets a parameter
+// that changed dtype or device (model.to(...)), or copies a gradient whose
+// strides differ. The table is only written where an address changed, and the
+// result says whether anything did, so an unchanged table is never uploaded
+// again (and a CUDA-graph-captured step stays valid).
+// DTensor parameters (FSDP2) are refreshed from their local shards: the
+// `_local_tensor` of the parameter and of its gradient.
+constexpr long kTableChanged = 1;
+constexpr long kSlowPath = 2;      // a gradient the kernels cannot read as it is
+constexpr long kParamChanged = 4;  // a parameter changed dtype, device, size or layout
 
-// The tensors of params[i] and expected[i], checked to be tensors (or None for
-// expected); false with a Python error set otherwise.
-bool unpack_pair(PyObject* p, PyObject* e, const at::Tensor** param, const at::Tensor** expected) {
-  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
-  if (tensor_type == nullptr || !PyObject_TypeCheck(p, tensor_type) ||
-      (e != Py_None && !PyObject_TypeCheck(e, tensor_type))) {
-    PyErr_SetString(PyExc_TypeError, "grads check: expected lists of tensors (or None)");
-    return false;
-  }
-  *param = &THPVariable_Unpack(p);
-  *expected = e == Py_None ? nullptr : &THPVariable_Unpack(e);
-  return true;
-}
-
-bool parse_lists(PyObject* args, PyObject** params, PyObject** expected) {
-  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, params, &PyList_Type, expected)) {
-    return false;
-  }
-  if (PyList_GET_SIZE(*expected) != PyList_GET_SIZE(*params)) {
-    PyErr_SetString(PyExc_ValueError, "grads check: params and expected differ in length");
-    return false;
-  }
-  return true;
-}
-
-// A prepared check: borrowed pointers to the parameters' Python objects and to
-// the expected grads' TensorImpls (nullptr: no grad). The caller keeps the
-// Python objects alive and visible to Python's GC (ops.grads_checker holds them
-// in the partial that calls grads_match): holding the parameters as at::Tensor
-// here would raise their use_count, and torch then stops traversing a tensor's
-// Python state for the GC, so an optimizer referenced from a parameter (a hook,
-// an attribute) would never be collected.
-struct GradsCheck {
-  std::vector<PyObject*> params;
-  std::vector<const c10::TensorImpl*> expected_impls;
+struct Tracker {
+  std::vector<PyObject*> params;  // borrowed: the Python side keeps the parameters alive
+  bool local;                     // DTensors: read ._local_tensor
+  at::ScalarType dtype;           // the bucket's (real) dtype and device: what its states were built for
+  at::Device device;
 };
-constexpr const char* kGradsCheck = "fusedclr._C.GradsCheck";
+constexpr const char* kTracker = "fusedclr._C.SegmentTracker";
 
-void free_grads_check(PyObject* capsule) {
-  delete static_cast<GradsCheck*>(PyCapsule_GetPointer(capsule, kGradsCheck));
+void free_tracker(PyObject* capsule) {
+  delete static_cast<Tracker*>(PyCapsule_GetPointer(capsule, kTracker));
 }
 
-// grads_checker(params, expected) -> capsule for grads_match.
-PyObject* grads_checker(PyObject* /*self*/, PyObject* args) {
-  PyObject* params = nullptr;
-  PyObject* expected = nullptr;
-  if (!parse_lists(args, &params, &expected)) {
+bool is_tensor(PyObject* obj) {
+  auto* tensor_type = reinterpret_cast<PyTypeObject*>(THPVariableClass);
+  return tensor_type != nullptr && PyObject_TypeCheck(obj, tensor_type);
+}
+
+// The tensor whose memory the kernels walk: the object itself, or its local
+// shard (a new reference in `hold`, released by the caller).
+const at::Tensor* walked(PyObject* obj, bool local, PyObject** hold) {
+  if (!local) {
+    return &THPVariable_Unpack(obj);
+  }
+  *hold = PyObject_GetAttrString(obj, "_local_tensor");
+  if (*hold == nullptr) {
+    PyErr_Clear();
     return nullptr;
   }
-  auto check = std::make_unique<GradsCheck>();
+  if (!is_tensor(*hold)) {
+    return nullptr;
+  }
+  return &THPVariable_Unpack(*hold);
+}
+
+inline at::ScalarType real_type(const at::Tensor& t) {
+  return t.is_complex() ? c10::toRealValueType(t.scalar_type()) : t.scalar_type();
+}
+
+// segment_tracker(params: list[Tensor], local: bool, like: Tensor) -> capsule for
+// segment_refresh. `like` has the dtype and device the bucket was built for; a
+// parameter that no longer has them is reported as changed.
+PyObject* segment_tracker(PyObject* /*self*/, PyObject* args) {
+  PyObject* params = nullptr;
+  int local = 0;
+  PyObject* like = nullptr;
+  if (!PyArg_ParseTuple(args, "O!pO", &PyList_Type, &params, &local, &like)) {
+    return nullptr;
+  }
+  if (!is_tensor(like)) {
+    PyErr_SetString(PyExc_TypeError, "segment tracker: `like` must be a tensor");
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(like);
+  auto tracker = std::make_unique<Tracker>(Tracker{{}, local != 0, t.scalar_type(), t.device()});
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  check->params.reserve(n);
-  check->expected_impls.reserve(n);
+  tracker->params.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor* p = nullptr;
-    const at::Tensor* e = nullptr;
-    if (!unpack_pair(PyList_GET_ITEM(params, i), PyList_GET_ITEM(expected, i), &p, &e)) {
+    PyObject* p = PyList_GET_ITEM(params, i);
+    if (!is_tensor(p)) {
+      PyErr_Format(PyExc_TypeError, "segment tracker: parameter %zd is not a tensor", i);
       return nullptr;
     }
-    check->params.push_back(PyList_GET_ITEM(params, i));
-    check->expected_impls.push_back(e == nullptr ? nullptr : e->unsafeGetTensorImpl());
+    tracker->params.push_back(p);
   }
-  PyObject* capsule = PyCapsule_New(check.get(), kGradsCheck, free_grads_check);
+  PyObject* capsule = PyCapsule_New(tracker.get(), kTracker, free_tracker);
   if (capsule != nullptr) {
-    check.release();
+    tracker.release();
   }
   return capsule;
 }
 
-// grads_match(capsule, params, expected) -> bool: the prepared check. params and
-// expected are the tuples of the objects the capsule points to, passed to keep
-// them alive; the loop reads the capsule's pointers.
-PyObject* grads_match(PyObject* /*self*/, PyObject* args) {
+// Whether the kernels can walk `grad` as the memory image of `param`.
+inline bool walkable_grad(const at::Tensor& grad, const at::Tensor& param) {
+  return grad.layout() == c10::kStrided && grad.scalar_type() == param.scalar_type() &&
+         grad.device() == param.device() && grad.sizes() == param.sizes() &&
+         ((grad.is_contiguous() && param.is_contiguous()) ||
+          (grad.strides() == param.strides() && grad.is_non_overlapping_and_dense()));
+}
+
+// A gradient's table entry: its address, or 1 for an empty one (whose null
+// address would read as "no gradient"; a segment without elements is never
+// dereferenced).
+inline int64_t grad_address(const at::Tensor& grad) {
+  const int64_t addr = reinterpret_cast<int64_t>(grad.data_ptr());
+  return addr == 0 ? 1 : addr;
+}
+
+// segment_refresh(capsule, params: tuple, table: Tensor) -> int flags: refreshes
+// the PARAM and GRAD columns of the host table (int64 [n, 4], CPU) [note:
+// segment refresh]. `params` is the tuple the capsule points into, passed to
+// keep it alive.
+PyObject* segment_refresh(PyObject* /*self*/, PyObject* args) {
   PyObject* capsule = nullptr;
   PyObject* params = nullptr;
-  PyObject* expected = nullptr;
-  if (!PyArg_ParseTuple(args, "OO!O!", &capsule, &PyTuple_Type, &params, &PyTuple_Type, &expected)) {
+  PyObject* table_obj = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!O", &capsule, &PyTuple_Type, &params, &table_obj)) {
     return nullptr;
   }
-  auto* check = static_cast<GradsCheck*>(PyCapsule_GetPointer(capsule, kGradsCheck));
-  if (check == nullptr) {
-    return nullptr;  // PyCapsule_GetPointer set a TypeError/ValueError
-  }
-  const size_t n = check->params.size();
-  if (static_cast<size_t>(PyTuple_GET_SIZE(params)) != n || static_cast<size_t>(PyTuple_GET_SIZE(expected)) != n) {
-    PyErr_SetString(PyExc_ValueError, "grads_match: pass the params and expected that made the check");
+  auto* tracker = static_cast<Tracker*>(PyCapsule_GetPointer(capsule, kTracker));
+  if (tracker == nullptr) {
     return nullptr;
   }
+  const size_t n = tracker->params.size();
+  if (!is_tensor(table_obj) || static_cast<size_t>(PyTuple_GET_SIZE(params)) != n) {
+    PyErr_SetString(PyExc_ValueError, "segment_refresh: pass the tracker's params and its host table");
+    return nullptr;
+  }
+  const at::Tensor& table = THPVariable_Unpack(table_obj);
+  if (table.scalar_type() != at::kLong || !table.device().is_cpu() || !table.is_contiguous() ||
+      table.numel() != static_cast<int64_t>(n) * fusedclr::seg::WORDS) {
+    PyErr_SetString(PyExc_ValueError, "segment_refresh: the host table must be a contiguous CPU int64 [n, 4] tensor");
+    return nullptr;
+  }
+  int64_t* rows = table.data_ptr<int64_t>();
+  long flags = 0;
+  HANDLE_TH_ERRORS
   for (size_t i = 0; i < n; ++i) {
-    if (!same_grad(THPVariable_Unpack(check->params[i]), check->expected_impls[i])) {
-      Py_RETURN_FALSE;
+    PyObject* param = tracker->params[i];
+    int64_t* row = rows + i * fusedclr::seg::WORDS;
+    PyObject* hold_p = nullptr;
+    const at::Tensor* p = walked(param, tracker->local, &hold_p);
+    if (p == nullptr || real_type(*p) != tracker->dtype || p->device() != tracker->device ||
+        p->numel() * (p->is_complex() ? 2 : 1) != row[fusedclr::seg::NUMEL] || !p->is_non_overlapping_and_dense()) {
+      Py_XDECREF(hold_p);
+      flags |= kParamChanged;
+      break;
+    }
+    const int64_t paddr = reinterpret_cast<int64_t>(p->data_ptr());
+    int64_t gaddr = 0;
+    if (!tracker->local) {
+      const at::Tensor& g = p->unsafeGetTensorImpl()->grad();
+      if (g.defined()) {
+        if (!walkable_grad(g, *p)) {
+          flags |= kSlowPath;
+          break;
+        }
+        gaddr = grad_address(g);
+      }
+    } else {
+      PyObject* gobj = PyObject_GetAttrString(param, "grad");
+      if (gobj == nullptr) {
+        Py_XDECREF(hold_p);
+        return nullptr;
+      }
+      if (gobj != Py_None) {
+        PyObject* hold_g = nullptr;
+        const at::Tensor* g = is_tensor(gobj) ? walked(gobj, true, &hold_g) : nullptr;
+        const bool ok = g != nullptr && walkable_grad(*g, *p);
+        if (ok) {
+          gaddr = grad_address(*g);
+        }
+        Py_XDECREF(hold_g);
+        if (!ok) {
+          Py_DECREF(gobj);
+          Py_XDECREF(hold_p);
+          flags |= kSlowPath;
+          break;
+        }
+      }
+      Py_DECREF(gobj);
+    }
+    Py_XDECREF(hold_p);
+    if (row[fusedclr::seg::PARAM] != paddr || row[fusedclr::seg::GRAD] != gaddr) {
+      row[fusedclr::seg::PARAM] = paddr;
+      row[fusedclr::seg::GRAD] = gaddr;
+      flags |= kTableChanged;
     }
   }
-  Py_RETURN_TRUE;
+  return PyLong_FromLong(flags);
+  END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef kMethods[] = {
-    {"grads_checker", grads_checker, METH_VARARGS,
-     "A prepared check that every params[i].grad is expected[i] (None: no grad): a capsule for grads_match."},
-    {"grads_match", grads_match, METH_VARARGS, "The prepared check of grads_checker: (capsule, params, expected)."},
+    {"segment_tracker", segment_tracker, METH_VARARGS,
+     "segment_tracker(params, local, like) -> capsule: the parameters a bucket's segment table follows."},
+    {"segment_refresh", segment_refresh, METH_VARARGS,
+     "segment_refresh(capsule, params, table) -> flags: refreshes the host segment table's addresses."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -173,6 +265,12 @@ PyMethodDef kMethods[] = {
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) {
+    PyModule_AddIntConstant(module, "TABLE_CHANGED", kTableChanged);
+    PyModule_AddIntConstant(module, "SLOW_PATH", kSlowPath);
+    PyModule_AddIntConstant(module, "PARAM_CHANGED", kParamChanged);
+  }
+  return module;
 }
 }

@@ -14,6 +14,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -63,7 +64,7 @@ void run_grid(int64_t blocks, Kernel kernel, const Args&... args) {
 void advance_steps(const at::Tensor& seg_steps, const StepArgs& s) {
   if (s.n_segments > 0) {
     run_grid(std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(s.n_segments, kThreads)), advance_steps_kernel,
-             seg_steps.data_ptr<int64_t>(), s.active, s.found_inf, s.n_segments);
+             seg_steps.data_ptr<int64_t>(), s.segments, s.found_inf, s.n_segments);
   }
 }
 
@@ -78,40 +79,66 @@ auto launcher(int64_t resident) {
   };
 }
 
-void adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+void adam_step(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& exp_avg,
                const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-               const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
-               const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2,
-               double eps, double weight_decay, bool decoupled, bool maximize,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed, int64_t resident) {
-  const StepArgs step = make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale,
-                                       found_inf, maximize);
-  check_precision(param, master_param, sr_seed);
+               const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
+               const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2, double eps,
+               double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+               std::optional<int64_t> sr_seed, int64_t resident) {
+  const StepArgs step = checked_step_args(segments, param_dtype, chunks, exp_avg.numel(), seg_steps, hyper, schedule,
+                                          schedule_step, grad_scale, found_inf, maximize);
+  const at::Device dev = segments.device();
   const at::ScalarType state_dtype =
       max_exp_avg_sq.has_value()
-          ? check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}, {&*max_exp_avg_sq, "max_exp_avg_sq"}})
-          : check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
+          ? check_states(param_dtype, dev,
+                         {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}, {&*max_exp_avg_sq, "max_exp_avg_sq"}})
+          : check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
+  check_precision(param_dtype, dev, exp_avg.numel(), master_param, sr_seed);
   advance_steps(seg_steps, step);
-  dispatch_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps,
-                weight_decay, decoupled, master_param, sr_seed, launcher(resident));
+  dispatch_adam(param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps, weight_decay,
+                decoupled, master_param, sr_seed, launcher(resident));
 }
 
-void sgd_step(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
-              const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
-              const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step, double dampening,
-              double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
+void sgd_step(const at::Tensor& segments, at::ScalarType param_dtype, const std::optional<at::Tensor>& momentum_buffer,
+              const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
+              const at::Tensor& schedule, const at::Tensor& schedule_step, double dampening, double weight_decay,
+              bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
               std::optional<int64_t> sr_seed, int64_t resident) {
-  const StepArgs step = make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale,
-                                       found_inf, maximize);
-  check_precision(param, master_param, sr_seed);
+  const int64_t state_numel = momentum_buffer.has_value() ? momentum_buffer->numel()
+                              : master_param.has_value()  ? master_param->numel()
+                                                          : -1;
+  const StepArgs step = checked_step_args(segments, param_dtype, chunks, state_numel, seg_steps, hyper, schedule,
+                                          schedule_step, grad_scale, found_inf, maximize);
+  const at::Device dev = segments.device();
   const at::ScalarType state_dtype = momentum_buffer.has_value()
-                                         ? check_states(param, {{&*momentum_buffer, "momentum_buffer"}})
-                                         : param.scalar_type();
+                                         ? check_states(param_dtype, dev, {{&*momentum_buffer, "momentum_buffer"}})
+                                         : param_dtype;
+  check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
   advance_steps(seg_steps, step);
-  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
+  dispatch_sgd(param_dtype, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
                sr_seed, launcher(resident));
+}
+
+at::Tensor grad_sumsq(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
+                      int64_t resident) {
+  check_segments(segments, param_dtype, chunks);
+  StepArgs s{};
+  s.segments = segments.data_ptr<int64_t>();
+  s.n_segments = segments.size(0);
+  s.chunks = chunks.data_ptr<int64_t>();
+  s.n_chunks = chunks.size(0);
+  s.numel = s.n_chunks * kNominalChunk;
+  s.state_numel = -1;
+  at::Tensor partials;
+  dispatch_sumsq(param_dtype, s, nullptr, [&](auto kernel, StepArgs args, double*) {
+    const LaunchPlan plan = plan_launch(std::max<int64_t>(args.n_chunks, 1), args.numel, 1, resident);
+    args.parts = plan.parts;
+    partials = at::empty({plan.blocks * kThreads}, segments.options().dtype(at::kDouble));
+    run_grid(plan.blocks, kernel, args, partials.data_ptr<double>());
+  });
+  return partials.sum();
 }
 
 at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_step) {
@@ -127,22 +154,24 @@ at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_
 
 TORCH_LIBRARY(fusedclr_emulated, m) {
   m.def(
-      "sgd_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
-      "Tensor chunks, Tensor? active, Tensor hyper, Tensor schedule, Tensor schedule_step, "
+      "sgd_step_(Tensor segments, ScalarType param_dtype, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
+      "Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? master_param=None, int? sr_seed=None, "
       "int resident=4) -> ()");
   m.def(
-      "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, Tensor? active, "
+      "adam_step_(Tensor segments, ScalarType param_dtype, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, "
       "Tensor hyper, Tensor schedule, Tensor schedule_step, float beta2, float eps, "
       "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor(f!)? master_param=None, int? sr_seed=None, int resident=4) -> ()");
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
+  m.def("grad_sumsq(Tensor segments, ScalarType param_dtype, Tensor chunks, int resident=4) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedclr_emulated, CPU, m) {
   m.impl("sgd_step_", &fusedclr::cuda::sgd_step);
   m.impl("adam_step_", &fusedclr::cuda::adam_step);
   m.impl("schedule_eval", &fusedclr::cuda::schedule_eval);
+  m.impl("grad_sumsq", &fusedclr::cuda::grad_sumsq);
 }

@@ -7,11 +7,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <fusedclr/checks.h>
 #include <fusedclr/precision.h>
 #include <fusedclr/schedule.h>
+#include <fusedclr/segments.h>
 #include <fusedclr/switch.h>
 #include <fusedclr/update.h>
 
@@ -20,6 +22,7 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace fusedclr {
 namespace {
@@ -38,32 +41,10 @@ struct StepSetup {
   bool skip;
 };
 
-StepSetup begin_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& seg_steps,
-                     const at::Tensor& chunks, const std::optional<at::Tensor>& active,
-                     const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
+StepSetup begin_step(const at::Tensor& segments, const at::Tensor& seg_steps, const at::Tensor& hyper,
+                     const at::Tensor& schedule, const at::Tensor& schedule_step,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(param.device().is_cpu(), "fusedclr: param must be a CPU tensor for the CPU kernel, got ",
-              param.device());
-  check_flat(param, "param", param);
-  check_flat(grad, "grad", param);
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "fusedclr: grad dtype ", grad.scalar_type(),
-              " differs from param dtype ", param.scalar_type());
-  TORCH_CHECK(seg_steps.scalar_type() == at::kLong && seg_steps.is_contiguous() && seg_steps.dim() == 1,
-              "fusedclr: seg_steps must be a contiguous int64 1-D tensor");
-  TORCH_CHECK(chunks.scalar_type() == at::kLong && chunks.dim() == 2 && chunks.size(1) == 3 &&
-                  chunks.is_contiguous() && chunks.device().is_cpu(),
-              "fusedclr: chunks must be a contiguous int64 [n, 3] CPU tensor");
-  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.numel() == 2 && hyper.device().is_cpu(),
-              "fusedclr: hyper must be a float64 [2] tensor (lr, momentum)");
-  TORCH_CHECK(schedule.scalar_type() == at::kDouble && schedule.is_contiguous() && schedule.numel() >= 4,
-              "fusedclr: schedule must be a contiguous float64 descriptor");
-  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
-              "fusedclr: schedule_step must be an int64 scalar tensor");
-  if (active.has_value()) {
-    TORCH_CHECK(active->numel() == seg_steps.numel() && active->is_contiguous(),
-                "fusedclr: active must have one entry per segment");
-  }
-
+  check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
   StepSetup s{0.0, 0.0, 1.0, false};
   if (found_inf.has_value()) {
     s.skip = found_inf->item<double>() != 0.0;
@@ -78,49 +59,52 @@ StepSetup begin_step(const at::Tensor& param, const at::Tensor& grad, const at::
   if (s.skip) {
     return s;
   }
-  // Steps advance before use, as torch's step_t += 1.
+  // Steps advance before use, as torch's step_t += 1; a segment without a
+  // gradient is inactive [note: segment table].
   int64_t* steps = seg_steps.data_ptr<int64_t>();
+  const int64_t* table = segments.data_ptr<int64_t>();
   const int64_t n = seg_steps.numel();
-  if (active.has_value()) {
-    const auto act = active->to(at::kBool);
-    const bool* a = act.data_ptr<bool>();
-    for (int64_t i = 0; i < n; ++i) {
-      steps[i] += a[i] ? 1 : 0;
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      ++steps[i];
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    steps[i] += seg::active(table, i) ? 1 : 0;
   }
   return s;
 }
 
-// Runs fn(segment, begin, end, cache) over every chunk of an active segment, in
-// parallel; small chunks are batched so each task has ~kGrainElements, and each
-// task gets its own scalar cache.
+// Runs fn(chunk, segment, begin, end, row, cache) over every chunk of an active
+// segment, in parallel (`row`: the segment's table row); small chunks are
+// batched so each task has ~kGrainElements, and each task gets its own scalar
+// cache. Rows are checked against the table and against `state_numel` (the
+// states' length, -1 without states) before anything is touched.
 template <typename Cache, typename Fn>
-void for_each_chunk(const at::Tensor& chunks, const std::optional<at::Tensor>& active, Fn fn) {
+void for_each_chunk(const at::Tensor& segments, const at::Tensor& chunks, int64_t state_numel, Fn fn) {
   const int64_t n = chunks.size(0);
   if (n == 0) {
     return;
   }
   const int64_t* c = chunks.data_ptr<int64_t>();
-  const int64_t total = c[3 * (n - 1) + 2] - c[1];
-  const int64_t grain = std::max<int64_t>(1, kGrainElements * n / std::max<int64_t>(total, 1));
-  at::Tensor act;
-  const bool* a = nullptr;
-  if (active.has_value()) {
-    act = active->to(at::kBool).contiguous();
-    a = act.data_ptr<bool>();
+  const int64_t* table = segments.data_ptr<int64_t>();
+  const int64_t n_segments = segments.size(0);
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t seg = c[3 * i], begin = c[3 * i + 1], end = c[3 * i + 2];
+    TORCH_CHECK(seg >= 0 && seg < n_segments, "fusedclr: chunk ", i, " names segment ", seg, " of ", n_segments);
+    const int64_t* row = table + seg * seg::WORDS;
+    TORCH_CHECK(row[seg::OFFSET] <= begin && begin <= end && end <= row[seg::OFFSET] + row[seg::NUMEL] &&
+                    (state_numel < 0 || end <= state_numel),
+                "fusedclr: chunk ", i, " [", begin, ", ", end, ") lies outside segment ", seg, " [",
+                row[seg::OFFSET], ", ", row[seg::OFFSET] + row[seg::NUMEL], ") or the state buffers (", state_numel,
+                " elements)");
+    total += end - begin;
   }
+  const int64_t grain = std::max<int64_t>(1, kGrainElements * n / std::max<int64_t>(total, 1));
   at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
     Cache cache;
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t seg = c[3 * i];
-      if (a != nullptr && !a[seg]) {
+      if (!seg::active(table, seg)) {
         continue;
       }
-      fn(seg, c[3 * i + 1], c[3 * i + 2], cache);
+      fn(i, seg, c[3 * i + 1], c[3 * i + 2], table + seg * seg::WORDS, cache);
     }
   });
 }
@@ -230,28 +214,31 @@ struct AdamLoop {
   }
 };
 
-void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+void adam_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                   const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
-                   const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
-                   double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
+                   const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
+                   const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2, double eps,
+                   double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+                   std::optional<int64_t> sr_seed) {
+  TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
+              segments.device());
+  check_segments(segments, param_dtype, chunks);
   const bool amsgrad = max_exp_avg_sq.has_value();
+  const at::Device dev = segments.device();
   const at::ScalarType state_dtype =
-      amsgrad ? check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
-                                     {&*max_exp_avg_sq, "max_exp_avg_sq"}})
-              : check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
-  check_precision(param, master_param, sr_seed);
-  const StepSetup s = begin_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
-                                 grad_scale, found_inf);
+      amsgrad ? check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
+                                                {&*max_exp_avg_sq, "max_exp_avg_sq"}})
+              : check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
+  check_precision(param_dtype, dev, exp_avg.numel(), master_param, sr_seed);
+  const StepSetup s = begin_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
   if (s.skip) {
     return;
   }
   const int64_t* steps = seg_steps.data_ptr<int64_t>();
   const int64_t seed = sr_seed.value_or(0);
   float* master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::adam_step_", [&] {
     using P = scalar_t;
     using T = at::opmath_type<P>;
     struct Cache {  // per-task memo of the last segment's scalars
@@ -261,8 +248,6 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
     };
     FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
       using S = std::conditional_t<BF16_STATE && std::is_same_v<P, c10::BFloat16>, c10::BFloat16, T>;
-      P* p = param.data_ptr<P>();
-      const P* g = grad.data_ptr<P>();
       S* m = static_cast<S*>(exp_avg.data_ptr());
       S* v = static_cast<S*>(exp_avg_sq.data_ptr());
       S* vmax = amsgrad ? static_cast<S*>(max_exp_avg_sq->data_ptr()) : nullptr;
@@ -271,7 +256,8 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
         FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
           FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
             FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
-              for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
+              for_each_chunk<Cache>(segments, chunks, exp_avg.numel(),
+                                    [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& cache) {
                 // Segments usually share one step count: recompute the bias corrections only when it changes.
                 if (cache.step != steps[seg]) {
                   cache.step = steps[seg];
@@ -279,6 +265,8 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                                                s.grad_scale, maximize);
                   cache.key = rounding_key(seed, cache.step);
                 }
+                P* p = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
+                const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
                 run_loop<AdamLoop<P, S, W, HAS_WD, DECOUPLED, AMSGRAD>>(p, g, m, v, vmax, master, begin, end,
                                                                          &cache.adam, cache.key);
               });
@@ -310,18 +298,25 @@ struct SgdLoop {
   }
 };
 
-void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
-                  const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
-                  const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
-                  double dampening, double weight_decay, bool nesterov, bool maximize,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                  const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
+void sgd_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype,
+                  const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& seg_steps,
+                  const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& schedule,
+                  const at::Tensor& schedule_step, double dampening, double weight_decay, bool nesterov,
+                  bool maximize, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+                  std::optional<int64_t> sr_seed) {
+  TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
+              segments.device());
+  check_segments(segments, param_dtype, chunks);
+  const at::Device dev = segments.device();
   const at::ScalarType state_dtype = momentum_buffer.has_value()
-                                         ? check_states(param, {{&*momentum_buffer, "momentum_buffer"}})
-                                         : param.scalar_type();
-  check_precision(param, master_param, sr_seed);
-  const StepSetup s = begin_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
-                                 grad_scale, found_inf);
+                                         ? check_states(param_dtype, dev, {{&*momentum_buffer, "momentum_buffer"}})
+                                         : param_dtype;
+  const int64_t state_numel = momentum_buffer.has_value() ? momentum_buffer->numel()
+                              : master_param.has_value()  ? master_param->numel()
+                                                          : -1;
+  check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
+  const StepSetup s = begin_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
   if (s.skip) {
     return;
   }
@@ -330,7 +325,7 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
   float* master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
   // torch's SGD takes the momentum path only when momentum != 0 this step.
   const bool use_momentum = momentum_buffer.has_value() && s.momentum != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::sgd_step_", [&] {
     using P = scalar_t;
     using T = at::opmath_type<P>;
     struct Cache {
@@ -340,21 +335,22 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
     };
     FUSEDCLR_BOOL_SWITCH(use_momentum && state_dtype == at::kBFloat16, BF16_STATE, [&] {
       using S = std::conditional_t<BF16_STATE && std::is_same_v<P, c10::BFloat16>, c10::BFloat16, T>;
-      P* p = param.data_ptr<P>();
-      const P* g = grad.data_ptr<P>();
       S* buf = use_momentum ? static_cast<S*>(momentum_buffer->data_ptr()) : nullptr;
       switch_write<P>(master != nullptr, sr_seed.has_value(), [&](auto mode) {
         constexpr ParamWrite W = decltype(mode)::value;
         FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
           FUSEDCLR_BOOL_SWITCH(use_momentum, USE_MOMENTUM, [&] {
             FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-              for_each_chunk<Cache>(chunks, active, [&](int64_t seg, int64_t begin, int64_t end, Cache& cache) {
+              for_each_chunk<Cache>(segments, chunks, state_numel,
+                                    [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& cache) {
                 if (cache.step != steps[seg]) {
                   cache.step = steps[seg];
                   cache.sgd = sgd_scalars<T>(s.lr, s.momentum, dampening, weight_decay, cache.step, s.grad_scale,
                                              maximize);
                   cache.key = rounding_key(seed, cache.step);
                 }
+                P* p = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
+                const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
                 run_loop<SgdLoop<P, S, W, HAS_WD, USE_MOMENTUM, NESTEROV>>(p, g, buf, master, begin, end,
                                                                            &cache.sgd, cache.key);
               });
@@ -364,6 +360,37 @@ void sgd_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::op
       });
     });
   });
+}
+
+// Sum of squares of every active segment's gradient, in float64: the global
+// gradient norm's share of one bucket [note: fused clipping] (a reduction over
+// the table, no copy). Per-chunk partial sums added in chunk order, so the
+// result does not depend on the number of threads.
+at::Tensor grad_sumsq_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
+  TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
+              segments.device());
+  check_segments(segments, param_dtype, chunks);
+  std::vector<double> partial(chunks.size(0), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::grad_sumsq", [&] {
+    using P = scalar_t;
+    using T = at::opmath_type<P>;
+    struct NoCache {};
+    for_each_chunk<NoCache>(segments, chunks, -1,
+                            [&](int64_t chunk, int64_t, int64_t begin, int64_t end, const int64_t* row, NoCache&) {
+      const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
+      double acc = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const double x = static_cast<double>(static_cast<T>(g[i]));
+        acc += x * x;
+      }
+      partial[chunk] = acc;
+    });
+  });
+  double total = 0.0;
+  for (double x : partial) {
+    total += x;
+  }
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
 }
 
 at::Tensor schedule_eval_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step) {
@@ -387,6 +414,7 @@ TORCH_LIBRARY_IMPL(fusedclr, CPU, m) {
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("adam_step_", &adam_step_cpu);
   m.impl("schedule_eval", &schedule_eval_cpu);
+  m.impl("grad_sumsq", &grad_sumsq_cpu);
 }
 
 }  // namespace fusedclr

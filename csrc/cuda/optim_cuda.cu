@@ -21,6 +21,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -40,63 +41,6 @@
 namespace fusedclr {
 namespace cuda {
 namespace {
-
-void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "fusedclr: ", name, " must be on ", device, " with the parameters, got ",
-              t.device(), "; move it with .to(param.device)");
-}
-
-StepArgs check_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& seg_steps,
-                    const at::Tensor& chunks, const std::optional<at::Tensor>& active, const at::Tensor& hyper,
-                    const at::Tensor& schedule, const at::Tensor& schedule_step,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    bool maximize) {
-  TORCH_CHECK(param.is_cuda(), "fusedclr: param must be a CUDA tensor for the CUDA kernels, got ", param.device());
-  check_flat(param, "param", param);
-  check_flat(grad, "grad", param);
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "fusedclr: grad dtype ", grad.scalar_type(),
-              " differs from param dtype ", param.scalar_type(), "; the flat grad buffer must match the params");
-  const at::Device dev = param.device();
-  check_device(seg_steps, "seg_steps", dev);
-  TORCH_CHECK(seg_steps.scalar_type() == at::kLong && seg_steps.dim() == 1 && seg_steps.is_contiguous(),
-              "fusedclr: seg_steps must be a contiguous int64 1-D tensor (one step per segment), got ",
-              seg_steps.scalar_type(), " of shape ", seg_steps.sizes());
-  check_device(chunks, "chunks", dev);
-  TORCH_CHECK(chunks.scalar_type() == at::kLong && chunks.dim() == 2 && chunks.size(1) == 3 && chunks.is_contiguous(),
-              "fusedclr: chunks must be a contiguous int64 [n, 3] table (segment, begin, end), got ",
-              chunks.scalar_type(), " of shape ", chunks.sizes());
-  if (active.has_value()) {
-    check_device(*active, "active", dev);
-    TORCH_CHECK((active->scalar_type() == at::kBool || active->scalar_type() == at::kByte) &&
-                    active->numel() == seg_steps.numel() && active->is_contiguous(),
-                "fusedclr: active must be a contiguous bool/uint8 tensor with one entry per segment (",
-                seg_steps.numel(), "), got ", active->scalar_type(), " of shape ", active->sizes());
-  }
-  check_device(hyper, "hyper", dev);
-  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.numel() == 2 && hyper.is_contiguous(),
-              "fusedclr: hyper must be a contiguous float64 [2] tensor (lr, momentum-or-beta1), got ",
-              hyper.scalar_type(), " of shape ", hyper.sizes());
-  check_device(schedule, "schedule", dev);
-  TORCH_CHECK(schedule.scalar_type() == at::kDouble && schedule.is_contiguous() &&
-                  schedule.numel() >= sched::HEADER_WORDS,
-              "fusedclr: schedule must be a contiguous float64 descriptor of at least ", sched::HEADER_WORDS,
-              " words, got ", schedule.scalar_type(), " of shape ", schedule.sizes());
-  check_device(schedule_step, "schedule_step", dev);
-  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
-              "fusedclr: schedule_step must be an int64 scalar tensor, got ", schedule_step.scalar_type(),
-              " of shape ", schedule_step.sizes());
-  for (const auto& [t, name] : {std::pair{&grad_scale, "grad_scale"}, std::pair{&found_inf, "found_inf"}}) {
-    if (t->has_value()) {
-      check_device(**t, name, dev);
-      TORCH_CHECK(((*t)->scalar_type() == at::kFloat || (*t)->scalar_type() == at::kDouble) && (*t)->numel() == 1,
-                  "fusedclr: ", name, " must be a float32 or float64 tensor with one element (GradScaler's), got ",
-                  (*t)->scalar_type(), " of shape ", (*t)->sizes());
-    }
-  }
-
-  return make_step_args(param, seg_steps, chunks, active, hyper, schedule, schedule_step, grad_scale, found_inf,
-                        maximize);
-}
 
 // Blocks of `kernel` the current device holds at once. The occupancy query
 // costs a few microseconds, so it is cached per (kernel, device).
@@ -137,49 +81,87 @@ void advance_steps(const at::Tensor& seg_steps, const StepArgs& s, cudaStream_t 
   }
   const int64_t blocks = std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(s.n_segments, kThreads));
   advance_steps_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(seg_steps.data_ptr<int64_t>(),
-                                                                               s.active, s.found_inf, s.n_segments);
+                                                                               s.segments, s.found_inf, s.n_segments);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                    const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
-                    const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
-                    double beta2, double eps, double weight_decay, bool decoupled, bool maximize,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
-  const StepArgs step = check_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
-                                   grad_scale, found_inf, maximize);
-  check_precision(param, master_param, sr_seed);
-  const bool amsgrad = max_exp_avg_sq.has_value();
-  const at::ScalarType state_dtype =
-      amsgrad ? check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
-                                     {&*max_exp_avg_sq, "max_exp_avg_sq"}})
-              : check_states(param, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
-  const c10::cuda::CUDAGuard guard(param.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  advance_steps(seg_steps, step, stream);
-  dispatch_adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps, weight_decay,
-                decoupled, master_param, sr_seed, [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
+void require_cuda(const at::Tensor& segments) {
+  TORCH_CHECK(segments.is_cuda(), "fusedclr: segments must be a CUDA tensor for the CUDA kernels, got ",
+              segments.device());
 }
 
-void sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
-                   const at::Tensor& seg_steps, const at::Tensor& chunks, const std::optional<at::Tensor>& active,
-                   const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
-                   double dampening, double weight_decay, bool nesterov, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
-  const StepArgs step = check_step(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
-                                   grad_scale, found_inf, maximize);
-  check_precision(param, master_param, sr_seed);
-  const bool has_buf = momentum_buffer.has_value();
+void adam_step_cuda(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& exp_avg,
+                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+                    const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
+                    const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2, double eps,
+                    double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+                    std::optional<int64_t> sr_seed) {
+  require_cuda(segments);
+  const StepArgs step = checked_step_args(segments, param_dtype, chunks, exp_avg.numel(), seg_steps, hyper, schedule,
+                                          schedule_step, grad_scale, found_inf, maximize);
+  const at::Device dev = segments.device();
+  const bool amsgrad = max_exp_avg_sq.has_value();
   const at::ScalarType state_dtype =
-      has_buf ? check_states(param, {{&*momentum_buffer, "momentum_buffer"}}) : param.scalar_type();
-  const c10::cuda::CUDAGuard guard(param.device());
+      amsgrad ? check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
+                                                {&*max_exp_avg_sq, "max_exp_avg_sq"}})
+              : check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
+  check_precision(param_dtype, dev, exp_avg.numel(), master_param, sr_seed);
+  const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   advance_steps(seg_steps, step, stream);
-  dispatch_sgd(param, grad, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
+  dispatch_adam(param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps, weight_decay,
+                decoupled, master_param, sr_seed,
+                [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
+}
+
+void sgd_step_cuda(const at::Tensor& segments, at::ScalarType param_dtype,
+                   const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& seg_steps,
+                   const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& schedule,
+                   const at::Tensor& schedule_step, double dampening, double weight_decay, bool nesterov,
+                   bool maximize, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+                   std::optional<int64_t> sr_seed) {
+  require_cuda(segments);
+  const int64_t state_numel = momentum_buffer.has_value() ? momentum_buffer->numel()
+                              : master_param.has_value()  ? master_param->numel()
+                                                          : -1;
+  const StepArgs step = checked_step_args(segments, param_dtype, chunks, state_numel, seg_steps, hyper, schedule,
+                                          schedule_step, grad_scale, found_inf, maximize);
+  const at::Device dev = segments.device();
+  const bool has_buf = momentum_buffer.has_value();
+  const at::ScalarType state_dtype =
+      has_buf ? check_states(param_dtype, dev, {{&*momentum_buffer, "momentum_buffer"}}) : param_dtype;
+  check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  advance_steps(seg_steps, step, stream);
+  dispatch_sgd(param_dtype, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
                sr_seed, [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
+}
+
+at::Tensor grad_sumsq_cuda(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
+  require_cuda(segments);
+  check_segments(segments, param_dtype, chunks);
+  const c10::cuda::CUDAGuard guard(segments.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  StepArgs s{};
+  s.segments = segments.data_ptr<int64_t>();
+  s.n_segments = segments.size(0);
+  s.chunks = chunks.data_ptr<int64_t>();
+  s.n_chunks = chunks.size(0);
+  s.numel = s.n_chunks * kNominalChunk;
+  s.state_numel = -1;
+  at::Tensor partials;
+  dispatch_sumsq(param_dtype, s, nullptr, [&](auto kernel, StepArgs args, double*) {
+    const auto fn = reinterpret_cast<const void*>(kernel);
+    const LaunchPlan plan = plan_launch(std::max<int64_t>(args.n_chunks, 1), args.numel, 1, resident_blocks(fn));
+    args.parts = plan.parts;
+    partials = at::empty({plan.blocks * kThreads}, segments.options().dtype(at::kDouble));
+    kernel<<<static_cast<unsigned>(plan.blocks), kThreads, 0, stream>>>(args, partials.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return partials.sum();
 }
 
 at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& schedule_step) {
@@ -189,7 +171,7 @@ at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& sche
                   schedule.numel() >= sched::HEADER_WORDS,
               "fusedclr: schedule must be a contiguous float64 descriptor of at least ", sched::HEADER_WORDS,
               " words, got ", schedule.scalar_type(), " of shape ", schedule.sizes());
-  check_device(schedule_step, "schedule_step", schedule.device());
+  check_on(schedule_step, "schedule_step", schedule.device());
   TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
               "fusedclr: schedule_step must be an int64 scalar tensor, got ", schedule_step.scalar_type(),
               " of shape ", schedule_step.sizes());
@@ -208,6 +190,7 @@ TORCH_LIBRARY_IMPL(fusedclr, CUDA, m) {
   m.impl("sgd_step_", &cuda::sgd_step_cuda);
   m.impl("adam_step_", &cuda::adam_step_cuda);
   m.impl("schedule_eval", &cuda::schedule_eval_cuda);
+  m.impl("grad_sumsq", &cuda::grad_sumsq_cuda);
 }
 
 }  // namespace fusedclr

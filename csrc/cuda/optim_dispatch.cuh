@@ -3,11 +3,13 @@
 // tensors, and the choice of one kernel instantiation from the runtime dtypes
 // and flags. `launch(kernel, args, vec)` runs it: a CUDA launch in
 // optim_cuda.cu, every (block, thread) in turn on the CPU in the emulation.
-// Validation is the caller's (optim_cuda.cu: check_step, check_states).
+// Validation: checked_step_args and the callers' check_states / check_precision (fusedclr/checks.h).
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+
+#include <fusedclr/checks.h>
 
 #include "optim_kernels.cuh"
 
@@ -24,19 +26,23 @@ inline DeviceScalar device_scalar(const std::optional<at::Tensor>& t) {
   return DeviceScalar{t->data_ptr(), t->scalar_type() == at::kDouble};
 }
 
-inline StepArgs make_step_args(const at::Tensor& param, const at::Tensor& seg_steps, const at::Tensor& chunks,
-                               const std::optional<at::Tensor>& active, const at::Tensor& hyper,
-                               const at::Tensor& schedule, const at::Tensor& schedule_step,
-                               const std::optional<at::Tensor>& grad_scale,
+// Elements a chunk covers at most on GPUs (fusedclr/optim/_flat.py's chunk
+// size), for sizing the split of a launch without states.
+constexpr int64_t kNominalChunk = 8192;
+
+inline StepArgs make_step_args(const at::Tensor& segments, const at::Tensor& chunks, int64_t state_numel,
+                               const at::Tensor& seg_steps, const at::Tensor& hyper, const at::Tensor& schedule,
+                               const at::Tensor& schedule_step, const std::optional<at::Tensor>& grad_scale,
                                const std::optional<at::Tensor>& found_inf, bool maximize) {
   StepArgs a{};
+  a.segments = segments.data_ptr<int64_t>();
+  a.n_segments = segments.size(0);
   a.chunks = chunks.data_ptr<int64_t>();
   a.n_chunks = chunks.size(0);
   a.parts = 1;
-  a.numel = param.numel();
+  a.numel = state_numel >= 0 ? state_numel : a.n_chunks * kNominalChunk;
+  a.state_numel = state_numel;
   a.seg_steps = seg_steps.data_ptr<int64_t>();
-  a.n_segments = seg_steps.numel();
-  a.active = active.has_value() ? static_cast<const uint8_t*>(active->data_ptr()) : nullptr;
   a.hyper = hyper.data_ptr<double>();
   a.schedule = schedule.data_ptr<double>();
   a.schedule_step = schedule_step.data_ptr<int64_t>();
@@ -46,22 +52,32 @@ inline StepArgs make_step_args(const at::Tensor& param, const at::Tensor& seg_st
   return a;
 }
 
+// The per-step checks every op shares (checks.h), then the argument block.
+inline StepArgs checked_step_args(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
+                                  int64_t state_numel, const at::Tensor& seg_steps, const at::Tensor& hyper,
+                                  const at::Tensor& schedule, const at::Tensor& schedule_step,
+                                  const std::optional<at::Tensor>& grad_scale,
+                                  const std::optional<at::Tensor>& found_inf, bool maximize) {
+  check_segments(segments, param_dtype, chunks);
+  check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
+  return make_step_args(segments, chunks, state_numel, seg_steps, hyper, schedule, schedule_step, grad_scale,
+                        found_inf, maximize);
+}
+
 template <typename Launch>
-void dispatch_adam(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+void dispatch_adam(at::ScalarType param_dtype, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
                    const StepArgs& step, at::ScalarType state_dtype, double beta2, double eps, double weight_decay,
                    bool decoupled, const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed,
                    Launch&& launch) {
   const bool amsgrad = max_exp_avg_sq.has_value();
   const bool has_wd = weight_decay != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::adam_step_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::adam_step_", [&] {
     using param_t = scalar_t;
     FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
       using state_t = state_type<param_t, BF16_STATE>;
       AdamArgs<param_t, state_t> a{};
       a.step = step;
-      a.param = param.data_ptr<param_t>();
-      a.grad = grad.data_ptr<param_t>();
       a.exp_avg = static_cast<state_t*>(exp_avg.data_ptr());
       a.exp_avg_sq = static_cast<state_t*>(exp_avg_sq.data_ptr());
       a.max_exp_avg_sq = amsgrad ? static_cast<state_t*>(max_exp_avg_sq->data_ptr()) : nullptr;
@@ -87,13 +103,13 @@ void dispatch_adam(const at::Tensor& param, const at::Tensor& grad, const at::Te
 }
 
 template <typename Launch>
-void dispatch_sgd(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
+void dispatch_sgd(at::ScalarType param_dtype, const std::optional<at::Tensor>& momentum_buffer,
                   const StepArgs& step, at::ScalarType state_dtype, double dampening, double weight_decay,
                   bool nesterov, const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed,
                   Launch&& launch) {
   const bool has_buf = momentum_buffer.has_value();
   const bool has_wd = weight_decay != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "fusedclr::sgd_step_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::sgd_step_", [&] {
     using param_t = scalar_t;
     FUSEDCLR_BOOL_SWITCH(has_buf, HAS_BUF, [&] {
       // Without a buffer the state type is moot: one kernel per param dtype.
@@ -102,8 +118,6 @@ void dispatch_sgd(const at::Tensor& param, const at::Tensor& grad, const std::op
         using state_t = state_type<param_t, kBf16State>;
         SgdArgs<param_t, state_t> a{};
         a.step = step;
-        a.param = param.data_ptr<param_t>();
-        a.grad = grad.data_ptr<param_t>();
         a.momentum_buffer = HAS_BUF ? static_cast<state_t*>(momentum_buffer->data_ptr()) : nullptr;
         a.master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
         a.sr_seed = sr_seed.value_or(0);
@@ -120,6 +134,23 @@ void dispatch_sgd(const at::Tensor& param, const at::Tensor& grad, const std::op
         });
       });
     });
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedclr
+
+namespace fusedclr {
+namespace cuda {
+namespace {
+
+// grad_sumsq: per-thread partials of the sum of squares [note: fused clipping];
+// the caller sums them.
+template <typename Launch>
+void dispatch_sumsq(at::ScalarType param_dtype, const StepArgs& step, double* partials, Launch&& launch) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::grad_sumsq", [&] {
+    launch(grad_sumsq_kernel<scalar_t>, step, partials);
   });
 }
 

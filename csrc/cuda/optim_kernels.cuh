@@ -15,7 +15,9 @@
 // SMs), or fewer when there is less work, and warp w of block b takes items
 // b + gridDim.x * w, then strides by all the grid's warps, so neighbouring
 // items land on different SMs.
-// Per item a warp reads the chunk row, the segment's `active` flag and step,
+// Per item a warp reads the chunk row, the segment's table row [note: segment
+// table] (its parameter and gradient addresses; a zero gradient address marks
+// it inactive) and its step,
 // and computes the per-item scalars (bias corrections, ...) with update.h.
 // Every lane computes the same values in lock-step, which costs the warp what
 // one thread would and needs neither shared memory nor __syncthreads(). The
@@ -31,6 +33,7 @@
 
 #include <fusedclr/precision.h>
 #include <fusedclr/schedule.h>
+#include <fusedclr/segments.h>
 #include <fusedclr/update.h>
 
 #include "flat_walk.cuh"
@@ -60,15 +63,17 @@ struct DeviceScalar {
   }
 };
 
-// Chunk table, counters, schedule and AMP inputs: what both optimizers read.
+// Segment and chunk tables, counters, schedule and AMP inputs: what both
+// optimizers read.
 struct StepArgs {
-  const int64_t* chunks;  // [n_chunks, 3]: segment, begin, end
+  const int64_t* segments;  // [n_segments, seg::WORDS] [note: segment table]
+  int64_t n_segments;
+  const int64_t* chunks;  // [n_chunks, 3]: segment, begin, end (state coordinates)
   int64_t n_chunks;
   int64_t parts;  // work items per chunk
-  int64_t numel;
+  int64_t numel;  // elements the chunks cover, at most (sizes the split)
+  int64_t state_numel;  // length of the state buffers; -1 without states
   const int64_t* seg_steps;  // already advanced for this step
-  int64_t n_segments;
-  const uint8_t* active;  // nullptr: every segment is active
   const double* hyper;    // [lr, momentum-or-beta1]
   const double* schedule;
   const int64_t* schedule_step;
@@ -103,7 +108,8 @@ C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Runs fn(step, lo, hi) for each work item of this warp whose segment is active.
+// Runs fn(step, lo, hi, row) for each work item of this warp whose segment is
+// active (`row`: the segment's table row).
 template <int VEC, typename Fn>
 C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
   const int64_t worker = blockIdx.x + static_cast<int64_t>(gridDim.x) * (threadIdx.x / kWarp);
@@ -115,15 +121,18 @@ C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
     const int64_t seg = a.chunks[3 * c];
     const int64_t begin = a.chunks[3 * c + 1];
     const int64_t end = a.chunks[3 * c + 2];
-    CUDA_KERNEL_ASSERT_MSG(seg >= 0 && seg < a.n_segments && begin >= 0 && begin <= end && end <= a.numel,
-                           "fusedclr: chunk table row out of range of seg_steps or the buffer");
+    CUDA_KERNEL_ASSERT_MSG(seg >= 0 && seg < a.n_segments, "fusedclr: chunk table row names no segment");
+    const int64_t* row = a.segments + seg * seg::WORDS;
+    CUDA_KERNEL_ASSERT_MSG(row[seg::OFFSET] <= begin && begin <= end && end <= row[seg::OFFSET] + row[seg::NUMEL] &&
+                               (a.state_numel < 0 || end <= a.state_numel),
+                           "fusedclr: chunk table row out of range of its segment or the state buffers");
     const int64_t span = ceil_div(ceil_div(end - begin, a.parts), VEC) * VEC;
     const int64_t lo = begin + part * span;
     const int64_t hi = lo + span < end ? lo + span : end;
-    if (lo >= hi || (a.active != nullptr && a.active[seg] == 0)) {
+    if (lo >= hi || row[seg::GRAD] == 0) {
       continue;
     }
-    fn(a.seg_steps[seg], lo, hi);
+    fn(a.seg_steps[seg], lo, hi, row);
   }
 }
 
@@ -170,23 +179,39 @@ C10_DEVICE C10_ALWAYS_INLINE void store_param(P* param, float* master_dst, const
 constexpr int kAdvanceMaxBlocks = 1024;
 
 __global__ void __launch_bounds__(kThreads)
-    advance_steps_kernel(int64_t* seg_steps, const uint8_t* active, DeviceScalar found_inf, int64_t n) {
+    advance_steps_kernel(int64_t* seg_steps, const int64_t* segments, DeviceScalar found_inf, int64_t n) {
   if (step_skipped(found_inf)) {
     return;
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
-    if (active == nullptr || active[i] != 0) {
+    if (seg::active(segments, i)) {
       seg_steps[i] += 1;
     }
   }
 }
 
+// Sum of squares of the active gradients [note: fused clipping]: each thread
+// adds its elements in float64 and writes its own partial (zero when it had no
+// work), which the host sums with one deterministic reduction. No atomics, so
+// the result does not depend on timing.
+template <typename P>
+__global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(const StepArgs a, double* partials) {
+  using T = at::opmath_type<P>;
+  double acc = 0.0;
+  for_each_item<1>(a, [&](int64_t, int64_t lo, int64_t hi, const int64_t* row) {
+    const P* grad = seg::segment_base<const P>(row[seg::GRAD], row[seg::OFFSET]);
+    walk_range<1>(lo, hi, false, [&](int64_t i, auto, auto) {
+      const double x = static_cast<double>(static_cast<T>(grad[i]));
+      acc += x * x;
+    });
+  });
+  partials[blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x] = acc;
+}
+
 template <typename P, typename S>
 struct AdamArgs {
   StepArgs step;
-  P* param;
-  const P* grad;
   S* exp_avg;
   S* exp_avg_sq;
   S* max_exp_avg_sq;  // amsgrad only
@@ -205,11 +230,13 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) 
     return;
   }
   const GroupValues gv = group_values(a.step.hyper, a.step.schedule, a.step.schedule_step, a.step.grad_scale);
-  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi) {
+  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi, const int64_t* row) {
+    P* param = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
+    const P* grad = seg::segment_base<const P>(row[seg::GRAD], row[seg::OFFSET]);
     const AdamScalars<T> k = adam_scalars<T>(gv.lr, gv.momentum, a.beta2, a.eps, a.weight_decay, step,
                                              gv.grad_scale, a.step.maximize);
     const uint32_t key = rounding_key(a.sr_seed, step);
-    const bool aligned = aligned16(a.param + lo) && aligned16(a.grad + lo) && aligned16(a.exp_avg + lo) &&
+    const bool aligned = aligned16(param + lo) && aligned16(grad + lo) && aligned16(a.exp_avg + lo) &&
                          aligned16(a.exp_avg_sq + lo) && (!AMSGRAD || aligned16(a.max_exp_avg_sq + lo)) &&
                          (W != ParamWrite::kMaster || aligned16(a.master + lo));
     walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
@@ -217,8 +244,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) 
       constexpr bool V = decltype(vectorized)::value;
       T p[N], g[N], m[N], v[N], vmax[N];
       float master[N];
-      load_param<W, N, V>(a.param + i, a.master + i, p, master);
-      load<N, V>(a.grad + i, g);
+      load_param<W, N, V>(param + i, a.master + i, p, master);
+      load<N, V>(grad + i, g);
       load<N, V>(a.exp_avg + i, m);
       load<N, V>(a.exp_avg_sq + i, v);
       if constexpr (AMSGRAD) {
@@ -228,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) 
       for (int e = 0; e < N; ++e) {
         adam_update<HAS_WD, DECOUPLED, AMSGRAD>(p[e], g[e], m[e], v[e], vmax[e], k);
       }
-      store_param<W, N, V>(a.param + i, a.master + i, p, master, key, i);
+      store_param<W, N, V>(param + i, a.master + i, p, master, key, i);
       store<N, V>(a.exp_avg + i, m);
       store<N, V>(a.exp_avg_sq + i, v);
       if constexpr (AMSGRAD) {
@@ -241,8 +268,6 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) 
 template <typename P, typename S>
 struct SgdArgs {
   StepArgs step;
-  P* param;
-  const P* grad;
   S* momentum_buffer;  // HAS_BUF only
   float* master;       // ParamWrite::kMaster only [note: precision opt-ins]
   int64_t sr_seed;     // ParamWrite::kStochastic only
@@ -262,13 +287,15 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
   }
   const GroupValues gv = group_values(a.step.hyper, a.step.schedule, a.step.schedule_step, a.step.grad_scale);
   const bool use_momentum = HAS_BUF && gv.momentum != 0.0;
-  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi) {
+  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi, const int64_t* row) {
+    P* param = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
+    const P* grad = seg::segment_base<const P>(row[seg::GRAD], row[seg::OFFSET]);
     const SgdScalars<T> k =
         sgd_scalars<T>(gv.lr, gv.momentum, a.dampening, a.weight_decay, step, gv.grad_scale, a.step.maximize);
     const uint32_t key = rounding_key(a.sr_seed, step);
     const auto update = [&](auto with_momentum) {
       constexpr bool MOM = decltype(with_momentum)::value;
-      const bool aligned = aligned16(a.param + lo) && aligned16(a.grad + lo) &&
+      const bool aligned = aligned16(param + lo) && aligned16(grad + lo) &&
                            (!MOM || aligned16(a.momentum_buffer + lo)) &&
                            (W != ParamWrite::kMaster || aligned16(a.master + lo));
       walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
@@ -276,8 +303,8 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
         constexpr bool V = decltype(vectorized)::value;
         T p[N], g[N], buf[N];
         float master[N];
-        load_param<W, N, V>(a.param + i, a.master + i, p, master);
-        load<N, V>(a.grad + i, g);
+        load_param<W, N, V>(param + i, a.master + i, p, master);
+        load<N, V>(grad + i, g);
         if constexpr (MOM) {
           // The first step overwrites the buffer with the grad: skip the read.
           if (k.first) {
@@ -293,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
         for (int e = 0; e < N; ++e) {
           sgd_update<HAS_WD, MOM, NESTEROV && MOM>(p[e], g[e], buf[e], k);
         }
-        store_param<W, N, V>(a.param + i, a.master + i, p, master, key, i);
+        store_param<W, N, V>(param + i, a.master + i, p, master, key, i);
         if constexpr (MOM) {
           store<N, V>(a.momentum_buffer + i, buf);
         }
