@@ -9,9 +9,11 @@ Two layers:
 
 * single-tensor updates (:func:`sgd_update_`, :func:`adam_update_`) on one
   parameter and its state, written like ``torch.optim``'s for-loop code;
-* flat-buffer steps (:func:`sgd_step_`, :func:`adam_step_`) with exactly the
-  signature of the ``fusedclr::*_step_`` ops, vectorised over the whole buffer
-  (no Python loop over parameters). These are the ``backend="reference"`` path.
+* bucket steps (:func:`sgd_step_`, :func:`adam_step_`) with the signature of
+  the ``fusedclr::*_step_`` ops, except that the segment table is replaced by
+  the tensors behind it (:class:`Segments`): the parameters and gradients are
+  gathered into the flat state layout, updated there in one vectorised pass
+  and written back. These are the ``backend="reference"`` path.
 
 :func:`schedule_value` evaluates the schedule descriptor described in
 ``csrc/include/fusedclr/schedule.h`` [note: schedule descriptor];
@@ -32,8 +34,12 @@ __all__ = [
     "STAGE_WORDS",
     "Kind",
     "adam_step_",
+    "Segments",
     "adam_update_",
     "check_precision",
+    "grad_address",
+    "grad_sumsq",
+    "memory_image",
     "mix32",
     "round_stochastic",
     "rounding_key",
@@ -278,20 +284,73 @@ def adam_update_(
 # --------------------------------------------------------------------------
 
 
-def _segment_ids(chunks: Tensor, numel: int) -> Tensor:
-    """Per-element segment index from the (segment, begin, end) chunk table."""
-    lengths = chunks[:, 2] - chunks[:, 1]
-    ids = torch.repeat_interleave(chunks[:, 0], lengths)
-    if ids.numel() != numel:
-        raise ValueError(f"chunk table covers {ids.numel()} elements, the buffer has {numel}")
-    return ids
+class Segments:
+    """What the reference steps walk: a bucket's parameters and gradients as tensors.
+
+    The compiled and Triton ops take the bucket's segment table, an int64
+    ``[n, 4]`` tensor of addresses (csrc/include/fusedclr/segments.h [note:
+    segment table]); pure PyTorch cannot follow an address, so the reference
+    takes the tensors behind it. ``params[i]`` is segment ``i``'s parameter
+    (dense, any strides; a complex one counts as its real view), ``grads[i]``
+    its gradient with the same strides, or ``None`` (inactive this step), and
+    ``offsets[i]`` where it starts in the flat state buffers of ``total``
+    elements. :meth:`table` builds the segment table of the same tensors, so a
+    test can hand one bucket to every backend.
+    """
+
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], offsets: Sequence[int],
+                 total: int) -> None:
+        if not (len(params) == len(grads) == len(offsets)):
+            raise ValueError(f"Segments: {len(params)} params, {len(grads)} grads and {len(offsets)} offsets")
+        self.params = list(params)
+        self.grads = list(grads)
+        self.offsets = [int(o) for o in offsets]
+        self.numels = [memory_image(p).numel() for p in self.params]
+        self.total = int(total)
+
+    def table(self, device: torch.device | str | None = None) -> Tensor:
+        """The segment table of these tensors (addresses, offsets, numels)."""
+        rows = [(memory_image(p).data_ptr(), grad_address(g), o, n)
+                for p, g, o, n in zip(self.params, self.grads, self.offsets, self.numels)]
+        t = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+        return t if device is None else t.to(device)
 
 
-def _advance(seg_steps: Tensor, active: Tensor | None, found_inf: Tensor | None) -> tuple[Tensor, Tensor]:
+def grad_address(g: Tensor | None) -> int:
+    """A gradient's segment-table entry: 0 for none, its address, or 1 for an empty one
+    (whose null address would read as none) [note: segment table]."""
+    if g is None:
+        return 0
+    return g.data_ptr() or 1
+
+
+def memory_image(t: Tensor) -> Tensor:
+    """A dense tensor's elements as a 1-D real view in memory order (what the kernels walk)."""
+    real = torch.view_as_real(t) if t.is_complex() else t
+    return real.as_strided((real.numel(),), (1,))
+
+
+def _segment_ids(segments: Segments) -> Tensor:
+    """Per-element segment index of the flat state layout (padding belongs to the segment before it)."""
+    ends = segments.offsets[1:] + [segments.total]
+    lengths = torch.tensor([e - o for o, e in zip(segments.offsets, ends)], dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(len(segments.offsets)), lengths)
+
+
+def _gather(tensors: Sequence[Tensor | None], segments: Segments, dtype: torch.dtype) -> Tensor:
+    """The tensors' elements at their state offsets in one flat buffer (zeros elsewhere)."""
+    flat = torch.zeros(segments.total, dtype=dtype)
+    for t, o, n in zip(tensors, segments.offsets, segments.numels):
+        if t is not None:
+            flat[o : o + n] = memory_image(t).cpu()
+    return flat
+
+
+def _advance(seg_steps: Tensor, segments: Segments, found_inf: Tensor | None) -> tuple[Tensor, Tensor]:
     """Increments the active segments' steps unless found_inf; returns (go mask per segment, steps)."""
-    go = torch.ones_like(seg_steps, dtype=torch.bool) if active is None else active.to(torch.bool)
+    go = torch.tensor([g is not None for g in segments.grads], dtype=torch.bool, device=seg_steps.device)
     if found_inf is not None:
-        go = go & (found_inf.reshape(()) == 0)
+        go = go & (found_inf.reshape(()).to(seg_steps.device) == 0)
     seg_steps.add_(go.to(seg_steps.dtype))
     return go, seg_steps
 
@@ -302,26 +361,35 @@ def _schedule_scalars(hyper: Tensor, schedule: Tensor, schedule_step: Tensor) ->
     return (h[0] if lr is None else lr), (h[1] if mom is None else mom)
 
 
-def _begin(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor, active: Tensor | None,
-           grad_scale: Tensor | None, found_inf: Tensor | None, maximize: bool, master_param: Tensor | None,
-           sr_seed: int | None):
+def _begin(segments: Segments, param_dtype: torch.dtype, seg_steps: Tensor, grad_scale: Tensor | None,
+           found_inf: Tensor | None, maximize: bool, master_param: Tensor | None, sr_seed: int | None):
     """The steps' common start: check the precision opt-ins, advance the step counts, then
     per-element (go mask, step count, parameter and unscaled, sign-adjusted gradient in the
-    math dtype). Under master weights the parameter is the master, unless the parameter was
-    written outside the optimizer [note: precision opt-ins]."""
-    check_precision(param, master_param, sr_seed)
-    go_seg, steps = _advance(seg_steps, active, found_inf)
-    ids = _segment_ids(chunks, param.numel())
-    math_dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    math dtype, the parameters' flat buffer), all on the CPU in the state layout. Under
+    master weights the parameter is the master, unless the parameter was written outside
+    the optimizer [note: precision opt-ins]."""
+    param = _gather(segments.params, segments, param_dtype)
+    check_precision(param, None if master_param is None else master_param.cpu(), sr_seed)
+    go_seg, steps = _advance(seg_steps, segments, found_inf)
+    ids = _segment_ids(segments)
+    math_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
     p = param.to(math_dtype)
     if master_param is not None:
-        p = torch.where(master_param.to(param.dtype) == param, master_param, p)
-    g = grad.to(math_dtype)
+        master = master_param.cpu()
+        p = torch.where(master.to(param_dtype) == param, master, p)
+    g = _gather(segments.grads, segments, param_dtype).to(math_dtype)
     if grad_scale is not None:
-        g = g / grad_scale.to(math_dtype)
+        g = g / grad_scale.cpu().to(math_dtype)
     if maximize:
         g = -g
-    return go_seg[ids], steps[ids], p, g
+    return go_seg.cpu()[ids], steps.cpu()[ids], p, g, param
+
+
+def _scatter(param: Tensor, segments: Segments) -> None:
+    """Writes the updated flat parameter buffer back into the active parameters."""
+    for t, g, o, n in zip(segments.params, segments.grads, segments.offsets, segments.numels):
+        if g is not None:
+            memory_image(t).copy_(param[o : o + n])
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +450,7 @@ def _write_param(param: Tensor, new_p: Tensor, go: Tensor, steps: Tensor, master
                  sr_seed: int | None) -> None:
     """Stores the updated math values where ``go``: rounded to nearest, via the master, or stochastically."""
     if master_param is not None:
-        master_param.copy_(torch.where(go, new_p, master_param))
+        master_param.copy_(torch.where(go, new_p, master_param.cpu()))
     if sr_seed is not None:
         index = torch.arange(param.numel(), device=param.device)
         rounded = round_stochastic(new_p, rounding_key(sr_seed, steps), index)
@@ -392,12 +460,11 @@ def _write_param(param: Tensor, new_p: Tensor, go: Tensor, steps: Tensor, master
 
 
 def sgd_step_(
-    param: Tensor,
-    grad: Tensor,
+    segments: Segments,
+    param_dtype: torch.dtype,
     momentum_buffer: Tensor | None,
     seg_steps: Tensor,
     chunks: Tensor,
-    active: Tensor | None,
     hyper: Tensor,
     schedule: Tensor,
     schedule_step: Tensor,
@@ -410,29 +477,29 @@ def sgd_step_(
     master_param: Tensor | None = None,
     sr_seed: int | None = None,
 ) -> None:
-    """Reference of ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract)."""
+    """Reference of ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract), on :class:`Segments`."""
     lr, momentum = _schedule_scalars(hyper, schedule, schedule_step)
-    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize, master_param,
-                             sr_seed)
+    go, steps, p, g, param = _begin(segments, param_dtype, seg_steps, grad_scale, found_inf, maximize, master_param,
+                                    sr_seed)
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
     if momentum_buffer is not None and momentum != 0:
         first = steps <= 1
-        buf = torch.where(first, g, momentum_buffer.to(p.dtype) * momentum + (1 - dampening) * g)
+        buf = torch.where(first, g, momentum_buffer.cpu().to(p.dtype) * momentum + (1 - dampening) * g)
         _store(momentum_buffer, buf, go)
         g = g + momentum * buf if nesterov else buf
     _write_param(param, p.add(g, alpha=-lr), go, steps, master_param, sr_seed)
+    _scatter(param, segments)
 
 
 def adam_step_(
-    param: Tensor,
-    grad: Tensor,
+    segments: Segments,
+    param_dtype: torch.dtype,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Tensor | None,
     seg_steps: Tensor,
     chunks: Tensor,
-    active: Tensor | None,
     hyper: Tensor,
     schedule: Tensor,
     schedule_step: Tensor,
@@ -446,10 +513,10 @@ def adam_step_(
     master_param: Tensor | None = None,
     sr_seed: int | None = None,
 ) -> None:
-    """Reference of ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract)."""
+    """Reference of ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract), on :class:`Segments`."""
     lr, beta1 = _schedule_scalars(hyper, schedule, schedule_step)
-    go, steps, p, g = _begin(param, grad, seg_steps, chunks, active, grad_scale, found_inf, maximize, master_param,
-                             sr_seed)
+    go, steps, p, g, param = _begin(segments, param_dtype, seg_steps, grad_scale, found_inf, maximize, master_param,
+                                    sr_seed)
     math_dtype = p.dtype
     if weight_decay != 0:
         if decoupled:
@@ -457,16 +524,16 @@ def adam_step_(
         else:
             g = g.add(p, alpha=weight_decay)
     # States load into the math dtype and round once when stored (bf16 states).
-    m = exp_avg.to(math_dtype).lerp(g, 1 - beta1)
-    v = exp_avg_sq.to(math_dtype) * beta2 + (1 - beta2) * g * g
+    m = exp_avg.cpu().to(math_dtype).lerp(g, 1 - beta1)
+    v = exp_avg_sq.cpu().to(math_dtype) * beta2 + (1 - beta2) * g * g
     # Bias corrections per element from each segment's own step, in float64 as
     # torch computes them in Python floats.
     s = steps.to(torch.float64).clamp_min(1)
-    bc1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64, device=s.device), s)
-    bc2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=s.device), s))
+    bc1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64), s)
+    bc2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=torch.float64), s))
     second = v
     if max_exp_avg_sq is not None:
-        vmax = torch.maximum(max_exp_avg_sq.to(math_dtype), v)
+        vmax = torch.maximum(max_exp_avg_sq.cpu().to(math_dtype), v)
         _store(max_exp_avg_sq, vmax, go)
         second = vmax
     step_size = (lr / bc1).to(math_dtype)
@@ -474,8 +541,15 @@ def adam_step_(
     _store(exp_avg, m, go)
     _store(exp_avg_sq, v, go)
     _write_param(param, p - step_size * m / denom, go, steps, master_param, sr_seed)
+    _scatter(param, segments)
+
+
+def grad_sumsq(segments: Segments, param_dtype: torch.dtype, chunks: Tensor) -> Tensor:
+    """Reference of ``fusedclr::grad_sumsq``: the active gradients' sum of squares, float64."""
+    g = _gather(segments.grads, segments, param_dtype).to(torch.float64)
+    return g.square().sum()
 
 
 def _store(state: Tensor, value: Tensor, go: Tensor) -> None:
     """Writes a state's new math-dtype values where ``go``, rounding to its dtype."""
-    state.copy_(torch.where(go, value.to(state.dtype), state))
+    state.copy_(torch.where(go, value.to(state.dtype), state.cpu()))

@@ -101,12 +101,11 @@ def for_buckets(op: str) -> Callable[..., None]:
 
 
 def sgd_step_(
-    param: Tensor,
-    grad: Tensor,
+    segments: Tensor,
+    param_dtype: torch.dtype,
     momentum_buffer: Tensor | None,
     seg_steps: Tensor,
     chunks: Tensor,
-    active: Tensor | None,
     hyper: Tensor,
     schedule: Tensor,
     schedule_step: Tensor,
@@ -120,19 +119,18 @@ def sgd_step_(
     sr_seed: int | None = None,
 ) -> None:
     """Triton ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract)."""
-    _load().sgd_step_(param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
+    _load().sgd_step_(segments, param_dtype, momentum_buffer, seg_steps, chunks, hyper, schedule, schedule_step,
                       dampening, weight_decay, nesterov, maximize, grad_scale, found_inf, master_param, sr_seed)
 
 
 def adam_step_(
-    param: Tensor,
-    grad: Tensor,
+    segments: Tensor,
+    param_dtype: torch.dtype,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Tensor | None,
     seg_steps: Tensor,
     chunks: Tensor,
-    active: Tensor | None,
     hyper: Tensor,
     schedule: Tensor,
     schedule_step: Tensor,
@@ -147,6 +145,6 @@ def adam_step_(
     sr_seed: int | None = None,
 ) -> None:
     """Triton ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract)."""
-    _load().adam_step_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
+    _load().adam_step_(segments, param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, hyper,
                        schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf,
                        master_param, sr_seed)

@@ -20,7 +20,6 @@ from fusedclr.triton._common import (
     store,
     store_param,
     to_math,
-    update_configs,
     write_key,
 )
 from fusedclr.triton._schedule import _ipow, _lr_and_momentum
@@ -82,26 +81,14 @@ def _adam_tile(
     store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE)
 
 
-# The arguments the kernel writes, restored after each autotuning run. The launcher
-# never passes None for them [note: triton absent buffers].
-_ADAM_IN_PLACE = ("param_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "max_exp_avg_sq_ptr", "master_ptr")
-
-
-@triton.autotune(
-    configs=update_configs(),
-    key=["numel"],
-    restore_value=list(_ADAM_IN_PLACE),
-)
-@triton.jit(do_not_specialize=["numel", "sr_seed"])
+@triton.jit(do_not_specialize=["sr_seed"])
 def _adam_kernel(
-    param_ptr,
-    grad_ptr,
+    segments_ptr,
     exp_avg_ptr,
     exp_avg_sq_ptr,
     max_exp_avg_sq_ptr,
     seg_steps_ptr,
     chunks_ptr,
-    active_ptr,
     hyper_ptr,
     schedule_ptr,
     schedule_step_ptr,
@@ -109,22 +96,22 @@ def _adam_kernel(
     found_inf_ptr,
     master_ptr,
     sr_seed,
-    numel,
     BETA2: tl.constexpr,
     EPS: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
     MATH_F64: tl.constexpr,
     WRITE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program per chunk; ``numel`` is only the autotuning key."""
-    seg, begin, end = chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE, HAS_FOUND_INF)
+    """One program per chunk of the chunk table; parameters and gradients through the segment table."""
+    seg, begin, end, param_ptr, grad_ptr = chunk_row(chunks_ptr, segments_ptr, found_inf_ptr, PARAM_DTYPE,
+                                                    HAS_FOUND_INF)
     lr, beta1 = _lr_and_momentum(hyper_ptr, schedule_ptr, schedule_step_ptr)
     step = tl.load(seg_steps_ptr + seg) + 1
     key = write_key(sr_seed, step, WRITE)

@@ -54,7 +54,7 @@ ALIGN: tl.constexpr = tl.constexpr(16)
 # Block sizes for the interpreter, where a tile is a numpy array and a large
 # one only adds masked work to small test buffers.
 INTERPRET_BLOCK = 256
-_GPU_CONFIGS = ((1024, 4), (2048, 8), (4096, 8))
+GPU_BLOCK = 1024
 # Lanes per program of the step-counter kernel (a bucket has one segment per parameter).
 ADVANCE_BLOCK = 256
 
@@ -67,11 +67,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def update_configs() -> list[triton.Config]:
-    """Autotuning configs for the update kernels: one in the interpreter (no timing there)."""
+def update_launch() -> dict[str, int]:
+    """BLOCK and num_warps of the update kernels.
+
+    Not autotuned: the kernels write the parameters through addresses read from
+    the segment table, which Triton's autotuner could not restore between the
+    timed runs of its configs (it restores only tensor arguments), so timing a
+    config would step the parameters. One config, as measured for the chunk
+    size (8192 elements per program on GPUs): 1024 elements and 4 warps per
+    tile. The interpreter gets smaller tiles (a tile is a numpy array there).
+    """
     if interpreting():
-        return [triton.Config({"BLOCK": INTERPRET_BLOCK}, num_warps=4)]
-    return [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in _GPU_CONFIGS]
+        return {"BLOCK": INTERPRET_BLOCK, "num_warps": 4}
+    return {"BLOCK": GPU_BLOCK, "num_warps": 4}
 
 
 @triton.jit
@@ -202,18 +210,30 @@ def store_param(param_ptr, master_ptr, idx, mask, p, key, WRITE: tl.constexpr):
 
 
 @triton.jit
-def chunk_row(chunks_ptr, active_ptr, found_inf_ptr, HAS_ACTIVE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
-    """(segment, begin, end) of this program's chunk, with ``end = begin`` when the
-    segment must not move (inactive, or ``found_inf`` set)."""
+def chunk_row(chunks_ptr, segments_ptr, found_inf_ptr, PARAM_DTYPE: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """(segment, begin, end, param pointer, grad pointer) of this program's chunk.
+
+    The pointers come from the segment table [note: segment table], shifted back by
+    the segment's state offset so that ``ptr + idx`` addresses element ``idx`` of the
+    state layout. ``end = begin`` when the segment must not move (no gradient, or
+    ``found_inf`` set); a missing gradient then points at the parameter, so that no
+    address computed here is null.
+    """
     row = chunks_ptr + tl.program_id(0).to(tl.int64) * 3
     seg = tl.load(row)
     begin = tl.load(row + 1)
     end = tl.load(row + 2)
-    if HAS_ACTIVE:
-        end = tl.where(tl.load(active_ptr + seg) != 0, end, begin)
+    entry = segments_ptr + seg * 4
+    param_addr = tl.load(entry)
+    grad_addr = tl.load(entry + 1)
+    offset = tl.load(entry + 2)
+    end = tl.where(grad_addr != 0, end, begin)
     if HAS_FOUND_INF:
         end = tl.where(tl.load(found_inf_ptr) == 0, end, begin)
-    return seg, begin, end
+    grad_addr = tl.where(grad_addr != 0, grad_addr, param_addr)
+    param_ptr = param_addr.to(tl.pointer_type(PARAM_DTYPE), bitcast=True) - offset
+    grad_ptr = grad_addr.to(tl.pointer_type(PARAM_DTYPE), bitcast=True) - offset
+    return seg, begin, end, param_ptr, grad_ptr
 
 
 @triton.jit
@@ -237,19 +257,16 @@ def edge_lanes(begin, end, lo, hi):
 @triton.jit
 def _advance_steps_kernel(
     seg_steps_ptr,
-    active_ptr,
+    segments_ptr,
     found_inf_ptr,
     n_segments,
-    HAS_ACTIVE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``seg_steps += active & !found_inf`` [note: triton step counters]."""
+    """``seg_steps += has_grad & !found_inf`` [note: triton step counters]."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_segments
-    inc = tl.full([BLOCK], 1, tl.int64)
-    if HAS_ACTIVE:
-        inc = (tl.load(active_ptr + offs, mask=mask, other=0) != 0).to(tl.int64)
+    inc = (tl.load(segments_ptr + offs * 4 + 1, mask=mask, other=0) != 0).to(tl.int64)
     if HAS_FOUND_INF:
         inc = tl.where(tl.load(found_inf_ptr) == 0, inc, 0)
     steps = tl.load(seg_steps_ptr + offs, mask=mask)

@@ -64,10 +64,10 @@ _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # --------------------------------------------------------------------------
 
 
-def _check_device(param: Tensor) -> None:
-    if param.device.type == "cpu" and INTERPRETER_PROBLEM:
+def _check_device(segments: Tensor) -> None:
+    if segments.device.type == "cpu" and INTERPRETER_PROBLEM:
         raise RuntimeError(f"fusedclr.triton: backend='triton' on CPU tensors: {INTERPRETER_PROBLEM}.")
-    if param.device.type == "cpu" and not INTERPRETED:
+    if segments.device.type == "cpu" and not INTERPRETED:
         if _common.interpreting():
             when = "TRITON_INTERPRET=1 is set now, but was not when fusedclr.triton built its kernels"
         else:
@@ -81,26 +81,26 @@ def _check_device(param: Tensor) -> None:
         )
 
 
-def _check_flat(name: str, t: Tensor, param: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+def _check_flat(name: str, t: Tensor, segments: Tensor, numel: int, dtypes: tuple[torch.dtype, ...]) -> None:
     if t.dim() != 1 or not t.is_contiguous():
         raise ValueError(f"fusedclr.triton: {name} must be a contiguous 1-D flat buffer, got shape "
                          f"{tuple(t.shape)} with strides {t.stride()}")
-    if t.numel() != param.numel():
-        raise ValueError(f"fusedclr.triton: {name} has {t.numel()} elements but param has {param.numel()}; "
-                         "every flat buffer of a bucket has the same length")
-    if t.device != param.device:
-        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but param is on {param.device}; "
+    if t.numel() != numel:
+        raise ValueError(f"fusedclr.triton: {name} has {t.numel()} elements, the bucket's other flat buffers "
+                         f"{numel}; every flat buffer of a bucket has the same length")
+    if t.device != segments.device:
+        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but segments is on {segments.device}; "
                          "keep a bucket's buffers on one device")
     if t.dtype not in dtypes:
         raise TypeError(f"fusedclr.triton: {name} has dtype {t.dtype}; expected one of {list(dtypes)}")
 
 
-def _check_small(name: str, t: Optional[Tensor], param: Tensor, dtypes: tuple[torch.dtype, ...],
+def _check_small(name: str, t: Optional[Tensor], segments: Tensor, dtypes: tuple[torch.dtype, ...],
                  numel: Optional[int] = None) -> None:
     if t is None:
         return
-    if t.device != param.device:
-        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but param is on {param.device}; "
+    if t.device != segments.device:
+        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but segments is on {segments.device}; "
                          f"move {name} to the parameters' device")
     if t.dtype not in dtypes:
         raise TypeError(f"fusedclr.triton: {name} has dtype {t.dtype}; expected one of {list(dtypes)}")
@@ -110,61 +110,70 @@ def _check_small(name: str, t: Optional[Tensor], param: Tensor, dtypes: tuple[to
         raise ValueError(f"fusedclr.triton: {name} must have {numel} element(s), got shape {tuple(t.shape)}")
 
 
-def _check_common(param: Tensor, grad: Tensor, seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor],
-                  hyper: Tensor, schedule: Tensor, schedule_step: Tensor, grad_scale: Optional[Tensor],
+def _check_common(segments: Tensor, param_dtype: torch.dtype, seg_steps: Tensor, chunks: Tensor, hyper: Tensor,
+                  schedule: Tensor, schedule_step: Tensor, grad_scale: Optional[Tensor],
                   found_inf: Optional[Tensor]) -> tuple[torch.dtype, ...]:
-    """Checks what both ops share; returns the allowed state dtypes."""
-    if param.dtype not in _PARAM_DTYPES:
-        raise TypeError(f"fusedclr.triton: param has dtype {param.dtype}; the Triton kernels update "
+    """Checks what both ops share, as csrc/include/fusedclr/checks.h; returns the allowed state dtypes."""
+    if param_dtype not in _PARAM_DTYPES:
+        raise TypeError(f"fusedclr.triton: param_dtype is {param_dtype}; the Triton kernels update "
                         f"{list(_PARAM_DTYPES)} parameters")
-    _check_flat("param", param, param, _PARAM_DTYPES)
-    _check_device(param)
-    _check_flat("grad", grad, param, _PARAM_DTYPES)
-    if seg_steps.dim() != 1:
-        raise ValueError(f"fusedclr.triton: seg_steps must be 1-D [n_segments], got shape {tuple(seg_steps.shape)}")
-    _check_small("seg_steps", seg_steps, param, (torch.int64,))
+    if segments.dim() != 2 or segments.shape[1] != 4:
+        raise ValueError("fusedclr.triton: segments must be an int64 [n, 4] table (param address, grad address, "
+                         f"state offset, numel), got shape {tuple(segments.shape)}")
+    _check_small("segments", segments, segments, (torch.int64,))
+    _check_device(segments)
+    if seg_steps.dim() != 1 or seg_steps.numel() != segments.shape[0]:
+        raise ValueError(f"fusedclr.triton: seg_steps must be 1-D with one step per segment ({segments.shape[0]}), "
+                         f"got shape {tuple(seg_steps.shape)}")
+    _check_small("seg_steps", seg_steps, segments, (torch.int64,))
     if chunks.dim() != 2 or chunks.shape[1] != 3:
         raise ValueError(f"fusedclr.triton: chunks must be an int64 [n, 3] table of (segment, begin, end), "
                          f"got shape {tuple(chunks.shape)}")
-    _check_small("chunks", chunks, param, (torch.int64,))
-    _check_per_call(param, seg_steps, active, grad_scale, found_inf)
+    _check_small("chunks", chunks, segments, (torch.int64,))
+    _check_per_call(segments, grad_scale, found_inf)
     if hyper.numel() < 2:
         raise ValueError(f"fusedclr.triton: hyper must hold [lr, momentum-or-beta1], got shape {tuple(hyper.shape)}")
-    _check_small("hyper", hyper, param, (torch.float64,))
-    _check_small("schedule", schedule, param, (torch.float64,))
-    _check_small("schedule_step", schedule_step, param, (torch.int64,), 1)
-    if param.dtype == torch.float64:
+    _check_small("hyper", hyper, segments, (torch.float64,))
+    _check_small("schedule", schedule, segments, (torch.float64,))
+    _check_small("schedule_step", schedule_step, segments, (torch.int64,), 1)
+    if param_dtype == torch.float64:
         return (torch.float64,)
     # bf16 parameters may keep bf16 states [note: precision opt-ins].
-    return (torch.float32, torch.bfloat16) if param.dtype == torch.bfloat16 else (torch.float32,)
+    return (torch.float32, torch.bfloat16) if param_dtype == torch.bfloat16 else (torch.float32,)
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_per_call(param: Tensor, seg_steps: Tensor, active: Optional[Tensor], grad_scale: Optional[Tensor],
-                    found_inf: Optional[Tensor]) -> None:
-    """The checks of the arguments that change from step to step (all ``None`` in most steps)."""
-    _check_small("active", active, param, (torch.bool, torch.uint8), seg_steps.numel())
-    _check_small("grad_scale", grad_scale, param, _FLOATS, 1)
-    _check_small("found_inf", found_inf, param, _FLOATS, 1)
+def _check_per_call(segments: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """The checks of the arguments that change from step to step (both ``None`` in most steps)."""
+    _check_small("grad_scale", grad_scale, segments, _FLOATS, 1)
+    _check_small("found_inf", found_inf, segments, _FLOATS, 1)
 
 
-def _check_states(param: Tensor, dtypes: tuple[torch.dtype, ...], **states: Optional[Tensor]) -> None:
-    """Every given state is a flat buffer of an allowed dtype, all of one dtype."""
+def _check_states(segments: Tensor, dtypes: tuple[torch.dtype, ...], **states: Optional[Tensor]) -> int:
+    """Every given state is a flat buffer of an allowed dtype, all of one dtype and length;
+    returns the length (-1 without states)."""
     given = {name: t for name, t in states.items() if t is not None}
+    if not given:
+        return -1
+    numel = next(iter(given.values())).numel()
     for name, t in given.items():
-        _check_flat(name, t, param, dtypes)
+        _check_flat(name, t, segments, numel, dtypes)
     if len({t.dtype for t in given.values()}) > 1:
         raise TypeError("fusedclr.triton: the states have dtypes "
                         f"{ {name: t.dtype for name, t in given.items()} }; keep every state of a bucket in one dtype")
+    return numel
 
 
-def _check_precision(param: Tensor, master_param: Optional[Tensor], sr_seed: Optional[int]) -> None:
+def _check_precision(segments: Tensor, param_dtype: torch.dtype, numel: int, master_param: Optional[Tensor],
+                     sr_seed: Optional[int]) -> None:
     """The reference's checks of the precision opt-ins."""
     if master_param is not None:
-        _check_flat("master_param", master_param, param, (torch.float32,))
-    reference.check_precision(param, master_param, sr_seed)
+        _check_flat("master_param", master_param, segments, master_param.numel() if numel < 0 else numel,
+                    (torch.float32,))
+    reference.check_precision(torch.empty(0, dtype=param_dtype), None if master_param is None else
+                              master_param[:0], sr_seed)
 
 
 def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
@@ -177,26 +186,14 @@ def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
 # [note: triton checks per bucket]
 # fusedclr's optimizers call the ops with the same bucket buffers every step, and
 # checking them in Python costs microseconds of a step whose whole host budget
-# is 30 us (DESIGN.md section 4). Their entry points (`*_step_for_bucket_`)
-# check the buffers once and remember them, by identity, keyed by the bucket's
-# chunk table; any buffer replaced (a new schedule descriptor, a master copy) is
-# checked again. What changes from step to step (active, grad_scale,
-# found_inf) is checked on every call. The public `sgd_step_` / `adam_step_`
-# check everything on every call.
-#
-# The memo also keeps the config autotuning chose for the bucket's update
-# kernel: Triton's Autotuner.run costs 11 us of host time per call on the dev
-# machine with three configs (it rebuilds its cache key, str(dtype) of every
-# tensor argument, on every launch). After the first, tuning launch the kernel
-# runs with the chosen config directly; replacing a buffer forgets it with the
-# checks. Triton's key also has the per-step arguments (active, grad_scale,
-# found_inf) that a later step may add; the bucket keeps its first config then,
-# which only matters for speed: every config computes the same step.
-#
-# The memo lives here, not on the chunk table (a tensor attribute would travel
-# with the optimizer into torch.save, and kernels do not pickle): id(chunks) ->
-# [weak reference to chunks, checked buffers, (kernel, config kwargs) or None],
-# dropped when the chunk table is freed.
+# is 30 us (docs/DESIGN.md). Their entry points (`*_step_for_bucket_`) check
+# the buffers once and remember them, by identity, keyed by the bucket's chunk
+# table; any buffer replaced (a new schedule descriptor, a master copy) is
+# checked again. What changes from step to step (grad_scale, found_inf) is
+# checked on every call. The public `sgd_step_` / `adam_step_` check everything
+# on every call. The memo lives here, not on the chunk table (a tensor attribute
+# would travel with the optimizer into torch.save): id(chunks) -> [weak
+# reference to chunks, checked buffers], dropped when the chunk table is freed.
 _MEMO: dict[int, list] = {}
 
 
@@ -207,7 +204,7 @@ def _memo(chunks: Tensor) -> Optional[list]:
 
 def _remember(chunks: Tensor, static: tuple) -> None:
     key = id(chunks)
-    _MEMO[key] = [weakref.ref(chunks, lambda _ref, key=key: _MEMO.pop(key, None)), static, None]
+    _MEMO[key] = [weakref.ref(chunks, lambda _ref, key=key: _MEMO.pop(key, None)), static]
 
 
 def _checked_before(chunks: Tensor, static: tuple) -> bool:
@@ -220,18 +217,27 @@ def _seed_bits(sr_seed: Optional[int]) -> int:
     return 0 if sr_seed is None else int(sr_seed) & 0xFFFFFFFF
 
 
-def _skip_launch(param: Tensor) -> bool:
+def _skip_launch(segments: Tensor) -> bool:
     """True when tracing under the interpreter, where only fake propagation can happen
     [note: triton op dispatch]."""
     if not INTERPRETED:
         return False
-    if isinstance(param, FunctionalTensor):
+    if isinstance(segments, FunctionalTensor):
         raise RuntimeError(
             "fusedclr.triton: under TRITON_INTERPRET=1 the Triton kernels cannot be traced by a "
             "functionalizing torch.compile backend (aot_eager, inductor): torch's wrap_triton does not "
             "wrap interpreted kernels. Use torch.compile(backend='eager') on CPU, or run on a GPU."
         )
-    return isinstance(param, FakeTensor)
+    return isinstance(segments, FakeTensor)
+
+
+_TL_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}[_TL_DTYPES[dtype]]
 
 
 # --------------------------------------------------------------------------
@@ -239,121 +245,103 @@ def _skip_launch(param: Tensor) -> bool:
 # --------------------------------------------------------------------------
 
 
-def _advance(launch, seg_steps: Tensor, active: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+def _advance(launch, seg_steps: Tensor, segments: Tensor, found_inf: Optional[Tensor]) -> None:
     n = seg_steps.numel()
     if n == 0:
         return
     grid = ((n + ADVANCE_BLOCK - 1) // ADVANCE_BLOCK,)
     launch(_advance_steps_kernel)[grid](
-        seg_steps, active, found_inf, n,
-        HAS_ACTIVE=active is not None, HAS_FOUND_INF=found_inf is not None, BLOCK=ADVANCE_BLOCK,
+        seg_steps, segments, found_inf, n, HAS_FOUND_INF=found_inf is not None, BLOCK=ADVANCE_BLOCK,
     )
 
 
 # [note: triton absent buffers]
-# The update kernels are autotuned with `restore_value` naming every buffer they
-# write, some of which a step may not have (no momentum buffer, no amsgrad
-# maximum, no master copy: the kernel's constexprs then never touch them).
-# Triton 3.6 (torch 2.11's) clones each named argument before timing a config
-# and fails on None (3.8 skips None); Inductor, which autotunes user kernels
-# under torch.compile, clones every `restore_value` argument too and asserts
-# that each is a tensor. So no launch passes None for them: a launch on real
-# tensors (the direct eager path, and the op's own implementation, which DTensor
-# parameters reach) gets a cached one-element placeholder on the parameters'
-# device; while torch.compile traces the op it gets a fresh one-element
-# `torch.empty` (an allocation in the graph, no kernel). Autotuning hooks of the
-# kernels' own would have spared the placeholders in eager, but torch.compile
-# refuses kernels that carry them.
+# A step may lack buffers the kernels' signatures name (no momentum buffer, no
+# amsgrad maximum, no master copy: the kernel's constexprs then never touch
+# them). No launch passes None for them: Inductor, which may autotune user
+# kernels under torch.compile, clones tensor arguments and asserts each is a
+# tensor. A launch on real tensors gets a cached one-element placeholder on the
+# table's device; while torch.compile traces the op it gets a fresh one-element
+# `torch.empty` (an allocation in the graph, no kernel).
 _PLACEHOLDERS: dict[torch.device, Tensor] = {}
 
 
-def _placeholder(t: Optional[Tensor], param: Tensor) -> Tensor:
-    """``t``, or for an absent buffer a one-element stand-in on the parameters' device."""
+def _placeholder(t: Optional[Tensor], segments: Tensor) -> Tensor:
+    """``t``, or for an absent buffer a one-element stand-in on the table's device."""
     if t is not None:
         return t
-    if isinstance(param, (FakeTensor, FunctionalTensor)):
-        return torch.empty(1, dtype=torch.float32, device=param.device)
-    got = _PLACEHOLDERS.get(param.device)
+    if isinstance(segments, (FakeTensor, FunctionalTensor)):
+        return torch.empty(1, dtype=torch.float32, device=segments.device)
+    got = _PLACEHOLDERS.get(segments.device)
     if got is None:
-        got = _PLACEHOLDERS[param.device] = torch.zeros(1, dtype=torch.float32, device=param.device)
+        got = _PLACEHOLDERS[segments.device] = torch.zeros(1, dtype=torch.float32, device=segments.device)
     return got
 
 
-def _launch_step(launch, kernel, buffers: tuple, consts: dict, param: Tensor, seg_steps: Tensor, chunks: Tensor,
-                 active: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                 master_param: Optional[Tensor], sr_seed: Optional[int], remember: bool = False) -> None:
+def _launch_step(launch, kernel, buffers: tuple, consts: dict, segments: Tensor, param_dtype: torch.dtype,
+                 seg_steps: Tensor, chunks: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                 master_param: Optional[Tensor], sr_seed: Optional[int]) -> None:
     """What both ops do once their buffers are checked: one update launch over the chunk
     table (``buffers``: the kernel's arguments up to ``schedule_step_ptr``, absent written
     buffers already replaced by placeholders), then the step counters
-    [note: triton step counters]. With ``remember`` (a bucket's step), the config that
-    autotuning chose is kept on the chunk table and later steps launch the kernel with it
-    directly [note: triton checks per bucket]."""
-    write = _write_mode(master_param, sr_seed)
-    if _skip_launch(param):
+    [note: triton step counters]."""
+    if _skip_launch(segments):
         return
     if chunks.shape[0] > 0:
-        args = (*buffers, grad_scale, found_inf, _placeholder(master_param, param), _seed_bits(sr_seed),
-                param.numel())
-        flags = {**consts, "HAS_ACTIVE": active is not None, "HAS_GRAD_SCALE": grad_scale is not None,
-                 "HAS_FOUND_INF": found_inf is not None, "MATH_F64": param.dtype == torch.float64, "WRITE": write}
-        grid = (chunks.shape[0],)
-        entry = _memo(chunks) if remember else None
-        tuned = None if entry is None else entry[2]
-        if tuned is not None and tuned[0] is kernel:
-            kernel.fn[grid](*args, **flags, **tuned[1])
-        else:
-            launch(kernel)[grid](*args, **flags)
-            if entry is not None and launch is _direct and getattr(kernel, "best_config", None) is not None:
-                entry[2] = (kernel, kernel.best_config.all_kwargs())
-    _advance(launch, seg_steps, active, found_inf)
+        args = (*buffers, grad_scale, found_inf, _placeholder(master_param, segments), _seed_bits(sr_seed))
+        flags = {**consts, "HAS_GRAD_SCALE": grad_scale is not None, "HAS_FOUND_INF": found_inf is not None,
+                 "PARAM_DTYPE": _tl_dtype(param_dtype), "MATH_F64": param_dtype == torch.float64,
+                 "WRITE": _write_mode(master_param, sr_seed), **_common.update_launch()}
+        launch(kernel)[(chunks.shape[0],)](*args, **flags)
+    _advance(launch, seg_steps, segments, found_inf)
 
 
-def _sgd_body(launch, param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], seg_steps: Tensor,
-              chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
+def _sgd_body(launch, segments: Tensor, param_dtype: torch.dtype, momentum_buffer: Optional[Tensor],
+              seg_steps: Tensor, chunks: Tensor, hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
               dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
               grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
               sr_seed: Optional[int] = None, remember: bool = False) -> None:
-    static = (param, grad, momentum_buffer, seg_steps, hyper, schedule, schedule_step, master_param, sr_seed)
+    static = (segments, param_dtype, momentum_buffer, seg_steps, hyper, schedule, schedule_step, master_param,
+              sr_seed)
     if remember and _checked_before(chunks, static):
-        _check_per_call(param, seg_steps, active, grad_scale, found_inf)
+        _check_per_call(segments, grad_scale, found_inf)
     else:
-        state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+        state_dtypes = _check_common(segments, param_dtype, seg_steps, chunks, hyper, schedule, schedule_step,
                                      grad_scale, found_inf)
-        _check_states(param, state_dtypes, momentum_buffer=momentum_buffer)
-        _check_precision(param, master_param, sr_seed)
+        numel = _check_states(segments, state_dtypes, momentum_buffer=momentum_buffer)
+        _check_precision(segments, param_dtype, numel, master_param, sr_seed)
         if remember:
             _remember(chunks, static)
-    buffers = (param, grad, _placeholder(momentum_buffer, param), seg_steps, chunks, active, hyper, schedule,
-               schedule_step)
+    buffers = (segments, _placeholder(momentum_buffer, segments), seg_steps, chunks, hyper, schedule, schedule_step)
     consts = {"DAMPENING": float(dampening), "WEIGHT_DECAY": float(weight_decay), "NESTEROV": bool(nesterov),
               "MAXIMIZE": bool(maximize), "HAS_MOMENTUM_BUFFER": momentum_buffer is not None}
-    _launch_step(launch, _sgd_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,
-                 master_param, sr_seed, remember)
+    _launch_step(launch, _sgd_kernel, buffers, consts, segments, param_dtype, seg_steps, chunks, grad_scale,
+                 found_inf, master_param, sr_seed)
 
 
-def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-               max_exp_avg_sq: Optional[Tensor], seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor],
-               hyper: Tensor, schedule: Tensor, schedule_step: Tensor, beta2: float, eps: float,
-               weight_decay: float, decoupled: bool, maximize: bool, grad_scale: Optional[Tensor],
-               found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
-               sr_seed: Optional[int] = None, remember: bool = False) -> None:
-    static = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, hyper, schedule, schedule_step,
-              master_param, sr_seed)
+def _adam_body(launch, segments: Tensor, param_dtype: torch.dtype, exp_avg: Tensor, exp_avg_sq: Tensor,
+               max_exp_avg_sq: Optional[Tensor], seg_steps: Tensor, chunks: Tensor, hyper: Tensor,
+               schedule: Tensor, schedule_step: Tensor, beta2: float, eps: float, weight_decay: float,
+               decoupled: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+               master_param: Optional[Tensor] = None, sr_seed: Optional[int] = None, remember: bool = False) -> None:
+    static = (segments, param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, hyper, schedule,
+              schedule_step, master_param, sr_seed)
     if remember and _checked_before(chunks, static):
-        _check_per_call(param, seg_steps, active, grad_scale, found_inf)
+        _check_per_call(segments, grad_scale, found_inf)
     else:
-        state_dtypes = _check_common(param, grad, seg_steps, chunks, active, hyper, schedule, schedule_step,
+        state_dtypes = _check_common(segments, param_dtype, seg_steps, chunks, hyper, schedule, schedule_step,
                                      grad_scale, found_inf)
-        _check_states(param, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
-        _check_precision(param, master_param, sr_seed)
+        numel = _check_states(segments, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                              max_exp_avg_sq=max_exp_avg_sq)
+        _check_precision(segments, param_dtype, numel, master_param, sr_seed)
         if remember:
             _remember(chunks, static)
-    buffers = (param, grad, exp_avg, exp_avg_sq, _placeholder(max_exp_avg_sq, param), seg_steps, chunks,
-               active, hyper, schedule, schedule_step)
+    buffers = (segments, exp_avg, exp_avg_sq, _placeholder(max_exp_avg_sq, segments), seg_steps, chunks, hyper,
+               schedule, schedule_step)
     consts = {"BETA2": float(beta2), "EPS": float(eps), "WEIGHT_DECAY": float(weight_decay),
               "DECOUPLED": bool(decoupled), "AMSGRAD": max_exp_avg_sq is not None, "MAXIMIZE": bool(maximize)}
-    _launch_step(launch, _adam_kernel, buffers, consts, param, seg_steps, chunks, active, grad_scale, found_inf,
-                 master_param, sr_seed, remember)
+    _launch_step(launch, _adam_kernel, buffers, consts, segments, param_dtype, seg_steps, chunks, grad_scale,
+                 found_inf, master_param, sr_seed)
 
 
 # --------------------------------------------------------------------------
@@ -361,23 +349,25 @@ def _adam_body(launch, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq:
 # --------------------------------------------------------------------------
 
 
-@triton_op("fusedclr::triton_sgd_step_", mutates_args={"param", "momentum_buffer", "seg_steps", "master_param"})
-def _sgd_op(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], seg_steps: Tensor, chunks: Tensor,
-            active: Optional[Tensor], hyper: Tensor, schedule: Tensor, schedule_step: Tensor, dampening: float,
+# The parameters are written through the table's addresses, which the schema
+# cannot name; the states and counters it does name keep the ops in order.
+@triton_op("fusedclr::triton_sgd_step_", mutates_args={"momentum_buffer", "seg_steps", "master_param"})
+def _sgd_op(segments: Tensor, param_dtype: torch.dtype, momentum_buffer: Optional[Tensor], seg_steps: Tensor,
+            chunks: Tensor, hyper: Tensor, schedule: Tensor, schedule_step: Tensor, dampening: float,
             weight_decay: float, nesterov: bool, maximize: bool, grad_scale: Optional[Tensor],
             found_inf: Optional[Tensor], master_param: Optional[Tensor] = None, sr_seed: Optional[int] = None) -> None:
-    _sgd_body(wrap_triton, param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule, schedule_step,
+    _sgd_body(wrap_triton, segments, param_dtype, momentum_buffer, seg_steps, chunks, hyper, schedule, schedule_step,
               dampening, weight_decay, nesterov, maximize, grad_scale, found_inf, master_param, sr_seed)
 
 
 @triton_op("fusedclr::triton_adam_step_",
-           mutates_args={"param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "seg_steps", "master_param"})
-def _adam_op(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor],
-             seg_steps: Tensor, chunks: Tensor, active: Optional[Tensor], hyper: Tensor, schedule: Tensor,
+           mutates_args={"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "seg_steps", "master_param"})
+def _adam_op(segments: Tensor, param_dtype: torch.dtype, exp_avg: Tensor, exp_avg_sq: Tensor,
+             max_exp_avg_sq: Optional[Tensor], seg_steps: Tensor, chunks: Tensor, hyper: Tensor, schedule: Tensor,
              schedule_step: Tensor, beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool,
              grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
              sr_seed: Optional[int] = None) -> None:
-    _adam_body(wrap_triton, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
+    _adam_body(wrap_triton, segments, param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, hyper,
                schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf,
                master_param, sr_seed)
 
@@ -386,9 +376,9 @@ def _direct(kernel):
     return kernel
 
 
-def _eager(param: Tensor) -> bool:
+def _eager(segments: Tensor) -> bool:
     """Plain tensors outside of compilation take the direct path [note: triton op dispatch]."""
-    return not torch.compiler.is_compiling() and type(param) in (Tensor, torch.nn.Parameter)
+    return not torch.compiler.is_compiling() and type(segments) is Tensor
 
 
 def _entry(body, op, remember: bool, doc: str):
@@ -396,7 +386,7 @@ def _entry(body, op, remember: bool, doc: str):
     directly, everything else goes through the registered op [note: triton op dispatch]."""
 
     def entry(*args, **kwargs) -> None:
-        if _eager(args[0] if args else kwargs["param"]):
+        if _eager(args[0] if args else kwargs["segments"]):
             body(_direct, *args, **kwargs, **({"remember": True} if remember else {}))
         else:
             op(*args, **kwargs)
