@@ -9,7 +9,6 @@ fake tensors can trace them, and exposes thin wrappers.
 from __future__ import annotations
 
 import functools
-import operator
 import warnings
 from collections.abc import Callable
 
@@ -21,24 +20,23 @@ __all__ = [
     "cuda_kernels_registered",
     "extension_available",
     "extension_error",
-    "grads_are",
-    "grads_checker",
+    "grad_sumsq",
     "schedule_eval",
+    "segment_tracker",
     "sgd_step_",
 ]
 
 _EXT_ERROR: str | None = None
-_grads_checker = None
-_grads_match = None
+_C = None
 try:
     from fusedclr import _C  # registers the ops with the dispatcher
-
-    _grads_checker = getattr(_C, "grads_checker", None)
-    _grads_match = getattr(_C, "grads_match", None)
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     _EXT_ERROR = str(exc)
 
-_grad_of = operator.attrgetter("grad")
+# Flags of the segment refresh [note: segment refresh] (csrc/ops.cpp).
+TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED = 1, 2, 4
+if _C is not None and (_C.TABLE_CHANGED, _C.SLOW_PATH, _C.PARAM_CHANGED) != (TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED):
+    raise ImportError("fusedclr._C was built from other sources than this fusedclr: rebuild it")
 
 _warned = False
 
@@ -67,23 +65,47 @@ def warn_missing_extension() -> None:
         )
 
 
-def grads_are(params: list[Tensor], expected: list[Tensor | None]) -> bool:
-    """Whether every ``params[i].grad is expected[i]``: the optimizers' check that no
-    gradient was replaced, once. Buckets prepare it (:func:`grads_checker`) and run it
-    every step."""
-    return grads_checker(params, expected)()
+def segment_tracker(params: list[Tensor], dtype: torch.dtype, device: torch.device,
+                    local: bool = False) -> Callable[[Tensor], int]:
+    """The per-step refresh of a bucket's host segment table [note: segment refresh].
+
+    Returns a function of the host table (CPU int64 ``[n, 4]``, its NUMEL column
+    filled) that writes the current parameter and gradient addresses into its
+    first two columns and returns the flags ``TABLE_CHANGED | SLOW_PATH |
+    PARAM_CHANGED``; ``dtype`` (real) and ``device`` are what the bucket was
+    built for. With the extension it is one C loop over the parameters; without
+    it, the same in Python. ``local``: the parameters are DTensors, walked
+    through their local shards.
+    """
+    params = list(params)
+    if _C is not None:
+        like = torch.empty(0, dtype=dtype, device=device)
+        # The partial holds the parameters the capsule points to, where Python's GC sees them.
+        return functools.partial(_C.segment_refresh, _C.segment_tracker(params, local, like), tuple(params))
+    return functools.partial(_refresh_in_python, params, local, (dtype, torch.device(device)))
 
 
-def grads_checker(params: list[Tensor], expected: list[Tensor | None]) -> Callable[[], bool]:
-    """:func:`grads_are` prepared for repeated use: a function of no arguments that answers
-    it for these lists as they are now (later changes to the lists are not seen). With the
-    extension it is one C loop that reads two pointers per parameter (a few ns, where
-    Python's ``.grad`` getter costs ~80) [note: grads check]."""
-    if _grads_checker is not None:
-        # The partial holds the objects the capsule points to, where Python's GC sees them.
-        return functools.partial(_grads_match, _grads_checker(params, expected), tuple(params), tuple(expected))
-    params, expected = list(params), list(expected)
-    return lambda: all(map(operator.is_, map(_grad_of, params), expected))
+def _refresh_in_python(params: list[Tensor], local: bool, expected: tuple, table: Tensor) -> int:
+    """:func:`segment_tracker`'s loop without the extension (the reference backend's fallback)."""
+    flags = 0
+    rows = table.tolist()
+    for i, p in enumerate(params):
+        t = p._local_tensor if local else p
+        real = t.real.dtype if t.is_complex() else t.dtype
+        if (real, t.device) != expected or t.numel() * (2 if t.is_complex() else 1) != rows[i][3]:
+            return flags | PARAM_CHANGED
+        g = p.grad
+        gaddr = 0
+        if g is not None:
+            g = g._local_tensor if local and hasattr(g, "_local_tensor") else g
+            if (g.layout != torch.strided or g.dtype != t.dtype or g.device != t.device or g.shape != t.shape
+                    or g.stride() != t.stride() or (local and g is p.grad)):
+                return flags | SLOW_PATH
+            gaddr = g.data_ptr() or 1  # an empty gradient is not "no gradient" (reference.grad_address)
+        if rows[i][0] != t.data_ptr() or rows[i][1] != gaddr:
+            table[i, 0], table[i, 1] = t.data_ptr(), gaddr
+            flags |= TABLE_CHANGED
+    return flags
 
 
 def cuda_kernels_registered() -> bool:
@@ -94,16 +116,20 @@ def cuda_kernels_registered() -> bool:
 if extension_available():
 
     @torch.library.register_fake("fusedclr::sgd_step_")
-    def _sgd_step_fake(param, grad, momentum_buffer, seg_steps, chunks, active, hyper, schedule,
+    def _sgd_step_fake(segments, param_dtype, momentum_buffer, seg_steps, chunks, hyper, schedule,
                        schedule_step, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf,
                        master_param=None, sr_seed=None):
         return None
 
     @torch.library.register_fake("fusedclr::adam_step_")
-    def _adam_step_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, active, hyper,
+    def _adam_step_fake(segments, param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, hyper,
                         schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale,
                         found_inf, master_param=None, sr_seed=None):
         return None
+
+    @torch.library.register_fake("fusedclr::grad_sumsq")
+    def _grad_sumsq_fake(segments, param_dtype, chunks):
+        return segments.new_empty((), dtype=torch.float64)
 
     @torch.library.register_fake("fusedclr::schedule_eval")
     def _schedule_eval_fake(schedule, schedule_step):
@@ -123,3 +149,8 @@ def adam_step_(*args, **kwargs) -> None:
 def schedule_eval(schedule: Tensor, schedule_step: Tensor) -> Tensor:
     """The kernels' schedule evaluator: float64 ``[lr, momentum, has_lr, has_momentum]``."""
     return torch.ops.fusedclr.schedule_eval(schedule, schedule_step)
+
+
+def grad_sumsq(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> Tensor:
+    """The active gradients' sum of squares (float64, 0-dim) over a segment table [note: fused clipping]."""
+    return torch.ops.fusedclr.grad_sumsq(segments, param_dtype, chunks)

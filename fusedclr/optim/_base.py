@@ -52,7 +52,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks as _global_step_p
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_step_pre_hooks
 
 from fusedclr import ops, reference
-from fusedclr.optim._flat import Bucket, ShardBucket, is_dtensor, real_dtype
+from fusedclr.optim._flat import Bucket, ParamChanged, ShardBucket, is_dtensor, real_dtype
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -118,7 +118,7 @@ class FlatOptimizerMixin:
     """Flat-bucket storage, gradient handling, state_dict and schedules for fusedclr optimizers.
 
     Subclasses define ``_OP`` (the op name), ``_state_names(group)``,
-    ``_momentum(group)`` and ``_launch_args(bucket, group, active)`` (the op's
+    ``_momentum(group)`` and ``_launch_args(bucket, group)`` (the op's
     arguments up to, not including, ``grad_scale`` and ``found_inf``).
     """
 
@@ -382,17 +382,73 @@ class FlatOptimizerMixin:
     def _prepare_step(self) -> list[tuple[Callable[..., None], Bucket, tuple[Any, ...]]]:
         """The host-side half of a step [note: step anatomy]: ``(implementation, bucket, op args)`` per bucket.
 
-        Validates every bucket's grads before returning, so that a failed step changes nothing.
+        Refreshes every bucket's segment table (and validates every gradient)
+        before returning, so that a failed step changes nothing.
         """
-        actives = [[b.gather() for b in buckets] for buckets in self._buckets]
+        for gi in range(len(self._buckets)):
+            try:
+                for b in self._buckets[gi]:
+                    b.prepare()
+            except ParamChanged:
+                self._rebucket(gi)
+                for b in self._buckets[gi]:
+                    b.prepare()
         launches = []
-        for group, buckets, acts in zip(self.param_groups, self._buckets, actives):
-            for b, active in zip(buckets, acts):
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for b in buckets:
+                if b.device.type == "meta":
+                    raise RuntimeError(
+                        f"fusedclr: parameter {group['params'].index(b.params[0])} of param group "
+                        f"{self.param_groups.index(group)} is on the meta device and holds no values. "
+                        "model.to_empty() replaces meta parameters with new Parameter objects, which an "
+                        "optimizer built before it never sees (torch.optim would silently skip them): "
+                        "build the optimizer after to_empty() and the weight initialisation"
+                    )
                 if b.schedule is None:
                     b.schedule, b.schedule_step = _no_schedule(b.device)
                 self._sync_hyper(b, group)
-                launches.append((self._impl_for(b.device), b, self._launch_args(b, group, active)))
+                fn = self._impl_for(b.device)
+                segments = b.reference_segments() if _is_reference(fn) else b.table
+                launches.append((fn, b, (segments, b.dtype, *self._launch_args(b, group))))
         return launches
+
+    def _rebucket(self, group_index: int) -> None:
+        """Rebuilds a group's buckets after parameters changed dtype or device [note: flat buckets].
+
+        The states move with their parameters as torch's ``load_state_dict``
+        moves them (values kept, cast to the new bucket's state dtype and
+        device); buckets that were on the meta device, which hold no values,
+        start fresh (``param.data`` moved off meta; a torch optimizer built on meta
+        parameters has no state).
+        """
+        group = self.param_groups[group_index]
+        saved: dict[Tensor, dict[str, Any]] = {}
+        for b in self._buckets[group_index]:
+            if b.device.type == "meta":
+                continue
+            steps = b.seg_steps.cpu().tolist()  # host sync: a conversion, not a step
+            for i, p in enumerate(b.params):
+                entry = self._export_state(group, b, i, steps[i], False)
+                entry = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in entry.items()}
+                if entry and b.master is not None:
+                    entry["master_param"] = b.master_view(i).clone()
+                saved[p] = entry
+        self._buckets[group_index] = self._make_buckets(group)
+        for b in self._buckets[group_index]:
+            steps = []
+            for i, p in enumerate(b.params):
+                state = {k: (v.to(b.device) if isinstance(v, Tensor) and k != "step" else v)
+                         for k, v in saved.get(p, {}).items()}
+                steps.append(self._import_state(group, b, i, state))
+                if b.master is not None and "master_param" in state:
+                    b.master_view(i).copy_(state["master_param"].reshape(b.master_view(i).shape))
+            b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))
+        for p in group["params"]:
+            self.state.pop(p, None)
+        self._bind_state()
+        self._alloc_grad_norm()
+        if self._scheduler is not None:
+            self._attach_schedule(self._scheduler)
 
     def _guard_grads(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """Folds clipping into ``grad_scale`` and the non-finite check into ``found_inf`` [note: fused clipping]."""
@@ -414,27 +470,6 @@ class FlatOptimizerMixin:
             bad = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
             found_inf = bad if found_inf is None else found_inf.to(device, torch.float32, non_blocking=True) + bad
         return grad_scale, found_inf
-
-    @torch._disable_dynamo  # host-side bookkeeping, as torch.optim's own zero_grad [note: step anatomy]
-    def zero_grad(self, set_to_none: bool | None = None) -> None:
-        """Zeroes the gradients: one fill per bucket.
-
-        Args:
-            set_to_none: ``None`` (default) or ``False`` zero the flat gradient
-                buffer and keep every ``.grad`` a view into it (re-attaching it
-                where something set a grad to ``None``). ``True`` sets every
-                ``.grad`` to ``None`` as torch does; parameters that get no
-                gradient in the next backward are then skipped by the next step,
-                at the cost of gathering the fresh gradients into the flat buffer.
-
-        Note: with the default, a parameter that takes no part in the next
-        backward keeps a zero gradient and is stepped with it (Adam's moments
-        still move it), where torch would skip it. Pass ``set_to_none=True``
-        for torch's exact behaviour in models with unused parameters.
-        """
-        for buckets in self._buckets:
-            for b in buckets:
-                b.zero_grad(set_to_none)
 
     # -- state_dict ------------------------------------------------------------
 
@@ -531,7 +566,7 @@ class FlatOptimizerMixin:
                     if b.master is not None:
                         # Without a saved master (a torch.optim checkpoint), start from the parameter.
                         saved = state.get("master_param")
-                        value = b.param_views[i] if saved is None else b.local_value(saved, i)
+                        value = b.locals[i] if saved is None else b.local_value(saved, i)
                         b.master_view(i).copy_(value)
                 b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))
                 b.hyper_cache = None
@@ -564,6 +599,11 @@ class FlatOptimizerMixin:
 
     def _import_state(self, group: dict[str, Any], bucket: Bucket, index: int, state: dict[str, Any]) -> int:
         raise NotImplementedError
+
+
+def _is_reference(fn: Callable[..., None]) -> bool:
+    """Whether ``fn`` is a reference op, which takes the table's tensors instead of its addresses."""
+    return fn is reference.sgd_step_ or fn is reference.adam_step_
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:

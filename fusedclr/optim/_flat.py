@@ -1,32 +1,42 @@
-"""Flat buffers: one contiguous buffer per (param group, device, dtype).
+"""Buckets: the flat state buffers and segment table of one (param group, device, dtype).
 
 [note: flat buckets]
-A :class:`Bucket` re-points every parameter's ``.data`` to a view of one flat
-parameter buffer and its ``.grad`` to a view of one flat gradient buffer, so
-autograd accumulates in place, ``zero_grad()`` is one fill and the optimizer
-step is one kernel launch over the whole bucket. Segments (one per parameter;
-a complex parameter is its real view) are padded to ``ALIGN`` elements so every
-segment starts 16-element aligned (64 bytes for fp32, 32 for bf16/fp16); padding stays zero and no update moves it.
+A :class:`Bucket` owns one flat buffer per optimizer state (``exp_avg``,
+``momentum_buffer``, the fp32 master, ...) for the parameters of one (param
+group, device, dtype). The parameters and gradients themselves stay wherever
+the model, autograd, DDP or FSDP2 put them: nothing is re-pointed and nothing
+is gathered. The kernels find them through the bucket's *segment table*
+[note: segment table] (csrc/include/fusedclr/segments.h), one row per
+parameter (a complex parameter is its real view) with the addresses of the
+parameter and of its gradient and the segment's offset into the state
+buffers, so a step is still one pass over memory and one launch whatever the
+number of tensors. Segments start at multiples of ``ALIGN`` elements of the
+state buffers (64 bytes for fp32 states); the padding stays zero.
 
-When something replaces a gradient (user code, DDP's ``gradient_as_bucket_view``,
-``zero_grad(set_to_none=True)`` followed by backward), :meth:`Bucket.gather`
-copies the foreign gradients into the flat buffer and marks parameters whose
-grad is ``None`` inactive for that step: their step count does not advance and
-nothing of theirs changes, as in torch. Their stale gradient segments are zeroed,
-so a global gradient norm (``max_grad_norm``) sees only the live gradients.
+Before every launch, :meth:`Bucket.prepare` refreshes the table from the
+parameters as they are now, in one C loop [note: segment refresh]: the
+gradient's address, or 0 for a ``None`` grad (the segment is inactive: its
+step does not advance and nothing of it changes, as in torch). Only a table
+that changed is written (and, off the CPU, uploaded), so with static tensors
+nothing happens and a captured CUDA graph stays valid. A gradient the kernels
+cannot walk as it is (other strides than its parameter) is copied into a
+temporary with the parameter's layout, in Python; a wrong dtype, shape, device
+or a sparse gradient raises an error that names the parameter. A parameter
+whose dtype or device changed since the bucket was built (``model.to(...)``,
+``to_empty``) raises :class:`ParamChanged`, and the optimizer re-buckets its
+group with the states converted, as torch's ``load_state_dict`` would.
 
 [note: shard buckets]
 FSDP2 (``fully_shard``) and tensor parallelism hand the optimizer DTensor
-parameters whose local shards live in storage that FSDP owns and all-gathers
-from: re-pointing them (``p.data = view``) would detach the model from what
-FSDP communicates. A :class:`ShardBucket` therefore does not own its
-parameters. It keeps flat *copies* of the local shards (parameters, and the
-states the kernels need), and every step copies the local parameters and
-gradients in and the updated parameters back out, three foreach copies around
-the same single kernel launch. The states are exposed as DTensors with the
-parameters' mesh and placements (views of the flat state buffers), so
-``torch.distributed.checkpoint`` saves and loads them shard by shard, and the
-global gradient norm reduces the local sums of squares over the mesh.
+parameters whose local shards live in storage that FSDP owns and
+all-gathers from. A :class:`ShardBucket`'s table points at those local shards
+and at the local shards of their gradients (the refresh reads
+``_local_tensor``), so the kernel updates FSDP's own storage in place, with
+no copy in or out. Its states are exposed (``optimizer.state``,
+``state_dict()``) as DTensors with the parameters' mesh and placements (views
+of the flat state buffers), so ``torch.distributed.checkpoint`` saves and
+loads them shard by shard, and the global gradient norm reduces the local
+sums of squares over the mesh.
 
 [note: staggered buffers]
 The update streams through the parameter, gradient and state buffers at the
@@ -56,14 +66,14 @@ was written outside the optimizer.
 
 from __future__ import annotations
 
-import operator
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fusedclr import ops
+from fusedclr import ops, reference
+from fusedclr.reference import memory_image
 
 ALIGN = 16
 # Byte distance between the page offsets of a bucket's flat buffers [note: staggered buffers].
@@ -71,8 +81,12 @@ STAGGER = 640
 PAGE = 4096
 CHUNK = {"cpu": 16384}
 DEFAULT_CHUNK = 8192
+# Table columns, as csrc/include/fusedclr/segments.h.
+PARAM, GRAD, OFFSET, NUMEL = 0, 1, 2, 3
 
-_grad_of = operator.attrgetter("grad")
+
+class ParamChanged(Exception):
+    """A parameter's dtype or device changed after its bucket was built: the optimizer re-buckets."""
 
 
 def _real_numel(p: Tensor) -> int:
@@ -84,10 +98,12 @@ def real_dtype(p: Tensor) -> torch.dtype:
 
 
 def _shaped(flat: Tensor, like: Tensor) -> Tensor:
-    """A view of ``flat`` (1-D, real) with ``like``'s shape and (complex) dtype."""
+    """A view of ``flat`` (1-D, real, ``like``'s elements in memory order) with ``like``'s
+    shape, strides and (complex) dtype: state element k sits where parameter element k does."""
     if like.is_complex():
-        return torch.view_as_complex(flat.view(*like.shape, 2))
-    return flat.view(like.shape)
+        real = torch.view_as_real(like)
+        return torch.view_as_complex(flat.as_strided(real.shape, real.stride()))
+    return flat.as_strided(like.shape, like.stride())
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -103,8 +119,7 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 def _staggered_zeros(total: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
     """A zero 1-D buffer of ``total`` elements; on CPU it starts ``slot * STAGGER`` bytes into a page.
 
-    See [note: staggered buffers]. Slots 0 and 1 are the parameter and gradient
-    buffers, 2 and up the states; the offsets stay 64-byte aligned.
+    See [note: staggered buffers]; the offsets stay 64-byte aligned.
     """
     if device.type != "cpu":
         return torch.zeros(total, dtype=dtype, device=device)
@@ -116,15 +131,27 @@ def _staggered_zeros(total: int, dtype: torch.dtype, device: torch.device, slot:
     return raw[start : start + total]
 
 
-def _flat_real(t: Tensor) -> Tensor:
-    """``t`` as a 1-D real tensor (a copy only when ``t`` is not contiguous)."""
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.reshape(-1)
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers one block of memory without gaps or overlaps, in some dimension
+    order (contiguous, channels_last, a transpose...): what the kernels can walk."""
+    if t.layout != torch.strided:
+        return False
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _describe(p: Tensor, index: int) -> str:
+    return f"parameter {index} of its group (shape {tuple(p.shape)}, {p.dtype} on {p.device})"
 
 
 class Bucket:
-    """The flat buffers of one (param group, device, dtype).
+    """The flat state buffers and the segment table of one (param group, device, dtype).
 
     Args:
         params: the parameters, in the group's order.
@@ -138,90 +165,62 @@ class Bucket:
     def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype,
                  master: bool = False, sr_seed: int | None = None) -> None:
         self.params = list(params)
-        # The tensors whose elements the flat buffers hold: the parameters
-        # themselves, or their local shards (ShardBucket).
+        # The tensors the kernels walk: the parameters themselves, or their local shards (ShardBucket).
         self.locals = self._locals()
+        for i, t in enumerate(self.locals):
+            if not is_dense(t):
+                raise ValueError(
+                    f"fusedclr: {_describe(t, i)} is not dense (strides {t.stride()}): the fused kernels walk a "
+                    "parameter's memory as one block; make it a dense tensor (e.g. .contiguous()) before "
+                    "building the optimizer, or use torch.optim for it"
+                )
         first = self.locals[0]
         self.device = first.device
         self.dtype = real_dtype(first)
         numels = [_real_numel(t) for t in self.locals]
-        padded = [-(-n // ALIGN) * ALIGN for n in numels]
         offsets = [0]
-        for n in padded:
-            offsets.append(offsets[-1] + n)
+        for n in numels:
+            offsets.append(offsets[-1] + -(-n // ALIGN) * ALIGN)
         self.numels = numels
         self.offsets = offsets
-        total = offsets[-1]
+        self.total = offsets[-1]
 
-        # Allocate and fill everything before re-pointing any parameter, so a
-        # failure (out of memory) leaves the model untouched.
-        opts = {"device": self.device}
         self.state_dtype = state_dtype
         self._slots = 0
-        flat = self._zeros(total, self.dtype)
-        grad_flat = self._zeros(total, self.dtype)
-        self.states = {name: self._zeros(total, state_dtype) for name in state_names}
-        self.seg_steps = torch.zeros(len(self.params), dtype=torch.int64, **opts)
-        with torch.no_grad():
-            for t, off, n in zip(self.locals, offsets, numels):
-                flat[off : off + n].copy_(_flat_real(t.detach()))
-        self.master = self._zeros(total, torch.float32).copy_(flat) if master else None
+        self.states = {name: self._zeros(self.total, state_dtype) for name in state_names}
+        self.seg_steps = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
+        self.master = None
+        if master:
+            self.master = self._zeros(self.total, torch.float32)
+            self._copy_params_to(self.master)
         self.sr_seed = sr_seed
 
         chunk = CHUNK.get(self.device.type, DEFAULT_CHUNK)
-        rows = []
-        for seg, (off, n) in enumerate(zip(offsets, padded)):
-            for b in range(off, off + n, chunk):
-                rows.append((seg, b, min(b + chunk, off + n)))
+        rows = [(seg, b, min(b + chunk, off + n))
+                for seg, (off, n) in enumerate(zip(offsets, numels)) for b in range(off, off + n, chunk)]
         self.chunks = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(self.device)
-
-        self.param_views = [_shaped(flat[o : o + n], t) for t, o, n in zip(self.locals, offsets, numels)]
-        self.grad_views = [_shaped(grad_flat[o : o + n], t) for t, o, n in zip(self.locals, offsets, numels)]
-        self.flat = flat
-        self.grad_flat = grad_flat
-        self.expected = [g if p.requires_grad else None for p, g in zip(self.params, self.grad_views)]
-        self._grads_check: Callable[[], bool] | None = None  # see grads_unchanged
-        frozen = [e is None for e in self.expected]
-        self.static_active = (
-            None if not any(frozen) else torch.tensor([not f for f in frozen], dtype=torch.bool).to(self.device)
-        )
-        self._install()
+        # The host table [note: segment table]; the kernels read `table`, its copy on the device.
+        self.host_table = torch.zeros(len(self.params), 4, dtype=torch.int64)
+        self.host_table[:, OFFSET] = torch.tensor(offsets[:-1], dtype=torch.int64)
+        self.host_table[:, NUMEL] = torch.tensor(numels, dtype=torch.int64)
+        self.table = self.host_table if self.device.type == "cpu" else self.host_table.to(self.device)
+        self._tracker = self._make_tracker()  # the C refresh [note: segment refresh]
+        self._staging: Tensor | None = None  # the pinned copy of the last table upload
+        self._temporaries: list[Tensor] = []  # gradients copied into the parameters' layout for one step
         self.hyper = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.hyper_cache: tuple | None = None
         self.schedule: Tensor | None = None
         self.schedule_step: Tensor | None = None
 
-    def grads_unchanged(self) -> bool:
-        """Whether every parameter's ``.grad`` is still the flat-buffer view installed for it
-        (``None`` for frozen parameters): the step's fast path, checked in C with the
-        extension [note: grads check]."""
-        check = self._grads_check
-        if check is None:
-            check = self._grads_check = ops.grads_checker(self.params, self.expected)
-        return check()
-
     def __getstate__(self) -> dict:
-        # The prepared grads check holds this bucket's tensors and does not copy or pickle.
-        return {**self.__dict__, "_grads_check": None}
+        # The prepared refresh holds borrowed pointers and does not copy or pickle.
+        return {**self.__dict__, "_tracker": None}
 
     def __setstate__(self, state: dict) -> None:
-        """After ``copy.deepcopy`` or unpickling (the optimizer's buckets travel with it).
-
-        ``Parameter.__deepcopy__`` clones a parameter's data into storage of its
-        own, while the copied flat buffers and views share storage as the
-        originals did (pickling keeps the parameters' sharing too), so deep-copied
-        parameters are pointed at the copied flat buffer again, as :meth:`_install`
-        did: otherwise the copy's steps would update its buffers and never its
-        parameters. As torch's copies do, they come without ``.grad``.
-        """
+        """After ``copy.deepcopy`` or unpickling (the optimizer's buckets travel with it): the table
+        is refreshed from the copied parameters on the next step."""
         self.__dict__.update(state)
-        self.__dict__.setdefault("_grads_check", None)  # pickled before the prepared check existed
-        self._repoint()
-
-    def _repoint(self) -> None:
-        for p, view in zip(self.params, self.param_views):
-            if p.data_ptr() != view.data_ptr():
-                p.data = view
+        self._tracker = None
 
     def _zeros(self, total: int, dtype: torch.dtype) -> Tensor:
         """A zero flat buffer in the bucket's next stagger slot [note: staggered buffers]."""
@@ -232,22 +231,16 @@ class Bucket:
     def _locals(self) -> list[Tensor]:
         return self.params
 
-    def _install(self) -> None:
-        """Makes every parameter's ``.data`` and ``.grad`` views of the flat buffers [note: flat buckets]."""
+    def _copy_params_to(self, flat: Tensor) -> None:
+        """Copies every parameter's values into ``flat`` at its segment (construction, loads)."""
         with torch.no_grad():
-            for p, view in zip(self.params, self.grad_views):
-                if p.grad is not None:
-                    view.copy_(p.grad)
-        for p, view in zip(self.params, self.param_views):
-            p.data = view
-        for p, g in zip(self.params, self.expected):
-            if g is not None:
-                p.grad = g
+            torch._foreach_copy_([flat[o : o + n] for o, n in zip(self.offsets, self.numels)],
+                                 [memory_image(t.detach()) for t in self.locals])
 
     # -- views -------------------------------------------------------------
 
     def state_view(self, name: str, index: int) -> Tensor:
-        """The (local) state of parameter ``index``: a view of the flat state buffer."""
+        """The (local) state of parameter ``index``: a view of the flat state buffer in the parameter's layout."""
         off, n = self.offsets[index], self.numels[index]
         return _shaped(self.states[name][off : off + n], self.locals[index])
 
@@ -260,7 +253,7 @@ class Bucket:
         return value.reshape(self.locals[index].shape)
 
     def master_view(self, index: int) -> Tensor:
-        """The fp32 master of parameter ``index`` (a view of ``master``), shaped like the parameter."""
+        """The fp32 master of parameter ``index`` (a view of ``master``), in the parameter's layout."""
         off, n = self.offsets[index], self.numels[index]
         return _shaped(self.master[off : off + n], self.locals[index])
 
@@ -270,12 +263,100 @@ class Bucket:
 
     def add_state(self, name: str) -> None:
         if name not in self.states:
-            self.states[name] = self._zeros(self.flat.numel(), self.state_dtype)
+            self.states[name] = self._zeros(self.total, self.state_dtype)
 
-    # -- gradients -----------------------------------------------------------
+    # -- the segment table -------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Makes the segment table describe the parameters and gradients as they are now.
+
+        [note: segment refresh] in csrc/ops.cpp. Raises :class:`ParamChanged`
+        when a parameter changed dtype or device, and an error naming the
+        parameter for a gradient no step can use; a failed prepare changes nothing
+        the kernels read.
+        """
+        self._temporaries = []
+        flags = self._refresh()
+        if flags & ops.PARAM_CHANGED:
+            self._raise_param_changed()
+        if flags & ops.SLOW_PATH:
+            self._refresh_slowly()
+            flags |= ops.TABLE_CHANGED
+        if flags & ops.TABLE_CHANGED and self.table is not self.host_table:
+            self._upload()
+
+    def _make_tracker(self):
+        return ops.segment_tracker(self.params, self.dtype, self.device, isinstance(self, ShardBucket))
+
+    def _refresh(self) -> int:
+        if self._tracker is None:  # after copying or unpickling
+            self._tracker = self._make_tracker()
+        return self._tracker(self.host_table)
+
+    def _upload(self) -> None:
+        """Copies the host table into the device table in place, stream-ordered after the kernels
+        that read the old one, through a fresh pinned buffer (the host allocator reuses it only
+        once the copy is done); the last one is kept for CUDA-graph replays of that copy."""
+        if self.device.type == "meta":
+            return
+        pinned = self.device.type == "cuda"
+        staging = torch.empty_like(self.host_table, pin_memory=pinned).copy_(self.host_table)
+        self.table.copy_(staging, non_blocking=pinned)
+        self._staging = staging
+
+    def _grads(self) -> list[Tensor | None]:
+        """The gradients of the walked tensors (a Python loop: the slow path and the reference only)."""
+        return [p.grad for p in self.params]
+
+    def _local_grad(self, g: Tensor) -> Tensor:
+        return g
+
+    def _refresh_slowly(self) -> None:
+        """The refresh in Python, for what the C loop hands over [note: segment refresh]: every
+        gradient is checked before the table changes; a dense gradient with other strides than its
+        parameter is copied into the parameter's layout for this step."""
+        grads = self._grads()
+        self._check_grads(grads)
+        rows = []
+        for t, g in zip(self.locals, grads):
+            if g is None:
+                rows.append((t.data_ptr(), 0))
+                continue
+            g = self._local_grad(g)
+            if g.stride() != t.stride() or not is_dense(g):
+                g = torch.empty_like(t).copy_(g)
+                self._temporaries.append(g)
+            rows.append((t.data_ptr(), reference.grad_address(g)))
+        self.host_table[:, :2] = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+
+    def _raise_param_changed(self) -> None:
+        for i, (t, n) in enumerate(zip(self._locals(), self.numels)):
+            if _real_numel(t) != n:
+                raise RuntimeError(
+                    f"fusedclr: {_describe(t, i)} has {_real_numel(t)} elements, but had {n} when the optimizer "
+                    "was built: its states no longer fit. Build a new optimizer for the resized parameter"
+                )
+            if not is_dense(t):
+                raise RuntimeError(
+                    f"fusedclr: {_describe(t, i)} is no longer dense (strides {t.stride()}); the fused kernels "
+                    "walk a parameter's memory as one block. Keep parameters dense"
+                )
+        raise ParamChanged()
+
+    def reference_segments(self) -> reference.Segments:
+        """The table's tensors, for the reference backend (which cannot follow addresses)."""
+        grads = [None if g is None else self._local_grad(g) for g in self._grads()]
+        if self._temporaries:  # the slow path's copies, in segment order
+            it = iter(self._temporaries)
+            grads = [g if g is None or g.stride() == t.stride() else next(it) for t, g in zip(self.locals, grads)]
+        return reference.Segments(self.locals, grads, self.offsets[:-1], self.total)
+
+    def finish_step(self) -> None:
+        """Runs after the launch: the step's temporary gradient copies may go (stream-ordered)."""
+        self._temporaries = []
 
     def _check_grads(self, grads: Sequence[Tensor | None]) -> None:
-        """Validates every gradient before anything is copied: a failed step changes nothing."""
+        """Validates every gradient before anything changes: a failed step changes nothing."""
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if g is None:
                 continue
@@ -300,81 +381,30 @@ class Bucket:
                     f"the parameter on {p.device}"
                 )
 
-    def _copy_grads_in(self, grads: Sequence[Tensor | None], sources: Sequence[Tensor | None]) -> Tensor | None:
-        """Copies ``sources`` (the grads, or their local shards) into the flat gradient buffer.
-
-        Segments without a gradient are zeroed (nothing reads them but the
-        global norm) and marked inactive. Returns the kernel's ``active`` mask.
-        """
-        dst, src, stale, act = [], [], [], []
-        for g, s, flat_view, off, n in zip(grads, sources, self.grad_views, self.offsets, self.numels):
-            act.append(g is not None)
-            if g is None:
-                stale.append(self.grad_flat[off : off + n])
-            elif s is not flat_view:
-                dst.append(self.grad_flat[off : off + n])
-                src.append(_flat_real(s))
-        if dst:
-            torch._foreach_copy_(dst, src)
-        if stale:
-            torch._foreach_zero_(stale)
-        if all(act):
-            return None
-        return torch.tensor(act, dtype=torch.bool).to(self.device, non_blocking=True)
-
-    def gather(self) -> Tensor | None:
-        """Makes the flat gradient buffer hold every parameter's current grad.
-
-        Returns the per-segment ``active`` mask for the kernel (``None`` when all
-        are active). Fast path: every grad is still the view we installed, which
-        costs one C-level pass over the parameters and no tensor work.
-        """
-        if self.grads_unchanged():
-            return self.static_active
-        grads = list(map(_grad_of, self.params))
-        self._check_grads(grads)
-        return self._copy_grads_in(grads, grads)
-
-    def finish_step(self) -> None:
-        """Runs after the kernel: nothing to do when the parameters are views of ``flat``."""
+    # -- gradient norm ---------------------------------------------------------
 
     @property
     def grad_norm_dtype(self) -> torch.dtype:
         return _math_dtype(self.dtype)
 
+    def grad_sumsq(self) -> Tensor:
+        """The active gradients' sum of squares, float64, 0-dim on the bucket's device: one
+        reduction over the table, no copy [note: fused clipping]."""
+        if ops.extension_available() and (self.device.type == "cpu" or
+                                          (self.device.type == "cuda" and ops.cuda_kernels_registered())):
+            return ops.grad_sumsq(self.table, self.dtype, self.chunks)
+        grads = [self._local_grad(g) for g in self._grads() if g is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.stack([memory_image(g).double().square().sum() for g in grads]).sum()
+
     def grad_norm(self) -> Tensor:
-        """L2 norm of the bucket's gradients as a 0-dim device tensor (one pass over ``grad_flat``)."""
-        return torch.linalg.vector_norm(self.grad_flat, dtype=self.grad_norm_dtype)
-
-    def zero_grad(self, set_to_none: bool | None) -> None:
-        if set_to_none:
-            for p in self.params:
-                p.grad = None
-            return
-        self.grad_flat.zero_()
-        if self.grads_unchanged():
-            return
-        grads = list(map(_grad_of, self.params))
-        for p, g, e in zip(self.params, grads, self.expected):
-            if g is e:
-                continue
-            if g is None:
-                p.grad = e  # re-attach the (zeroed) flat view
-            else:
-                _zero_foreign_grad(g)
-
-
-def _zero_foreign_grad(g: Tensor) -> None:
-    """Zeroes a grad we do not own (a DDP bucket view, an FSDP DTensor) in place, as torch does."""
-    if g.grad_fn is not None:
-        g.detach_()
-    else:
-        g.requires_grad_(False)
-    g.zero_()
+        """L2 norm of the bucket's gradients as a 0-dim device tensor."""
+        return self.grad_sumsq().sqrt().to(self.grad_norm_dtype)
 
 
 class ShardBucket(Bucket):
-    """A bucket of DTensor parameters that never re-points them [note: shard buckets].
+    """A bucket of DTensor parameters whose table points at their local shards [note: shard buckets].
 
     All parameters share one device mesh and the same sharded/replicated mesh
     dimensions, so one reduction over the mesh turns the local gradient norm
@@ -389,18 +419,28 @@ class ShardBucket(Bucket):
         self.mesh = first.device_mesh
         # Shard(d) or _StridedShard placements contribute partial sums of squares; replicas do not.
         self.norm_placements = [Partial() if pl.is_shard() else Replicate() for pl in first.placements]
-        self._live: list[Tensor] = []
         super().__init__(params, state_names, state_dtype, master, sr_seed)
 
     def _locals(self) -> list[Tensor]:
         with torch.no_grad():  # under no_grad, to_local() is the shard itself, not an autograd alias
             return [p.to_local() for p in self.params]
 
-    def _install(self) -> None:
-        """Nothing: FSDP owns the parameters' storage; every step copies in and out."""
+    def prepare(self) -> None:
+        # The shards are FSDP's: it may re-create them (lazy init, a checkpoint load), so the
+        # walked tensors are re-read with the table (the refresh reads them in C).
+        super().prepare()
+        self._check_placements(self._grads())
 
-    def _repoint(self) -> None:
-        """Nothing, as :meth:`_install`."""
+    def _local_grad(self, g: Tensor) -> Tensor:
+        return g.to_local()
+
+    def _refresh_slowly(self) -> None:
+        self.locals = self._locals()
+        super()._refresh_slowly()
+
+    def reference_segments(self) -> reference.Segments:
+        self.locals = self._locals()
+        return super().reference_segments()
 
     def state_tensor(self, name: str, index: int) -> Tensor:
         return self._as_dtensor(self.state_view(name, index), index)
@@ -429,6 +469,11 @@ class ShardBucket(Bucket):
 
     def _check_grads(self, grads: Sequence[Tensor | None]) -> None:
         super()._check_grads(grads)
+        self._check_placements(grads)
+
+    def _check_placements(self, grads: Sequence[Tensor | None]) -> None:
+        """DTensor gradients must be sharded like their parameters (a Python loop over the
+        bucket's parameters: FSDP2 hands few, large ones)."""
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if g is not None and (not is_dtensor(g) or tuple(g.placements) != tuple(p.placements)):
                 layout = tuple(g.placements) if is_dtensor(g) else "a plain tensor"
@@ -437,33 +482,9 @@ class ShardBucket(Bucket):
                     f"parameter is {tuple(p.placements)}; gradients must be DTensors sharded like their parameter"
                 )
 
-    def gather(self) -> Tensor | None:
-        grads = list(map(_grad_of, self.params))
-        self._check_grads(grads)
-        # The shards may have been written since the last step (a checkpoint
-        # load, FSDP re-creating them at lazy init): copy the current ones in.
-        self._live = self._locals()
-        torch._foreach_copy_([_flat_real(v) for v in self.param_views], [_flat_real(t) for t in self._live])
-        local_grads = [None if g is None else g.to_local() for g in grads]
-        return self._copy_grads_in(grads, local_grads)
-
-    def finish_step(self) -> None:
-        torch._foreach_copy_(self._live, self.param_views)
-        self._live = []
-
     def grad_norm(self) -> Tensor:
         from torch.distributed.tensor import DTensor
 
-        local_sq = super().grad_norm().square()
+        local_sq = self.grad_sumsq().to(self.grad_norm_dtype)
         total_sq = DTensor.from_local(local_sq, self.mesh, self.norm_placements, run_check=False).full_tensor()
         return total_sq.sqrt()
-
-    def zero_grad(self, set_to_none: bool | None) -> None:
-        for p in self.params:
-            g = p.grad
-            if g is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                _zero_foreign_grad(g)

@@ -34,11 +34,11 @@ class _AdamFlat(FlatOptimizerMixin):
         beta1 = group["betas"][0]
         return float(beta1)
 
-    def _launch_args(self, b: Bucket, group: dict[str, Any], active) -> tuple[Any, ...]:
+    def _launch_args(self, b: Bucket, group: dict[str, Any]) -> tuple[Any, ...]:
         beta2 = group["betas"][1]
         return (
-            b.flat, b.grad_flat, b.states["exp_avg"], b.states["exp_avg_sq"], b.states.get("max_exp_avg_sq"),
-            b.seg_steps, b.chunks, active, b.hyper, b.schedule, b.schedule_step,
+            b.states["exp_avg"], b.states["exp_avg_sq"], b.states.get("max_exp_avg_sq"),
+            b.seg_steps, b.chunks, b.hyper, b.schedule, b.schedule_step,
             float(beta2), float(group["eps"]), float(group["weight_decay"]), self._decoupled(group),
             bool(group["maximize"]),
         )

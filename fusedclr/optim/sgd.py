@@ -59,11 +59,11 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
         if desc is not None and _schedules_momentum(desc):
             self._ensure_buffer(bucket)
 
-    def _launch_args(self, b: Bucket, group: dict[str, Any], active) -> tuple[Any, ...]:
+    def _launch_args(self, b: Bucket, group: dict[str, Any]) -> tuple[Any, ...]:
         if group["momentum"] != 0 and "momentum_buffer" not in b.states:
             self._ensure_buffer(b)
         return (
-            b.flat, b.grad_flat, b.states.get("momentum_buffer"), b.seg_steps, b.chunks, active, b.hyper,
+            b.states.get("momentum_buffer"), b.seg_steps, b.chunks, b.hyper,
             b.schedule, b.schedule_step, float(group["dampening"]), float(group["weight_decay"]),
             bool(group["nesterov"]), bool(group["maximize"]),
         )
