@@ -263,8 +263,9 @@ def test_fusedclr_optimizer_with_attached_schedule_follows_the_sweep():
     for attach in (False, True):
         model, opt, _ = _setup(OPTIMIZERS["fusedclr.SGD"])
         if attach:
-            fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=50, cycle_momentum=False)
-            assert opt._scheduler is not None
+            # Kept alive: a dropped scheduler detaches itself (the optimizer holds it weakly).
+            sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=50, cycle_momentum=False)
+            assert opt._scheduler is sched
         torch.manual_seed(5)
         curves.append(lr_find(model, _data(), nn.functional.cross_entropy, opt, num_iter=40, progress=False).losses)
     assert curves[0] == curves[1]
