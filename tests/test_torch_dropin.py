@@ -221,6 +221,21 @@ def test_state_entries_appear_like_torch(cls, kwargs):
             torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], **TOL[torch.float32])
 
 
+def test_the_step_never_reads_optimizer_state(monkeypatch):
+    """Entries are read from the device step counts on access; the step path never asks [note: lazy state]."""
+    from fusedclr.optim._base import ParamState
+
+    m = _model()
+    opt = fusedclr.AdamW(m.parameters(), lr=0.01)
+    with monkeypatch.context() as patch:
+        def refuse(self, bucket):
+            raise AssertionError("the step path read the step counts")
+
+        patch.setattr(ParamState, "stepped", refuse)
+        _train(m, opt, 3)
+    assert len(opt.state) == 4 and float(opt.state[m[0].weight]["step"]) == 3.0
+
+
 def test_state_entries_write_through_and_reset():
     m = _model()
     opt = fusedclr.Adam(m.parameters(), lr=0.01)
@@ -274,12 +289,17 @@ def test_differentiable_runs_torchs_implementation(cls, kwargs, monkeypatch):
         base = torch.randn(6, dtype=torch.float64, requires_grad=True)
         p = base * 1.0  # a non-leaf parameter, so the update is differentiable w.r.t. base
         opt = getattr(module, cls)([p], lr=0.1, differentiable=True, **kwargs)
+        calls = []
+        opt.register_step_post_hook(lambda *_: calls.append(1))
         for _ in range(2):
             p.grad = torch.randn(6, dtype=torch.float64)
             opt.step()
+        assert len(calls) == 2, "step hooks must run once per step"
         (p * p).sum().backward()
         return p.detach(), base.grad, opt
 
+    # torch wraps a class's step with the hooks once one of its instances exists: ours must not run them twice.
+    getattr(torch.optim, cls)([torch.nn.Parameter(torch.ones(1))])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got_p, got_grad, ours = run(fusedclr)

@@ -483,6 +483,7 @@ class FlatOptimizerMixin:
         Validates every bucket's grads before returning, so that a failed step changes nothing.
         """
         actives = [[b.gather() for b in buckets] for buckets in self._buckets]
+        self.state.steps_taken += 1  # optimizer.state reads the step counts again [note: lazy state]
         launches = []
         for group, buckets, acts in zip(self.param_groups, self._buckets, actives):
             for b, active in zip(buckets, acts):
@@ -717,7 +718,9 @@ def _torch_step(cls: type) -> Callable[..., Any]:
     """
     base = next(c for c in cls.__mro__ if c.__module__.startswith("torch.optim") and "step" in vars(c))
     fn = vars(base)["step"]
-    return fn.__wrapped__ if getattr(fn, "hooked", False) else fn
+    while getattr(fn, "hooked", False):  # wrapped again for each torch class whose instance was built
+        fn = fn.__wrapped__
+    return fn
 
 
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -740,9 +743,9 @@ class ParamState(MutableMapping):
     momentum never does. fusedclr keeps states in flat buffers allocated at
     construction, so this mapping shows an entry (a :class:`StateEntry` of live
     views) only for a parameter that has stepped, which it reads from the
-    bucket's device step counts when asked: the step itself does no host work
-    for it. What it has seen stepped stays shown without reading again; a load
-    or a reset forgets it. Entries with no states (SGD without momentum) are
+    bucket's device step counts when asked, at most once per bucket between two
+    steps: the step itself only counts itself on the host. What it has seen
+    stepped stays shown without reading again; a load or a reset forgets it. Entries with no states (SGD without momentum) are
     never shown, unless the bucket keeps fp32 masters. DTensor parameters (ShardBuckets) show theirs from
     construction on, see :meth:`FlatOptimizerMixin._stepped_state`. Keys that
     are not parameters of the optimizer are kept as in torch's
@@ -753,6 +756,10 @@ class ParamState(MutableMapping):
         self._step_in_state = step_in_state
         self._where: dict[Tensor, tuple[Bucket, int]] = {}
         self._shown: dict[Bucket, list[bool]] = {}  # per bucket: the parameters known to have stepped
+        # Steps taken (counted by the optimizer's host half), and at which count each bucket's
+        # step counts were last read: they are read again only after another step.
+        self.steps_taken = 0
+        self._read_at: dict[Bucket, int] = {}
         self._other: defaultdict[Any, Any] = defaultdict(dict, other or {})
 
     # -- bookkeeping -----------------------------------------------------------
@@ -769,13 +776,15 @@ class ParamState(MutableMapping):
         self._shown[bucket] = list(shown) if shown is not None else [
             isinstance(bucket, ShardBucket) and p.requires_grad for p in bucket.params
         ]
+        self._read_at.pop(bucket, None)
 
     def stepped(self, bucket: Bucket) -> list[bool]:
         """Which parameters of ``bucket`` have an entry; reads the step counts only while some have none."""
         shown = self._shown[bucket]
-        if not all(shown):
+        if not all(shown) and self._read_at.get(bucket) != self.steps_taken:
             steps = bucket.seg_steps.cpu().tolist()  # on access only, never on the step path
             shown[:] = [s or n > 0 for s, n in zip(shown, steps)]
+            self._read_at[bucket] = self.steps_taken
         return shown
 
     def _has_states(self, bucket: Bucket) -> bool:
@@ -826,6 +835,7 @@ class ParamState(MutableMapping):
             b.state_view(name, i).zero_()
         b.seg_steps[i].zero_()
         self._shown[b][i] = False
+        self._read_at.pop(b, None)
 
     def __contains__(self, key: Any) -> bool:
         return self._is_visible(key) or (key not in self._where and key in self._other)
