@@ -202,7 +202,9 @@ def _dcp_worker(rank: int, cls: str, path: str) -> None:
     _fsdp_train(model, opt, range(3))
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    at_save = [p.to_local().clone() for p in model.parameters()]
     _fsdp_train(model, opt, range(3, 6))  # the uninterrupted run
+    assert all(not torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), at_save)), "nothing trained"
 
     fresh = _fsdp_model(seed=123)  # other weights: the load must bring everything
     fresh_opt = getattr(fusedclr, cls)(_groups(fresh, cls), **OPTIONS[cls], max_grad_norm=CLIP)

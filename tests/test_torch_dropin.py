@@ -87,10 +87,15 @@ def test_named_parameters_like_torch(cls):
     theirs = getattr(torch.optim, cls)(torch_m.named_parameters(), **kwargs)
     assert ours.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"] == [
         "0.weight", "0.bias", "2.weight", "2.bias"]
+    start = [p.detach().clone() for p in ours_m.parameters()]
     _train(ours_m, ours, 2)
     _train(torch_m, theirs, 2)
+    for s, p, q in zip(start, ours_m.parameters(), torch_m.parameters()):
+        assert not torch.equal(p.detach(), s)
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
     sd = ours.state_dict()
     assert sd["param_groups"][0]["param_names"] == theirs.state_dict()["param_groups"][0]["param_names"]
+    assert len(sd["state"]) == len(theirs.state_dict()["state"]) == 4
 
     # fusedclr -> torch and torch -> fusedclr, each then continuing like the original
     to_torch = getattr(torch.optim, cls)(copy.deepcopy(ours_m).named_parameters(), **kwargs)
@@ -106,6 +111,11 @@ def test_named_parameters_like_torch(cls):
     for a, b in zip(to_torch.state_dict()["state"].values(), sd["state"].values()):
         for k in a:
             torch.testing.assert_close(a[k], b[k], **TOL[torch.float32])
+    # Both loaded optimizers continue like the originals.
+    _train(back_m, back, 1, seed=3)
+    _train(torch_m, theirs, 1, seed=3)
+    for p, q in zip(back_m.parameters(), torch_m.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
 
 
 def test_mixed_named_and_unnamed_raise_torch_errors():
@@ -217,6 +227,7 @@ def test_state_entries_appear_like_torch(cls, kwargs):
     _train(torch_m, theirs, 1)
     assert names(ours, ours_m) == names(theirs, torch_m)
     for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
         for key in theirs.state.get(q, {}):
             torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], **TOL[torch.float32])
 
