@@ -347,8 +347,10 @@ def test_dropped_optimizer_with_scheduler_is_freed_without_gc(cls):
 @pytest.mark.parametrize("cls", ["SGD", "AdamW"])
 def test_dropped_scheduler_leaves_the_groups_lr_like_torch(cls):
     ours_m, torch_m = _twins()
-    ours, theirs = getattr(fusedclr, cls)(ours_m.parameters(), lr=0.1), getattr(torch.optim, cls)(torch_m.parameters(), lr=0.1)
-    scheds = [mod.OneCycleLR(o, max_lr=0.1, total_steps=10) for mod, o in ((S, ours), (torch.optim.lr_scheduler, theirs))]
+    ours = getattr(fusedclr, cls)(ours_m.parameters(), lr=0.1)
+    theirs = getattr(torch.optim, cls)(torch_m.parameters(), lr=0.1)
+    scheds = [S.OneCycleLR(ours, max_lr=0.1, total_steps=10),
+              torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=0.1, total_steps=10)]
     for _ in range(3):
         _train(ours_m, ours, 1)
         _train(torch_m, theirs, 1)

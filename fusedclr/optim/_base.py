@@ -322,7 +322,8 @@ class FlatOptimizerMixin:
         duplicates = len(set(tensors)) != len(tensors)
         with warnings.catch_warnings():
             # torch's own duplicate warning, replaced by ours below, which says what fusedclr does.
-            warnings.filterwarnings("ignore", message=".*parameter group with duplicate parameters", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*parameter group with duplicate parameters",
+                                    category=UserWarning)
             super().add_param_group(param_group)  # torch's validation: names, leaves, groups overlap, defaults
         if duplicates:
             warnings.warn(
@@ -554,6 +555,8 @@ class FlatOptimizerMixin:
         out: dict[Tensor, dict[str, Any]] = {}
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
+                if not self.state._has_states(b):
+                    continue
                 shown = self.state.stepped(b)
                 if not any(shown):
                     continue
@@ -745,10 +748,11 @@ class ParamState(MutableMapping):
     views) only for a parameter that has stepped, which it reads from the
     bucket's device step counts when asked, at most once per bucket between two
     steps: the step itself only counts itself on the host. What it has seen
-    stepped stays shown without reading again; a load or a reset forgets it. Entries with no states (SGD without momentum) are
-    never shown, unless the bucket keeps fp32 masters. DTensor parameters (ShardBuckets) show theirs from
-    construction on, see :meth:`FlatOptimizerMixin._stepped_state`. Keys that
-    are not parameters of the optimizer are kept as in torch's
+    stepped stays shown without reading again; a load or a reset forgets it.
+    Entries with no states (SGD without momentum) are never shown, unless the
+    bucket keeps fp32 masters. DTensor parameters (ShardBuckets) show theirs
+    from construction on, see :meth:`FlatOptimizerMixin._stepped_state`. Keys
+    that are not parameters of the optimizer are kept as in torch's
     ``defaultdict(dict)``.
     """
 
