@@ -234,7 +234,7 @@ def test_state_entries_appear_like_torch(cls, kwargs):
 
 def test_the_step_never_reads_optimizer_state(monkeypatch):
     """Entries are read from the device step counts on access; the step path never asks [note: lazy state]."""
-    from fusedclr.optim._base import ParamState
+    from fusedclr.optim._state import ParamState
 
     m = _model()
     opt = fusedclr.AdamW(m.parameters(), lr=0.01)

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedclr.optim._base import FlatOptimizerMixin, step_value
+from fusedclr.optim._base import FlatOptimizerMixin
 from fusedclr.optim._flat import Bucket
+from fusedclr.optim._state import step_value
 
 _ADAM_TAKES_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
