@@ -10,6 +10,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from conftest import TOL
 from torch import nn
 
 import fusedclr
@@ -263,11 +264,17 @@ def test_fusedclr_optimizer_with_attached_schedule_follows_the_sweep():
     for attach in (False, True):
         model, opt, _ = _setup(OPTIMIZERS["fusedclr.SGD"])
         if attach:
-            fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=50, cycle_momentum=False)
-            assert opt._scheduler is not None
+            # Kept alive: a dropped scheduler detaches itself (the optimizer holds it weakly).
+            sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=50, cycle_momentum=False)
+            assert opt._scheduler is sched
         torch.manual_seed(5)
         curves.append(lr_find(model, _data(), nn.functional.cross_entropy, opt, num_iter=40, progress=False).losses)
     assert curves[0] == curves[1]
+    # ... and both are torch.optim.SGD's curve (an optimizer that never stepped would pass the above).
+    model, opt, _ = _setup(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    torch.manual_seed(5)
+    want = lr_find(model, _data(), nn.functional.cross_entropy, opt, num_iter=40, progress=False).losses
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(want), **TOL[torch.float32])
 
 
 def test_smoothing_is_the_bias_corrected_ema():

@@ -761,8 +761,9 @@ def test_kernel_applies_torch_beta1(case_id, backend):
         with torch.no_grad():
             for p in params:
                 p.zero_()
-                opt.state[p]["exp_avg"].fill_(1.0)
-                opt.state[p]["exp_avg_sq"].fill_(1.0)
+                # Assigned: before the first step the entry is empty, as torch's (it starts at step 0).
+                opt.state[p]["exp_avg"] = torch.ones_like(p)
+                opt.state[p]["exp_avg_sq"] = torch.ones_like(p)
         opt.step()
         s = t + 1  # each parameter's own step count
         for gi, p in enumerate(params):

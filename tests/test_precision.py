@@ -162,6 +162,8 @@ def test_stochastic_rounding_is_reproducible_and_resumes_exactly(backend):
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+    start = [p.detach() for p in _model(torch.bfloat16, seed=5)]
+    assert all(not torch.equal(a, b) for a, b in zip(runs[0], start)), "nothing trained"
     torch.manual_seed(5)
     resumed = [torch.nn.Parameter(r.clone()) for r in runs[1]]
     opt2 = fusedclr.AdamW(resumed, lr=1e-2, backend=backend, stochastic_rounding=True)
@@ -170,6 +172,7 @@ def test_stochastic_rounding_is_reproducible_and_resumes_exactly(backend):
     _train(resumed, opt2, 3, seed=9)
     _train(ps, opt, 3, seed=9)
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(ps, resumed))
+    assert all(not torch.equal(a.detach(), b) for a, b in zip(resumed, runs[1])), "the resumed run did not train"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

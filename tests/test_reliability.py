@@ -178,6 +178,7 @@ def test_found_inf_changes_nothing_even_on_the_first_step(backend, cls):
     twin = getattr(fusedclr, cls)(twin_model.parameters(), **OPTIONS[cls], backend=backend)
     twin_sched = fusedclr.lr_scheduler.CosineAnnealingLR(twin, T_max=10)
     scale = torch.tensor(8.0)
+    start = [p.detach().clone() for p in model.parameters()]
     for step, batch in enumerate(_batches(4)):
         for m, o in ((model, ours), (twin_model, twin)):
             o.zero_grad()
@@ -194,6 +195,7 @@ def test_found_inf_changes_nothing_even_on_the_first_step(backend, cls):
         sched.step()
         twin_sched.step()
         _assert_opt_close(twin, ours)
+    assert all(not torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start)), "nothing trained"
 
 
 @gpu
@@ -485,6 +487,10 @@ def test_resume_in_a_new_process_is_bitwise_identical(tmp_path):
     for kind in ("sgd", "adamw"):
         tail = full["trajectory"][kind][-len(resumed["trajectory"][kind]):]
         assert len(tail) == 7
+        # Every parameter moves (a run that trains nothing would compare equal too), and has state.
+        first, last = full["trajectory"][kind][0], full["trajectory"][kind][-1]
+        assert all(not torch.equal(a, b) for a, b in zip(first, last)), f"{kind}: a parameter never moved"
+        assert len(full["final"][kind]["state"]) == len(first), f"{kind}: a parameter has no optimizer state"
         for step, (want, got) in enumerate(zip(tail, resumed["trajectory"][kind])):
             for a, b in zip(want, got):
                 assert torch.equal(a, b), f"{kind}: step {5 + step} differs after the resume"
@@ -523,6 +529,7 @@ def test_compiled_training_with_a_schedule_never_recompiles(what):
     runs = {}
     for compiled in (False, True):
         model = _model()
+        start = [p.detach().clone() for p in model.parameters()]
         opt = fusedclr.AdamW(model.parameters(), lr=0.01, max_grad_norm=0.5)
         sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=COMPILE_STEPS)
 
@@ -557,6 +564,7 @@ def test_compiled_training_with_a_schedule_never_recompiles(what):
         if compiled:
             assert _dynamo_work() == after_first, f"recompiled after the first step: {dict(counters['frames'])}"
         runs[compiled] = (model, opt)
+        assert all(not torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start)), "nothing trained"
     for p, q in zip(runs[False][0].parameters(), runs[True][0].parameters()):
         torch.testing.assert_close(q.detach(), p.detach())
     torch.testing.assert_close(runs[True][1].last_grad_norm, runs[False][1].last_grad_norm)
@@ -652,7 +660,8 @@ def test_schedule_beyond_2_24_matches_reference(name):
         # A fresh optimizer each time: its first step moves by exactly lr * grad, whatever the momentum.
         p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
         opt = fusedclr.SGD([p], lr=1.0)
-        opt._attach_schedule(Fixed())
+        sched = Fixed()  # kept: the optimizer holds its scheduler weakly (docs/CONTRACTS.md)
+        opt._attach_schedule(sched)
         Fixed.counter.fill_(t)
         p.grad.fill_(1.0)
         opt.step()

@@ -38,11 +38,14 @@ GradScaler's), which makes the kernels change nothing at all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
-from collections import defaultdict
-from collections.abc import Callable
+import warnings
+import weakref
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,9 +53,11 @@ from torch import Tensor
 
 from torch.optim.optimizer import _global_optimizer_post_hooks as _global_step_post_hooks
 from torch.optim.optimizer import _global_optimizer_pre_hooks as _global_step_pre_hooks
+from torch.optim.optimizer import _get_scalar_dtype
 
 from fusedclr import ops, reference
 from fusedclr.optim._flat import Bucket, ParamChanged, ShardBucket, is_dtensor, real_dtype
+from fusedclr.optim._state import ParamState
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -177,7 +182,11 @@ class FlatOptimizerMixin:
 
     def _init_flat(self, backend: str, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
                    state_dtype: torch.dtype | None = None, master_weights: bool = False,
-                   stochastic_rounding: bool = False) -> None:
+                   stochastic_rounding: bool = False, differentiable: bool = False) -> None:
+        self._torch_impl = bool(differentiable)
+        if self._torch_impl:
+            self._init_torch_impl(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights,
+                                  stochastic_rounding)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if max_grad_norm is not None:
@@ -213,37 +222,124 @@ class FlatOptimizerMixin:
         self.last_grad_norm: Tensor | None = None
         self._buckets: list[list[Bucket]] = []
         self._impl: dict[torch.device, Callable[..., None]] = {}
-        self._scheduler: Any = None
+        self._scheduler_ref: weakref.ref | None = None
+
+    def _init_torch_impl(self, backend: str, max_grad_norm: float | None, skip_nonfinite: bool,
+                         state_dtype: torch.dtype | None, master_weights: bool, stochastic_rounding: bool) -> None:
+        """``differentiable=True``: this optimizer runs torch's own implementation [note: torch implementation].
+
+        [note: torch implementation]
+        A differentiable step has to be traced by autograd through every
+        update, which fused kernels over flat buffers cannot offer. The class
+        subclasses torch's, so with ``differentiable=True`` it is torch's
+        optimizer: no buckets, torch's ``step``, ``zero_grad``, ``state`` and
+        ``state_dict``. fusedclr's own options cannot apply and raise.
+        """
+        ours = {"backend": backend != "auto", "max_grad_norm": max_grad_norm is not None,
+                "skip_nonfinite": skip_nonfinite, "state_dtype": state_dtype is not None,
+                "master_weights": master_weights, "stochastic_rounding": stochastic_rounding}
+        given = [name for name, set_ in ours.items() if set_]
+        if given:
+            raise ValueError(
+                f"differentiable=True runs torch.optim's own implementation, which has no {', '.join(given)}; "
+                "leave those at their defaults or pass differentiable=False"
+            )
+        global _WARNED_DIFFERENTIABLE
+        if not _WARNED_DIFFERENTIABLE:
+            _WARNED_DIFFERENTIABLE = True
+            warnings.warn(
+                f"fusedclr.{type(self).__name__}(differentiable=True) runs torch.optim.{type(self).__name__}'s own "
+                "(unfused) implementation: fusedclr's fused kernels, in-kernel schedules and flat buffers do not "
+                "apply to it",
+                UserWarning,
+                stacklevel=4,
+            )
+        self._step_supports_amp_scaling = False  # torch's differentiable step takes no grad_scale/found_inf
+
+    @property
+    def _scheduler(self) -> Any:
+        """The attached fusedclr scheduler, or ``None``.
+
+        Held by a weak reference: the scheduler holds the optimizer, so a strong
+        one both ways would keep a dropped optimizer, and its buffers, alive
+        until a garbage-collector pass. A scheduler that is dropped detaches
+        itself: the kernel then reads the group's lr and momentum, which the
+        scheduler last set, as torch's optimizer does once its scheduler is gone.
+        """
+        ref = self.__dict__.get("_scheduler_ref")
+        return None if ref is None else ref()
+
+    def _hold_scheduler(self, scheduler: Any) -> None:
+        self._scheduler_ref = None if scheduler is None else weakref.ref(
+            scheduler, functools.partial(_scheduler_dropped, weakref.ref(self)))
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults/state/param_groups; the buckets must travel
         # too (deepcopy, pickling), and views stay views of the copied buffers.
+        # The scheduler travels as a strong reference (a weakref cannot be pickled,
+        # and a deep copy must point at the copied scheduler, if any).
+        # A torch scheduler's wrapper of this instance's ``step`` (which counts
+        # calls for its warnings) stays behind, as torch's own __getstate__ leaves it.
         state = dict(self.__dict__)
         state["_impl"] = {}
+        state["_scheduler_ref"] = self._scheduler
+        state.pop("step", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also torch's load_state_dict, with only state and param_groups
+        d = self.__dict__
+        d.setdefault("_torch_impl", False)
+        if "_scheduler" in d:  # pickled when the optimizer held its scheduler strongly
+            d.setdefault("_scheduler_ref", d.pop("_scheduler"))
+        sched = d.get("_scheduler_ref")
+        if sched is not None and not isinstance(sched, weakref.ref):
+            self._hold_scheduler(sched)
+        if "_buckets" in state and not self._torch_impl and not isinstance(self.state, ParamState):
+            # Pickled when every parameter had an entry from the start: read them from the step counts.
+            live = ParamState(self._STEP_IN_STATE)
+            for buckets in self._buckets:
+                live.add_buckets(buckets)
+            self.state = live
 
     # -- param groups --------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "_buckets"):
             raise RuntimeError("fusedclr optimizer used before its constructor finished")
+        if self._torch_impl or not isinstance(param_group, dict) or isinstance(param_group.get("params"), set):
+            super().add_param_group(param_group)  # torch's implementation, or torch's error
+            return
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        seen: set[int] = set()
-        for i, p in enumerate(params):
+        # Materialised once and handed on: a generator (model.parameters()) is spent after one pass.
+        params = param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        # (name, tensor) pairs as torch >= 2.6 takes them; torch checks the names themselves.
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        for i, p in enumerate(tensors):
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer can only optimize Tensors, but param {i} is a {torch.typename(p)}")
-            if id(p) in seen:
-                raise ValueError(
-                    f"parameter {i} appears twice in one parameter group; each parameter may appear only once"
-                )
-            seen.add(id(p))
             if p.is_sparse or p.layout != torch.strided:
                 raise ValueError(f"fusedclr: parameter {i} has layout {p.layout}; only dense (strided) tensors")
-        super().add_param_group(param_group)  # torch's validation: leaves, duplicates across groups, defaults
+        duplicates = len(set(tensors)) != len(tensors)
+        with warnings.catch_warnings():
+            # torch's own duplicate warning, replaced by ours below, which says what fusedclr does.
+            warnings.filterwarnings("ignore", message=".*parameter group with duplicate parameters",
+                                    category=UserWarning)
+            super().add_param_group(param_group)  # torch's validation: names, leaves, groups overlap, defaults
+        if duplicates:
+            warnings.warn(
+                "optimizer contains a parameter group with duplicate parameters (torch will make this an error); "
+                "fusedclr updates each parameter once per step, where torch.optim's for-loop and foreach "
+                "implementations apply the update once per listing",
+                UserWarning,
+                stacklevel=3,
+            )
         group = self.param_groups[-1]
-        self._buckets.append(self._make_buckets(group))
-        self._bind_state()
+        buckets = self._make_buckets(group)
+        self._buckets.append(buckets)
+        if not isinstance(self.state, ParamState):
+            self.state = ParamState(self._STEP_IN_STATE, self.state)
+        self.state.add_buckets(buckets)
         self._alloc_grad_norm()
         if self._scheduler is not None:
             self._attach_schedule(self._scheduler)
@@ -265,7 +361,7 @@ class FlatOptimizerMixin:
 
     def _make_buckets(self, group: dict[str, Any]) -> list[Bucket]:
         by_key: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
-        for p in group["params"]:
+        for p in dict.fromkeys(group["params"]):  # a duplicate gets one segment (see add_param_group)
             # DTensors go to ShardBuckets [note: shard buckets], one per mesh and sharded mesh dims.
             shard_key = (p.device_mesh, tuple(pl.is_shard() for pl in p.placements)) if is_dtensor(p) else None
             by_key[(p.device, real_dtype(p), shard_key)].append(p)
@@ -305,7 +401,7 @@ class FlatOptimizerMixin:
         See docs/CONTRACTS.md: the scheduler provides ``_fc_descriptor(group_index)``
         and ``_fc_counter(device)``.
         """
-        self._scheduler = scheduler
+        self._hold_scheduler(scheduler)
         for gi, buckets in enumerate(self._buckets):
             desc = None if scheduler is None else scheduler._fc_descriptor(gi)
             for b in buckets:
@@ -362,6 +458,10 @@ class FlatOptimizerMixin:
                 ``grad_scale`` in-kernel, and when ``found_inf`` is non-zero
                 nothing changes at all (parameters, states, step counts).
         """
+        if self._torch_impl:  # [note: torch implementation]
+            if grad_scale is not None or found_inf is not None:
+                raise TypeError("grad_scale and found_inf are not supported with differentiable=True")
+            return _torch_step(type(self))(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -393,6 +493,7 @@ class FlatOptimizerMixin:
                 self._rebucket(gi)
                 for b in self._buckets[gi]:
                     b.prepare()
+        self.state.steps_taken += 1  # optimizer.state reads the step counts again [note: lazy state]
         launches = []
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
@@ -428,7 +529,7 @@ class FlatOptimizerMixin:
                 continue
             steps = b.seg_steps.cpu().tolist()  # host sync: a conversion, not a step
             for i, p in enumerate(b.params):
-                entry = self._export_state(group, b, i, steps[i], False)
+                entry = self._export_state(group, b, i, steps[i]) if steps[i] > 0 else {}
                 entry = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in entry.items()}
                 if entry and b.master is not None:
                     entry["master_param"] = b.master_view(i).clone()
@@ -443,9 +544,7 @@ class FlatOptimizerMixin:
                 if b.master is not None and "master_param" in state:
                     b.master_view(i).copy_(state["master_param"].reshape(b.master_view(i).shape))
             b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))
-        for p in group["params"]:
-            self.state.pop(p, None)
-        self._bind_state()
+        self.state.add_buckets(self._buckets[group_index])
         self._alloc_grad_norm()
         if self._scheduler is not None:
             self._attach_schedule(self._scheduler)
@@ -474,24 +573,28 @@ class FlatOptimizerMixin:
     # -- state_dict ------------------------------------------------------------
 
     def _stepped_state(self) -> dict[Tensor, dict[str, Any]]:
-        """torch-layout per-parameter state of every parameter that has stepped.
+        """torch-layout per-parameter state of every parameter that ``optimizer.state`` shows [note: lazy state].
 
         DTensor parameters (ShardBuckets) export their state from construction
         on, stepped or not: torch.distributed.checkpoint loads into the tensors
         of a fresh optimizer's state_dict, which torch.optim materialises with a
-        zero-lr step (``_init_optim_state``). That step never runs for a fusedclr
-        optimizer (its ``state`` is bound from the start) and could not work
-        anyway (an in-kernel schedule does not read the group's lr). A
-        never-stepped entry (step 0, zero states) resumes like no entry.
+        zero-lr step (``_init_optim_state``). That step does not run when the
+        optimizer already has state, and could not work anyway (an in-kernel
+        schedule does not read the group's lr). A never-stepped entry (step 0,
+        zero states) resumes like no entry.
         """
         out: dict[Tensor, dict[str, Any]] = {}
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
+                if not self.state._has_states(b):
+                    continue
+                shown = self.state.stepped(b)
+                if not any(shown):
+                    continue
                 steps = b.seg_steps.cpu().tolist()  # one device-to-host copy per bucket, not on the step path
                 for i, p in enumerate(b.params):
-                    placeholder = isinstance(b, ShardBucket) and p.requires_grad
-                    entry = self._export_state(group, b, i, steps[i], placeholder)
-                    if entry and b.master is not None:
+                    entry = self._export_state(group, b, i, steps[i]) if shown[i] else {}
+                    if shown[i] and b.master is not None:  # also for SGD without momentum: its only state
                         entry["master_param"] = b.master_tensor(i)
                     if entry:
                         out[p] = entry
@@ -499,9 +602,20 @@ class FlatOptimizerMixin:
 
     @staticmethod
     def _step_tensor(step: int) -> Tensor:
-        # torch keeps float32 step counts on the host; beyond 2**24 float32 is not exact.
-        dtype = torch.float32 if step < 2**24 else torch.float64
+        # torch's dtype for step counts (float32, float64 under a float64 default);
+        # beyond 2**24 float32 is not exact, so larger counts are float64.
+        dtype = _get_scalar_dtype() if step < 2**24 else torch.float64
         return torch.tensor(float(step), dtype=dtype)
+
+    @contextlib.contextmanager
+    def _hooks_run_here(self, name: str) -> Iterator[OrderedDict]:
+        """Hands torch's hooks ``name`` to the caller and hides them from torch's own method meanwhile."""
+        hooks = getattr(self, name)
+        setattr(self, name, OrderedDict())
+        try:
+            yield hooks
+        finally:
+            setattr(self, name, hooks)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state_dict layout, so checkpoints move both ways.
@@ -512,18 +626,43 @@ class FlatOptimizerMixin:
         tensors are live views of the flat buffers, as torch returns its own
         state tensors by reference; ``torch.save`` copies them.
         """
-        live = self.state
-        self.state = defaultdict(dict, self._stepped_state())
-        try:
+        if self._torch_impl:
             return super().state_dict()
-        finally:
-            self.state = live
+        with self._hooks_run_here("_optimizer_state_dict_pre_hooks") as pre_hooks:
+            for hook in list(pre_hooks.values()):
+                hook(self)  # they see (and may write to) the live optimizer.state, as in torch
+            live = self.state
+            packed = defaultdict(dict, {k: v for k, v in live._other.items() if k not in live._where})
+            packed.update(self._stepped_state())
+            self.state = packed
+            try:
+                return super().state_dict()  # runs the post-hooks on the result
+            finally:
+                self.state = live
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a fusedclr or torch.optim state_dict (``map_location="cpu"`` works).
 
-        Everything is validated before anything changes.
+        Everything is validated before anything changes. The hooks run as in
+        torch: pre-hooks first (their result is what loads), post-hooks last,
+        on the loaded ``optimizer.state``, and what they change there stays.
         """
+        if self._torch_impl:
+            super().load_state_dict(state_dict)
+            return
+        with (self._hooks_run_here("_optimizer_load_state_dict_pre_hooks") as pre_hooks,
+              self._hooks_run_here("_optimizer_load_state_dict_post_hooks") as post_hooks):
+            if isinstance(state_dict, dict):
+                state_dict = state_dict.copy()  # shallow, as torch: a pre-hook may replace entries
+                for hook in list(pre_hooks.values()):
+                    result = hook(self, state_dict)
+                    if result is not None:
+                        state_dict = result
+            self._load_flat(state_dict)
+        for hook in list(post_hooks.values()):
+            hook(self)
+
+    def _load_flat(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -551,12 +690,18 @@ class FlatOptimizerMixin:
         # The saved tensors as they are: torch.optim's load_state_dict casts every
         # floating state to its parameter's dtype, which for bf16/fp16 parameters
         # would round fp32 states and masters on the way in.
+        pids = {pid for sg in saved_groups for pid in sg["params"]}
         loaded = {
             p: saved_state.get(pid, {})
             for group, sg in zip(self.param_groups, saved_groups)
             for p, pid in zip(group["params"], sg["params"])
         }
-        super().load_state_dict(state_dict)
+        live = self.state
+        # torch's own load for the groups (param_names included) and any state keyed by
+        # something other than a parameter; it leaves self.state a plain defaultdict.
+        super().load_state_dict({**state_dict, "state": {k: v for k, v in saved_state.items() if k not in pids}})
+        live._other = self.state
+        self.state = live
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
                 steps = []
@@ -570,31 +715,19 @@ class FlatOptimizerMixin:
                         b.master_view(i).copy_(value)
                 b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))
                 b.hyper_cache = None
-        self.state = defaultdict(dict)
-        self._bind_state()
+                # An entry saved with step 0 (torch's after a skipped first step) is shown as in torch.
+                shown = [bool(loaded.get(p)) or (isinstance(b, ShardBucket) and p.requires_grad) for p in b.params]
+                live.forget(b, shown)
         if self._scheduler is not None:
             self._attach_schedule(self._scheduler)
-
-    def _bind_state(self) -> None:
-        """``self.state[p]`` holds live views of the flat state buffers."""
-        for buckets in self._buckets:
-            for b in buckets:
-                for i, p in enumerate(b.params):
-                    live = {name: b.state_tensor(name, i) for name in b.states}
-                    if b.master is not None:
-                        live["master_param"] = b.master_tensor(i)
-                    if self._STEP_IN_STATE:
-                        live["step"] = b.seg_steps[i]
-                    self.state[p] = live
 
     # -- subclass hooks --------------------------------------------------------
 
     def _state_keys(self) -> set[str]:
         raise NotImplementedError
 
-    def _export_state(self, group: dict[str, Any], bucket: Bucket, index: int, step: int,
-                      placeholder: bool) -> dict[str, Any]:
-        """The torch-layout state of one parameter; empty when it never stepped, unless ``placeholder``."""
+    def _export_state(self, group: dict[str, Any], bucket: Bucket, index: int, step: int) -> dict[str, Any]:
+        """The torch-layout state of a parameter that ``optimizer.state`` shows (empty: none to save)."""
         raise NotImplementedError
 
     def _import_state(self, group: dict[str, Any], bucket: Bucket, index: int, state: dict[str, Any]) -> int:
@@ -606,13 +739,28 @@ def _is_reference(fn: Callable[..., None]) -> bool:
     return fn is reference.sgd_step_ or fn is reference.adam_step_
 
 
+_WARNED_DIFFERENTIABLE = False
+
+
+def _scheduler_dropped(optimizer_ref: weakref.ref, scheduler_ref: weakref.ref) -> None:
+    """Detaches a garbage scheduler's schedule from its optimizer, if both the optimizer and that attachment live."""
+    opt = optimizer_ref()
+    if opt is not None and opt.__dict__.get("_scheduler_ref") is scheduler_ref:
+        opt._attach_schedule(None)
+
+
+def _torch_step(cls: type) -> Callable[..., Any]:
+    """``step`` of the torch.optim class that ``cls`` subclasses, without torch's profiler wrapper.
+
+    ``torch.optim.Optimizer`` wraps a class's ``step`` with its hooks the first
+    time an instance is built; our own wrapper already ran them.
+    """
+    base = next(c for c in cls.__mro__ if c.__module__.startswith("torch.optim") and "step" in vars(c))
+    fn = vars(base)["step"]
+    while getattr(fn, "hooked", False):  # wrapped again for each torch class whose instance was built
+        fn = fn.__wrapped__
+    return fn
+
+
 def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
     return None if t is None else t.to(device, non_blocking=True)
-
-
-def step_value(step: Any) -> int:
-    """A loaded ``step`` entry (tensor or number) as an int."""
-    value = float(step)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"loaded state has an invalid step count {value}")
-    return int(value)

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusedclr.optim._base import FlatOptimizerMixin, step_value
+from fusedclr.optim._base import FlatOptimizerMixin
 from fusedclr.optim._flat import Bucket
+from fusedclr.optim._state import step_value
 
 _ADAM_TAKES_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
@@ -43,9 +44,7 @@ class _AdamFlat(FlatOptimizerMixin):
             bool(group["maximize"]),
         )
 
-    def _export_state(self, group, bucket: Bucket, index: int, step: int, placeholder: bool) -> dict[str, Any]:
-        if step == 0 and not placeholder:
-            return {}
+    def _export_state(self, group, bucket: Bucket, index: int, step: int) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self._step_tensor(step)}
         for name in self._state_names(group):
             out[name] = bucket.state_tensor(name, index)
@@ -65,16 +64,12 @@ class _AdamFlat(FlatOptimizerMixin):
         return step_value(state["step"])
 
 
-def _check_supported(differentiable: bool) -> None:
-    if differentiable:
-        raise ValueError("fusedclr optimizers do not support differentiable=True; use torch.optim for that")
-
-
 class Adam(_AdamFlat, torch.optim.Adam):
     """Drop-in :class:`torch.optim.Adam` over flat buffers (see :class:`AdamW` for details).
 
     Takes torch's arguments (``foreach``, ``fused`` and ``capturable`` are
-    accepted and ignored: the step is always fused and capturable) plus the
+    accepted and ignored: the step is always fused and capturable;
+    ``differentiable=True`` runs torch's own implementation) plus the
     keyword-only ``backend``, ``max_grad_norm``, ``skip_nonfinite``,
     ``state_dtype``, ``master_weights`` and ``stochastic_rounding`` (see
     :class:`AdamW`).
@@ -89,8 +84,8 @@ class Adam(_AdamFlat, torch.optim.Adam):
                  max_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  state_dtype: torch.dtype | None = None, master_weights: bool = False,
                  stochastic_rounding: bool = False) -> None:
-        _check_supported(differentiable)
-        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding,
+                        differentiable)
         extra = {"decoupled_weight_decay": decoupled_weight_decay} if _ADAM_TAKES_DECOUPLED else {}
         if decoupled_weight_decay and not _ADAM_TAKES_DECOUPLED:
             self._DECOUPLED = True
@@ -111,7 +106,9 @@ class AdamW(_AdamFlat, torch.optim.AdamW):
         params, lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.AdamW.
         foreach, fused, capturable: accepted for compatibility; the step is always
             fused and capturable.
-        differentiable: not supported (``ValueError`` if True).
+        differentiable: ``True`` runs torch.optim.AdamW's own implementation
+            (with a one-time warning): no fused kernel, flat buffers or
+            in-kernel schedule, and none of the options below.
         backend: ``"auto"`` (default: the C++ kernel for CPU tensors, CUDA
             kernels, else Triton, else the reference, for CUDA tensors),
             ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
@@ -157,7 +154,7 @@ class AdamW(_AdamFlat, torch.optim.AdamW):
                  fused: bool | None = None, backend: str = "auto", max_grad_norm: float | None = None,
                  skip_nonfinite: bool = False, state_dtype: torch.dtype | None = None, master_weights: bool = False,
                  stochastic_rounding: bool = False) -> None:
-        _check_supported(differentiable)
-        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding,
+                        differentiable)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused)

@@ -20,7 +20,8 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     torch's does. Takes torch's arguments (``foreach`` and ``fused`` are accepted
     and ignored) plus the keyword-only ``backend``, ``max_grad_norm``,
     ``skip_nonfinite``, ``state_dtype``, ``master_weights`` and
-    ``stochastic_rounding`` (see :class:`fusedclr.AdamW`).
+    ``stochastic_rounding`` (see :class:`fusedclr.AdamW`). ``differentiable=True``
+    runs torch.optim.SGD's own implementation, with a one-time warning.
     """
 
     _OP = "sgd_step_"
@@ -32,9 +33,8 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
                  backend: str = "auto", max_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  state_dtype: torch.dtype | None = None, master_weights: bool = False,
                  stochastic_rounding: bool = False) -> None:
-        if differentiable:
-            raise ValueError("fusedclr optimizers do not support differentiable=True; use torch.optim for that")
-        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding)
+        self._init_flat(backend, max_grad_norm, skip_nonfinite, state_dtype, master_weights, stochastic_rounding,
+                        differentiable)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
 
@@ -53,7 +53,7 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
             b.add_state("momentum_buffer")
             # The buffer starts like torch's None: the next step of each segment copies the grad.
             b.seg_steps.zero_()
-            self._bind_state()
+            self.state.forget(b)
 
     def _on_schedule(self, bucket: Bucket, desc: list[float] | None) -> None:
         if desc is not None and _schedules_momentum(desc):
@@ -68,9 +68,10 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
             bool(group["nesterov"]), bool(group["maximize"]),
         )
 
-    def _export_state(self, group, bucket: Bucket, index: int, step: int, placeholder: bool) -> dict[str, Any]:
-        # A placeholder buffer loads as a stepped one: exact unless dampening != 0 (torch's first step copies).
-        if (step == 0 and not placeholder) or "momentum_buffer" not in bucket.states:
+    def _export_state(self, group, bucket: Bucket, index: int, step: int) -> dict[str, Any]:
+        # A DTensor's placeholder buffer (step 0) loads as a stepped one: exact unless
+        # dampening != 0 (torch's first step copies the gradient).
+        if "momentum_buffer" not in bucket.states:
             return {}
         return {"momentum_buffer": bucket.state_tensor("momentum_buffer", index)}
 

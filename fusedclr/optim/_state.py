@@ -1,0 +1,228 @@
+"""``optimizer.state`` of the fusedclr optimizers: torch's mapping over the flat buckets [note: lazy state]."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
+
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from fusedclr.optim._flat import Bucket, ShardBucket
+
+
+def step_value(step: Any) -> int:
+    """A loaded ``step`` entry (tensor or number) as an int."""
+    value = float(step)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"loaded state has an invalid step count {value}")
+    return int(value)
+
+
+class ParamState(MutableMapping):
+    """``optimizer.state`` of a fusedclr optimizer: torch's mapping, read from the flat buckets.
+
+    [note: lazy state]
+    torch.optim creates a parameter's entry in its first step, and SGD without
+    momentum never does. fusedclr keeps states in flat buffers allocated at
+    construction, so this mapping shows an entry (a :class:`StateEntry` of live
+    views) only for a parameter that has stepped, which it reads from the
+    bucket's device step counts when asked, at most once per bucket between two
+    steps: the step itself only counts itself on the host. What it has seen
+    stepped stays shown without reading again; a load or a reset forgets it.
+    Entries with no states (SGD without momentum) are never shown, unless the
+    bucket keeps fp32 masters. DTensor parameters (ShardBuckets) show theirs
+    from construction on, see :meth:`FlatOptimizerMixin._stepped_state`. Keys
+    that are not parameters of the optimizer are kept as in torch's
+    ``defaultdict(dict)``.
+    """
+
+    def __init__(self, step_in_state: bool, other: Mapping[Any, Any] | None = None) -> None:
+        self._step_in_state = step_in_state
+        self._where: dict[Tensor, tuple[Bucket, int]] = {}
+        self._shown: dict[Bucket, list[bool]] = {}  # per bucket: the parameters known to have stepped
+        # Steps taken (counted by the optimizer's host half), and at which count each bucket's
+        # step counts were last read: they are read again only after another step.
+        self.steps_taken = 0
+        self._read_at: dict[Bucket, int] = {}
+        self._other: defaultdict[Any, Any] = defaultdict(dict, other or {})
+
+    # -- bookkeeping -----------------------------------------------------------
+
+    def add_buckets(self, buckets: list[Bucket]) -> None:
+        for b in buckets:
+            self._shown[b] = [isinstance(b, ShardBucket) and p.requires_grad for p in b.params]
+            for i, p in enumerate(b.params):
+                self._where[p] = (b, i)
+                self._other.pop(p, None)
+
+    def forget(self, bucket: Bucket, shown: list[bool] | None = None) -> None:
+        """The bucket's step counts were reset (a load, a new momentum buffer): ``shown`` or nothing is stepped."""
+        self._shown[bucket] = list(shown) if shown is not None else [
+            isinstance(bucket, ShardBucket) and p.requires_grad for p in bucket.params
+        ]
+        self._read_at.pop(bucket, None)
+
+    def stepped(self, bucket: Bucket) -> list[bool]:
+        """Which parameters of ``bucket`` have an entry; reads the step counts only while some have none."""
+        shown = self._shown[bucket]
+        if not all(shown) and self._read_at.get(bucket) != self.steps_taken:
+            steps = bucket.seg_steps.cpu().tolist()  # on access only, never on the step path
+            shown[:] = [s or n > 0 for s, n in zip(shown, steps)]
+            self._read_at[bucket] = self.steps_taken
+        return shown
+
+    def _has_states(self, bucket: Bucket) -> bool:
+        return self._step_in_state or bool(bucket.states) or bucket.master is not None
+
+    def _visible(self) -> Iterator[Tensor]:
+        seen: set[Bucket] = set()
+        for b, _ in self._where.values():
+            if b in seen:
+                continue
+            seen.add(b)
+            if self._has_states(b):
+                yield from (p for p, s in zip(b.params, self.stepped(b)) if s)
+
+    def _is_visible(self, key: Any) -> bool:
+        loc = self._where.get(key) if isinstance(key, Tensor) else None
+        return loc is not None and self._has_states(loc[0]) and self.stepped(loc[0])[loc[1]]
+
+    # -- the mapping -------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        loc = self._where.get(key) if isinstance(key, Tensor) else None
+        if loc is not None:
+            return StateEntry(self, *loc)  # empty until the parameter steps, like torch's defaultdict entry
+        return self._other[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        loc = self._where.get(key) if isinstance(key, Tensor) else None
+        if loc is None:
+            self._other[key] = value
+            return
+        if not isinstance(value, Mapping):
+            raise TypeError(f"optimizer.state[param] must be a mapping of state names to values, got "
+                            f"{type(value).__name__}")
+        entry = StateEntry(self, *loc)
+        entry.check(value)
+        del self[key]
+        entry.update(value)
+
+    def __delitem__(self, key: Any) -> None:
+        loc = self._where.get(key) if isinstance(key, Tensor) else None
+        if loc is None:
+            del self._other[key]
+            return
+        # torch starts a deleted entry afresh at the next step: zero states, step 0.
+        b, i = loc
+        for name in b.states:
+            b.state_view(name, i).zero_()
+        b.seg_steps[i].zero_()
+        self._shown[b][i] = False
+        self._read_at.pop(b, None)
+
+    def __contains__(self, key: Any) -> bool:
+        return self._is_visible(key) or (key not in self._where and key in self._other)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._visible()
+        yield from (k for k in list(self._other) if k not in self._where)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({ {k: dict(v) if isinstance(v, StateEntry) else v for k, v in self.items()} })"
+
+
+class StateEntry(MutableMapping):
+    """``optimizer.state[param]``: live views of one parameter's states in the flat buffers.
+
+    Reading a state gives a view (in-place changes reach the next step);
+    assigning one copies the value in. ``"step"`` reads as torch's dtype
+    (float32, or float64 under a float64 default dtype), converted from the
+    exact int64 count the kernels keep; assigning it sets that count. The entry
+    is empty until the parameter steps [note: lazy state]; assigning a state
+    to an empty entry starts it, with every other state zero and step 0.
+    """
+
+    def __init__(self, owner: ParamState, bucket: Bucket, index: int) -> None:
+        self._owner = owner
+        self._bucket = bucket
+        self._index = index
+
+    def _names(self) -> list[str]:
+        b = self._bucket
+        names = (["step"] if self._owner._step_in_state else []) + list(b.states)
+        if b.master is not None:
+            names.append("master_param")
+        return names
+
+    def _live(self) -> bool:
+        return self._owner._has_states(self._bucket) and self._owner.stepped(self._bucket)[self._index]
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        """Validates every value of ``values`` before anything is written."""
+        names = self._names()
+        b, i = self._bucket, self._index
+        for key, value in values.items():
+            if key not in names:
+                raise KeyError(
+                    f"{key!r}: a fusedclr optimizer keeps only {names} for this parameter"
+                    + ("" if names else " (SGD keeps no state without momentum)")
+                )
+            if key != "step":
+                shape = b.locals[i].shape
+                if not isinstance(value, Tensor) or value.numel() != b.locals[i].numel():
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"state {key!r} must be a tensor of the parameter's shape {tuple(shape)}, "
+                                     f"got {got}")
+
+    def __getitem__(self, key: str) -> Tensor:
+        if not self._live() or key not in self._names():
+            raise KeyError(key)
+        b, i = self._bucket, self._index
+        if key == "step":
+            return b.seg_steps[i].to(_get_scalar_dtype())
+        if key == "master_param":
+            return b.master_tensor(i)
+        return b.state_tensor(key, i)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.check({key: value})
+        b, i = self._bucket, self._index
+        if not self._live():
+            for name in b.states:
+                b.state_view(name, i).zero_()
+            b.seg_steps[i].zero_()
+            self._owner._shown[b][i] = True
+        if key == "step":
+            if isinstance(value, Tensor) and value.device.type != "cpu":
+                b.seg_steps[i].copy_(value.reshape(()))  # no sync: the device casts it
+            else:
+                b.seg_steps[i].fill_(step_value(value))
+        elif key == "master_param":
+            b.master_view(i).copy_(b.local_value(value, i))
+        else:
+            b.state_view(key, i).copy_(b.local_value(value, i))
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError(
+            f"cannot delete {key!r} from a fusedclr optimizer's state entry (its states live in flat buffers); "
+            "`del optimizer.state[param]` starts the parameter's state afresh, as in torch"
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names() if self._live() else [])
+
+    def __len__(self) -> int:
+        return len(self._names()) if self._live() else 0
+
+    def __repr__(self) -> str:
+        return repr(dict(self))

@@ -1,0 +1,379 @@
+"""Swapping the import: torch.optim's documented behaviours that user code and torch's own suite rely on.
+
+Per-parameter options given as generators, named parameters, duplicates,
+``optimizer.state`` before and after steps, the dtype of ``step``, load hooks,
+``differentiable=True`` and freeing an optimizer with a scheduler attached.
+Each test compares with torch.optim itself where torch defines the answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import pickle
+import warnings
+import weakref
+
+import pytest
+import torch
+from conftest import TOL
+
+import fusedclr
+from fusedclr import lr_scheduler as S
+
+
+def _model() -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _twins() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    ours = _model()
+    return ours, copy.deepcopy(ours)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 5, generator=gen), torch.randn(8, 3, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+# -- 1. generators in per-parameter options ---------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW"])
+def test_generator_param_groups_train_like_torch(cls):
+    ours_m, torch_m = _twins()
+    before = [p.detach().clone() for p in ours_m.parameters()]
+
+    def groups(m):  # torch's documented per-parameter options, with generators
+        return [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 0.02}]
+
+    ours = getattr(fusedclr, cls)(groups(ours_m), lr=0.05)
+    theirs = getattr(torch.optim, cls)(groups(torch_m), lr=0.05)
+    assert [len(g["params"]) for g in ours.param_groups] == [2, 2]
+    _train(ours_m, ours, 3)
+    _train(torch_m, theirs, 3)
+    for b, p, q in zip(before, ours_m.parameters(), torch_m.parameters()):
+        assert not torch.equal(p.detach(), b), "a parameter given through a generator never moved"
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
+def test_add_param_group_takes_a_generator():
+    ours_m, torch_m = _twins()
+    ours = fusedclr.SGD(ours_m[0].parameters(), lr=0.1, momentum=0.9)
+    theirs = torch.optim.SGD(torch_m[0].parameters(), lr=0.1, momentum=0.9)
+    ours.add_param_group({"params": ours_m[2].parameters(), "lr": 0.01})
+    theirs.add_param_group({"params": torch_m[2].parameters(), "lr": 0.01})
+    last = ours_m[2].weight.detach().clone()
+    _train(ours_m, ours, 2)
+    _train(torch_m, theirs, 2)
+    assert not torch.equal(ours_m[2].weight.detach(), last)
+    for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
+# -- 2. named parameters -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_named_parameters_like_torch(cls):
+    ours_m, torch_m = _twins()
+    kwargs = {"lr": 0.05, "momentum": 0.9} if cls == "SGD" else {"lr": 0.05}
+    ours = getattr(fusedclr, cls)(ours_m.named_parameters(), **kwargs)
+    theirs = getattr(torch.optim, cls)(torch_m.named_parameters(), **kwargs)
+    assert ours.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"] == [
+        "0.weight", "0.bias", "2.weight", "2.bias"]
+    start = [p.detach().clone() for p in ours_m.parameters()]
+    _train(ours_m, ours, 2)
+    _train(torch_m, theirs, 2)
+    for s, p, q in zip(start, ours_m.parameters(), torch_m.parameters()):
+        assert not torch.equal(p.detach(), s)
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+    sd = ours.state_dict()
+    assert sd["param_groups"][0]["param_names"] == theirs.state_dict()["param_groups"][0]["param_names"]
+    assert len(sd["state"]) == len(theirs.state_dict()["state"]) == 4
+
+    # fusedclr -> torch and torch -> fusedclr, each then continuing like the original
+    to_torch = getattr(torch.optim, cls)(copy.deepcopy(ours_m).named_parameters(), **kwargs)
+    to_torch.load_state_dict(copy.deepcopy(sd))
+    back_m = copy.deepcopy(torch_m)
+    back = getattr(fusedclr, cls)(back_m.named_parameters(), **kwargs)
+    back.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert back.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"]
+    for a, b in zip(back.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], **TOL[torch.float32])
+    for a, b in zip(to_torch.state_dict()["state"].values(), sd["state"].values()):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], **TOL[torch.float32])
+    # Both loaded optimizers continue like the originals.
+    _train(back_m, back, 1, seed=3)
+    _train(torch_m, theirs, 1, seed=3)
+    for p, q in zip(back_m.parameters(), torch_m.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
+def test_mixed_named_and_unnamed_raise_torch_errors():
+    m = _model()
+    named = list(m.named_parameters())
+    mixed = [named[0], named[1][1]]
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.AdamW(mixed)
+    with pytest.raises(ValueError) as ours:
+        fusedclr.AdamW(mixed)
+    assert str(ours.value) == str(theirs.value)
+    opt, ref = fusedclr.AdamW(named[:2]), torch.optim.AdamW(named[:2])
+    with pytest.raises(ValueError) as theirs:
+        ref.add_param_group({"params": [p for _, p in named[2:]]})
+    with pytest.raises(ValueError) as ours:
+        opt.add_param_group({"params": [p for _, p in named[2:]]})
+    assert str(ours.value) == str(theirs.value)
+
+
+# -- 3. duplicates -----------------------------------------------------------------
+
+
+def test_duplicate_parameter_warns_once_and_is_updated_once():
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = fusedclr.SGD([p, q, p], lr=0.1)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert "a parameter group with duplicate parameters" in str(caught[0].message)
+    assert "once per step" in str(caught[0].message)
+    assert len(opt.param_groups[0]["params"]) == 3  # torch's layout: the group keeps the listing
+    p.grad, q.grad = torch.full((4,), 2.0), torch.full((4,), 2.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((4,), 0.8))
+    assert torch.equal(q.detach(), torch.full((4,), 0.8))
+
+
+# -- 4. load_state_dict hooks ----------------------------------------------------------
+
+
+def _hooked_load(opt: torch.optim.Optimizer, sd: dict, p: torch.Tensor) -> None:
+    def pre(o, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][0]["lr"] = 0.003
+        return state_dict
+
+    def post(o):
+        o.state["ran_post_hook"] = o.param_groups[0]["lr"] == 0.003
+        o.state[p]["exp_avg"].fill_(0.5)
+        o.state[p]["step"] = torch.tensor(7.0)
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(post)
+    opt.load_state_dict(sd)
+
+
+def test_load_state_dict_post_hook_changes_stay_like_torch():
+    ours_m, torch_m = _twins()
+    ours, theirs = fusedclr.AdamW(ours_m.parameters(), lr=0.01), torch.optim.AdamW(torch_m.parameters(), lr=0.01)
+    _train(ours_m, ours, 2)
+    _train(torch_m, theirs, 2)
+    sd = copy.deepcopy(ours.state_dict())
+    _hooked_load(ours, sd, ours_m[0].weight)
+    _hooked_load(theirs, sd, torch_m[0].weight)
+    for opt, w in ((ours, ours_m[0].weight), (theirs, torch_m[0].weight)):
+        assert opt.state["ran_post_hook"] is True
+        assert torch.equal(opt.state[w]["exp_avg"], torch.full_like(w, 0.5))
+        assert float(opt.state[w]["step"]) == 7.0
+    assert ours.state_dict()["state"]["ran_post_hook"] is theirs.state_dict()["state"]["ran_post_hook"] is True
+    _train(ours_m, ours, 1, seed=2)
+    _train(torch_m, theirs, 1, seed=2)
+    assert float(ours.state[ours_m[0].weight]["step"]) == float(theirs.state[torch_m[0].weight]["step"]) == 8.0
+    for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+        torch.testing.assert_close(ours.state[p]["exp_avg"], theirs.state[q]["exp_avg"], **TOL[torch.float32])
+
+
+def test_state_dict_pre_hook_writes_to_the_live_state():
+    m = _model()
+    opt = fusedclr.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    opt.register_state_dict_pre_hook(lambda o: o.state.__setitem__("test", 1))
+    assert opt.state_dict()["state"]["test"] == 1
+    assert opt.state["test"] == 1
+
+
+# -- 5. optimizer.state before and after steps --------------------------------------------
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [("SGD", {"momentum": 0.9}), ("SGD", {}), ("Adam", {}),
+                                             ("AdamW", {"amsgrad": True})])
+def test_state_entries_appear_like_torch(cls, kwargs):
+    ours_m, torch_m = _twins()
+    ours = getattr(fusedclr, cls)(ours_m.parameters(), lr=0.01, **kwargs)
+    theirs = getattr(torch.optim, cls)(torch_m.parameters(), lr=0.01, **kwargs)
+    x = torch.randn(4, 7)
+    for opt, m in ((ours, ours_m), (theirs, torch_m)):
+        assert len(opt.state) == 0 and m[0].weight not in opt.state
+        assert opt.state_dict()["state"] == {}
+        # Only the last layer takes part: the first gets no gradient and no entry.
+        opt.zero_grad(set_to_none=True)
+        m[2](x).sum().backward()
+        opt.step()
+    names = lambda opt, m: [(n, sorted(opt.state[p])) for n, p in m.named_parameters() if p in opt.state]  # noqa: E731
+    assert names(ours, ours_m) == names(theirs, torch_m)
+    assert len(ours.state) == len(theirs.state) == (0 if kwargs == {} and cls == "SGD" else 2)
+    assert ours.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
+    assert dict(ours.state[ours_m[0].weight]) == {}  # torch's defaultdict: an empty entry
+    _train(ours_m, ours, 1)
+    _train(torch_m, theirs, 1)
+    assert names(ours, ours_m) == names(theirs, torch_m)
+    for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+        for key in theirs.state.get(q, {}):
+            torch.testing.assert_close(ours.state[p][key], theirs.state[q][key], **TOL[torch.float32])
+
+
+def test_the_step_never_reads_optimizer_state(monkeypatch):
+    """Entries are read from the device step counts on access; the step path never asks [note: lazy state]."""
+    from fusedclr.optim._state import ParamState
+
+    m = _model()
+    opt = fusedclr.AdamW(m.parameters(), lr=0.01)
+    with monkeypatch.context() as patch:
+        def refuse(self, bucket):
+            raise AssertionError("the step path read the step counts")
+
+        patch.setattr(ParamState, "stepped", refuse)
+        _train(m, opt, 3)
+    assert len(opt.state) == 4 and float(opt.state[m[0].weight]["step"]) == 3.0
+
+
+def test_state_entries_write_through_and_reset():
+    m = _model()
+    opt = fusedclr.Adam(m.parameters(), lr=0.01)
+    w = m[0].weight
+    opt.state[w]["exp_avg"] = torch.full_like(w, 0.25)  # starts the entry, as assigning does in torch
+    assert w in opt.state and len(opt.state) == 1 and float(opt.state[w]["step"]) == 0.0
+    assert torch.equal(opt.state[w]["exp_avg_sq"], torch.zeros_like(w))
+    with pytest.raises(KeyError, match="keeps only"):
+        opt.state[w]["momentum_buffer"] = torch.zeros_like(w)
+    with pytest.raises(ValueError, match="shape"):
+        opt.state[w]["exp_avg"] = torch.zeros(3)
+    _train(m, opt, 2)
+    assert float(opt.state[w]["step"]) == 2.0
+    del opt.state[w]
+    assert w not in opt.state and len(opt.state) == 3
+    _train(m, opt, 1)
+    assert float(opt.state[w]["step"]) == 1.0
+
+
+# -- 6. the dtype of step ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+def test_step_has_torchs_dtype(default):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        ours_m, torch_m = _twins()
+        ours, theirs = fusedclr.AdamW(ours_m.parameters()), torch.optim.AdamW(torch_m.parameters())
+        _train(ours_m, ours, 3)
+        _train(torch_m, theirs, 3)
+        for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+            got, want = ours.state[p]["step"], theirs.state[q]["step"]
+            assert got.dtype == want.dtype == default
+            assert torch.equal(got, want)
+        for a, b in zip(ours.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
+            assert a["step"].dtype == b["step"].dtype and torch.equal(a["step"], b["step"])
+    finally:
+        torch.set_default_dtype(old)
+
+
+# -- 7. differentiable=True ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [("SGD", {"momentum": 0.9}), ("Adam", {}), ("AdamW", {"amsgrad": True})])
+def test_differentiable_runs_torchs_implementation(cls, kwargs, monkeypatch):
+    monkeypatch.setattr("fusedclr.optim._base._WARNED_DIFFERENTIABLE", False)
+
+    def run(module):
+        torch.manual_seed(3)
+        base = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        p = base * 1.0  # a non-leaf parameter, so the update is differentiable w.r.t. base
+        opt = getattr(module, cls)([p], lr=0.1, differentiable=True, **kwargs)
+        calls = []
+        opt.register_step_post_hook(lambda *_: calls.append(1))
+        for _ in range(2):
+            p.grad = torch.randn(6, dtype=torch.float64)
+            opt.step()
+        assert len(calls) == 2, "step hooks must run once per step"
+        (p * p).sum().backward()
+        return p.detach(), base.grad, opt
+
+    # torch wraps a class's step with the hooks once one of its instances exists: ours must not run them twice.
+    getattr(torch.optim, cls)([torch.nn.Parameter(torch.ones(1))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got_p, got_grad, ours = run(fusedclr)
+        run(fusedclr)
+    ours_warnings = [w for w in caught if "differentiable=True" in str(w.message)]
+    assert len(ours_warnings) == 1, "the warning is one-time"
+    want_p, want_grad, theirs = run(torch.optim)
+    assert torch.equal(got_p, want_p)
+    assert torch.equal(got_grad, want_grad)
+    assert ours.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
+
+
+# -- 10. no reference cycle with a scheduler -----------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_dropped_optimizer_with_scheduler_is_freed_without_gc(cls):
+    m = _model()
+    gc.collect()
+    gc.disable()
+    try:
+        opt = getattr(fusedclr, cls)(m.parameters(), lr=0.1)
+        sched = S.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        assert opt._scheduler is sched
+        _train(m, opt, 1)
+        sched.step()
+        ref = weakref.ref(opt)
+        del opt, sched
+        assert ref() is None, "the optimizer outlived its last reference (a reference cycle)"
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_dropped_scheduler_leaves_the_groups_lr_like_torch(cls):
+    ours_m, torch_m = _twins()
+    ours = getattr(fusedclr, cls)(ours_m.parameters(), lr=0.1)
+    theirs = getattr(torch.optim, cls)(torch_m.parameters(), lr=0.1)
+    scheds = [S.OneCycleLR(ours, max_lr=0.1, total_steps=10),
+              torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=0.1, total_steps=10)]
+    for _ in range(3):
+        _train(ours_m, ours, 1)
+        _train(torch_m, theirs, 1)
+        for s in scheds:
+            s.step()
+    del scheds, s
+    assert ours._scheduler is None
+    for o in (ours, theirs):
+        o.param_groups[0]["lr"] = 0.03  # nothing schedules any more: the group's lr applies
+    _train(ours_m, ours, 2)
+    _train(torch_m, theirs, 2)
+    for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
+def test_scheduler_survives_copies_of_the_optimizer():
+    m = _model()
+    opt = fusedclr.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    sched = S.StepLR(opt, step_size=1, gamma=0.5)
+    opt2, sched2 = copy.deepcopy((opt, sched))
+    assert opt2._scheduler is sched2
+    opt3, sched3 = pickle.loads(pickle.dumps((opt, sched)))
+    assert opt3._scheduler is sched3
+    # A copy of the optimizer alone keeps the schedule's tensors; nothing holds a copied scheduler.
+    opt4 = copy.deepcopy(opt)
+    assert opt4._scheduler is None
