@@ -75,16 +75,13 @@ StepSetup begin_step(const at::Tensor& segments, const at::Tensor& seg_steps, co
 // batched so each task has ~kGrainElements, and each task gets its own scalar
 // cache. Rows are checked against the table and against `state_numel` (the
 // states' length, -1 without states) before anything is touched.
-template <typename Cache, typename Fn>
-void for_each_chunk(const at::Tensor& segments, const at::Tensor& chunks, int64_t state_numel, Fn fn) {
+// Checks every chunk row against the table and against `state_numel` (the
+// states' length, -1 without states). Every op calls it before anything moves.
+void check_chunk_rows(const at::Tensor& segments, const at::Tensor& chunks, int64_t state_numel) {
   const int64_t n = chunks.size(0);
-  if (n == 0) {
-    return;
-  }
   const int64_t* c = chunks.data_ptr<int64_t>();
   const int64_t* table = segments.data_ptr<int64_t>();
   const int64_t n_segments = segments.size(0);
-  int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t seg = c[3 * i], begin = c[3 * i + 1], end = c[3 * i + 2];
     TORCH_CHECK(seg >= 0 && seg < n_segments, "fusedclr: chunk ", i, " names segment ", seg, " of ", n_segments);
@@ -94,7 +91,24 @@ void for_each_chunk(const at::Tensor& segments, const at::Tensor& chunks, int64_
                 "fusedclr: chunk ", i, " [", begin, ", ", end, ") lies outside segment ", seg, " [",
                 row[seg::OFFSET], ", ", row[seg::OFFSET] + row[seg::NUMEL], ") or the state buffers (", state_numel,
                 " elements)");
-    total += end - begin;
+  }
+}
+
+// Runs fn(chunk, segment, begin, end, row, cache) over every chunk of an
+// active segment, in parallel (`row`: the segment's table row; the rows were
+// checked by check_chunk_rows); small chunks are batched so each task has
+// ~kGrainElements, and each task gets its own scalar cache.
+template <typename Cache, typename Fn>
+void for_each_chunk(const at::Tensor& segments, const at::Tensor& chunks, Fn fn) {
+  const int64_t n = chunks.size(0);
+  if (n == 0) {
+    return;
+  }
+  const int64_t* c = chunks.data_ptr<int64_t>();
+  const int64_t* table = segments.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    total += c[3 * i + 2] - c[3 * i + 1];
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElements * n / std::max<int64_t>(total, 1));
   at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
@@ -231,6 +245,7 @@ void adam_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const
                                                 {&*max_exp_avg_sq, "max_exp_avg_sq"}})
               : check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
   check_precision(param_dtype, dev, exp_avg.numel(), master_param, sr_seed);
+  check_chunk_rows(segments, chunks, exp_avg.numel());
   const StepSetup s = begin_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
   if (s.skip) {
     return;
@@ -256,7 +271,7 @@ void adam_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const
         FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
           FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
             FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
-              for_each_chunk<Cache>(segments, chunks, exp_avg.numel(),
+              for_each_chunk<Cache>(segments, chunks,
                                     [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& cache) {
                 // Segments usually share one step count: recompute the bias corrections only when it changes.
                 if (cache.step != steps[seg]) {
@@ -316,6 +331,7 @@ void sgd_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype,
                               : master_param.has_value()  ? master_param->numel()
                                                           : -1;
   check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
+  check_chunk_rows(segments, chunks, state_numel);
   const StepSetup s = begin_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
   if (s.skip) {
     return;
@@ -341,7 +357,7 @@ void sgd_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype,
         FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
           FUSEDCLR_BOOL_SWITCH(use_momentum, USE_MOMENTUM, [&] {
             FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-              for_each_chunk<Cache>(segments, chunks, state_numel,
+              for_each_chunk<Cache>(segments, chunks,
                                     [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& cache) {
                 if (cache.step != steps[seg]) {
                   cache.step = steps[seg];
@@ -370,12 +386,13 @@ at::Tensor grad_sumsq_cpu(const at::Tensor& segments, at::ScalarType param_dtype
   TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
               segments.device());
   check_segments(segments, param_dtype, chunks);
+  check_chunk_rows(segments, chunks, -1);
   std::vector<double> partial(chunks.size(0), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::grad_sumsq", [&] {
     using P = scalar_t;
     using T = at::opmath_type<P>;
     struct NoCache {};
-    for_each_chunk<NoCache>(segments, chunks, -1,
+    for_each_chunk<NoCache>(segments, chunks,
                             [&](int64_t chunk, int64_t, int64_t begin, int64_t end, const int64_t* row, NoCache&) {
       const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
       double acc = 0;
