@@ -2,9 +2,12 @@
 
 Every GPU test is marked ``gpu`` and skips without a CUDA device; the one
 registration test runs everywhere (CI builds the CUDA kernels without a GPU).
-Buckets are built the way the contract says (csrc/ops.cpp, [note: flat-buffer
-step contract]): segments padded to ``ALIGN`` elements, a chunk table of
-(segment, begin, end) rows no longer than the chunk size, padding kept zero.
+Buckets are built the way the contract says (csrc/ops.cpp, [note: step
+contract]): separate parameter and gradient tensors (ragged, some views at odd
+offsets of a bigger tensor, one transposed) behind a segment table
+[note: segment table], flat state buffers with each segment at an
+``ALIGN``-aligned offset, and a chunk table of (segment, begin, end) rows no
+longer than the chunk size covering each segment's elements.
 """
 
 from __future__ import annotations
@@ -58,18 +61,58 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def _layout(sizes):
+    """Each segment's offset into the flat state buffers (multiples of ALIGN) and their length."""
+    offsets, off = [], 0
+    for n in sizes:
+        offsets.append(off)
+        off += -(-n // ALIGN) * ALIGN
+    return offsets, off
+
+
+def _placed(sizes, dtype, device, offset):
+    """Separate tensors of ``sizes`` elements, laid out as a model's parameters may be:
+    most stand alone, every third is a view at an odd element offset of one shared
+    tensor (segment starts off any alignment), and a 1000-element one is a transposed
+    2-D tensor (dense, not contiguous). ``offset`` > 0 puts each standalone tensor
+    that many elements into its storage."""
+    shared_n = sum(n + 2 for i, n in enumerate(sizes) if i % 3 == 1) + 2
+    shared = torch.zeros(shared_n, dtype=dtype, device=device)
+    out, pos = [], 1
+    for i, n in enumerate(sizes):
+        if i % 3 == 1:
+            out.append(shared[pos : pos + n])
+            pos += n + (2 if (pos + n) % 2 else 1)  # the next view starts at an odd offset too
+        elif n == 1000:
+            out.append(torch.zeros(offset + n, dtype=dtype, device=device)[offset:].view(40, 25).t())
+        else:
+            out.append(torch.zeros(offset + n, dtype=dtype, device=device)[offset:])
+    return out
+
+
+def _assign(tensors, offsets, flat):
+    """Writes the state-layout values ``flat`` into the tensors' memory images."""
+    for t, o in zip(tensors, offsets):
+        n = t.numel()
+        reference.memory_image(t).copy_(flat[o : o + n])
+
+
 def _bucket(sizes, dtype, *, chunk=BLOCK, states=(), state_dtype=None, device=None, offset=0, seed=0):
-    """A flat bucket as fusedclr.optim._flat builds it. ``offset`` > 0 shifts every
+    """A bucket as fusedclr.optim._flat builds it: separate parameter and gradient
+    tensors (see _placed), the segment table of their addresses, flat state buffers
+    with each segment at an ALIGN-aligned offset and a chunk table covering each
+    segment's elements (not the padding). ``offset`` > 0 also shifts every state
     buffer by that many elements inside its storage (misaligned pointers)."""
     device = device or DEVICE
-    padded = [-(-n // ALIGN) * ALIGN for n in sizes]
-    total = sum(padded)
-    rows, off = [], 0
+    offsets, total = _layout(sizes)
+    rows = [(seg, b, min(b + chunk, o + n)) for seg, (o, n) in enumerate(zip(offsets, sizes))
+            for b in range(o, o + n, chunk)]
     mask = torch.zeros(total, dtype=torch.bool)
-    for seg, (n, pn) in enumerate(zip(sizes, padded)):
-        rows.extend((seg, b, min(b + chunk, off + pn)) for b in range(off, off + pn, chunk))
-        mask[off : off + n] = True
-        off += pn
+    for o, n in zip(offsets, sizes):
+        mask[o : o + n] = True
     gen = torch.Generator().manual_seed(seed)
 
     def buf(values, dt):
@@ -79,9 +122,14 @@ def _bucket(sizes, dtype, *, chunk=BLOCK, states=(), state_dtype=None, device=No
         return out
 
     sdt = state_dtype or _state_dtype(dtype)
+    params = _placed(sizes, dtype, device, offset)
+    _assign(params, offsets, torch.randn(total, generator=gen, dtype=torch.float64))
     b = {
-        "param": buf(torch.where(mask, torch.randn(total, generator=gen, dtype=torch.float64), 0), dtype),
-        "grad": buf(torch.zeros(total), dtype),
+        "params": params,
+        "grads": _placed(sizes, dtype, device, offset),
+        "offsets": offsets,
+        "total": total,
+        "active": None,
         "seg_steps": torch.zeros(len(sizes), dtype=torch.int64, device=device),
         "chunks": torch.tensor(rows, dtype=torch.int64).reshape(-1, 3).to(device),
         "hyper": torch.tensor([0.01, 0.9], dtype=torch.float64, device=device),
@@ -89,42 +137,92 @@ def _bucket(sizes, dtype, *, chunk=BLOCK, states=(), state_dtype=None, device=No
         "schedule_step": torch.zeros((), dtype=torch.int64, device=device),
         "mask": mask.to(device),
     }
-    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+    for name in STATES:
         b[name] = buf(torch.zeros(total), sdt) if name in states else None
+    _refresh(b)
     return b
+
+
+def _refresh(b, active=None):
+    """The bucket's Segments (for the reference) and segment table (for the ops, on the
+    states' device); ``active[i]`` False gives segment i a None grad this step."""
+    b["active"] = None if active is None else [bool(a) for a in active]
+    flags = b["active"] or [True] * len(b["grads"])
+    grads = [g if a else None for g, a in zip(b["grads"], flags)]
+    b["segments"] = reference.Segments(b["params"], grads, b["offsets"], b["total"])
+    b["table"] = b["segments"].table(b["seg_steps"].device)
+
+
+def _param_dtype(b):
+    return b["params"][0].dtype
+
+
+def _value(b, key):
+    """A buffer of the bucket; "param": the parameters gathered into the state layout
+    (zero padding), which the states and the master copy share."""
+    if key != "param":
+        return b[key]
+    flat = torch.zeros(b["total"], dtype=_param_dtype(b), device=b["seg_steps"].device)
+    for p, o in zip(b["params"], b["offsets"]):
+        flat[o : o + p.numel()] = reference.memory_image(p)
+    return flat
+
+
+def _set_grads(b, g):
+    """Writes one step's gradients (state layout) into the gradient tensors in place."""
+    _assign(b["grads"], b["offsets"], g)
 
 
 def _grads(b, steps=STEPS, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    n = b["param"].numel()
     mask = b["mask"].cpu()
-    return [torch.where(mask, torch.randn(n, generator=gen, dtype=torch.float64), 0) for _ in range(steps)]
+    return [torch.where(mask, torch.randn(b["total"], generator=gen, dtype=torch.float64), 0) for _ in range(steps)]
+
+
+def _copy(t, dtype, device):
+    """A copy with the same strides (a gradient keeps its parameter's)."""
+    return t.detach().to(device=device, dtype=dtype or t.dtype).clone()
 
 
 def _to(b, dtype=None, device=None):
-    """A copy of the bucket (params/grads in ``dtype``, states in its math type)."""
+    """A copy of the bucket (params/grads in ``dtype``, states in its math type), with its
+    own parameter and gradient tensors and their segment table."""
     out = {}
     for k, v in b.items():
-        if not isinstance(v, torch.Tensor):
+        if k in ("params", "grads"):
+            out[k] = [_copy(t, dtype, device) for t in v]
+        elif k in ("segments", "table"):
+            continue
+        elif not isinstance(v, torch.Tensor):
             out[k] = v
-        elif dtype is not None and k in ("param", "grad"):
-            out[k] = v.to(device=device, dtype=dtype).clone()
-        elif dtype is not None and k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+        elif dtype is not None and k in STATES:
             out[k] = v.to(device=device, dtype=_state_dtype(dtype)).clone()
         else:
             out[k] = v.to(device=device).clone()
+    _refresh(out, b["active"])
     return out
 
 
-def _adam_args(b, o, active=None, grad_scale=None, found_inf=None):
-    return (b["param"], b["grad"], b["exp_avg"], b["exp_avg_sq"], b["max_exp_avg_sq"], b["seg_steps"], b["chunks"],
-            active, b["hyper"], b["schedule"], b["schedule_step"], o.get("beta2", 0.999), o.get("eps", 1e-8),
-            o.get("weight_decay", 0.0), o.get("decoupled", False), o.get("maximize", False), grad_scale, found_inf)
+def _snapshot(b):
+    """Clones of everything a step may change: parameters, states, master, step counts."""
+    keys = [*_buffers(b), "seg_steps"] + (["master_param"] if b.get("master_param") is not None else [])
+    return {k: _value(b, k).clone() for k in keys}
 
 
-def _sgd_args(b, o, active=None, grad_scale=None, found_inf=None):
-    return (b["param"], b["grad"], b["momentum_buffer"], b["seg_steps"], b["chunks"], active, b["hyper"],
-            b["schedule"], b["schedule_step"], o.get("dampening", 0.0), o.get("weight_decay", 0.0),
+def _seg(b, fused):
+    return b["table"] if fused else b["segments"]
+
+
+def _adam_args(b, o, fused=True, grad_scale=None, found_inf=None, param_dtype=None):
+    return (_seg(b, fused), param_dtype or _param_dtype(b), b["exp_avg"], b["exp_avg_sq"], b["max_exp_avg_sq"],
+            b["seg_steps"], b["chunks"], b["hyper"], b["schedule"], b["schedule_step"], o.get("beta2", 0.999),
+            o.get("eps", 1e-8), o.get("weight_decay", 0.0), o.get("decoupled", False), o.get("maximize", False),
+            grad_scale, found_inf)
+
+
+def _sgd_args(b, o, fused=True, grad_scale=None, found_inf=None, param_dtype=None):
+    return (_seg(b, fused), param_dtype or _param_dtype(b), b["momentum_buffer"], b["seg_steps"], b["chunks"],
+            b["hyper"], b["schedule"], b["schedule_step"], o.get("dampening", 0.0), o.get("weight_decay", 0.0),
             o.get("nesterov", False), o.get("maximize", False), grad_scale, found_inf)
 
 
@@ -135,17 +233,20 @@ KINDS = {
 
 
 def _run(kind, b, o, grads, *, fused: bool, extra=lambda step: {}):
-    """Steps the bucket through ``grads`` with the op (fused) or the reference."""
+    """Steps the bucket through ``grads`` with the op (fused) or the reference; ``extra(step)``
+    may name the step's active segments ("active": the others get None grads)."""
     op, ref, make_args = KINDS[kind]
     fn = op() if fused else ref
     for step, g in enumerate(grads):
-        b["grad"].copy_(g)
-        fn(*make_args(b, o, **extra(step)))
+        _set_grads(b, g)
+        kw = dict(extra(step))
+        _refresh(b, kw.pop("active", None))
+        fn(*make_args(b, o, fused, **kw))
         b["schedule_step"].add_(1)
 
 
 def _buffers(b):
-    return [k for k in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer") if b[k] is not None]
+    return [k for k in ("param", *STATES) if k == "param" or b[k] is not None]
 
 
 def _check(kind, b, o, grads, dtype, extra=lambda step: {}):
@@ -160,21 +261,24 @@ def _check(kind, b, o, grads, dtype, extra=lambda step: {}):
     assert torch.equal(b["seg_steps"], ref64["seg_steps"])
     if dtype in LOW_PRECISION:
         _run(kind, same, o, grads, fused=False, extra=extra)
+        assert torch.equal(b["seg_steps"], same["seg_steps"])
         for key in _buffers(b):
-            torch.testing.assert_close(b[key], same[key], **TOL_LOWP[dtype], msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(_value(b, key), _value(same, key), **TOL_LOWP[dtype],
+                                       msg=lambda m: f"{key}: {m}")
         _assert_within_twice(b, same, ref64)
     else:
         for key in _buffers(b):
-            want = ref64[key].to(b[key].dtype)
-            torch.testing.assert_close(b[key], want, **TOL[b[key].dtype], msg=lambda m: f"{key}: {m}")
+            ours = _value(b, key)
+            want = _value(ref64, key).to(ours.dtype)
+            torch.testing.assert_close(ours, want, **TOL[ours.dtype], msg=lambda m: f"{key}: {m}")
 
 
 def _assert_within_twice(ours, same, ref64):
     """Every buffer of ``ours`` is no further from the float64 run than twice the
     reference's own distance in the same dtype (DESIGN.md section 5)."""
     for key in _buffers(ours):
-        err_ours = (ours[key].double() - ref64[key]).abs().max().item()
-        err_ref = (same[key].double() - ref64[key]).abs().max().item()
+        err_ours = (_value(ours, key).double() - _value(ref64, key)).abs().max().item()
+        err_ref = (_value(same, key).double() - _value(ref64, key)).abs().max().item()
         assert err_ours <= 2 * err_ref + 1e-12, (key, err_ours, err_ref)
 
 
@@ -252,7 +356,7 @@ def test_active_grad_scale_found_inf(kind):
     scale = 1024.0
 
     def extra(step):
-        active = torch.tensor([(i + step) % 3 != 0 for i in range(n_seg)], device=DEVICE) if step % 2 else None
+        active = [(i + step) % 3 != 0 for i in range(n_seg)] if step % 2 else None
         dtype = torch.float64 if step % 3 == 2 else torch.float32  # both accepted
         return {
             "active": active,
@@ -265,17 +369,47 @@ def test_active_grad_scale_found_inf(kind):
     op, _, make_args = KINDS[kind]
     probe = _to(b)
     for step, g in enumerate(grads):
-        probe["grad"].copy_(g)
-        before = {k: v.clone() for k, v in probe.items() if isinstance(v, torch.Tensor) and k != "grad"}
-        op()(*make_args(probe, {"weight_decay": 0.01}, **extra(step)))
-        if step in skipped:
-            for key, value in before.items():
-                assert torch.equal(probe[key], value), f"{key} changed on skipped step {step}"
+        _set_grads(probe, g)
+        kw = extra(step)
+        _refresh(probe, kw.pop("active"))
+        before = _snapshot(probe)
+        op()(*make_args(probe, {"weight_decay": 0.01}, **kw))
+        after = _snapshot(probe)
+        for key, value in before.items():
+            if step in skipped:
+                assert torch.equal(after[key], value), f"{key} changed on skipped step {step}"
+            elif key != "seg_steps":  # inactive segments change nothing either
+                for i, (o, p) in enumerate(zip(probe["offsets"], probe["params"])):
+                    n = p.numel()
+                    if not (probe["active"] or [True] * n_seg)[i]:
+                        assert torch.equal(after[key][o : o + n], value[o : o + n]), (key, step, i)
         probe["schedule_step"].add_(1)
     assert probe["seg_steps"].tolist() == [
         sum(1 for s in range(9) if s not in skipped and (s % 2 == 0 or (i + s) % 3 != 0)) for i in range(n_seg)
     ]
     _check(kind, b, {"weight_decay": 0.01}, grads, dtype, extra=extra)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW_PRECISION], ids=str)
+def test_grad_sumsq_matches_reference(dtype):
+    """The active gradients' sum of squares (float64) over the segment table: the op, the
+    reference, and torch.linalg.vector_norm of the gradients themselves, squared;
+    segments without a gradient do not count."""
+    b = _bucket(RAGGED, dtype, chunk=1000)
+    _set_grads(b, _grads(b, steps=1)[0])
+    for active in (None, [i % 3 != 1 for i in range(len(RAGGED))]):
+        _refresh(b, active)
+        grads = [g for g in b["segments"].grads if g is not None]
+        want = sum(torch.linalg.vector_norm(g.double()).item() ** 2 for g in grads)
+        got = OPS.grad_sumsq(b["table"], dtype, b["chunks"])
+        assert got.dtype == torch.float64 and got.dim() == 0 and got.device == b["table"].device
+        ref = reference.grad_sumsq(b["segments"], dtype, b["chunks"])
+        torch.testing.assert_close(got.item(), ref.item(), **TOL[torch.float64])
+        torch.testing.assert_close(got.item(), want, **TOL[torch.float64])
+    _refresh(b, [False] * len(RAGGED))
+    assert OPS.grad_sumsq(b["table"], dtype, b["chunks"]).item() == 0.0
 
 
 @gpu
@@ -316,7 +450,7 @@ def test_bf16_states(kind):
     _run(kind, b, o, grads, fused=True)
     _run(kind, same, o, grads, fused=False)
     _run(kind, ref64, o, grads, fused=False)
-    assert all(b[key].dtype == torch.bfloat16 for key in _buffers(b))
+    assert all(_value(b, key).dtype == torch.bfloat16 for key in _buffers(b))
     _assert_within_twice(b, same, ref64)
 
 
@@ -336,18 +470,18 @@ def _run_precision(kind, dtype, *, master=False, sr_seed=None, rewrite_at=None, 
     states = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if kind == "adam" else ("momentum_buffer",)
     b = _bucket(RAGGED, dtype, states=states)
     b["schedule"] = torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64, device=DEVICE)
-    b["master_param"] = b["param"].float() if master else None
+    b["master_param"] = _value(b, "param").float() if master else None
     same = _to(b)
     grads = _grads(b, steps=steps)
     op, ref, make_args = KINDS[kind]
     o = {"weight_decay": 0.01, "decoupled": True, "nesterov": True}
     seg1 = (-(-RAGGED[0] // ALIGN) * ALIGN, -(-RAGGED[0] // ALIGN) * ALIGN + RAGGED[1])
-    for fn, bucket in ((op(), b), (ref, same)):
+    for fn, bucket, fused in ((op(), b, True), (ref, same, False)):
         for step, g in enumerate(grads):
             if step == rewrite_at:
-                bucket["param"][seg1[0] : seg1[1]] = 0.5
-            bucket["grad"].copy_(g)
-            fn(*make_args(bucket, o), bucket["master_param"], sr_seed)
+                bucket["params"][1].fill_(0.5)
+            _set_grads(bucket, g)
+            fn(*make_args(bucket, o, fused), bucket["master_param"], sr_seed)
             bucket["schedule_step"].add_(1)
     return b, same, seg1
 
@@ -363,7 +497,7 @@ def test_master_weights_match_reference(kind, dtype):
     b, same, seg1 = _run_precision(kind, dtype, master=True, rewrite_at=3)
     assert torch.equal(b["seg_steps"], same["seg_steps"])
     torch.testing.assert_close(b["master_param"], same["master_param"], **TOL[torch.float32])
-    assert torch.equal(b["param"], b["master_param"].to(dtype))
+    assert torch.equal(_value(b, "param"), b["master_param"].to(dtype))
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
         if b[key] is not None:
             torch.testing.assert_close(b[key], same[key], **TOL[torch.float32], msg=lambda m: f"{key}: {m}")
@@ -385,13 +519,13 @@ def test_stochastic_rounding_matches_reference(kind, seed):
     the other side once keeps that one-ulp offset (at the magnitude it had then, ~1
     for these N(0, 1) parameters) even where it later moves towards zero."""
     b, same, _ = _run_precision(kind, torch.bfloat16, sr_seed=seed)
-    ours, want = b["param"].float(), same["param"].float()
+    ours, want = _value(b, "param").float(), _value(same, "param").float()
     diff = (ours - want).abs()
     one_ulp = torch.maximum(torch.maximum(_bf16_ulp(ours), _bf16_ulp(want)), torch.tensor(2.0**-7))
     assert (diff <= one_ulp).all()
     assert (diff > 0).float().mean().item() < 2e-3
     rne, _, _ = _run_precision(kind, torch.bfloat16)
-    assert (rne["param"] != b["param"]).float().mean().item() > 0.2  # it did round differently
+    assert (_value(rne, "param") != _value(b, "param")).float().mean().item() > 0.2  # it did round differently
 
 
 @gpu
@@ -404,15 +538,17 @@ def test_skipped_step_leaves_masters_and_rounding_alone(kind):
     op, _, make_args = KINDS[kind]
     for master, seed in ((True, None), (False, 11)):
         b = _bucket(RAGGED, torch.bfloat16, states=states)
-        b["master_param"] = b["param"].float() + 1e-3 if master else None  # a master finer than its parameter
-        b["grad"].copy_(_grads(b, steps=1)[0])
+        # A master finer than its parameter (its padding too: nothing may write there).
+        b["master_param"] = _value(b, "param").float() + 1e-3 if master else None
+        _set_grads(b, _grads(b, steps=1)[0])
         for found_inf, moves in ((1.0, False), (0.0, True)):
-            before = {k: v.clone() for k, v in b.items() if isinstance(v, torch.Tensor) and k != "grad"}
+            before = _snapshot(b)
             skip = torch.tensor([found_inf], device=DEVICE)
             op()(*make_args(b, {"weight_decay": 0.01}, found_inf=skip), b["master_param"], seed)
+            after = _snapshot(b)
             for key, value in before.items():
                 if key in ("param", "master_param", "seg_steps"):
-                    assert torch.equal(b[key], value) != moves, (key, master, seed, found_inf)
+                    assert torch.equal(after[key], value) != moves, (key, master, seed, found_inf)
 
 
 @gpu
@@ -422,14 +558,14 @@ def test_stochastic_rounding_is_unbiased():
     draws: the binomial spread is 0.0018), where rounding to nearest never moves."""
     n = 65536
     b = _bucket([n], torch.bfloat16)
-    b["param"].fill_(1.0)
-    b["grad"].fill_(1.0)
+    b["params"][0].fill_(1.0)
+    b["grads"][0].fill_(1.0)
     ulp = 2.0**-8  # bf16 spacing just below 1.0
     b["hyper"][0] = 0.3 * ulp
     OPS.sgd_step_(*_sgd_args(b, {}), None, 99)
-    moved = (b["param"].float() != 1.0).float().mean().item()
+    moved = (b["params"][0].float() != 1.0).float().mean().item()
     assert abs(moved - 0.3) < 0.01
-    assert set(b["param"].float().unique().tolist()) == {1.0 - ulp, 1.0}
+    assert set(b["params"][0].float().unique().tolist()) == {1.0 - ulp, 1.0}
 
 
 @gpu
@@ -439,19 +575,19 @@ def test_precision_arguments_are_checked():
     low = _bucket([100, 7], torch.bfloat16, states=("exp_avg", "exp_avg_sq"))
     half = _bucket([100, 7], torch.float16, states=("exp_avg", "exp_avg_sq"))
     cases = [
-        (b, b["param"].clone(), None, "master_param is for BFloat16 or Half"),
-        (low, low["param"].clone(), None, "master_param must be Float"),
-        (low, low["param"].float()[:-1], None, "master_param has"),
-        (half, None, 3, "sr_seed .stochastic rounding. is for BFloat16"),
-        (low, low["param"].float(), 3, "not both"),
+        (b, _value(b, "param").clone(), None, None, "master_param is for BFloat16 or Half"),
+        (low, _value(low, "param").clone(), None, None, "master_param must be Float"),
+        (low, _value(low, "param").float()[:-1], None, None, "master_param has"),
+        (half, None, 3, None, "sr_seed .stochastic rounding. is for BFloat16"),
+        (low, _value(low, "param").float(), 3, None, "not both"),
         # A parameter dtype no kernel updates: refused before the step counters move.
-        (dict(b, param=b["param"].int(), grad=b["grad"].int()), None, None, "param has dtype"),
+        (b, None, None, torch.int32, "param_dtype is"),
     ]
-    for bucket, master, seed, match in cases:
-        before = bucket["param"].clone()
+    for bucket, master, seed, param_dtype, match in cases:
+        before = _value(bucket, "param").clone()
         with pytest.raises(RuntimeError, match=match):
-            OPS.adam_step_(*_adam_args(bucket, {}), master, seed)
-        assert torch.equal(bucket["param"], before) and int(bucket["seg_steps"].sum()) == 0
+            OPS.adam_step_(*_adam_args(bucket, {}, param_dtype=param_dtype), master, seed)
+        assert torch.equal(_value(bucket, "param"), before) and int(bucket["seg_steps"].sum()) == 0
 
 
 @gpu
@@ -494,20 +630,20 @@ def test_cuda_graph_replay_matches_eager(kind):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture, as torch.cuda.graph asks
-        b["grad"].copy_(grads[0])
+        _set_grads(b, grads[0])
         step(b)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(b)
     for g in grads[1:]:
-        b["grad"].copy_(g)
+        _set_grads(b, g)
         graph.replay()
     for g in grads:
-        eager["grad"].copy_(g)
+        _set_grads(eager, g)
         step(eager)
     for key in [*_buffers(b), "seg_steps", "schedule_step"]:
-        torch.testing.assert_close(b[key], eager[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(_value(b, key), _value(eager, key), rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
 
 
 TRAIN_STEPS = 100
@@ -658,12 +794,15 @@ def test_bad_arguments_are_named():
     b = _bucket([100, 7], torch.float32, states=("exp_avg", "exp_avg_sq"))
     o = {}
     cases = [
-        ("exp_avg", torch.zeros(b["param"].numel(), dtype=torch.float16, device=DEVICE), "exp_avg must be"),
-        ("exp_avg_sq", torch.zeros(b["param"].numel(), device="cpu"), "exp_avg_sq must be on"),
+        ("exp_avg", torch.zeros(b["total"], dtype=torch.float16, device=DEVICE), "exp_avg must be"),
+        ("exp_avg_sq", torch.zeros(b["total"], device="cpu"), "exp_avg_sq must be on"),
+        ("exp_avg_sq", torch.zeros(b["total"] - 1, device=DEVICE), "exp_avg_sq has"),
         ("chunks", b["chunks"].int(), "chunks must be"),
+        ("table", b["table"].int(), "segments must be"),
+        ("table", b["table"][:, :3].contiguous(), "segments must be"),
+        ("seg_steps", b["seg_steps"][:1], "seg_steps must be"),
         ("hyper", b["hyper"].float(), "hyper must be"),
         ("schedule_step", b["schedule_step"].double(), "schedule_step must be"),
-        ("grad", b["grad"][:-1], "grad has"),
     ]
     for key, value, match in cases:
         bad = dict(b, **{key: value})
@@ -680,11 +819,13 @@ def test_bad_arguments_are_named():
 def test_opcheck_cuda():
     b = _bucket([40, 9], torch.float32, states=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"))
     for g in _grads(b, steps=1):
-        b["grad"].copy_(g)
-    active = torch.tensor([True, False], device=DEVICE)
+        _set_grads(b, g)
     amp = {"grad_scale": torch.tensor([2.0], device=DEVICE), "found_inf": torch.zeros(1, device=DEVICE)}
-    torch.library.opcheck(OPS.adam_step_.default, _adam_args(_to(b), {"decoupled": True}, active=active, **amp))
+    inactive = _to(b)
+    _refresh(inactive, [True, False])  # segment 1 has no gradient
+    torch.library.opcheck(OPS.adam_step_.default, _adam_args(inactive, {"decoupled": True}, **amp))
     torch.library.opcheck(OPS.sgd_step_.default, _sgd_args(_to(b), {"nesterov": True}, **amp))
+    torch.library.opcheck(OPS.grad_sumsq.default, (b["table"], torch.float32, b["chunks"]))
     torch.library.opcheck(OPS.schedule_eval.default, (b["schedule"], b["schedule_step"]))
 
 
@@ -728,13 +869,13 @@ def _built_with_cuda(path: str) -> bool:
 
 
 def test_cuda_kernels_registered_when_built_with_cuda():
-    """Runs without a GPU: a CUDA build registers all three ops for the CUDA key."""
+    """Runs without a GPU: a CUDA build registers every op for the CUDA key."""
     path = _library_path()
     if path is None or not ops.extension_available():
         pytest.skip("fusedclr._C was not built")
     if not _built_with_cuda(path):
         pytest.skip("fusedclr._C was built without CUDA (no nvcc or FUSEDCLR_CUDA=0)")
-    for op in ("sgd_step_", "adam_step_", "schedule_eval"):
+    for op in ("sgd_step_", "adam_step_", "schedule_eval", "grad_sumsq"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CPU"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CUDA"), op
     assert ops.cuda_kernels_registered()

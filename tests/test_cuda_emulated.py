@@ -5,7 +5,8 @@ compiles csrc/cuda/optim_kernels.cuh (with the kernel selection of
 optim_dispatch.cuh) as host C++ (tests/cuda_emulation.cpp), which runs every
 (block, thread) of each launch in turn, and drives the same checks against the
 reference through it: indexing, 128-bit and scalar paths, chunk splitting,
-per-segment scalars, found_inf and the step counters. What it cannot see:
+per-segment scalars, segments without a gradient, found_inf, the step counters
+and the gradients' sum of squares. What it cannot see:
 real concurrency, the memory model, nvcc's code generation and speed.
 """
 
@@ -45,6 +46,7 @@ def emulated(tmp_path_factory):
         sgd_step_=lambda *args: lib.sgd_step_(*args, resident=RESIDENT_BLOCKS),
         adam_step_=lambda *args: lib.adam_step_(*args, resident=RESIDENT_BLOCKS),
         schedule_eval=lib.schedule_eval,
+        grad_sumsq=lambda *args: lib.grad_sumsq(*args, resident=RESIDENT_BLOCKS),
     )
 
 
@@ -80,6 +82,11 @@ def test_schedules(kind, schedule):
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
 def test_active_grad_scale_found_inf(kind):
     checks.test_active_grad_scale_found_inf(kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_grad_sumsq(dtype):
+    checks.test_grad_sumsq_matches_reference(dtype)
 
 
 @pytest.mark.parametrize("offset", [0, 1])

@@ -18,24 +18,47 @@ pytestmark = requires_extension()
 ALIGN = 16
 
 
-def _bucket(sizes, dtype=torch.float32, chunk=64, amsgrad=False, momentum=True):
-    """A hand-built flat bucket following the contract in csrc/ops.cpp."""
-    padded = [-(-n // ALIGN) * ALIGN for n in sizes]
-    total = sum(padded)
-    rows, off = [], 0
-    for seg, n in enumerate(padded):
-        for b in range(off, off + n, chunk):
-            rows.append((seg, b, min(b + chunk, off + n)))
-        off += n
+def _params(sizes, dtype, gen):
+    """Separate tensors as a model holds them: ragged sizes, every other one a view at an
+    odd element offset of one shared tensor (unaligned segment starts), 2-D ones
+    transposed where the size allows (dense, not contiguous)."""
+    shared = torch.zeros(sum(sizes) + 2 * len(sizes) + 2, dtype=dtype)
+    out, pos = [], 1
+    for i, n in enumerate(sizes):
+        if i % 2 == 1:
+            out.append(shared[pos : pos + n])
+            pos += n + (2 if (pos + n) % 2 else 1)  # the next view starts at an odd offset too
+        elif n == 130:
+            out.append(torch.zeros(13, 10, dtype=dtype).t())
+        else:
+            out.append(torch.zeros(n, dtype=dtype))
+    for t in out:
+        reference.memory_image(t).copy_(torch.randn(t.numel(), generator=gen, dtype=torch.float64))
+    return out
+
+
+def _bucket(sizes, dtype=torch.float32, chunk=64, amsgrad=False, momentum=True, seed=0):
+    """A hand-built bucket following the contract in csrc/ops.cpp: the parameters and their
+    gradients (same strides) behind a segment table, flat states with each segment at an
+    ALIGN-aligned offset, chunk rows covering each segment's elements (not the padding)."""
+    offsets, rows, off = [], [], 0
+    for seg, n in enumerate(sizes):
+        offsets.append(off)
+        rows += [(seg, b, min(b + chunk, off + n)) for b in range(off, off + n, chunk)]
+        off += -(-n // ALIGN) * ALIGN
+    total = off
     state = torch.float64 if dtype == torch.float64 else torch.float32
-    mask = torch.zeros(total, dtype=torch.bool)
-    off = 0
-    for n, pn in zip(sizes, padded):
-        mask[off : off + n] = True
-        off += pn
-    b = {
-        "param": torch.where(mask, torch.randn(total, dtype=torch.float64), 0).to(dtype),
-        "grad": torch.where(mask, torch.randn(total, dtype=torch.float64), 0).to(dtype),
+    gen = torch.Generator().manual_seed(seed)
+    params = _params(sizes, dtype, gen)
+    grads = [torch.empty_like(p) for p in params]
+    for g in grads:
+        reference.memory_image(g).copy_(torch.randn(g.numel(), generator=gen, dtype=torch.float64))
+    return {
+        "params": params,
+        "grads": grads,
+        "offsets": offsets,
+        "total": total,
+        "dtype": dtype,
         "exp_avg": torch.zeros(total, dtype=state),
         "exp_avg_sq": torch.zeros(total, dtype=state),
         "max_exp_avg_sq": torch.zeros(total, dtype=state) if amsgrad else None,
@@ -46,22 +69,62 @@ def _bucket(sizes, dtype=torch.float32, chunk=64, amsgrad=False, momentum=True):
         "schedule": torch.tensor(reference.no_schedule(), dtype=torch.float64),
         "schedule_step": torch.zeros((), dtype=torch.int64),
     }
-    return b
 
 
-def _adam_args(b, active=None, decoupled=True, maximize=False, wd=0.01, grad_scale=None, found_inf=None):
-    return (b["param"], b["grad"], b["exp_avg"], b["exp_avg_sq"], b["max_exp_avg_sq"], b["seg_steps"], b["chunks"],
-            active, b["hyper"], b["schedule"], b["schedule_step"], 0.999, 1e-8, wd, decoupled, maximize,
+def _segments(b, active=None):
+    """The bucket's Segments; ``active[i]`` False: segment i has no gradient this step."""
+    grads = [g if active is None or active[i] else None for i, g in enumerate(b["grads"])]
+    return reference.Segments(b["params"], grads, b["offsets"], b["total"])
+
+
+def _flat_params(b):
+    """The parameters gathered into the state layout (zero padding)."""
+    flat = torch.zeros(b["total"], dtype=b["dtype"])
+    for p, o in zip(b["params"], b["offsets"]):
+        flat[o : o + p.numel()] = reference.memory_image(p)
+    return flat
+
+
+def _adam_args(b, seg, decoupled=True, maximize=False, wd=0.01, grad_scale=None, found_inf=None, param_dtype=None):
+    return (seg, param_dtype or b["dtype"], b["exp_avg"], b["exp_avg_sq"], b["max_exp_avg_sq"], b["seg_steps"],
+            b["chunks"], b["hyper"], b["schedule"], b["schedule_step"], 0.999, 1e-8, wd, decoupled, maximize,
             grad_scale, found_inf)
 
 
-def _sgd_args(b, active=None, nesterov=False, maximize=False, wd=0.01, grad_scale=None, found_inf=None):
-    return (b["param"], b["grad"], b["momentum_buffer"], b["seg_steps"], b["chunks"], active, b["hyper"],
-            b["schedule"], b["schedule_step"], 0.0, wd, nesterov, maximize, grad_scale, found_inf)
+def _sgd_args(b, seg, nesterov=False, maximize=False, wd=0.01, grad_scale=None, found_inf=None):
+    return (seg, b["dtype"], b["momentum_buffer"], b["seg_steps"], b["chunks"], b["hyper"], b["schedule"],
+            b["schedule_step"], 0.0, wd, nesterov, maximize, grad_scale, found_inf)
 
 
 def _clone(b):
-    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+    """An identical copy: its own parameter and gradient tensors (same strides) and states."""
+    out = {}
+    for k, v in b.items():
+        if k in ("params", "grads"):
+            out[k] = [t.clone() for t in v]
+        else:
+            out[k] = v.clone() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def _table(b, active=None):
+    return _segments(b, active).table()
+
+
+def _assert_buckets_close(b, r, keys, tol):
+    """Parameters, the named states and the step counts of the op's bucket and the reference's."""
+    for p, q in zip(b["params"], r["params"]):
+        assert p.stride() == q.stride()
+    torch.testing.assert_close(_flat_params(b), _flat_params(r), **tol, msg=lambda m: f"params: {m}")
+    torch.testing.assert_close(b["seg_steps"], r["seg_steps"], rtol=0, atol=0)
+    for key in keys:
+        if b[key] is not None:
+            torch.testing.assert_close(b[key], r[key], **tol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+# Ragged: unaligned sizes, an empty parameter (its empty gradient still counts a step),
+# views at odd offsets and a transposed one (see _params).
+SIZES = [3 * 64 + 17, 77, 130, 5, 0]
 
 
 SCHEDULES = {
@@ -80,19 +143,18 @@ SCHEDULES = {
 @pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_adam_kernel_matches_reference(schedule, amsgrad, decoupled, maximize):
-    b = _bucket([3 * 64 + 17, 5, 130], amsgrad=amsgrad)
+    b = _bucket(SIZES, amsgrad=amsgrad)
     b["schedule"] = torch.tensor(SCHEDULES[schedule], dtype=torch.float64)
     r = _clone(b)
-    active = torch.tensor([True, False, True])
+    active = [True, False, True, False, False]  # None grads: the empty parameter too
     for step in range(8):
         act = active if step % 3 == 1 else None
-        ops.adam_step_(*_adam_args(b, act, decoupled, maximize))
-        reference.adam_step_(*_adam_args(r, act, decoupled, maximize))
+        ops.adam_step_(*_adam_args(b, _table(b, act), decoupled, maximize))
+        reference.adam_step_(*_adam_args(r, _segments(r, act), decoupled, maximize))
         b["schedule_step"].add_(1)
         r["schedule_step"].add_(1)
-    for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "seg_steps"):
-        if b[key] is not None:
-            torch.testing.assert_close(b[key], r[key], **TOL[torch.float32])
+    assert b["seg_steps"].tolist() == [8, 5, 8, 5, 5]
+    _assert_buckets_close(b, r, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -102,48 +164,84 @@ def test_adam_kernel_matches_reference(schedule, amsgrad, decoupled, maximize):
 def test_sgd_kernel_matches_reference(schedule, nesterov, momentum, maximize):
     if nesterov and not momentum:
         pytest.skip("nesterov needs momentum")
-    b = _bucket([3 * 64 + 17, 5, 130], momentum=momentum)
+    b = _bucket(SIZES, momentum=momentum)
     b["schedule"] = torch.tensor(SCHEDULES[schedule], dtype=torch.float64)
     r = _clone(b)
     for step in range(8):
-        act = torch.tensor([True, True, False]) if step == 2 else None
-        ops.sgd_step_(*_sgd_args(b, act, nesterov, maximize))
-        reference.sgd_step_(*_sgd_args(r, act, nesterov, maximize))
+        act = [True, True, False, True, False] if step == 2 else None
+        ops.sgd_step_(*_sgd_args(b, _table(b, act), nesterov, maximize))
+        reference.sgd_step_(*_sgd_args(r, _segments(r, act), nesterov, maximize))
         b["schedule_step"].add_(1)
         r["schedule_step"].add_(1)
-    for key in ("param", "momentum_buffer", "seg_steps"):
-        if b[key] is not None:
-            torch.testing.assert_close(b[key], r[key], **TOL[torch.float32])
+    assert b["seg_steps"].tolist() == [8, 8, 7, 8, 7]
+    _assert_buckets_close(b, r, ("momentum_buffer",), TOL[torch.float32])
+
+
+def test_inactive_segments_change_nothing():
+    """A segment whose gradient is None keeps its parameter, states and step count bit for bit."""
+    b = _bucket(SIZES, amsgrad=True)
+    ops.adam_step_(*_adam_args(b, _table(b)))
+    params, states = [p.clone() for p in b["params"]], {k: b[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    active = [False, True, False, True, True]
+    ops.adam_step_(*_adam_args(b, _table(b, active)))
+    assert b["seg_steps"].tolist() == [1, 2, 1, 2, 2]
+    for i, (p, before, o) in enumerate(zip(b["params"], params, b["offsets"])):
+        assert torch.equal(p, before) != active[i] or p.numel() == 0, i
+        for key, value in states.items():
+            n = p.numel()
+            assert torch.equal(b[key][o : o + n], value[o : o + n]) != active[i] or n == 0, (key, i)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_kernel_dtypes_match_reference(dtype):
-    b = _bucket([100, 37], dtype=dtype)
+    b = _bucket([100, 37, 130], dtype=dtype)
     r = _clone(b)
     for _ in range(7):
-        ops.adam_step_(*_adam_args(b))
-        reference.adam_step_(*_adam_args(r))
+        ops.adam_step_(*_adam_args(b, _table(b)))
+        reference.adam_step_(*_adam_args(r, _segments(r)))
     assert b["exp_avg"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(p.dtype == dtype for p in b["params"])
     # Same fp32 math on both sides: the stored parameters agree to the dtype's own
     # assert_close defaults (one rounding of the final store).
-    torch.testing.assert_close(b["param"], r["param"], **TOL.get(dtype, {}))
+    torch.testing.assert_close(_flat_params(b), _flat_params(r), **TOL.get(dtype, {}))
+    torch.testing.assert_close(b["exp_avg"], r["exp_avg"], **TOL[b["exp_avg"].dtype])
     torch.testing.assert_close(b["exp_avg_sq"], r["exp_avg_sq"], **TOL[b["exp_avg_sq"].dtype])
+    assert torch.equal(b["seg_steps"], r["seg_steps"])
 
 
 def test_found_inf_changes_nothing_and_grad_scale_unscales():
-    b = _bucket([50, 20], amsgrad=True)
-    ops.adam_step_(*_adam_args(b))
+    b = _bucket([50, 20, 130], amsgrad=True)
+    ops.adam_step_(*_adam_args(b, _table(b)))
     before = _clone(b)
-    ops.adam_step_(*_adam_args(b, found_inf=torch.tensor(1.0)))
+    ops.adam_step_(*_adam_args(b, _table(b), found_inf=torch.tensor(1.0)))
     for key, value in before.items():
-        if isinstance(value, torch.Tensor):
+        if key in ("params", "grads"):
+            assert all(torch.equal(x, y) for x, y in zip(b[key], value)), f"{key} changed on a skipped step"
+        elif isinstance(value, torch.Tensor):
             assert torch.equal(b[key], value), f"{key} changed on a skipped step"
     # grad_scale: scaled grads + scale == unscaled grads.
     scaled = _clone(b)
-    scaled["grad"] = b["grad"] * 1024
-    ops.adam_step_(*_adam_args(scaled, grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0)))
-    ops.adam_step_(*_adam_args(b))
-    torch.testing.assert_close(scaled["param"], b["param"], **TOL[torch.float32])
+    for g in scaled["grads"]:
+        g.mul_(1024)
+    ops.adam_step_(*_adam_args(scaled, _table(scaled), grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0)))
+    ops.adam_step_(*_adam_args(b, _table(b)))
+    _assert_buckets_close(scaled, b, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_grad_sumsq_matches_reference_and_norm(dtype):
+    """The active gradients' sum of squares in float64: the CPU op, the reference and
+    torch.linalg.vector_norm of the gradients, squared (the emulated CUDA op:
+    tests/test_cuda_emulated.py)."""
+    b = _bucket(SIZES, dtype=dtype, chunk=50)
+    for active in (None, [True, False, True, True, False], [False] * len(SIZES)):
+        segs = _segments(b, active)
+        got = ops.grad_sumsq(segs.table(), dtype, b["chunks"])
+        assert got.dtype == torch.float64 and got.dim() == 0
+        want = sum((torch.linalg.vector_norm(g.double()) ** 2).item() for g in segs.grads if g is not None)
+        torch.testing.assert_close(got.item(), float(want), **TOL[torch.float64])
+        ref = reference.grad_sumsq(segs, dtype, b["chunks"])
+        torch.testing.assert_close(got.item(), ref.item(), **TOL[torch.float64])
 
 
 def test_schedule_eval_matches_reference():
@@ -161,34 +259,56 @@ def test_schedule_eval_matches_reference():
 
 def test_opcheck_every_op():
     b = _bucket([40, 9], amsgrad=True)
-    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default, _adam_args(_clone(b)))
+    c = _clone(b)
+    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default, _adam_args(c, _table(c)))
+    c = _clone(b)
     torch.library.opcheck(torch.ops.fusedclr.adam_step_.default,
-                          _adam_args(_clone(b), active=torch.tensor([True, False]), grad_scale=torch.tensor(2.0),
+                          _adam_args(c, _table(c, [True, False]), grad_scale=torch.tensor(2.0),
                                      found_inf=torch.tensor(0.0)))
-    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, _sgd_args(_clone(b)))
+    c = _clone(b)
+    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, _sgd_args(c, _table(c)))
+    torch.library.opcheck(torch.ops.fusedclr.grad_sumsq.default, (_table(b), torch.float32, b["chunks"]))
     # The precision opt-ins [note: precision opt-ins]: a mutated fp32 master, a seed with bf16 states.
     low = _bucket([40, 9], dtype=torch.bfloat16, amsgrad=True)
-    master = low["param"].float()
-    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default, (*_adam_args(_clone(low)), master))
-    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, (*_sgd_args(_clone(low)), master.clone()))
+    master = _flat_params(low).float()
+    c = _clone(low)
+    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default, (*_adam_args(c, _table(c)), master))
+    c = _clone(low)
+    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, (*_sgd_args(c, _table(c)), master.clone()))
     bf16_states = {k: v.bfloat16() if k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and v is not None else v
                    for k, v in _clone(low).items()}
-    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default, (*_adam_args(bf16_states), None, 7))
-    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, _sgd_args(_clone(low)), {"sr_seed": 2**40})
+    torch.library.opcheck(torch.ops.fusedclr.adam_step_.default,
+                          (*_adam_args(bf16_states, _table(bf16_states)), None, 7))
+    c = _clone(low)
+    torch.library.opcheck(torch.ops.fusedclr.sgd_step_.default, _sgd_args(c, _table(c)), {"sr_seed": 2**40})
     torch.library.opcheck(torch.ops.fusedclr.schedule_eval.default,
                           (torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64), torch.tensor(3)))
 
 
 def test_bad_arguments_are_named():
-    b = _bucket([10])
+    b = _bucket([10, 20])
+    table = _table(b)
     bad = _clone(b)
     bad["exp_avg"] = torch.zeros(5)
     with pytest.raises(RuntimeError, match="exp_avg"):
-        ops.adam_step_(*_adam_args(bad))
-    bad = _clone(b)
-    bad["grad"] = bad["grad"].double()
-    with pytest.raises(RuntimeError, match="grad dtype"):
-        ops.adam_step_(*_adam_args(bad))
+        ops.adam_step_(*_adam_args(bad, _table(bad)))
+    # A dtype no kernel updates is refused before the step counters move.
+    with pytest.raises(RuntimeError, match="param_dtype is Int"):
+        ops.adam_step_(*_adam_args(b, table, param_dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="segments must be"):
+        ops.adam_step_(*_adam_args(b, table.int()))
+    with pytest.raises(RuntimeError, match="segments must be"):
+        ops.adam_step_(*_adam_args(b, table[:, :3].contiguous()))
+    with pytest.raises(RuntimeError, match="seg_steps must be"):
+        ops.adam_step_(*_adam_args(dict(b, seg_steps=b["seg_steps"][:1]), table))
+    assert int(b["seg_steps"].sum()) == 0
+    # Chunk rows must stay inside their segment's elements (not its padding) and name a segment.
+    for row, match in (((0, 0, 11), "lies outside segment 0"), ((1, 15, 20), "lies outside segment 1"),
+                       ((2, 0, 1), "names segment 2 of 2")):
+        with pytest.raises(RuntimeError, match=match):
+            ops.adam_step_(*_adam_args(dict(b, chunks=torch.tensor([row])), table))
+    with pytest.raises(RuntimeError, match="names segment 2 of 2"):
+        ops.grad_sumsq(table, torch.float32, torch.tensor([(2, 0, 1)]))
 
 
 def test_cuda_kernels_compiled_when_nvcc_present():
@@ -213,7 +333,7 @@ def test_package_works_without_extension():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    for _ in range(2):\n"
-        "        p.grad.fill_(1.0); opt.step()\n"
+        "        p.grad = torch.ones(3); opt.step()\n"
         "n = sum('reference backend' in str(x.message) for x in w)\n"
         "assert n == 1, n\n"
         "assert torch.equal(p.detach(), torch.zeros(3)), p\n"
@@ -225,42 +345,74 @@ def test_package_works_without_extension():
     assert out.stdout.strip() == "ok"
 
 
-def test_grads_are_matches_python_identity_check():
-    """The C fast-path check agrees with `p.grad is e` in every case the optimizers rely on,
-    from the lists (grads_are) and prepared once (grads_checker, as buckets use it)."""
-    import operator
+def test_segment_tracker_refreshes_the_table_like_the_python_fallback(monkeypatch):
+    """The per-step refresh of a bucket's host segment table [note: segment refresh]: the
+    parameters' and gradients' addresses written (0 for a None grad, 1 for an empty one),
+    flags 0 when nothing moved, TABLE_CHANGED when a grad was replaced, SLOW_PATH for a grad
+    the kernels cannot walk (dtype, shape, strides) and PARAM_CHANGED for a parameter that
+    changed dtype or size; the C loop and the Python fallback (what ops.segment_tracker
+    returns without the extension) agree at every stage."""
+    ps = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2)),
+          torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.randn(4))]
+    trackers = {"c": ops.segment_tracker(ps, torch.float32, torch.device("cpu"))}
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_C", None)
+        trackers["python"] = ops.segment_tracker(ps, torch.float32, torch.device("cpu"))
+    assert trackers["python"].func is ops._refresh_in_python
+    tables = {}
+    for name in trackers:
+        tables[name] = torch.zeros(len(ps), 4, dtype=torch.int64)
+        tables[name][:, 2] = torch.tensor([0, 16, 32, 32])  # offsets and numels are left alone
+        tables[name][:, 3] = torch.tensor([3, 4, 0, 4])
 
-    ps = [torch.nn.Parameter(torch.ones(2)) for _ in range(4)]
-    views = [torch.zeros(2) for _ in ps]
-    for p, v in zip(ps, views):
-        p.grad = v
-    cases = {
-        "all views": (ps, views),
-        "one replaced": (ps, [*views[:3], torch.zeros(2)]),
-        "expected None, grad set": (ps, [*views[:3], None]),
-    }
-    checks = {name: ops.grads_checker(*lists) for name, lists in cases.items()}
-    for name, (params, expected) in cases.items():
-        want = all(map(operator.is_, (p.grad for p in params), expected))
-        assert ops.grads_are(params, expected) is want, name
-        assert checks[name]() is want, name
-    ps[3].grad = None  # a prepared check sees grads change after it was made
-    assert ops.grads_are(ps, [*views[:3], None]) is True and checks["expected None, grad set"]() is True
-    assert ops.grads_are(ps, views) is False and checks["all views"]() is False
-    for fn in (ops.grads_are, ops.grads_checker):
-        with pytest.raises(ValueError, match="length"):
-            fn(ps, views[:2])
-        with pytest.raises(TypeError, match="lists of tensors"):
-            fn([*ps[:3], "not a tensor"], views)
-        with pytest.raises(TypeError, match="lists of tensors"):
-            fn(ps, [*views[:3], 1.0])
-    # A tensor that never had autograd metadata has no grad; a tensor subclass is a tensor.
-    class Sub(torch.Tensor):
-        pass
+    def refresh():
+        flags = {name: fn(tables[name]) for name, fn in trackers.items()}
+        assert flags["c"] == flags["python"], flags
+        assert torch.equal(tables["c"], tables["python"]), tables
+        return flags["c"]
 
-    bare, sub = torch.zeros(2), torch.zeros(2).as_subclass(Sub)
-    sub.grad = views[0]
-    assert ops.grads_are([bare, sub], [None, views[0]]) is True
-    assert ops.grads_are([bare, sub], [views[1], views[0]]) is False
-    assert ops.grads_checker([bare, sub], [None, views[0]])() is True
-    assert ops.grads_checker([bare, sub], [views[1], views[0]])() is False
+    ps[0].grad = torch.randn(3)
+    ps[2].grad = torch.zeros(0)
+    ps[3].grad = torch.randn(4)
+    assert refresh() == ops.TABLE_CHANGED
+    t = tables["c"]
+    assert t[:, 0].tolist() == [p.data_ptr() for p in ps]
+    assert t[:, 1].tolist() == [ps[0].grad.data_ptr(), 0, 1, ps[3].grad.data_ptr()]
+    assert t[:, 2].tolist() == [0, 16, 32, 32] and t[:, 3].tolist() == [3, 4, 0, 4]
+    assert refresh() == 0  # nothing moved: nothing to upload
+
+    old = ps[0].grad  # kept alive, so that the new gradient cannot reuse its address
+    ps[0].grad = torch.randn(3)
+    assert refresh() == ops.TABLE_CHANGED and t[0, 1] == ps[0].grad.data_ptr() != old.data_ptr()
+    ps[1].grad = torch.randn(2, 2)
+    assert refresh() == ops.TABLE_CHANGED and t[1, 1] == ps[1].grad.data_ptr()
+    ps[0].grad = None
+    assert refresh() == ops.TABLE_CHANGED and t[0, 1] == 0
+    assert refresh() == 0
+
+    # Gradients the kernels cannot walk as their parameter's memory image.
+    good = ps[1].grad
+    ps[1].grad = torch.randn(2, 2).t()  # other strides
+    assert refresh() == ops.SLOW_PATH
+    ps[1].grad = good
+    assert refresh() == 0
+    ps[3].grad_dtype = None  # allows a gradient of another dtype
+    ps[3].grad = torch.randn(4, dtype=torch.float64)
+    assert refresh() == ops.SLOW_PATH
+    ps[3].grad = torch.randn(4)
+    assert refresh() == ops.TABLE_CHANGED
+    ps[3].grad.data = torch.randn(2, 2)  # another shape, past the setter's check
+    assert refresh() == ops.SLOW_PATH
+    ps[3].grad = torch.randn(4)
+    assert refresh() == ops.TABLE_CHANGED
+
+    # A parameter moved to another dtype (model.double()) or size: the bucket must be rebuilt.
+    ps[2].data = ps[2].data.double()
+    assert refresh() & ops.PARAM_CHANGED
+    ps[2].data = ps[2].data.float()
+    assert refresh() == 0
+    ps[3].data = torch.randn(5)
+    assert refresh() & ops.PARAM_CHANGED
+
+    with pytest.raises(TypeError, match="parameter 1 is not a tensor"):
+        ops.segment_tracker([ps[0], "not a tensor"], torch.float32, torch.device("cpu"))
