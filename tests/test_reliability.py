@@ -398,7 +398,7 @@ def test_skip_nonfinite_is_or_ed_with_a_scalers_found_inf(cls):
     p = torch.nn.Parameter(torch.ones(5))
     opt = getattr(fusedclr, cls)([p], **OPTIONS[cls], skip_nonfinite=True)
     one, zero = torch.tensor([1.0]), torch.tensor([0.0])
-    p.grad.copy_(torch.tensor([1.0, math.nan, 1.0, 1.0, 1.0]))
+    p.grad = torch.tensor([1.0, math.nan, 1.0, 1.0, 1.0])
     before = _snapshot(opt)
     opt.step(grad_scale=one, found_inf=zero)  # the scaler saw nothing, the guard does
     _assert_unchanged(before, _snapshot(opt))
@@ -597,7 +597,7 @@ def test_bias_correction_beyond_2_24(backend, dtype):
         opt._buckets[i][0].seg_steps.fill_(BIG_STEPS[i])
         opt.state[p]["exp_avg"].copy_(exp_avg[i])
         opt.state[p]["exp_avg_sq"].copy_(exp_avg_sq[i])
-        p.grad.copy_(torch.randn(5, dtype=torch.float64))
+        p.grad = torch.randn(5, dtype=torch.float64).to(dtype)
     grads = [p.grad.to(torch.float64) for p in ps]
     opt.step()
     for i, (p, step) in enumerate(zip(ps, BIG_STEPS)):
@@ -663,7 +663,7 @@ def test_schedule_beyond_2_24_matches_reference(name):
         sched = Fixed()  # kept: the optimizer holds its scheduler weakly (docs/CONTRACTS.md)
         opt._attach_schedule(sched)
         Fixed.counter.fill_(t)
-        p.grad.fill_(1.0)
+        p.grad = torch.ones_like(p)
         opt.step()
         lr, _ = reference.schedule_value(desc, t)
         torch.testing.assert_close(-p.detach(), torch.full_like(p, lr), rtol=1e-12, atol=1e-15)
