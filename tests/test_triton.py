@@ -69,39 +69,76 @@ def _tol(dtype: torch.dtype) -> dict:
 
 # Segment sizes: ragged around BLOCK, a tiny one, and an empty parameter.
 SIZES = [3 * BLOCK + 17, 40, 5, 0, 2 * BLOCK + 1]
+ALIGN = 16
 
 
-def chunk_table(sizes: list[int], chunk: int, align: int = 1) -> tuple[torch.Tensor, int]:
-    """(segment, begin, end) rows as fusedclr.optim's buckets build them; ``align=1``
-    leaves segment and chunk boundaries unaligned, which the kernels' edge tiles cover."""
-    rows, off = [], 0
+def chunk_table(sizes: list[int], chunk: int, align: int = ALIGN) -> tuple[torch.Tensor, list[int], int]:
+    """(segment, begin, end) rows as fusedclr.optim's buckets build them, covering each
+    segment's elements (not the padding): the chunk table, the segments' state offsets
+    (multiples of ``align``) and the states' length. A chunk size that is not a multiple
+    of ALIGN leaves chunk boundaries unaligned, which the kernels' edge tiles cover."""
+    rows, offsets, off = [], [], 0
     for seg, n in enumerate(sizes):
-        padded = -(-n // align) * align
-        rows += [(seg, b, min(b + chunk, off + padded)) for b in range(off, off + padded, chunk)]
-        off += padded
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), off
+        offsets.append(off)
+        rows += [(seg, b, min(b + chunk, off + n)) for b in range(off, off + n, chunk)]
+        off += -(-n // align) * align
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), offsets, off
 
 
 LAYOUTS = {
-    # The largest segment spans two chunks (two programs share its step count); no boundary is aligned.
-    "ragged": lambda: chunk_table(SIZES, 2 * BLOCK + 50),
-    # A bucket's own layout: 16-element aligned segments, chunks of 2 * BLOCK.
-    "bucket": lambda: chunk_table(SIZES, 2 * BLOCK, align=16),
+    # The largest segment spans two chunks (two programs share its step count); chunk boundaries
+    # are unaligned, and the parameters are views at odd offsets of one tensor (unaligned starts).
+    "ragged": lambda: (*chunk_table(SIZES, 2 * BLOCK + 50), True),
+    # A bucket's own layout: chunks of 2 * BLOCK, each parameter a tensor of its own.
+    "bucket": lambda: (*chunk_table(SIZES, 2 * BLOCK), False),
 }
 
 
+def _tensors(sizes: list[int], dtype: torch.dtype, device, shared: bool) -> list[torch.Tensor]:
+    """Separate tensors of ``sizes`` elements: views at odd element offsets of one tensor
+    (``shared``), or tensors of their own."""
+    if not shared:
+        return [torch.zeros(n, dtype=dtype, device=device) for n in sizes]
+    base = torch.zeros(sum(sizes) + 2 * len(sizes) + 1, dtype=dtype, device=device)
+    out, pos = [], 1
+    for n in sizes:
+        out.append(base[pos : pos + n])
+        pos += n + (2 if (pos + n) % 2 else 1)  # the next one starts at an odd offset too
+    return out
+
+
+def _assign(tensors: list[torch.Tensor], offsets: list[int], flat: torch.Tensor) -> None:
+    """Writes state-layout values into the tensors' memory images."""
+    for t, o in zip(tensors, offsets):
+        ref.memory_image(t).copy_(flat[o : o + t.numel()])
+
+
 class Bucket:
-    """One bucket's tensors, built identically for every backend from a seed."""
+    """One bucket's tensors, built identically for every backend from a seed: the parameters
+    and their gradient tensors (one step's values copied in before each step) behind a segment
+    table, flat states, chunk table. ``active[i]`` False: segment i's grad is None."""
 
     def __init__(self, op: str, *, dtype=torch.float32, layout="ragged", momentum=0.0, amsgrad=False,
                  schedule=None, hyper=None, active=None, seed=0, device=None):
         device = device or DEVICE
         self.op = op
-        self.chunks, n = LAYOUTS[layout]()
+        self.device = device
+        self.param_dtype = dtype
+        self.chunks, self.offsets, n, shared = LAYOUTS[layout]()
+        self.total = n
         self.chunks = self.chunks.to(device)
         gen = torch.Generator().manual_seed(seed)
-        self.param = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(device)
-        self.grads = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(device) for _ in range(STEPS)]
+        mask = torch.zeros(n, dtype=torch.bool)
+        for o, k in zip(self.offsets, SIZES):
+            mask[o : o + k] = True
+
+        def values():
+            return torch.where(mask, torch.randn(n, generator=gen, dtype=torch.float64), 0).to(dtype).to(device)
+
+        self.params = _tensors(SIZES, dtype, device, shared)
+        _assign(self.params, self.offsets, values())
+        self.grads = [values() for _ in range(STEPS)]  # each step's gradients, in the state layout
+        self.grad_tensors = _tensors(SIZES, dtype, device, shared)
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         zeros = lambda: torch.zeros(n, dtype=state_dtype, device=device)  # noqa: E731
         n_seg = len(SIZES)
@@ -114,7 +151,18 @@ class Bucket:
         self.hyper = torch.tensor(hyper or [lr, momentum if op == "sgd" else 0.9], dtype=torch.float64, device=device)
         self.schedule = torch.tensor(schedule or ref.no_schedule(), dtype=torch.float64, device=device)
         self.schedule_step = torch.zeros((), dtype=torch.int64, device=device)
-        self.active = None if active is None else torch.tensor(active, device=device)
+        self.active = active
+        grads = [g if active is None or active[i] else None for i, g in enumerate(self.grad_tensors)]
+        self.segments = ref.Segments(self.params, grads, self.offsets, n)
+        self.table = self.segments.table(device)
+
+    @property
+    def param(self) -> torch.Tensor:
+        """The parameters gathered into the state layout (zero padding)."""
+        flat = torch.zeros(self.total, dtype=self.params[0].dtype, device=self.device)
+        for p, o in zip(self.params, self.offsets):
+            flat[o : o + p.numel()] = ref.memory_image(p)
+        return flat
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"param": self.param, "seg_steps": self.seg_steps}
@@ -125,13 +173,17 @@ class Bucket:
         self.apply(impl, self.grads[k % STEPS], opts, grad_scale=grad_scale, found_inf=found_inf)
 
     def apply(self, impl, grad: torch.Tensor, opts: dict, *, grad_scale=None, found_inf=None) -> None:
-        common = (self.seg_steps, self.chunks, self.active, self.hyper, self.schedule, self.schedule_step)
+        """One step with the gradients ``grad`` (state layout); the reference gets the Segments,
+        every other implementation the segment table."""
+        _assign(self.grad_tensors, self.offsets, grad)
+        seg = self.segments if impl is ref else self.table
+        common = (self.seg_steps, self.chunks, self.hyper, self.schedule, self.schedule_step)
         if self.op == "sgd":
-            impl.sgd_step_(self.param, grad, self.states["momentum_buffer"], *common, opts.get("dampening", 0.0),
-                           opts.get("weight_decay", 0.0), opts.get("nesterov", False), opts.get("maximize", False),
-                           grad_scale, found_inf)
+            impl.sgd_step_(seg, self.param_dtype, self.states["momentum_buffer"], *common,
+                           opts.get("dampening", 0.0), opts.get("weight_decay", 0.0), opts.get("nesterov", False),
+                           opts.get("maximize", False), grad_scale, found_inf)
         else:
-            impl.adam_step_(self.param, grad, self.states["exp_avg"], self.states["exp_avg_sq"],
+            impl.adam_step_(seg, self.param_dtype, self.states["exp_avg"], self.states["exp_avg_sq"],
                             self.states["max_exp_avg_sq"], *common, opts.get("beta2", 0.999), opts.get("eps", 1e-8),
                             opts.get("weight_decay", 0.0), opts.get("decoupled", False), opts.get("maximize", False),
                             grad_scale, found_inf)
@@ -139,7 +191,7 @@ class Bucket:
 
 
 def _amp(bucket: Bucket, k: int, grad_scale: float | None, found_inf_at) -> dict:
-    dev = bucket.param.device
+    dev = bucket.device
     gs = None if grad_scale is None else torch.tensor([grad_scale], device=dev)
     fi = None if found_inf_at is None else torch.tensor([1.0 if k in found_inf_at else 0.0], device=dev)
     return {"grad_scale": gs, "found_inf": fi}
@@ -319,8 +371,9 @@ def test_grad_scale_and_inactive_segments(op):
     expected, actual = run_both(op, opts, grad_scale=1024.0, active=active, **bucket_kw)
     assert_buckets_close(expected, actual)
     assert actual.seg_steps.tolist() == [STEPS, 0, STEPS, STEPS, 0]
-    frozen = actual.chunks[actual.chunks[:, 0] == 1][0].tolist()
-    assert torch.equal(actual.param[frozen[1]:frozen[2]], before.param[frozen[1]:frozen[2]])
+    for i, moves in enumerate(active):
+        if SIZES[i]:
+            assert torch.equal(actual.params[i], before.params[i]) != moves, i
 
 
 @needs_kernels
@@ -395,120 +448,18 @@ def test_two_launches_per_step_whatever_the_tensor_count(monkeypatch, n_params):
         return kernel
 
     monkeypatch.setattr(_ops, "_direct", counting)
-    chunks, n = chunk_table([7] * n_params, 64, align=16)
-    p, g, m, v = (torch.randn(n) for _ in range(4))
-    v.abs_()
+    chunks, offsets, n = chunk_table([7] * n_params, 64)
+    params, grads = [torch.randn(7) for _ in range(n_params)], [torch.randn(7) for _ in range(n_params)]
+    before = [p.clone() for p in params]
+    table = ref.Segments(params, grads, offsets, n).table()
+    m, v = torch.zeros(n), torch.zeros(n)
     seg_steps = torch.zeros(n_params, dtype=torch.int64)
-    ft.adam_step_(p, g, m, v, None, seg_steps, chunks, None, torch.tensor([1e-3, 0.9], dtype=torch.float64),
+    ft.adam_step_(table, torch.float32, m, v, None, seg_steps, chunks, torch.tensor([1e-3, 0.9], dtype=torch.float64),
                   torch.tensor(ref.no_schedule(), dtype=torch.float64), torch.zeros((), dtype=torch.int64),
                   0.999, 1e-8, 0.0, False, False, None, None)
     assert launched == ["_adam_kernel", "_advance_steps_kernel"]
     assert seg_steps.tolist() == [1] * n_params
-
-
-def _written_arguments(op: str, dtype: torch.dtype, master: bool) -> set[str]:
-    """The kernel arguments (``*_ptr`` names) that one Triton step changes, every option on."""
-    n = 3 * BLOCK + 17
-    gen = torch.Generator().manual_seed(3)
-    param = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
-    args = {"param": param, "grad": torch.randn(n, generator=gen).to(dtype).to(DEVICE)}
-    if op == "sgd":
-        args["momentum_buffer"] = torch.randn(n, generator=gen).to(DEVICE)
-    else:
-        args.update(exp_avg=torch.randn(n, generator=gen).to(DEVICE),
-                    exp_avg_sq=torch.rand(n, generator=gen).to(DEVICE),
-                    max_exp_avg_sq=torch.zeros(n, device=DEVICE))
-    args.update(seg_steps=torch.zeros(1, dtype=torch.int64, device=DEVICE),
-                chunks=torch.tensor([[0, 0, n]], device=DEVICE), active=torch.ones(1, dtype=torch.bool, device=DEVICE),
-                hyper=torch.tensor([1e-2, 0.9], dtype=torch.float64, device=DEVICE),
-                schedule=torch.tensor(ref.no_schedule(), dtype=torch.float64, device=DEVICE),
-                schedule_step=torch.zeros((), dtype=torch.int64, device=DEVICE))
-    scalars = (0.1, 0.01, True, False) if op == "sgd" else (0.999, 1e-8, 0.01, True, False)
-    amp = {"grad_scale": torch.ones(1, device=DEVICE), "found_inf": torch.zeros(1, device=DEVICE)}
-    if master:
-        amp["master_param"] = param.float() + 1e-3
-    before = {k: v.clone() for k, v in {**args, **amp}.items()}
-    getattr(ft, f"{op}_step_")(*args.values(), *scalars, *amp.values())
-    changed = {k for k, v in {**args, **amp}.items() if not torch.equal(v, before[k])}
-    return {"master_ptr" if k == "master_param" else f"{k}_ptr" for k in changed}
-
-
-@needs_kernels
-@pytest.mark.parametrize("op", ["sgd", "adam"])
-def test_autotuning_restores_every_buffer_a_kernel_writes(op):
-    """Autotuning times each config on the live buffers, so ``restore_value`` must name
-    whatever the update kernel writes, with every option on; and the kernels carry no
-    autotuning hooks, which torch.compile's ``wrap_triton`` refuses
-    [note: triton absent buffers]."""
-    from fusedclr.triton import _adam, _sgd
-
-    kernel, in_place = (_sgd._sgd_kernel, _sgd._SGD_IN_PLACE) if op == "sgd" else (_adam._adam_kernel,
-                                                                                   _adam._ADAM_IN_PLACE)
-    assert not kernel.user_defined_pre_hook and not kernel.user_defined_post_hook
-    assert kernel.restore_value == list(in_place)
-    written = _written_arguments(op, torch.float32, False) | _written_arguments(op, torch.bfloat16, True)
-    # seg_steps moves in the second, step-counter launch, which is not autotuned.
-    assert written - {"seg_steps_ptr"} == set(in_place)
-
-
-@interpreter_only
-@pytest.mark.parametrize("entry", ["direct", "op"])
-@pytest.mark.parametrize("master", [False, True], ids=["plain", "master"])
-@pytest.mark.parametrize("op", ["sgd", "adam"])
-def test_steps_are_unchanged_by_autotuning_runs(monkeypatch, op, master, entry):
-    """Triton's own autotuner, on the CPU: two configs, each "timed" by running the kernel
-    twice on the live buffers (a stand-in for its GPU benchmarker), then the step itself.
-    The result must be one step, as the reference takes it: everything the timing runs
-    wrote is restored, and the buffers that are absent (no amsgrad maximum; no master in
-    the plain case) reach Triton as placeholders, not None, which Triton 3.6's
-    ``restore_value`` cannot clone [note: triton absent buffers]. Both ways in: the direct
-    eager path, and the registered op (the one DTensor parameters take)."""
-    from types import SimpleNamespace
-
-    import triton
-
-    from fusedclr.triton import _adam, _sgd
-
-    kernel = _sgd._sgd_kernel if op == "sgd" else _adam._adam_kernel
-    timed = []
-
-    def bench(kernel_call, quantiles):
-        kernel_call()
-        kernel_call()
-        timed.append(1)
-        return [1.0 / len(timed)] * len(quantiles)  # the later config is faster
-
-    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK": 256}, num_warps=4),
-                                            triton.Config({"BLOCK": 512}, num_warps=4)])
-    monkeypatch.setattr(kernel, "cache", {})
-    monkeypatch.setattr(kernel, "_do_bench", bench)
-    # Triton caches its benchmarker in the instance (a cached_property in 3.8).
-    monkeypatch.setitem(vars(kernel), "do_bench", bench)
-
-    dtype = torch.bfloat16 if master else torch.float32
-    opts = {"momentum": 0.9, "weight_decay": 0.01} if op == "sgd" else {"weight_decay": 0.01, "decoupled": True}
-    expected, actual = Bucket(op, dtype=dtype, momentum=opts.get("momentum", 0.0)), Bucket(
-        op, dtype=dtype, momentum=opts.get("momentum", 0.0))
-    masters = [b.param.float() for b in (expected, actual)] if master else [None, None]
-    ops = torch.ops.fusedclr
-    impl = ft if entry == "direct" else SimpleNamespace(sgd_step_=ops.triton_sgd_step_,
-                                                        adam_step_=ops.triton_adam_step_)
-    for k in range(3):
-        for b, impl, m in ((expected, ref, masters[0]), (actual, impl, masters[1])):
-            args = [b.param, b.grads[k], *([b.states["momentum_buffer"]] if op == "sgd" else
-                                          [b.states["exp_avg"], b.states["exp_avg_sq"], None])]
-            common = [b.seg_steps, b.chunks, None, b.hyper, b.schedule, b.schedule_step]
-            scalars = ([0.0, opts["weight_decay"], False, False] if op == "sgd" else
-                       [0.999, 1e-8, opts["weight_decay"], True, False])
-            getattr(impl, f"{op}_step_")(*args, *common, *scalars, None, None, m)
-            b.schedule_step.add_(1)
-    assert len(timed) == 2  # tuned once (one numel), both configs timed
-    assert kernel.cache and list(kernel.cache.values())[0].kwargs["BLOCK"] == 512
-    for name, t in expected.tensors().items():
-        tol = _tol(t.dtype) if t.is_floating_point() else {"rtol": 0, "atol": 0}
-        torch.testing.assert_close(actual.tensors()[name], t, **tol, msg=name)
-    if master:
-        torch.testing.assert_close(masters[1], masters[0], **TOL[torch.float32])
+    assert not any(torch.equal(p, q) for p, q in zip(params, before))  # every parameter moved
 
 
 @needs_kernels
@@ -516,19 +467,14 @@ def test_steps_are_unchanged_by_autotuning_runs(monkeypatch, op, master, entry):
 def test_bucket_entry_checks_buffers_once_and_again_when_one_is_replaced(monkeypatch, op):
     """fusedclr's optimizers call ``for_buckets(op)``: the same steps as the public op (against
     the reference; step counts exactly), its buffers checked on the first call and again
-    only when one is replaced; grad_scale / found_inf / active are checked on every call
+    only when one is replaced; grad_scale / found_inf are checked on every call
     [note: triton checks per bucket]."""
     from types import SimpleNamespace
 
-    from fusedclr.triton import _adam, _sgd
-
     ops = ft._load()
-    checked, tuned = [], []
+    checked = []
     real = ops._check_common
     monkeypatch.setattr(ops, "_check_common", lambda *a: checked.append(1) or real(*a))
-    kernel = _sgd._sgd_kernel if op == "sgd" else _adam._adam_kernel
-    autotuner_run = kernel.run
-    monkeypatch.setattr(kernel, "run", lambda *a, **k: tuned.append(1) or autotuner_run(*a, **k))
     impl = SimpleNamespace(**{f"{op}_step_": ft.for_buckets(f"{op}_step_")})
     opts = {"weight_decay": 0.01, "beta2": 0.99} if op == "adam" else {"weight_decay": 0.01}
     kw = {"momentum": 0.9} if op == "sgd" else {}
@@ -537,12 +483,11 @@ def test_bucket_entry_checks_buffers_once_and_again_when_one_is_replaced(monkeyp
     for _ in range(3):
         ours.apply(impl, grad, opts)
         expected.apply(ref, expected.grads[0], opts)
-    # Checked once, and Triton's autotuner ran once: later steps launch its chosen config.
-    assert len(checked) == 1 and len(tuned) == 1
-    ours.hyper = ours.hyper.clone()  # a replaced buffer: checked and tuned again
+    assert len(checked) == 1  # checked once
+    ours.hyper = ours.hyper.clone()  # a replaced buffer: checked again
     ours.apply(impl, grad, opts)
     expected.apply(ref, expected.grads[0], opts)
-    assert len(checked) == 2 and len(tuned) == 2
+    assert len(checked) == 2
     for name, t in expected.tensors().items():
         tol = _tol(t.dtype) if t.is_floating_point() else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(ours.tensors()[name], t, **tol, msg=name)
@@ -554,8 +499,11 @@ def test_bucket_entry_checks_buffers_once_and_again_when_one_is_replaced(monkeyp
     with pytest.raises(TypeError, match="schedule has dtype torch.float32"):
         ours.apply(impl, grad, opts)
     assert len(checked) == 3
-    with pytest.raises(TypeError, match="grad has dtype torch.int32"):
-        ours.apply(impl, grad.int(), opts)
+    ours.schedule = expected.schedule.clone()
+    ours.param_dtype = torch.int32  # another argument than the memo's: checked again
+    with pytest.raises(TypeError, match="param_dtype is torch.int32"):
+        ours.apply(impl, grad, opts)
+    assert len(checked) == 4
 
 
 @needs_kernels
@@ -606,15 +554,16 @@ def test_opcheck(op):
     ft.load()
     bucket = Bucket(op, momentum=0.9, amsgrad=True, schedule=SCHEDULES["cosine"])
     found_inf = torch.zeros(1, device=DEVICE)
-    common = (bucket.seg_steps, bucket.chunks, None, bucket.hyper, bucket.schedule, bucket.schedule_step)
+    common = (bucket.seg_steps, bucket.chunks, bucket.hyper, bucket.schedule, bucket.schedule_step)
+    _assign(bucket.grad_tensors, bucket.offsets, bucket.grads[0])
     if op == "sgd":
         target = torch.ops.fusedclr.triton_sgd_step_.default
-        args = (bucket.param, bucket.grads[0], bucket.states["momentum_buffer"], *common, 0.0, 1e-2, True, False,
+        args = (bucket.table, torch.float32, bucket.states["momentum_buffer"], *common, 0.0, 1e-2, True, False,
                 None, found_inf)
     else:
         target = torch.ops.fusedclr.triton_adam_step_.default
         s = bucket.states
-        args = (bucket.param, bucket.grads[0], s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"], *common, 0.999,
+        args = (bucket.table, torch.float32, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"], *common, 0.999,
                 1e-8, 1e-2, True, False, None, found_inf)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     if DEVICE == "cuda":
@@ -638,9 +587,11 @@ def _python(code: str, env_update: dict, drop=("TRITON_INTERPRET",)) -> subproce
 _SMALL_SGD_STEP = """
     import torch
     import fusedclr.triton as ft
+    from fusedclr import reference
     def step():
         p, g = torch.zeros(8), torch.ones(8)
-        ft.sgd_step_(p, g, None, torch.zeros(1, dtype=torch.int64), torch.tensor([[0, 0, 8]]), None,
+        table = reference.Segments([p], [g], [0], 8).table()
+        ft.sgd_step_(table, torch.float32, None, torch.zeros(1, dtype=torch.int64), torch.tensor([[0, 0, 8]]),
                      torch.tensor([0.1, 0.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
                      torch.zeros((), dtype=torch.int64), 0.0, 0.0, False, False, None, None)
 """
@@ -711,7 +662,7 @@ def test_a_broken_interpreter_is_named_before_any_buffer_changes(monkeypatch):
     bucket = Bucket("sgd")
     before = bucket.param.clone(), bucket.seg_steps.clone()
     with pytest.raises(RuntimeError, match=r"backend='triton' on CPU tensors: Triton .*triton#9171"):
-        ft.sgd_step_(bucket.param, bucket.grads[0], None, bucket.seg_steps, bucket.chunks, None, bucket.hyper,
+        ft.sgd_step_(bucket.table, torch.float32, None, bucket.seg_steps, bucket.chunks, bucket.hyper,
                      bucket.schedule, bucket.schedule_step, 0.0, 0.0, False, False, None, None)
     assert torch.equal(bucket.param, before[0]) and torch.equal(bucket.seg_steps, before[1])
 
@@ -736,27 +687,27 @@ def test_kernels_compile_for_sm90():
     result = _python("""
     import re
     import triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fusedclr.triton._adam import _adam_kernel
     from fusedclr.triton._sgd import _sgd_kernel
     from fusedclr.triton._common import _advance_steps_kernel
 
-    ptrs = {"seg_steps_ptr": "*i64", "chunks_ptr": "*i64", "hyper_ptr": "*fp64", "schedule_ptr": "*fp64",
-            "schedule_step_ptr": "*i64", "active_ptr": "*i1", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
-    flags = {"HAS_ACTIVE": True, "HAS_GRAD_SCALE": True, "HAS_FOUND_INF": True, "MATH_F64": False, "BLOCK": 1024}
+    ptrs = {"segments_ptr": "*i64", "seg_steps_ptr": "*i64", "chunks_ptr": "*i64", "hyper_ptr": "*fp64",
+            "schedule_ptr": "*fp64", "schedule_step_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+    flags = {"HAS_GRAD_SCALE": True, "HAS_FOUND_INF": True, "MATH_F64": False, "BLOCK": 1024}
     adam = {"BETA2": 0.999, "EPS": 1e-8, "WEIGHT_DECAY": 1e-2, "DECOUPLED": True, "AMSGRAD": True, "MAXIMIZE": False}
     sgd = {"DAMPENING": 0.1, "WEIGHT_DECAY": 1e-2, "NESTEROV": True, "MAXIMIZE": True, "HAS_MOMENTUM_BUFFER": True}
     kernels = [
-        (_adam_kernel.fn, {"param_ptr": "*bf16", "grad_ptr": "*bf16", "exp_avg_ptr": "*fp32",
-                           "exp_avg_sq_ptr": "*fp32", "max_exp_avg_sq_ptr": "*fp32"}, {**adam, "WRITE": 0}),
-        (_sgd_kernel.fn, {"param_ptr": "*fp32", "grad_ptr": "*fp32", "momentum_buffer_ptr": "*fp32"},
-         {**sgd, "WRITE": 0}),
+        (_adam_kernel, {"exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32", "max_exp_avg_sq_ptr": "*fp32"},
+         {**adam, "WRITE": 0, "PARAM_DTYPE": tl.bfloat16}),
+        (_sgd_kernel, {"momentum_buffer_ptr": "*fp32"}, {**sgd, "WRITE": 0, "PARAM_DTYPE": tl.float32}),
         # The precision opt-ins: bf16 states with stochastic rounding; fp16 with an fp32 master.
-        (_adam_kernel.fn, {"param_ptr": "*bf16", "grad_ptr": "*bf16", "exp_avg_ptr": "*bf16",
-                           "exp_avg_sq_ptr": "*bf16", "max_exp_avg_sq_ptr": "*bf16"}, {**adam, "WRITE": 2}),
-        (_sgd_kernel.fn, {"param_ptr": "*fp16", "grad_ptr": "*fp16", "momentum_buffer_ptr": "*fp32",
-                          "master_ptr": "*fp32"}, {**sgd, "WRITE": 1}),
+        (_adam_kernel, {"exp_avg_ptr": "*bf16", "exp_avg_sq_ptr": "*bf16", "max_exp_avg_sq_ptr": "*bf16"},
+         {**adam, "WRITE": 2, "PARAM_DTYPE": tl.bfloat16}),
+        (_sgd_kernel, {"momentum_buffer_ptr": "*fp32", "master_ptr": "*fp32"},
+         {**sgd, "WRITE": 1, "PARAM_DTYPE": tl.float16}),
     ]
     for fn, bufs, opts in kernels:
         consts = {**opts, **flags}
@@ -767,14 +718,13 @@ def test_kernels_compile_for_sm90():
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32))
         ptx = k.asm["ptx"]
-        assert re.search(r"ld\\.global(\\.nc)?\\.v4\\.b32", ptx) and "st.global.v4.b32" in ptx, fn.__name__
-        assert "div.full" not in ptx and "sqrt.approx" not in ptx, fn.__name__
-        print("compiled", fn.__name__)
+        assert re.search(r"ld\\.global(\\.nc)?\\.v4\\.b32", ptx) and "st.global.v4.b32" in ptx, fn.fn.__name__
+        assert "div.full" not in ptx and "sqrt.approx" not in ptx, fn.fn.__name__
+        print("compiled", fn.fn.__name__)
     triton.compile(ASTSource(fn=_advance_steps_kernel,
-                             signature={"seg_steps_ptr": "*i64", "active_ptr": "*i1", "found_inf_ptr": "*fp32",
-                                        "n_segments": "i32", "HAS_ACTIVE": "constexpr",
-                                        "HAS_FOUND_INF": "constexpr", "BLOCK": "constexpr"},
-                             constexprs={"HAS_ACTIVE": True, "HAS_FOUND_INF": True, "BLOCK": 256}),
+                             signature={"seg_steps_ptr": "*i64", "segments_ptr": "*i64", "found_inf_ptr": "*fp32",
+                                        "n_segments": "i32", "HAS_FOUND_INF": "constexpr", "BLOCK": "constexpr"},
+                             constexprs={"HAS_FOUND_INF": True, "BLOCK": 256}),
                    target=GPUTarget("cuda", 90, 32))
     print("compiled _advance_steps_kernel")
     """, {})
@@ -786,17 +736,23 @@ def test_kernels_compile_for_sm90():
 def test_argument_errors_name_the_argument():
     bucket = Bucket("adam")
     s = bucket.states
-    common = (bucket.seg_steps, bucket.chunks, None, bucket.hyper, bucket.schedule, bucket.schedule_step,
+    table = bucket.table
+    common = (bucket.seg_steps, bucket.chunks, bucket.hyper, bucket.schedule, bucket.schedule_step,
               0.999, 1e-8, 0.0, False, False, None, None)
     with pytest.raises(TypeError, match="exp_avg has dtype torch.bfloat16"):
-        ft.adam_step_(bucket.param, bucket.grads[0], s["exp_avg"].bfloat16(), s["exp_avg_sq"], None, *common)
-    with pytest.raises(ValueError, match="grad has 3 elements but param has"):
-        ft.adam_step_(bucket.param, bucket.grads[0][:3], s["exp_avg"], s["exp_avg_sq"], None, *common)
+        ft.adam_step_(table, torch.float32, s["exp_avg"].bfloat16(), s["exp_avg_sq"], None, *common)
+    with pytest.raises(ValueError, match="exp_avg_sq has 3 elements"):
+        ft.adam_step_(table, torch.float32, s["exp_avg"], s["exp_avg_sq"][:3], None, *common)
     with pytest.raises(ValueError, match=r"chunks must be an int64 \[n, 3\] table"):
-        ft.adam_step_(bucket.param, bucket.grads[0], s["exp_avg"], s["exp_avg_sq"], None, bucket.seg_steps,
+        ft.adam_step_(table, torch.float32, s["exp_avg"], s["exp_avg_sq"], None, bucket.seg_steps,
                       bucket.chunks[:, :2], *common[2:])
-    with pytest.raises(TypeError, match="param has dtype torch.int32"):
-        ft.adam_step_(bucket.param.int(), bucket.grads[0], s["exp_avg"], s["exp_avg_sq"], None, *common)
+    with pytest.raises(ValueError, match=r"segments must be an int64 \[n, 4\] table"):
+        ft.adam_step_(table[:, :3], torch.float32, s["exp_avg"], s["exp_avg_sq"], None, *common)
+    with pytest.raises(ValueError, match="seg_steps must be 1-D with one step per segment"):
+        ft.adam_step_(table, torch.float32, s["exp_avg"], s["exp_avg_sq"], None, bucket.seg_steps[:2],
+                      *common[1:])
+    with pytest.raises(TypeError, match="param_dtype is torch.int32"):
+        ft.adam_step_(table, torch.int32, s["exp_avg"], s["exp_avg_sq"], None, *common)
 
 
 def test_kernels_are_built_on_first_use_only():
@@ -836,7 +792,7 @@ def test_optimizer_with_triton_backend_and_in_kernel_one_cycle_matches_torch(cls
     for _ in range(8):
         for p, q in zip(ps, qs):
             g = torch.randn(p.shape, device=DEVICE)
-            p.grad.copy_(g)
+            p.grad = g.clone()
             q.grad = g.clone()
         ours.step()
         ref.step()
@@ -908,7 +864,7 @@ def test_optimizer_precision_options_match_the_reference_backend(option):
         gen = torch.Generator().manual_seed(1)
         for _ in range(5):
             for p in ps:
-                p.grad.copy_(torch.randn(p.shape, generator=gen).to(DEVICE))
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE, p.dtype)
             opt.step()
         runs.append((ps, opt))
     (ours, opt), (want, ref_opt) = runs
@@ -933,10 +889,10 @@ def test_host_time_of_a_step_is_under_30us_whatever_the_tensor_count(n_params):
 
     ps = [torch.nn.Parameter(torch.randn(64, device=DEVICE)) for _ in range(n_params)]
     opt = fusedclr.AdamW(ps, lr=1e-3, backend="triton")
-    fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10_000)
+    sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10_000)  # noqa: F841 (held weakly)
     for p in ps:
-        p.grad.normal_()
-    for _ in range(20):  # autotuning and compilation
+        p.grad = torch.randn_like(p)
+    for _ in range(20):  # compilation
         opt.step()
     torch.cuda.synchronize()
 
@@ -968,7 +924,7 @@ def test_host_time_of_a_step_is_under_30us_whatever_the_tensor_count(n_params):
 
 @needs_kernels
 def test_optimizer_with_triton_backend_pickles_and_copies_after_steps():
-    """The per-bucket memo of checks and tuned configs [note: triton checks per bucket]
+    """The per-bucket memo of checks [note: triton checks per bucket]
     stays out of the optimizer: torch.save and deepcopy work after steps, and the copies
     step on exactly as the original does."""
     import copy
@@ -980,7 +936,7 @@ def test_optimizer_with_triton_backend_pickles_and_copies_after_steps():
     ps = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (40, 3 * BLOCK + 17)]
     opt = fusedclr.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton")
     for p in ps:
-        p.grad.normal_()
+        p.grad = torch.randn_like(p)
     opt.step()
     opt.step()
     buf = io.BytesIO()
