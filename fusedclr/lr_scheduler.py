@@ -50,8 +50,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, SupportsFloat
 
 import torch
 from torch import Tensor
@@ -62,23 +63,66 @@ from fusedclr import reference as _ref
 from fusedclr.reference import Kind
 
 __all__ = [
+    "ChainedScheduler",
     "ConstantLR",
     "CosineAnnealingLR",
     "CosineAnnealingWarmRestarts",
     "CyclicLR",
     "ExponentialLR",
+    "LRScheduler",
+    "LambdaLR",
     "LinearLR",
     "MultiStepLR",
+    "MultiplicativeLR",
     "OneCycleLR",
+    "PolynomialLR",
+    "ReduceLROnPlateau",
     "SequentialLR",
     "StepLR",
 ]
 
 # Attributes that only make sense in this process (device tensors, caches,
 # links to other objects); state_dict() leaves them out.
-_RUNTIME_ATTRS = ("_fc_counters", "_fc_seen", "_fc_descs", "_fc_owned", "_fc_warned")
+_RUNTIME_ATTRS = (
+    "_fc_counters",
+    "_fc_seen",
+    "_fc_descs",
+    "_fc_owned",
+    "_fc_warned",
+    "_fc_chained",
+    "_fc_ngroups",
+    "_fc_in_kernel",
+)
 
 _GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler, please use `get_last_lr()`."
+
+# [note: composed schedulers]
+# torch lets several schedulers step one optimizer: each one's chainable update
+# multiplies (or otherwise rewrites) the lr the others left in the group, so
+# StepLR + ExponentialLR decays by both. A closed form evaluated in the kernel
+# cannot see the others, so the schedulers of this module register here, per
+# optimizer, and as soon as two of them (not counting the children of a
+# SequentialLR) share an optimizer, all of them switch to torch's own chainable
+# update on the host, with one warning per optimizer at the first step. The
+# maps are weak: neither side keeps the other alive.
+_MEMBERS: weakref.WeakKeyDictionary[Optimizer, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+_COMPOSED_WARNED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+_COMPOSED_REASON = (
+    "another scheduler steps the same optimizer, and torch composes the two (each one's update applies to the "
+    "lr the other left in the param group)"
+)
+
+
+def _join(scheduler: Any, optimizer: Any) -> None:
+    """Registers ``scheduler`` on ``optimizer`` [note: composed schedulers]; chains every member if it is not alone."""
+    if not isinstance(optimizer, Optimizer):
+        return  # torch's constructor raises its TypeError next
+    members = _MEMBERS.setdefault(optimizer, weakref.WeakSet())
+    others = [s for s in members if not getattr(s, "_fc_owned", False)]
+    members.add(scheduler)
+    if others:
+        for s in [*others, scheduler]:
+            s._fc_chain()
 
 
 def _is_integral(x: Any) -> bool:
@@ -106,26 +150,47 @@ class _InKernelSchedule:
     :meth:`_fc_tail`; :meth:`_fc_config_reason` names a configuration that
     cannot run in the kernel (host mode). The mixin owns the device counters,
     computes the host-side values from the descriptor, and talks to the
-    optimizer.
+    optimizer. Every constructor is one call of :meth:`_fc_build`.
     """
 
     # -- life cycle ---------------------------------------------------------
 
-    def _fc_setup(self) -> None:
-        """Runtime state; called before torch's constructor runs ``step()``."""
+    def _fc_build(self, torch_init: Callable[..., None], optimizer: Any, *args: Any, owns: Sequence[Any] = ()) -> None:
+        """The constructor: runtime state, torch's constructor (which runs the first ``step()``), then attach.
+
+        ``owns``: schedulers this one composes (SequentialLR's children), which
+        stop talking to the optimizer themselves.
+        """
         self._fc_counters: dict[torch.device, Tensor] = {}
         self._fc_seen = 0  # the value every counter holds
         self._fc_descs: list[list[float]] | None = None
         self._fc_owned = False  # a SequentialLR composes this scheduler
         self._fc_warned = False
-
-    def _fc_finish(self) -> None:
-        """Called once the constructor is complete: freeze the descriptors and attach."""
-        self._fc_descs = None
+        self._fc_chained = False  # [note: composed schedulers]
+        self._fc_in_kernel = False  # what the optimizer was last told
+        self._fc_ngroups = len(getattr(optimizer, "param_groups", ()))
+        for child in owns:
+            if isinstance(child, _InKernelSchedule):
+                child._fc_owned = True
+                child._fc_chained = False
+                child._fc_counters.clear()
+        _join(self, optimizer)
+        for child in owns:  # the children follow their owner
+            if isinstance(child, _InKernelSchedule):
+                child._fc_chained = self._fc_chained
+        torch_init(optimizer, *args)
         reason = self._fc_host_reason()
-        if reason is not None:
+        if reason is not None and not self._fc_chained:
             self._fc_warn(reason, stacklevel=4)  # the user's constructor call
-        self._fc_attach()
+        self._fc_refresh()
+
+    def _fc_chain(self) -> None:
+        """Switches to torch's chainable update on the host [note: composed schedulers]."""
+        if self._fc_chained:
+            return
+        self._fc_chained = True
+        if hasattr(self, "optimizer"):
+            self._fc_refresh()
 
     # -- what subclasses provide ---------------------------------------------
 
@@ -142,6 +207,15 @@ class _InKernelSchedule:
     # -- descriptors -----------------------------------------------------------
 
     def _fc_host_reason(self) -> str | None:
+        """Why this scheduler runs on the host (torch's own update), or ``None`` for the kernel."""
+        if self._fc_chained:
+            return _COMPOSED_REASON
+        if len(self.optimizer.param_groups) != self._fc_ngroups:  # type: ignore[attr-defined]
+            return (
+                f"a param group was added to the optimizer after the scheduler was built "
+                f"({self._fc_ngroups} groups then, {len(self.optimizer.param_groups)} now), and torch's "  # type: ignore[attr-defined]
+                "update is what schedules it (or raises)"
+            )
         return self._fc_config_reason()
 
     def _fc_parts(self, i: int) -> tuple[list[list[float]], list[float]]:
@@ -151,7 +225,7 @@ class _InKernelSchedule:
     def _fc_descriptors(self) -> list[list[float]]:
         if self._fc_descs is None:
             self._fc_descs = [
-                _ref.descriptor(*self._fc_parts(i)) for i in range(len(self.optimizer.param_groups))
+                _ref.descriptor(*self._fc_parts(i)) for i in range(len(self.optimizer.param_groups))  # type: ignore[attr-defined]
             ]
         return self._fc_descs
 
@@ -161,12 +235,9 @@ class _InKernelSchedule:
         Part of the optimizer protocol (docs/CONTRACTS.md). A scheduler in host
         mode describes "no schedule", leaving every value to the param group.
         """
-        descs = self._fc_descriptors() if self._fc_host_reason() is None else []
-        if group_index >= len(descs):
-            # Host mode, or a group added after this scheduler was built (which,
-            # as with torch's schedulers, it does not schedule).
+        if self._fc_host_reason() is not None:
             return _ref.no_schedule()
-        return list(descs[group_index])
+        return list(self._fc_descriptors()[group_index])
 
     # -- device counters ------------------------------------------------------
 
@@ -187,7 +258,7 @@ class _InKernelSchedule:
 
     def _fc_sync(self) -> None:
         """Brings every counter to ``last_epoch`` with ``add_(1)`` or ``fill_``; never reads a device value."""
-        target = int(self.last_epoch)
+        target = int(self.last_epoch)  # type: ignore[attr-defined]
         if target == self._fc_seen:
             return
         for counter in self._fc_counters.values():
@@ -201,19 +272,37 @@ class _InKernelSchedule:
         """Configures a fusedclr optimizer: attach this schedule, or detach in host mode."""
         if self._fc_owned:
             return
-        attach = getattr(self.optimizer, "_attach_schedule", None)
-        if attach is None:
-            return
-        attach(None if self._fc_host_reason() is not None else self)
+        attach = getattr(self.optimizer, "_attach_schedule", None)  # type: ignore[attr-defined]
+        self._fc_in_kernel = self._fc_host_reason() is None
+        if attach is not None:
+            attach(self if self._fc_in_kernel else None)
+
+    def _fc_check(self, stacklevel: int = 4) -> None:
+        """Before a step: warns (once) and re-attaches when the scheduler moved between host and kernel."""
+        if self._fc_owned or getattr(self, "_is_initial", False):
+            return  # the constructor's own step: _fc_build decides
+        reason = self._fc_host_reason()
+        if reason is not None:
+            self._fc_warn(reason, stacklevel=stacklevel + 1)
+        if (reason is None) != self._fc_in_kernel:
+            self._fc_refresh()
 
     def _fc_warn(self, reason: str, stacklevel: int = 3) -> None:
-        if self._fc_warned or getattr(self.optimizer, "_attach_schedule", None) is None:
+        optimizer = self.optimizer  # type: ignore[attr-defined]
+        if getattr(optimizer, "_attach_schedule", None) is None:
             return
-        self._fc_warned = True
+        if reason is _COMPOSED_REASON:
+            if optimizer in _COMPOSED_WARNED:
+                return
+            _COMPOSED_WARNED.add(optimizer)
+        elif self._fc_warned:
+            return
+        else:
+            self._fc_warned = True
         warnings.warn(
             f"fusedclr.lr_scheduler.{type(self).__name__}: {reason}, which cannot be evaluated inside "
             "the update kernel. This scheduler runs on the host instead: it writes group['lr'] (and the "
-            "momentum) as Python floats every step, like torch.optim.lr_scheduler, and the optimizer reads them.",
+            "momentum) every step with torch.optim.lr_scheduler's own update, and the optimizer reads them.",
             UserWarning,
             stacklevel=stacklevel,
         )
@@ -222,10 +311,10 @@ class _InKernelSchedule:
 
     def _fc_values(self) -> list[float]:
         """Closed-form lr of every group at ``last_epoch``; sets cyclical momentum like torch."""
-        use_beta1 = getattr(self, "use_beta1", "betas" in self.optimizer.defaults)
+        use_beta1 = getattr(self, "use_beta1", "betas" in self.optimizer.defaults)  # type: ignore[attr-defined]
         lrs = []
-        for group, desc in zip(self.optimizer.param_groups, self._fc_descriptors(), strict=True):
-            lr, momentum = _ref.schedule_value(desc, int(self.last_epoch))
+        for group, desc in zip(self.optimizer.param_groups, self._fc_descriptors(), strict=True):  # type: ignore[attr-defined]
+            lr, momentum = _ref.schedule_value(desc, int(self.last_epoch))  # type: ignore[attr-defined]
             if momentum is not None:
                 if use_beta1:
                     group["betas"] = (momentum, *group["betas"][1:])
@@ -239,11 +328,12 @@ class _InKernelSchedule:
 
         Like torch's ``get_lr``, it is meant to be called by :meth:`step`; use
         :meth:`get_last_lr` to read the current values. With cyclical momentum
-        it also writes the group's momentum (or ``betas[0]``).
+        it also writes the group's momentum (or ``betas[0]``). In host mode it
+        is torch's own ``get_lr``.
         """
         if self._fc_host_reason() is not None:
             return super().get_lr()  # type: ignore[misc]
-        if not self._get_lr_called_within_step:
+        if not self._get_lr_called_within_step:  # type: ignore[attr-defined]
             warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
         return self._fc_values()
 
@@ -257,6 +347,7 @@ class _InKernelSchedule:
         # Counters follow only successful updates: when torch's step raises (e.g.
         # OneCycleLR past total_steps) the group keeps its last lr, and so must
         # the kernel; the next successful step fills the counter to last_epoch.
+        self._fc_check(stacklevel=4)  # user -> step -> _update_lr -> _fc_check -> _fc_warn
         super()._update_lr(epoch)  # type: ignore[misc]
         self._fc_sync()
 
@@ -281,8 +372,12 @@ class _InKernelSchedule:
         self._fc_refresh()
 
     def _fc_refresh(self) -> None:
+        """Rebuilds the descriptors (eagerly, so that two schedulers in the same state have equal
+        ``__dict__``s, as torch's tests compare), refills the counters and re-attaches."""
         self._fc_descs = None
-        self._fc_seen = int(self.last_epoch)
+        if self._fc_host_reason() is None:
+            self._fc_descriptors()
+        self._fc_seen = int(self.last_epoch)  # type: ignore[attr-defined]
         for counter in self._fc_counters.values():
             counter.fill_(self._fc_seen)
         self._fc_attach()
@@ -312,9 +407,7 @@ class StepLR(_InKernelSchedule, _torch_sched.StepLR):
     """
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, step_size, gamma, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, step_size, gamma, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not (_is_integral(self.step_size) and self.step_size > 0):
@@ -347,9 +440,7 @@ class MultiStepLR(_InKernelSchedule, _torch_sched.MultiStepLR):
     def __init__(
         self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, milestones, gamma, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, milestones, gamma, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not all(_is_integral(m) for m in self.milestones):
@@ -386,9 +477,7 @@ class ConstantLR(_InKernelSchedule, _torch_sched.ConstantLR):
     def __init__(
         self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, factor, total_iters, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, factor, total_iters, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not _is_integral(self.total_iters):
@@ -433,9 +522,7 @@ class LinearLR(_InKernelSchedule, _torch_sched.LinearLR):
         total_iters: int = 5,
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, start_factor, end_factor, total_iters, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, start_factor, end_factor, total_iters, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not _is_integral(self.total_iters):
@@ -464,9 +551,7 @@ class ExponentialLR(_InKernelSchedule, _torch_sched.ExponentialLR):
     """
 
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, gamma, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, gamma, last_epoch)
 
     def _fc_stage(self, i: int) -> list[float]:
         return _ref.stage(Kind.EXPONENTIAL, [self.base_lrs[i], self.gamma])
@@ -497,9 +582,7 @@ class CosineAnnealingLR(_InKernelSchedule, _torch_sched.CosineAnnealingLR):
     """
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, T_max, eta_min, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, T_max, eta_min, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if self.T_max == 0:
@@ -582,21 +665,30 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             raise ValueError(f"Expected positive float cycle_decay, but got {cycle_decay}")
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"Expected non-negative integer warmup_steps, but got {warmup_steps}")
-        self._fc_setup()
         self.cycle_decay = float(cycle_decay)
         self.warmup_steps = warmup_steps
         self.warmup_start_lrs = _per_group("warmup_start_lr", optimizer, warmup_start_lr)
         # Fractional part of the position (torch allows step(epoch=2.5)); last_epoch is the floor.
         self._fc_frac = 0.0
-        super().__init__(optimizer, T_0, T_mult, eta_min, last_epoch)
-        self._fc_finish()
+        # Position minus last_epoch once the user moved T_cur; and whether
+        # torch's own update runs because T_cur / T_i were set to no position of the schedule.
+        self._fc_shift = 0
+        self._fc_torch_update = False
+        self._fc_build(super().__init__, optimizer, T_0, T_mult, eta_min, last_epoch)
 
-    def _fc_host_reason(self) -> str | None:
+    def _fc_config_reason(self) -> str | None:
         if self._fc_frac:
             return "step(epoch) was given a fractional epoch"
+        if self._fc_torch_update:
+            return (
+                f"T_cur was set to {self.T_cur!r} with T_i={self.T_i!r}, which is no position of the restart "
+                "schedule (torch's update continues from them; so does this scheduler, on the host, without "
+                "cycle_decay and warmup_steps)"
+            )
         return None
 
     def _fc_stage(self, i: int) -> list[float]:
+        # A shifted schedule (T_cur moved by the user) is the same stage evaluated _fc_shift steps ahead.
         return _ref.stage(
             Kind.COSINE_RESTARTS,
             [
@@ -608,7 +700,38 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
                 self.warmup_steps,
                 self.warmup_start_lrs[i],
             ],
+            t_begin=-self._fc_shift,
         )
+
+    def _fc_position(self, t_cur: Any, t_i: Any, cycle: int) -> int | None:
+        """The position whose (T_cur, T_i) these are (in cycle ``cycle`` when T_mult is 1), or ``None``."""
+        if not (_is_integral(t_cur) and _is_integral(t_i) and 0 <= t_cur < t_i):
+            return None
+        if self.T_mult == 1:
+            return None if t_i != self.T_0 else self.warmup_steps + cycle * self.T_0 + int(t_cur)
+        start, ti = 0, self.T_0
+        while ti < t_i:
+            start += ti
+            ti *= self.T_mult
+        return None if ti != t_i else self.warmup_steps + start + int(t_cur)
+
+    def _fc_follow_t_cur(self) -> None:
+        """torch's ``step()`` continues from ``T_cur`` / ``T_i`` as they are: follows a user's edit of them.
+
+        An edit that lands on a position of the schedule shifts the in-kernel
+        schedule (``_fc_shift``); any other runs torch's own update on the host.
+        """
+        if self._fc_frac or self._fc_torch_update or self._fc_owned:
+            return
+        tc, ti, cycle = self._fc_cycle(self.last_epoch + self._fc_shift)
+        if (self.T_cur, self.T_i) == (tc, ti):
+            return
+        pos = self._fc_position(self.T_cur, self.T_i, cycle)
+        if pos is None:
+            self._fc_torch_update = True
+        else:
+            self._fc_shift = pos - int(self.last_epoch)
+            self._fc_refresh()
 
     def _fc_cycle(self, pos: float) -> tuple[float, int, int]:
         """(T_cur, T_i, cycle index) at position ``pos`` after the warmup."""
@@ -638,9 +761,12 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
         """The learning rate of every param group at the current position (closed form)."""
         if not self._get_lr_called_within_step:
             warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
-        if self._fc_frac:
-            pos = self.last_epoch + self._fc_frac
-            return [self._fc_value_at(i, pos) for i in range(len(self.optimizer.param_groups))]
+        if self._fc_torch_update:
+            return super(_InKernelSchedule, self).get_lr()  # torch's, from T_cur and T_i
+        if self._fc_host_reason() is not None:
+            # Like torch's get_lr, one value per base lr (torch's zip then raises if a group was added).
+            pos = self.last_epoch + self._fc_shift + self._fc_frac
+            return [self._fc_value_at(i, pos) for i in range(len(self.base_lrs))]
         return self._fc_values()
 
     def step(self, epoch: float | None = None) -> None:
@@ -658,21 +784,24 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
         if epoch is None and self.last_epoch < 0:
             epoch = 0
         if epoch is None:
-            pos: float = self.last_epoch + 1 + self._fc_frac if self._fc_frac else self.last_epoch + 1
+            self._fc_follow_t_cur()
+            if self._fc_torch_update:
+                self._fc_check(stacklevel=3)
+                _torch_sched.CosineAnnealingWarmRestarts.step(self)
+                self._fc_sync()
+                return
+            pos: float = self.last_epoch + 1 + self._fc_frac
         else:
             if epoch < 0:
                 raise ValueError(f"Expected non-negative epoch, but got {epoch}")
             pos = epoch
+            self._fc_shift = 0  # torch recomputes T_cur from the epoch
+            self._fc_torch_update = False
         whole = math.floor(pos)
-        frac = float(pos - whole)
-        was_host = bool(self._fc_frac)
-        self._fc_frac = frac
+        self._fc_frac = float(pos - whole)
         self.last_epoch = whole
-        self.T_cur, self.T_i, _ = self._fc_cycle(pos if frac else whole)
-        if frac and not was_host:
-            self._fc_warn(self._fc_host_reason() or "")
-        if bool(frac) != was_host:
-            self._fc_attach()
+        self.T_cur, self.T_i, _ = self._fc_cycle(pos + self._fc_shift)
+        self._fc_check(stacklevel=3)
         try:
             with _torch_sched._enable_get_lr_call(self):
                 values = self.get_lr()
@@ -755,8 +884,8 @@ class CyclicLR(_InKernelSchedule, _torch_sched.CyclicLR):
         max_momentum: float = 0.9,
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(
+        self._fc_build(
+            super().__init__,
             optimizer,
             base_lr,
             max_lr,
@@ -771,7 +900,6 @@ class CyclicLR(_InKernelSchedule, _torch_sched.CyclicLR):
             max_momentum,
             last_epoch,
         )
-        self._fc_finish()
 
     def _fc_config_reason(self) -> str | None:
         if self._scale_fn_custom is not None:
@@ -870,8 +998,8 @@ class OneCycleLR(_InKernelSchedule, _torch_sched.OneCycleLR):
         three_phase: bool = False,
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(
+        self._fc_build(
+            super().__init__,
             optimizer,
             max_lr,
             total_steps,
@@ -887,7 +1015,6 @@ class OneCycleLR(_InKernelSchedule, _torch_sched.OneCycleLR):
             three_phase,
             last_epoch,
         )
-        self._fc_finish()
 
     def _fc_config_reason(self) -> str | None:
         if getattr(self, "_anneal_func_type", None) not in _ref.ANNEAL:
@@ -970,21 +1097,21 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
         milestones: list[int],
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, schedulers, milestones, last_epoch)
-        for child in self._schedulers:
-            if isinstance(child, _InKernelSchedule):
-                child._fc_owned = True
-                child._fc_counters.clear()
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, schedulers, milestones, last_epoch, owns=list(schedulers))
 
-    def _fc_host_reason(self) -> str | None:
+    def _fc_chain(self) -> None:
+        super()._fc_chain()
+        for child in getattr(self, "_schedulers", ()):
+            if isinstance(child, _InKernelSchedule):
+                child._fc_chained = True
+
+    def _fc_config_reason(self) -> str | None:
         if list(self._milestones) != sorted(self._milestones) or not all(_is_integral(m) for m in self._milestones):
             return f"milestones {list(self._milestones)} are not increasing integers"
         for k, child in enumerate(self._schedulers):
             if not isinstance(child, _InKernelSchedule):
                 return f"the scheduler at index {k} ({type(child).__name__}) is not a fusedclr.lr_scheduler class"
-            reason = child._fc_host_reason()
+            reason = child._fc_config_reason()
             if reason is not None:
                 return f"in the scheduler at index {k} ({type(child).__name__}), {reason}"
         return None
@@ -1006,9 +1133,240 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
 
     def step(self) -> None:  # type: ignore[override]
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
+        self._fc_check(stacklevel=3)
         _torch_sched.SequentialLR.step(self)
         self._fc_sync()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state from :meth:`state_dict`, children included, and re-attaches the composed schedule."""
         super().load_state_dict(state_dict)
+
+
+# --------------------------------------------------------------------------
+# Polynomial decay, Python callables, chains
+# --------------------------------------------------------------------------
+
+
+class PolynomialLR(_InKernelSchedule, _torch_sched.PolynomialLR):
+    """Decays each group's learning rate polynomially to 0 over ``total_iters`` steps.
+
+    Same arguments, defaults and values as
+    :class:`torch.optim.lr_scheduler.PolynomialLR`:
+    ``lr_t = base_lr * (1 - min(t, total_iters) / total_iters) ** power``,
+    evaluated in the kernel. A ``total_iters`` that is not a positive integer or
+    a negative ``power`` runs torch's update on the host (with a one-time
+    warning on a fusedclr optimizer).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    total_iters : int, default 5
+        Number of steps of the decay.
+    power : float, default 1.0
+        Power of the polynomial.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1) -> None:
+        self._fc_build(super().__init__, optimizer, total_iters, power, last_epoch)
+
+    def _fc_config_reason(self) -> str | None:
+        if not (_is_integral(self.total_iters) and self.total_iters > 0):
+            return f"total_iters={self.total_iters!r} is not a positive integer"
+        if not (isinstance(self.power, numbers.Real) and self.power >= 0):
+            return f"power={self.power!r} is not a non-negative number"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        return _ref.stage(Kind.POLYNOMIAL, [self.base_lrs[i], self.total_iters, self.power])
+
+
+class LambdaLR(_InKernelSchedule, _torch_sched.LambdaLR):
+    """Sets each group's learning rate to ``base_lr * lr_lambda(t)``.
+
+    :class:`torch.optim.lr_scheduler.LambdaLR` itself: ``lr_lambda`` is a
+    Python function, which the kernel cannot call, so this scheduler always
+    runs torch's computation on the host (with a one-time warning on a fusedclr
+    optimizer, which then reads ``group["lr"]``). It is here so that a
+    fusedclr optimizer knows about it: another scheduler on the same optimizer
+    composes with it as in torch [note: composed schedulers].
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_lambda: Callable[[int], float] | list[Callable[[int], float]],
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_build(super().__init__, optimizer, lr_lambda, last_epoch)
+
+    def _fc_config_reason(self) -> str | None:
+        return "lr_lambda is a Python function"
+
+
+class MultiplicativeLR(_InKernelSchedule, _torch_sched.MultiplicativeLR):
+    """Multiplies each group's learning rate by ``lr_lambda(t)`` every step.
+
+    :class:`torch.optim.lr_scheduler.MultiplicativeLR` itself, on the host, for
+    the reason given in :class:`LambdaLR`.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_lambda: Callable[[int], float] | list[Callable[[int], float]],
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_build(super().__init__, optimizer, lr_lambda, last_epoch)
+
+    def _fc_config_reason(self) -> str | None:
+        return "lr_lambda is a Python function"
+
+
+class ChainedScheduler(_torch_sched.ChainedScheduler):
+    """Steps several schedulers of one optimizer together; their effects multiply.
+
+    :class:`torch.optim.lr_scheduler.ChainedScheduler` itself. Chaining needs
+    no wrapper: schedulers of this module that share an optimizer compose as
+    torch's do [note: composed schedulers], on the host with torch's chainable
+    update (one warning per optimizer). A single scheduler stays in the kernel.
+    """
+
+    def __init__(self, schedulers: Sequence[_torch_sched.LRScheduler], optimizer: Optimizer | None = None) -> None:
+        super().__init__(schedulers, optimizer)
+
+
+LRScheduler = _torch_sched.LRScheduler
+
+
+# --------------------------------------------------------------------------
+# ReduceLROnPlateau on the device
+# --------------------------------------------------------------------------
+
+
+class ReduceLROnPlateau(_torch_sched.ReduceLROnPlateau):
+    """Reduces the learning rate when a metric stops improving, without reading the metric on the host.
+
+    Same arguments, defaults, errors and values as
+    :class:`torch.optim.lr_scheduler.ReduceLROnPlateau`. A Python number
+    passed to :meth:`step` runs torch's code exactly.
+
+    With a fusedclr optimizer, :meth:`step` also accepts the metric as a
+    one-element tensor (typically a 0-dim validation loss on the GPU) and
+    never reads it on the host [note: plateau on the device]: the best value,
+    the bad-epoch count and the cooldown become 0-dim device tensors, and so
+    does every group's ``lr`` (float64, on the metric's device), which the
+    optimizer copies device-side into its kernel every step. Torch's
+    ``float(metrics)`` costs a host sync per epoch and, under
+    ``torch.compile``, a recompilation whenever the lr changes.
+    ``get_last_lr()`` then returns 0-dim tensors, as torch's does for tensor
+    lrs. Other schedulers stepping the same optimizer (a warmup, say) compose
+    with it as in torch, on those tensors [note: composed schedulers].
+
+    Difference from torch: with a device metric, a param group added to the
+    optimizer without a matching ``min_lrs`` entry raises torch's
+    ``RuntimeError`` at the next :meth:`step` rather than at the next
+    reduction, which only the device knows about.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        mode: Literal["min", "max"] = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: Literal["rel", "abs"] = "rel",
+        cooldown: int = 0,
+        min_lr: list[float] | float = 0,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(optimizer, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps)
+        self._fc_owned = False
+        _join(self, optimizer)
+
+    def _fc_chain(self) -> None:
+        """Part of [note: composed schedulers]; torch's update is the only one this class has."""
+
+    def step(self, metrics: SupportsFloat | Tensor, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Records ``metrics`` for this epoch and reduces the learning rate after ``patience`` bad epochs.
+
+        Parameters
+        ----------
+        metrics : float or Tensor
+            The monitored value. A one-element tensor with a fusedclr optimizer
+            stays on its device (see the class notes); anything else goes
+            through ``float()`` as in torch.
+        epoch : int, optional
+            Deprecated in torch; sets ``last_epoch``.
+        """
+        if not (isinstance(metrics, Tensor) and getattr(self.optimizer, "_attach_schedule", None) is not None):
+            super().step(metrics, epoch)  # type: ignore[arg-type]
+            return
+        if metrics.numel() != 1:
+            raise ValueError(
+                f"ReduceLROnPlateau.step: metrics must be a number or a one-element tensor, got a tensor of shape "
+                f"{tuple(metrics.shape)}; reduce it first (e.g. metrics.mean())"
+            )
+        if epoch is None:
+            epoch = self.last_epoch + 1
+        else:
+            warnings.warn(_torch_sched.EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+        self.last_epoch = epoch
+        self._fc_device_step(metrics.detach().reshape(()))
+        self._last_lr = _torch_sched._param_groups_val_list(self.optimizer, "lr")
+
+    def _fc_device_step(self, metric: Tensor) -> None:
+        """torch's step as tensor ops on ``metric``'s device [note: plateau on the device]."""
+        # [note: plateau on the device]
+        # torch's branches become torch.where over 0-dim tensors, in torch's order,
+        # in float64 (torch computes in Python floats), so the lrs are torch's to the
+        # last bit and nothing is read back. The tensors are updated in place, so a
+        # reference to them (or a captured graph) stays current.
+        device = metric.device
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.min_lrs):
+            if self.default_min_lr is None:
+                raise RuntimeError(
+                    f"The number of param groups in the `optimizer` ({len(groups)}) differs from when "
+                    f"`ReduceLROnPlateau` was initialized ({len(self.min_lrs)}), usually due to a new param group "
+                    "being added to the optimizer. Please modify the `min_lrs` field to match the length of the "
+                    "`optimizer` param groups."
+                )
+            self.min_lrs = [self.default_min_lr] * len(groups)
+        best = self.best = _on_device(self.best, torch.float64, device)
+        bad = self.num_bad_epochs = _on_device(self.num_bad_epochs, torch.int64, device)
+        cool = self.cooldown_counter = _on_device(self.cooldown_counter, torch.int64, device)
+        for group in groups:
+            if not isinstance(group["lr"], Tensor):
+                group["lr"] = torch.full((), float(group["lr"]), dtype=torch.float64, device=device)
+        current = metric.to(torch.float64)
+        if self.mode == "min" and self.threshold_mode == "rel":
+            better = current < best * (1.0 - self.threshold)
+        elif self.mode == "min":
+            better = current < best - self.threshold
+        elif self.threshold_mode == "rel":
+            better = current > best * (self.threshold + 1.0)
+        else:
+            better = current > best + self.threshold
+        best.copy_(torch.where(better, current, best))
+        new_bad = torch.where(better, 0, bad + 1)
+        in_cooldown = cool > 0
+        cool.sub_(in_cooldown.to(torch.int64))
+        new_bad = torch.where(in_cooldown, 0, new_bad)
+        reduce = new_bad > self.patience
+        for group, min_lr in zip(groups, self.min_lrs, strict=True):
+            old = group["lr"]
+            new = torch.clamp(old * self.factor, min=min_lr)
+            old.copy_(torch.where(reduce & (old - new > self.eps), new, old))
+        cool.copy_(torch.where(reduce, self.cooldown, cool))
+        bad.copy_(torch.where(reduce, 0, new_bad))
+
+
+def _on_device(value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a 0-dim tensor on ``device``: a Python number by a fill (no copy), a tensor as it is when it is there."""
+    if isinstance(value, Tensor):
+        return value if value.device == device and value.dtype == dtype else value.to(device=device, dtype=dtype)
+    return torch.full((), value, dtype=dtype, device=device)

@@ -64,6 +64,7 @@ class Kind:
     COSINE_RESTARTS = 7
     CYCLIC = 8
     ONE_CYCLE = 9
+    POLYNOMIAL = 10
 
 
 CYCLIC_MODES = {"triangular": 0, "triangular2": 1, "exp_range": 2}
@@ -97,6 +98,8 @@ def _stage_value(st: Sequence[float], d: Sequence[float], t: int) -> tuple[float
         lr = p[0] * (p[1] if t < p[2] else 1.0)
     elif kind == Kind.COSINE:
         lr = p[1] + (p[0] - p[1]) * (1.0 + math.cos(math.pi * t / p[2])) / 2.0
+    elif kind == Kind.POLYNOMIAL:
+        lr = p[0] * (1.0 - min(t, p[1]) / p[1]) ** p[2]
     elif kind == Kind.COSINE_RESTARTS:
         warm = int(p[5])
         if t < warm:

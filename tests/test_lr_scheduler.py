@@ -639,7 +639,8 @@ def test_sequential_owns_children_and_wins():
     warm = FS.LinearLR(opt, start_factor=0.1, total_iters=5)
     cos = FS.CosineAnnealingLR(opt, T_max=20)
     seq = FS.SequentialLR(opt, [warm, cos], milestones=[5])
-    assert opt.attached[-1] is seq and opt.attached[:2] == [warm, cos]
+    # Building cos beside warm composed the two (host) until the SequentialLR took them over.
+    assert opt.attached[0] is warm and opt.attached[-1] is seq
     desc = seq._fc_descriptor(0)
     assert desc[0] == 2 and desc[reference.HEADER_WORDS + reference.STAGE_WORDS + reference.S_T_BEGIN] == 5
     for _ in range(12):

@@ -179,6 +179,8 @@ SCHEDULES = {
     "linear": descriptor([stage(Kind.LINEAR, [0.05, 0.25, 1.0, 4])]),
     "constant_factor": descriptor([stage(Kind.CONSTANT_FACTOR, [0.05, 0.3, 4])]),
     "cosine": descriptor([stage(Kind.COSINE, [0.05, 0.001, 6])]),
+    "polynomial": descriptor([stage(Kind.POLYNOMIAL, [0.05, 5, 1.7])]),
+    "polynomial_power0": descriptor([stage(Kind.POLYNOMIAL, [0.05, 3, 0.0])]),
     "warm_restarts": descriptor([stage(Kind.COSINE_RESTARTS, [0.05, 0.001, 3, 1, 1.0, 0, 0.0])]),
     "warm_restarts_mult_decay_warmup": descriptor([stage(Kind.COSINE_RESTARTS, [0.05, 0.001, 2, 2, 0.5, 2, 0.01])]),
     "cyclic_triangular_momentum": descriptor(

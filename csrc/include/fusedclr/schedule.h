@@ -53,6 +53,7 @@ enum Kind : int {
   ONE_CYCLE = 9,    // P0 initial_lr, P1 max_lr, P2 min_lr, P3 base_momentum,
                     // P4 max_momentum, P5 phases (2|3), P6..P8 phase end steps,
                     // P9 anneal (0 cos, 1 linear)
+  POLYNOMIAL = 10,  // P0 base, P1 total_iters (> 0), P2 power (>= 0)
 };
 
 enum CyclicMode : int { TRIANGULAR = 0, TRIANGULAR2 = 1, EXP_RANGE = 2 };
@@ -117,6 +118,11 @@ C10_HOST_DEVICE inline Value stage_value(const double* st, const double* d, int6
     case COSINE:
       v.lr = p[1] + (p[0] - p[1]) * (1.0 + ::cos(kPi * td / p[2])) / 2.0;
       break;
+    case POLYNOMIAL: {
+      const double done = td < p[1] ? td : p[1];
+      v.lr = p[0] * ::pow(1.0 - done / p[1], p[2]);
+      break;
+    }
     case COSINE_RESTARTS: {
       const int64_t warm = static_cast<int64_t>(p[5]);
       if (t < warm) {
