@@ -104,12 +104,16 @@ _GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler,
 # optimizer, and as soon as two of them (not counting the children of a
 # SequentialLR) share an optimizer, all of them switch to torch's own chainable
 # update on the host, with one warning per optimizer at the first step. The
-# maps are weak: neither side keeps the other alive.
+# maps are weak: neither side keeps the other alive. The same happens to a
+# scheduler of a chainable family (_fc_chainable: torch's update multiplies the
+# group's current lr) when group["lr"] is not what it last wrote, or, at
+# construction, not the group's initial_lr: a torch scheduler, a replaced
+# scheduler or a manual edit moved it, and torch continues from there.
 _MEMBERS: weakref.WeakKeyDictionary[Optimizer, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 _COMPOSED_WARNED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 _COMPOSED_REASON = (
-    "another scheduler steps the same optimizer, and torch composes the two (each one's update applies to the "
-    "lr the other left in the param group)"
+    "it shares the optimizer with another scheduler (or group['lr'] was moved by something else), and torch "
+    "composes them, each update applying to the lr the others left in the param group"
 )
 
 
@@ -123,6 +127,11 @@ def _join(scheduler: Any, optimizer: Any) -> None:
     if others:
         for s in [*others, scheduler]:
             s._fc_chain()
+
+
+def _moved(optimizer: Any) -> bool:
+    """Whether some group's lr differs from its initial_lr (a scheduler's constructor, before torch's setdefault)."""
+    return any("initial_lr" in g and g["lr"] != g["initial_lr"] for g in getattr(optimizer, "param_groups", ()))
 
 
 def _is_integral(x: Any) -> bool:
@@ -153,6 +162,9 @@ class _InKernelSchedule:
     optimizer. Every constructor is one call of :meth:`_fc_build`.
     """
 
+    # torch's update multiplies the group's current lr [note: composed schedulers].
+    _fc_chainable = False
+
     # -- life cycle ---------------------------------------------------------
 
     def _fc_build(self, torch_init: Callable[..., None], optimizer: Any, *args: Any, owns: Sequence[Any] = ()) -> None:
@@ -175,6 +187,8 @@ class _InKernelSchedule:
                 child._fc_chained = False
                 child._fc_counters.clear()
         _join(self, optimizer)
+        if self._fc_chainable and args and args[-1] == -1 and _moved(optimizer):
+            self._fc_chain()
         for child in owns:  # the children follow their owner
             if isinstance(child, _InKernelSchedule):
                 child._fc_chained = self._fc_chained
@@ -281,6 +295,12 @@ class _InKernelSchedule:
         """Before a step: warns (once) and re-attaches when the scheduler moved between host and kernel."""
         if self._fc_owned or getattr(self, "_is_initial", False):
             return  # the constructor's own step: _fc_build decides
+        if self._fc_chainable and self._fc_in_kernel and not self._fc_chained:
+            current = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
+            last = self._last_lr  # type: ignore[attr-defined]
+            floats = not any(isinstance(x, Tensor) for x in (*current, *last))  # comparing tensors would sync
+            if floats and len(current) == len(last) and current != last:
+                self._fc_chain()  # something else moved the lr: continue from it, as torch does
         reason = self._fc_host_reason()
         if reason is not None:
             self._fc_warn(reason, stacklevel=stacklevel + 1)
@@ -406,6 +426,8 @@ class StepLR(_InKernelSchedule, _torch_sched.StepLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
         self._fc_build(super().__init__, optimizer, step_size, gamma, last_epoch)
 
@@ -436,6 +458,8 @@ class MultiStepLR(_InKernelSchedule, _torch_sched.MultiStepLR):
     last_epoch : int, default -1
         Index of the last step; ``-1`` starts the schedule.
     """
+
+    _fc_chainable = True
 
     def __init__(
         self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1
@@ -473,6 +497,8 @@ class ConstantLR(_InKernelSchedule, _torch_sched.ConstantLR):
     last_epoch : int, default -1
         Index of the last step; ``-1`` starts the schedule.
     """
+
+    _fc_chainable = True
 
     def __init__(
         self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1
@@ -514,6 +540,8 @@ class LinearLR(_InKernelSchedule, _torch_sched.LinearLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -550,6 +578,8 @@ class ExponentialLR(_InKernelSchedule, _torch_sched.ExponentialLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
         self._fc_build(super().__init__, optimizer, gamma, last_epoch)
 
@@ -580,6 +610,8 @@ class CosineAnnealingLR(_InKernelSchedule, _torch_sched.CosineAnnealingLR):
     last_epoch : int, default -1
         Index of the last step; ``-1`` starts the schedule.
     """
+
+    _fc_chainable = True
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
         self._fc_build(super().__init__, optimizer, T_max, eta_min, last_epoch)
@@ -1168,6 +1200,8 @@ class PolynomialLR(_InKernelSchedule, _torch_sched.PolynomialLR):
     last_epoch : int, default -1
         Index of the last step; ``-1`` starts the schedule.
     """
+
+    _fc_chainable = True
 
     def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1) -> None:
         self._fc_build(super().__init__, optimizer, total_iters, power, last_epoch)
