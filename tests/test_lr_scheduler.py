@@ -1150,7 +1150,7 @@ def test_param_group_added_later_gets_torchs_schedule_or_error(name):
 @pytest.mark.parametrize(
     "T_mult, edits",
     [(1, {4: (1, None)}), (1, {9: (0, None), 14: (3, None)}), (2, {6: (2, None)}), (2, {3: (5, 12)}),
-     (2, {5: (2.5, None)}), (1, {4: (9, None)})],
+     (2, {5: (2.5, None)}), (1, {4: (8, None)})],
     ids=["restart_early", "twice", "tmult2", "tmult2_next_cycle", "fractional_host", "beyond_T_i_host"],
 )
 def test_user_set_T_cur_is_followed_like_torch(backend, T_mult, edits):
