@@ -26,23 +26,33 @@ the two agree to a few ulps of double.
 
 Differences from torch, all deliberate:
 
-* Values are the closed form at ``last_epoch``: they do not compose with other
-  schedulers stepping the same optimizer (``ChainedScheduler``) nor follow
-  manual edits of ``group["lr"]``. Chain schedules with :class:`SequentialLR`,
-  which composes its children into one descriptor. When several fusedclr
-  schedulers attach to the same optimizer the last one wins.
+* In-kernel values are the closed form at ``last_epoch``, which cannot see
+  other schedulers. So when several schedulers share an optimizer (two of
+  ours, a :class:`ChainedScheduler`, a :class:`ReduceLROnPlateau` beside a
+  warmup, or, for the families whose torch update multiplies the current lr,
+  a ``group["lr"]`` moved by a torch scheduler, a replaced scheduler or a
+  manual edit), all of them switch to torch's own chainable update on the host
+  and the optimizer reads ``group["lr"]``; one warning per optimizer
+  [note: composed schedulers]. A :class:`SequentialLR` is not a composition:
+  it composes its children into one descriptor and stays in the kernel. An
+  edit of ``group["lr"]`` is seen at the scheduler's next :meth:`step`.
 * A scheduler that cannot be evaluated in the kernel falls back to host mode
   with a one-time :class:`UserWarning` naming the reason, and detaches from the
   optimizer, which then reads ``group["lr"]`` like any torch optimizer. This
   happens for :class:`CyclicLR` with a Python ``scale_fn``, for
+  :class:`LambdaLR` and :class:`MultiplicativeLR` (Python functions), for
   :class:`CosineAnnealingWarmRestarts` stepped with a fractional epoch (until
-  the epoch is an integer again), for a :class:`SequentialLR` with a child
-  that is not a fusedclr scheduler, and for a few degenerate arguments on
-  which torch's recursive update differs from any closed form (e.g. a
-  non-integer ``step_size``). A non-fusedclr optimizer gets no warning: it is
-  always in host mode.
+  the epoch is an integer again) or given a ``T_cur`` that is no position of
+  its schedule, for a :class:`SequentialLR` with a child that is not a
+  fusedclr scheduler, once a param group was added to the optimizer after the
+  scheduler was built (torch's update then schedules it, or raises), and for a
+  few degenerate arguments on which torch's recursive update differs from any
+  closed form (e.g. a non-integer ``step_size``). A non-fusedclr optimizer
+  gets no warning: it is always in host mode.
 * :class:`CosineAnnealingWarmRestarts` takes three keyword-only extensions:
   ``cycle_decay``, ``warmup_steps`` and ``warmup_start_lr``.
+* :class:`ReduceLROnPlateau` takes its metric as a device tensor with a
+  fusedclr optimizer and never reads it on the host (see the class).
 """
 
 from __future__ import annotations
@@ -118,7 +128,7 @@ _COMPOSED_REASON = (
 
 
 def _join(scheduler: Any, optimizer: Any) -> None:
-    """Registers ``scheduler`` on ``optimizer`` [note: composed schedulers]; chains every member if it is not alone."""
+    """Registers ``scheduler`` on ``optimizer``; chains all if it is not alone [note: composed schedulers]."""
     if not isinstance(optimizer, Optimizer):
         return  # torch's constructor raises its TypeError next
     members = _MEMBERS.setdefault(optimizer, weakref.WeakSet())
@@ -130,7 +140,7 @@ def _join(scheduler: Any, optimizer: Any) -> None:
 
 
 def _moved(optimizer: Any) -> bool:
-    """Whether some group's lr differs from its initial_lr (a scheduler's constructor, before torch's setdefault)."""
+    """Whether some group's lr differs from its initial_lr (asked before torch's constructor sets it)."""
     return any("initial_lr" in g and g["lr"] != g["initial_lr"] for g in getattr(optimizer, "param_groups", ()))
 
 
@@ -167,7 +177,9 @@ class _InKernelSchedule:
 
     # -- life cycle ---------------------------------------------------------
 
-    def _fc_build(self, torch_init: Callable[..., None], optimizer: Any, *args: Any, owns: Sequence[Any] = ()) -> None:
+    def _fc_build(
+        self, torch_init: Callable[..., None], optimizer: Any, *args: Any, owns: Sequence[Any] = ()
+    ) -> None:
         """The constructor: runtime state, torch's constructor (which runs the first ``step()``), then attach.
 
         ``owns``: schedulers this one composes (SequentialLR's children), which
@@ -224,10 +236,10 @@ class _InKernelSchedule:
         """Why this scheduler runs on the host (torch's own update), or ``None`` for the kernel."""
         if self._fc_chained:
             return _COMPOSED_REASON
-        if len(self.optimizer.param_groups) != self._fc_ngroups:  # type: ignore[attr-defined]
+        if len(self.optimizer.param_groups) != self._fc_ngroups:
             return (
                 f"a param group was added to the optimizer after the scheduler was built "
-                f"({self._fc_ngroups} groups then, {len(self.optimizer.param_groups)} now), and torch's "  # type: ignore[attr-defined]
+                f"({self._fc_ngroups} groups then, {len(self.optimizer.param_groups)} now), and torch's "
                 "update is what schedules it (or raises)"
             )
         return self._fc_config_reason()
@@ -239,7 +251,7 @@ class _InKernelSchedule:
     def _fc_descriptors(self) -> list[list[float]]:
         if self._fc_descs is None:
             self._fc_descs = [
-                _ref.descriptor(*self._fc_parts(i)) for i in range(len(self.optimizer.param_groups))  # type: ignore[attr-defined]
+                _ref.descriptor(*self._fc_parts(i)) for i in range(len(self.optimizer.param_groups))
             ]
         return self._fc_descs
 
@@ -272,7 +284,7 @@ class _InKernelSchedule:
 
     def _fc_sync(self) -> None:
         """Brings every counter to ``last_epoch`` with ``add_(1)`` or ``fill_``; never reads a device value."""
-        target = int(self.last_epoch)  # type: ignore[attr-defined]
+        target = int(self.last_epoch)
         if target == self._fc_seen:
             return
         for counter in self._fc_counters.values():
@@ -286,7 +298,7 @@ class _InKernelSchedule:
         """Configures a fusedclr optimizer: attach this schedule, or detach in host mode."""
         if self._fc_owned:
             return
-        attach = getattr(self.optimizer, "_attach_schedule", None)  # type: ignore[attr-defined]
+        attach = getattr(self.optimizer, "_attach_schedule", None)
         self._fc_in_kernel = self._fc_host_reason() is None
         if attach is not None:
             attach(self if self._fc_in_kernel else None)
@@ -296,8 +308,8 @@ class _InKernelSchedule:
         if self._fc_owned or getattr(self, "_is_initial", False):
             return  # the constructor's own step: _fc_build decides
         if self._fc_chainable and self._fc_in_kernel and not self._fc_chained:
-            current = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
-            last = self._last_lr  # type: ignore[attr-defined]
+            current = [g["lr"] for g in self.optimizer.param_groups]
+            last = self._last_lr
             floats = not any(isinstance(x, Tensor) for x in (*current, *last))  # comparing tensors would sync
             if floats and len(current) == len(last) and current != last:
                 self._fc_chain()  # something else moved the lr: continue from it, as torch does
@@ -308,7 +320,7 @@ class _InKernelSchedule:
             self._fc_refresh()
 
     def _fc_warn(self, reason: str, stacklevel: int = 3) -> None:
-        optimizer = self.optimizer  # type: ignore[attr-defined]
+        optimizer = self.optimizer
         if getattr(optimizer, "_attach_schedule", None) is None:
             return
         if reason is _COMPOSED_REASON:
@@ -331,10 +343,10 @@ class _InKernelSchedule:
 
     def _fc_values(self) -> list[float]:
         """Closed-form lr of every group at ``last_epoch``; sets cyclical momentum like torch."""
-        use_beta1 = getattr(self, "use_beta1", "betas" in self.optimizer.defaults)  # type: ignore[attr-defined]
+        use_beta1 = getattr(self, "use_beta1", "betas" in self.optimizer.defaults)
         lrs = []
-        for group, desc in zip(self.optimizer.param_groups, self._fc_descriptors(), strict=True):  # type: ignore[attr-defined]
-            lr, momentum = _ref.schedule_value(desc, int(self.last_epoch))  # type: ignore[attr-defined]
+        for group, desc in zip(self.optimizer.param_groups, self._fc_descriptors(), strict=True):
+            lr, momentum = _ref.schedule_value(desc, int(self.last_epoch))
             if momentum is not None:
                 if use_beta1:
                     group["betas"] = (momentum, *group["betas"][1:])
@@ -353,7 +365,7 @@ class _InKernelSchedule:
         """
         if self._fc_host_reason() is not None:
             return super().get_lr()  # type: ignore[misc]
-        if not self._get_lr_called_within_step:  # type: ignore[attr-defined]
+        if not self._get_lr_called_within_step:
             warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
         return self._fc_values()
 
@@ -389,7 +401,37 @@ class _InKernelSchedule:
         """
         state_dict = {k: v for k, v in state_dict.items() if k not in _RUNTIME_ATTRS}
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._fc_unchain_if_alone()
         self._fc_refresh()
+
+    def _fc_unchain_if_alone(self) -> None:
+        """Back to the kernel after a load, when nothing composes with this scheduler any more.
+
+        A scheduler built after the optimizer's state was loaded (torch's docs
+        ask for the other order) finds ``group["lr"]`` moved and starts on the
+        host [note: composed schedulers]; once its own state is loaded, the
+        groups hold its closed form again and no other scheduler shares the
+        optimizer, so the two updates agree and the kernel can take over.
+        """
+        if not self._fc_chained or self._fc_owned:
+            return
+        members = _MEMBERS.get(self.optimizer, ())
+        if any(s is not self and not getattr(s, "_fc_owned", False) for s in members):
+            return
+        self._fc_chained = False
+        self._fc_descs = None
+        if self._fc_host_reason() is None:
+            current = [g["lr"] for g in self.optimizer.param_groups]
+            values = [_ref.schedule_value(d, int(self.last_epoch))[0] for d in self._fc_descriptors()]
+            self._fc_chained = any(
+                isinstance(c, Tensor) or v is None or not math.isclose(c, v, rel_tol=1e-12, abs_tol=1e-15)
+                for c, v in zip(current, values, strict=True)
+            )
+        else:
+            self._fc_chained = True
+        for child in getattr(self, "_schedulers", ()):
+            if isinstance(child, _InKernelSchedule):
+                child._fc_chained = self._fc_chained
 
     def _fc_refresh(self) -> None:
         """Rebuilds the descriptors (eagerly, so that two schedulers in the same state have equal
@@ -397,7 +439,7 @@ class _InKernelSchedule:
         self._fc_descs = None
         if self._fc_host_reason() is None:
             self._fc_descriptors()
-        self._fc_seen = int(self.last_epoch)  # type: ignore[attr-defined]
+        self._fc_seen = int(self.last_epoch)
         for counter in self._fc_counters.values():
             counter.fill_(self._fc_seen)
         self._fc_attach()
@@ -1203,7 +1245,9 @@ class PolynomialLR(_InKernelSchedule, _torch_sched.PolynomialLR):
 
     _fc_chainable = True
 
-    def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1) -> None:
+    def __init__(
+        self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1
+    ) -> None:
         self._fc_build(super().__init__, optimizer, total_iters, power, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
@@ -1400,7 +1444,7 @@ class ReduceLROnPlateau(_torch_sched.ReduceLROnPlateau):
 
 
 def _on_device(value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``value`` as a 0-dim tensor on ``device``: a Python number by a fill (no copy), a tensor as it is when it is there."""
+    """``value`` as a 0-dim tensor on ``device``: a number by a fill (no copy), a tensor moved if it must be."""
     if isinstance(value, Tensor):
         return value if value.device == device and value.dtype == dtype else value.to(device=device, dtype=dtype)
     return torch.full((), value, dtype=dtype, device=device)

@@ -1244,3 +1244,35 @@ def test_every_torch_scheduler_class_is_here():
     public = {n for n, c in vars(TS).items() if isinstance(c, type) and issubclass(c, TS.LRScheduler)
               and not n.startswith("_")}
     assert public <= set(FS.__all__)
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scheduler_built_after_the_optimizer_load_returns_to_the_kernel(backend):
+    """torch's docs build the scheduler before loading the optimizer; the other order must give torch's numbers too."""
+    def build(m, o):
+        return m.MultiStepLR(o, milestones=[3, 7], gamma=0.5)
+
+    def trained(m, opt):
+        sched = build(m, opt)
+        for _ in range(5):
+            opt.step()
+            sched.step()
+        return opt.state_dict(), sched.state_dict()
+
+    rows = []
+    for m, opt_t, opt_r in ((TS, make_optimizer("sgd"), make_optimizer("sgd")), (FS, _fc_sgd(backend), _fc_sgd(backend))):
+        opt_state, sched_state = trained(m, opt_t)
+        opt_r.load_state_dict(opt_state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no composition warning: it is alone again after the load
+            sched = build(m, opt_r)
+            sched.load_state_dict(sched_state)
+            for _ in range(6):
+                opt_r.step()
+                sched.step()
+                rows.append([float(g["lr"]) for g in opt_r.param_groups])
+        if m is FS:
+            assert sched._fc_host_reason() is None and opt_r._scheduler is sched
+            torch.testing.assert_close(_applied_sgd(opt_r)[:2], rows[5], rtol=RTOL, atol=0.0)
+    torch.testing.assert_close(rows[6:], rows[:6], rtol=RTOL, atol=0.0)

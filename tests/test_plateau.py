@@ -175,7 +175,8 @@ def test_device_metric_composes_with_a_warmup_like_torch(monkeypatch):
     warm = warmup(FS, opt)
     sched = FS.ReduceLROnPlateau(opt, **config)
     rows, applied, wanted = [], [], []
-    prev = [torch.tensor(LR0 * 0.1, dtype=torch.float64), torch.tensor(LR1 * 0.1, dtype=torch.float64)]  # after LinearLR's constructor
+    # The lrs after LinearLR's constructor.
+    prev = [torch.tensor(LR0 * 0.1, dtype=torch.float64), torch.tensor(LR1 * 0.1, dtype=torch.float64)]
     with pytest.warns(UserWarning, match="shares the optimizer"):
         for m in metrics:
             for _ in range(3):
