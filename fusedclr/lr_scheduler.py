@@ -26,13 +26,17 @@ the two agree to a few ulps of double.
 
 Differences from torch, all deliberate:
 
-* In-kernel values are the closed form at ``last_epoch``, which cannot see
-  other schedulers. So when several schedulers share an optimizer (two of
-  ours, a :class:`ChainedScheduler`, a :class:`ReduceLROnPlateau` beside a
-  warmup, or, for the families whose torch update multiplies the current lr,
-  a ``group["lr"]`` moved by a torch scheduler, a replaced scheduler or a
-  manual edit), all of them switch to torch's own chainable update on the host
-  and the optimizer reads ``group["lr"]``; one warning per optimizer
+* In-kernel values are closed forms, which cannot see other schedulers.
+  Several schedulers sharing an optimizer compose as torch's do: the
+  multiplicative families (:class:`StepLR`, :class:`MultiStepLR`,
+  :class:`ConstantLR`, :class:`LinearLR`, :class:`ExponentialLR`,
+  :class:`PolynomialLR`) stepping together, e.g. in a
+  :class:`ChainedScheduler`, as one in-kernel product; anything else (a
+  cosine or a :class:`ReduceLROnPlateau` beside a warmup, members stepped at
+  different rates, or, for the families whose torch update multiplies the
+  current lr, a ``group["lr"]`` moved by a torch scheduler, a replaced
+  scheduler or a manual edit) with torch's own chainable update on the host,
+  the optimizer reading ``group["lr"]``; one warning per optimizer
   [note: composed schedulers]. A :class:`SequentialLR` is not a composition:
   it composes its children into one descriptor and stays in the kernel. An
   edit of ``group["lr"]`` is seen at the scheduler's next :meth:`step`.
@@ -102,6 +106,7 @@ _RUNTIME_ATTRS = (
     "_fc_chained",
     "_fc_ngroups",
     "_fc_in_kernel",
+    "_fc_product",
 )
 
 _GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler, please use `get_last_lr()`."
@@ -111,10 +116,20 @@ _GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler,
 # multiplies (or otherwise rewrites) the lr the others left in the group, so
 # StepLR + ExponentialLR decays by both. A closed form evaluated in the kernel
 # cannot see the others, so the schedulers of this module register here, per
-# optimizer, and as soon as two of them (not counting the children of a
-# SequentialLR) share an optimizer, all of them switch to torch's own chainable
-# update on the host, with one warning per optimizer at the first step. The
-# maps are weak: neither side keeps the other alive. The same happens to a
+# optimizer. When two or more of them (not counting the children of a
+# SequentialLR) share an optimizer:
+# * if all are of the multiplicative families (_fc_multiplicative: torch's
+#   update multiplies the lr by a factor of the scheduler's own step; StepLR,
+#   MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR), they form
+#   a _Product: one PRODUCT descriptor [note: schedule descriptor], the first
+#   member's stage times the others' factors, each shifted by the difference of
+#   the members' step counts, evaluated at the first member's counter. The
+#   offsets hold while the members step together (one step each between
+#   optimizer steps, as ChainedScheduler does); the optimizer checks that before
+#   every step (_fc_step_check) and, if not, the product dissolves as below;
+# * otherwise all of them switch to torch's own chainable update on the host,
+#   with one warning per optimizer at the first step.
+# The maps are weak: neither side keeps the other alive. The same happens to a
 # scheduler of a chainable family (_fc_chainable: torch's update multiplies the
 # group's current lr) when group["lr"] is not what it last wrote, or, at
 # construction, not the group's initial_lr: a torch scheduler, a replaced
@@ -127,16 +142,139 @@ _COMPOSED_REASON = (
 )
 
 
-def _join(scheduler: Any, optimizer: Any) -> None:
-    """Registers ``scheduler`` on ``optimizer``; chains all if it is not alone [note: composed schedulers]."""
+def _join(scheduler: Any, optimizer: Any) -> bool:
+    """Registers ``scheduler`` on ``optimizer`` and composes it with the others [note: composed schedulers].
+
+    Returns whether there were others.
+    """
     if not isinstance(optimizer, Optimizer):
-        return  # torch's constructor raises its TypeError next
+        return False  # torch's constructor raises its TypeError next
     members = _MEMBERS.setdefault(optimizer, weakref.WeakSet())
     others = [s for s in members if not getattr(s, "_fc_owned", False)]
     members.add(scheduler)
-    if others:
-        for s in [*others, scheduler]:
-            s._fc_chain()
+    if not others:
+        return False
+    products = {id(p): p for p in (getattr(s, "_fc_product", None) for s in others) if p is not None}
+    alone = [s for s in others if getattr(s, "_fc_product", None) is None]
+    candidates = [*others, scheduler]
+    if (
+        all(getattr(s, "_fc_multiplicative", False) and not s._fc_chained for s in candidates)
+        and (not products if len(alone) else len(products) == 1)
+    ):
+        product = next(iter(products.values())) if products else _Product(alone)
+        if _lrs_match(optimizer, product.values()):
+            product.add(scheduler)
+            return True
+    for s in candidates:
+        s._fc_chain()
+    return True
+
+
+def _lrs_match(optimizer: Optimizer, values: list[float]) -> bool:
+    """Whether the groups' lrs are ``values`` (up to the rounding of torch's recursive updates)."""
+    current = [g["lr"] for g in optimizer.param_groups]
+    return len(current) == len(values) and all(
+        not isinstance(c, Tensor) and math.isclose(c, v, rel_tol=1e-12, abs_tol=1e-15)
+        for c, v in zip(current, values)
+    )
+
+
+class _Product:
+    """Schedulers of multiplicative families on one optimizer, as one in-kernel PRODUCT schedule.
+
+    See [note: composed schedulers]. It stands in for its members in the
+    optimizer protocol (docs/CONTRACTS.md): ``_fc_descriptor``,
+    ``_fc_counter`` (the first member's) and ``_fc_step_check``.
+    """
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members: list[Any] = []
+        self.offsets: list[int] = []
+        for m in members:
+            self.add(m)
+
+    def add(self, member: Any) -> None:
+        self.members.append(member)
+        member._fc_product = self
+
+    def viable(self) -> bool:
+        # ConstantLR(factor=0): torch's update divides by the factor at total_iters (and raises).
+        return all(
+            not m._fc_chained and m._fc_config_reason() is None
+            and len(m.optimizer.param_groups) == m._fc_ngroups
+            and not (isinstance(m, ConstantLR) and m.factor == 0)
+            for m in self.members
+        )
+
+    def dissolve(self) -> None:
+        """Every member to torch's chainable update on the host."""
+        members, self.members = self.members, []
+        for m in members:
+            m._fc_product = None
+        for m in members:
+            m._fc_chain()
+
+    def refresh(self) -> None:
+        """Offsets from the members' step counts as they are now; re-attaches."""
+        first = int(self.members[0].last_epoch)
+        self.offsets = [first - int(m.last_epoch) for m in self.members]
+        attach = getattr(self.members[0].optimizer, "_attach_schedule", None)
+        for m in self.members:
+            m._fc_in_kernel = True
+        if attach is not None:
+            attach(self)
+
+    def in_step(self) -> bool:
+        first = int(self.members[0].last_epoch)
+        return all(first - int(m.last_epoch) == off for m, off in zip(self.members, self.offsets))
+
+    def _records(self, i: int, *, offsets: bool) -> tuple[list[list[float]], list[float]]:
+        """Group ``i``: the first member's stage, then the others' as factors (P0 = 1)."""
+        stages: list[list[float]] = []
+        tail: list[float] = []
+        for k, m in enumerate(self.members):
+            rec = list(m._fc_stage(i))
+            if k:  # a factor: P0 is the base lr, or, for CONSTANT, base * factor
+                base = m.base_lrs[i]
+                rec[_ref.S_P0] = (rec[_ref.S_P0] / base if base else 0.0) if rec[_ref.S_KIND] == Kind.CONSTANT else 1.0
+            if offsets:
+                rec[_ref.S_T_BEGIN] = float(self.offsets[k])
+            if int(rec[_ref.S_KIND]) == Kind.MULTISTEP:
+                rec[_ref.S_P0 + 2] += len(tail)
+            stages.append(rec)
+            tail.extend(m._fc_tail(i))
+        return stages, tail
+
+    def values(self) -> list[float]:
+        """torch's lr of every group: the product of the members' closed forms at their own steps."""
+        out = []
+        for i in range(len(self.members[0].optimizer.param_groups)):
+            stages, tail = self._records(i, offsets=False)
+            lr = 1.0
+            for k, (rec, m) in enumerate(zip(stages, self.members)):
+                rec = list(rec)
+                start = sum(len(x._fc_tail(i)) for x in self.members[:k])
+                if int(rec[_ref.S_KIND]) == Kind.MULTISTEP:
+                    rec[_ref.S_P0 + 2] -= start
+                own_tail = tail[start : start + len(m._fc_tail(i))]
+                lr *= _ref.schedule_value(_ref.descriptor([rec], own_tail), int(m.last_epoch))[0]
+            out.append(lr)
+        return out
+
+    # -- the optimizer protocol -------------------------------------------------
+
+    def _fc_descriptor(self, group_index: int) -> list[float]:
+        if not self.members:
+            return _ref.no_schedule()
+        return _ref.descriptor(*self._records(group_index, offsets=True), product=True)
+
+    def _fc_counter(self, device: torch.device | str) -> Tensor:
+        return self.members[0]._fc_counter(device)
+
+    def _fc_step_check(self) -> None:
+        """Before an optimizer step: dissolves the product unless its members stepped together."""
+        if self.members and not (self.in_step() and self.viable()):
+            self.dissolve()
 
 
 def _moved(optimizer: Any) -> bool:
@@ -172,8 +310,10 @@ class _InKernelSchedule:
     optimizer. Every constructor is one call of :meth:`_fc_build`.
     """
 
-    # torch's update multiplies the group's current lr [note: composed schedulers].
+    # torch's update multiplies the group's current lr (by a factor of this scheduler's
+    # step alone) [note: composed schedulers].
     _fc_chainable = False
+    _fc_multiplicative = False
 
     # -- life cycle ---------------------------------------------------------
 
@@ -193,18 +333,25 @@ class _InKernelSchedule:
         self._fc_chained = False  # [note: composed schedulers]
         self._fc_in_kernel = False  # what the optimizer was last told
         self._fc_ngroups = len(getattr(optimizer, "param_groups", ()))
+        self._fc_product: _Product | None = None  # [note: composed schedulers]
         for child in owns:
             if isinstance(child, _InKernelSchedule):
+                product = child._fc_product
+                if product is not None:  # built side by side: composed until now
+                    for m in product.members:
+                        m._fc_product = None
+                    product.members = []
                 child._fc_owned = True
                 child._fc_chained = False
                 child._fc_counters.clear()
-        _join(self, optimizer)
-        if self._fc_chainable and args and args[-1] == -1 and _moved(optimizer):
+        if not _join(self, optimizer) and self._fc_chainable and args and args[-1] == -1 and _moved(optimizer):
             self._fc_chain()
         for child in owns:  # the children follow their owner
             if isinstance(child, _InKernelSchedule):
                 child._fc_chained = self._fc_chained
         torch_init(optimizer, *args)
+        if self._fc_product is not None and not self._fc_product.viable():
+            self._fc_product.dissolve()
         reason = self._fc_host_reason()
         if reason is not None and not self._fc_chained:
             self._fc_warn(reason, stacklevel=4)  # the user's constructor call
@@ -212,6 +359,9 @@ class _InKernelSchedule:
 
     def _fc_chain(self) -> None:
         """Switches to torch's chainable update on the host [note: composed schedulers]."""
+        if self._fc_product is not None:
+            self._fc_product.dissolve()  # which chains this one too
+            return
         if self._fc_chained:
             return
         self._fc_chained = True
@@ -298,6 +448,9 @@ class _InKernelSchedule:
         """Configures a fusedclr optimizer: attach this schedule, or detach in host mode."""
         if self._fc_owned:
             return
+        if self._fc_product is not None:
+            self._fc_product.refresh()
+            return
         attach = getattr(self.optimizer, "_attach_schedule", None)
         self._fc_in_kernel = self._fc_host_reason() is None
         if attach is not None:
@@ -307,9 +460,12 @@ class _InKernelSchedule:
         """Before a step: warns (once) and re-attaches when the scheduler moved between host and kernel."""
         if self._fc_owned or getattr(self, "_is_initial", False):
             return  # the constructor's own step: _fc_build decides
+        if self._fc_product is not None and not self._fc_product.viable():
+            self._fc_product.dissolve()
         if self._fc_chainable and self._fc_in_kernel and not self._fc_chained:
             current = [g["lr"] for g in self.optimizer.param_groups]
-            last = self._last_lr
+            product = self._fc_product
+            last = product.values() if product is not None else self._last_lr
             floats = not any(isinstance(x, Tensor) for x in (*current, *last))  # comparing tensors would sync
             if floats and len(current) == len(last) and current != last:
                 self._fc_chain()  # something else moved the lr: continue from it, as torch does
@@ -367,9 +523,14 @@ class _InKernelSchedule:
             return super().get_lr()  # type: ignore[misc]
         if not self._get_lr_called_within_step:
             warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
+        if self._fc_product is not None:
+            return self._fc_product.values()
         return self._fc_values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
+        if self._fc_product is not None:
+            # step(epoch): torch's closed form ignores the other schedulers; so does the host update.
+            self._fc_product.dissolve()
         if self._fc_host_reason() is not None:
             torch_closed = getattr(super(), "_get_closed_form_lr", None)
             return torch_closed() if torch_closed is not None else super().get_lr()  # type: ignore[misc]
@@ -437,7 +598,7 @@ class _InKernelSchedule:
         """Rebuilds the descriptors (eagerly, so that two schedulers in the same state have equal
         ``__dict__``s, as torch's tests compare), refills the counters and re-attaches."""
         self._fc_descs = None
-        if self._fc_host_reason() is None:
+        if self._fc_host_reason() is None and self._fc_product is None:
             self._fc_descriptors()
         self._fc_seen = int(self.last_epoch)
         for counter in self._fc_counters.values():
@@ -469,6 +630,7 @@ class StepLR(_InKernelSchedule, _torch_sched.StepLR):
     """
 
     _fc_chainable = True
+    _fc_multiplicative = True
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
         self._fc_build(super().__init__, optimizer, step_size, gamma, last_epoch)
@@ -502,6 +664,7 @@ class MultiStepLR(_InKernelSchedule, _torch_sched.MultiStepLR):
     """
 
     _fc_chainable = True
+    _fc_multiplicative = True
 
     def __init__(
         self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1
@@ -541,6 +704,7 @@ class ConstantLR(_InKernelSchedule, _torch_sched.ConstantLR):
     """
 
     _fc_chainable = True
+    _fc_multiplicative = True
 
     def __init__(
         self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1
@@ -583,6 +747,7 @@ class LinearLR(_InKernelSchedule, _torch_sched.LinearLR):
     """
 
     _fc_chainable = True
+    _fc_multiplicative = True
 
     def __init__(
         self,
@@ -621,6 +786,7 @@ class ExponentialLR(_InKernelSchedule, _torch_sched.ExponentialLR):
     """
 
     _fc_chainable = True
+    _fc_multiplicative = True
 
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
         self._fc_build(super().__init__, optimizer, gamma, last_epoch)
@@ -1244,6 +1410,7 @@ class PolynomialLR(_InKernelSchedule, _torch_sched.PolynomialLR):
     """
 
     _fc_chainable = True
+    _fc_multiplicative = True
 
     def __init__(
         self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1
@@ -1308,8 +1475,9 @@ class ChainedScheduler(_torch_sched.ChainedScheduler):
 
     :class:`torch.optim.lr_scheduler.ChainedScheduler` itself. Chaining needs
     no wrapper: schedulers of this module that share an optimizer compose as
-    torch's do [note: composed schedulers], on the host with torch's chainable
-    update (one warning per optimizer). A single scheduler stays in the kernel.
+    torch's do [note: composed schedulers], in the kernel for the
+    multiplicative families, else on the host with torch's chainable update
+    (one warning per optimizer).
     """
 
     def __init__(self, schedulers: Sequence[_torch_sched.LRScheduler], optimizer: Optimizer | None = None) -> None:

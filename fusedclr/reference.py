@@ -49,6 +49,8 @@ __all__ = [
 HEADER_WORDS = 4
 STAGE_WORDS = 16
 S_KIND, S_T_BEGIN, S_P0, S_HAS_MOM = 0, 1, 2, 14
+H_COMBINE = 1  # header word: how stages combine
+SEQUENCE, PRODUCT = 0, 1
 
 
 class Kind:
@@ -162,6 +164,12 @@ def schedule_value(descriptor: Sequence[float] | Tensor, t: int) -> tuple[float 
     n = int(d[0])
     if n <= 0:
         return None, None
+    if int(d[H_COMBINE]) == PRODUCT:
+        lr = 1.0
+        for i in range(n):
+            st = d[HEADER_WORDS + i * STAGE_WORDS : HEADER_WORDS + (i + 1) * STAGE_WORDS]
+            lr *= _stage_value(st, d, t - int(st[S_T_BEGIN]))[0]
+        return lr, None
     idx = 0
     for i in range(1, n):
         if t >= d[HEADER_WORDS + i * STAGE_WORDS + S_T_BEGIN]:
@@ -188,13 +196,14 @@ def stage(kind: int, params: Sequence[float], *, t_begin: int = 0, has_momentum:
     return rec
 
 
-def descriptor(stages: Sequence[Sequence[float]], tail: Sequence[float] = ()) -> list[float]:
+def descriptor(stages: Sequence[Sequence[float]], tail: Sequence[float] = (), *, product: bool = False) -> list[float]:
     """Assembles stage records (and their tail data) into one descriptor.
 
     Tail indices inside stage parameters (MULTISTEP's P2) are relative to the
-    start of ``tail``; this function rebases them to absolute indices.
+    start of ``tail``; this function rebases them to absolute indices. With
+    ``product`` the stages multiply instead of following one another.
     """
-    head = [float(len(stages)), 0.0, 0.0, 0.0]
+    head = [float(len(stages)), float(PRODUCT if product else SEQUENCE), 0.0, 0.0]
     tail_start = HEADER_WORDS + STAGE_WORDS * len(stages)
     out = list(head)
     for rec in stages:

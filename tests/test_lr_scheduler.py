@@ -984,13 +984,18 @@ def test_composed_schedulers_match_torch_on_a_torch_optimizer(case):
         torch.testing.assert_close([*map(float, sched.get_last_lr()), *momenta(opt)], want, rtol=RTOL, atol=case.atol)
 
 
+# Multiplicative families compose in-kernel (a PRODUCT descriptor); the others on the host.
+IN_KERNEL = {"step_and_exponential", "polynomial_and_constant", "chained"}
+
+
 @requires_fused
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", COMPOSED, ids=[c.id for c in COMPOSED])
 def test_composed_schedulers_apply_torch_lr(case, backend):
     expected = torch.tensor(torch_rows(case, "sgd"), dtype=torch.float64)
     opt = _fc_sgd(backend)
-    with pytest.warns(UserWarning, match="shares the optimizer|lr_lambda") as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         sched = case.build(FS, opt)
         got = []
         for t in range(case.steps + 1):
@@ -998,9 +1003,62 @@ def test_composed_schedulers_apply_torch_lr(case, backend):
                 sched.step()
             got.append(_applied_sgd(opt))
     composed = [w for w in record if "shares the optimizer" in str(w.message)]
-    assert len(composed) <= 1  # one warning per optimizer
+    if case.id in IN_KERNEL:
+        assert not composed and type(opt._scheduler).__name__ == "_Product"
+        assert opt._buckets[0][0].schedule_covers == (True, False)  # the kernel reads the lr from the descriptor
+    else:
+        assert len(composed) == 1 and opt._scheduler is None  # one warning per optimizer; group["lr"] read
     got_t = torch.tensor(got, dtype=torch.float64)
     torch.testing.assert_close(got_t[:, :2], expected[:, :2], rtol=RTOL, atol=max(case.atol, 1e-30))
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_product_dissolves_when_its_members_stop_stepping_together(backend):
+    """A warmup stepped every iteration beside a decay stepped every 'epoch': torch's numbers, on the host."""
+    rows = []
+    for m in (TS, FS):
+        opt = make_optimizer("sgd") if m is TS else _fc_sgd(backend)
+        warm = m.LinearLR(opt, start_factor=0.1, total_iters=6)
+        decay = m.ExponentialLR(opt, gamma=0.5)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for it in range(12):
+                if m is FS:
+                    rows.append(_applied_sgd(opt)[:2])
+                else:
+                    opt.step()
+                    rows.append([float(g["lr"]) for g in opt.param_groups])
+                warm.step()
+                if it % 3 == 2:
+                    decay.step()
+        if m is FS:
+            assert opt._scheduler is None
+            assert sum("shares the optimizer" in str(w.message) for w in record) == 1
+    torch.testing.assert_close(rows[12:], rows[:12], rtol=RTOL, atol=0.0)
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_product_resumes_from_a_checkpoint(backend):
+    case = next(c for c in COMPOSED if c.id == "chained")
+    expected = torch.tensor(torch_rows(case, "sgd"), dtype=torch.float64)
+    opt = _fc_sgd(backend)
+    sched = case.build(FS, opt)
+    got = [_applied_sgd(opt)]
+    for _ in range(5):
+        sched.step()
+        got.append(_applied_sgd(opt))
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict()}
+    opt = _fc_sgd(backend)
+    sched = case.build(FS, opt)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    for _ in range(case.steps - 5):
+        sched.step()
+        got.append(_applied_sgd(opt))
+    assert type(opt._scheduler).__name__ == "_Product"
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64)[:, :2], expected[:, :2], rtol=RTOL, atol=0.0)
 
 
 @requires_fused
@@ -1276,3 +1334,41 @@ def test_scheduler_built_after_the_optimizer_load_returns_to_the_kernel(backend)
             assert sched._fc_host_reason() is None and opt_r._scheduler is sched
             torch.testing.assert_close(_applied_sgd(opt_r)[:2], rows[5], rtol=RTOL, atol=0.0)
     torch.testing.assert_close(rows[6:], rows[:6], rtol=RTOL, atol=0.0)
+
+
+@requires_fused
+def test_in_kernel_product_step_path_never_syncs(monkeypatch):
+    backend = "cpu" if fusedclr.ops.extension_available() else "reference"
+    opt = _fc_sgd(backend)
+    chained = FS.ChainedScheduler([FS.LinearLR(opt, start_factor=0.5, total_iters=4), FS.StepLR(opt, 2, 0.5)])
+    opt.step()
+    chained.step()
+    with monkeypatch.context() as mp:
+        for name in ("item", "cpu", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy"):
+            mp.setattr(torch.Tensor, name, _forbid)
+        for _ in range(5):
+            if backend == "cpu":
+                opt.step()
+            chained.step()
+    assert type(opt._scheduler).__name__ == "_Product"
+    assert int(opt._buckets[0][0].schedule_step) == 6
+
+
+@requires_extension
+@requires_fused
+@pytest.mark.parametrize("case_id", sorted(IN_KERNEL))
+def test_cpp_evaluator_matches_reference_on_products(case_id):
+    case = next(c for c in COMPOSED if c.id == case_id)
+    opt = _fc_sgd("reference")
+    sched = case.build(FS, opt)
+    for _ in range(3):
+        sched.step()  # the members' offsets stay 0; build one with an offset too
+    product = opt._scheduler
+    assert type(product).__name__ == "_Product"
+    for gi in range(len(opt.param_groups)):
+        desc = product._fc_descriptor(gi)
+        assert desc[1] == 1.0  # PRODUCT
+        _compare_eval(desc, range(case.steps + 3))
+        shifted = list(desc)
+        shifted[reference.HEADER_WORDS + reference.STAGE_WORDS + reference.S_T_BEGIN] = 4.0
+        _compare_eval(shifted, range(4, case.steps + 7))

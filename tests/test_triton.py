@@ -194,6 +194,12 @@ SCHEDULES = {
     # SequentialLR: linear warmup, then cosine.
     "sequential_2stage": descriptor(
         [stage(Kind.LINEAR, [0.05, 0.1, 1.0, 3]), stage(Kind.COSINE, [0.05, 0.0, 5], t_begin=3)]),
+    # Schedulers composed by multiplication: a base, factors with a tail and a later start.
+    "product": descriptor(
+        [stage(Kind.EXPONENTIAL, [0.05, 0.9]),
+         stage(Kind.MULTISTEP, [1.0, 0.5, 0, 2], t_begin=1),
+         stage(Kind.POLYNOMIAL, [1.0, 9, 1.5], t_begin=2)],
+        tail=[3, 5], product=True),
     # SequentialLR of three, the middle one with a milestone tail, the last with momentum.
     "sequential_3stage": descriptor(
         [stage(Kind.CONSTANT_FACTOR, [0.05, 0.5, 2]),

@@ -29,11 +29,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedclr.reference import HEADER_WORDS, S_HAS_MOM, S_KIND, S_P0, S_T_BEGIN, STAGE_WORDS, Kind
+from fusedclr.reference import H_COMBINE, HEADER_WORDS, PRODUCT, S_HAS_MOM, S_KIND, S_P0, S_T_BEGIN, STAGE_WORDS, Kind
 
 # Descriptor layout and kinds, shared with reference.py so the two never drift.
 _HEADER: tl.constexpr = tl.constexpr(HEADER_WORDS)
 _STAGE: tl.constexpr = tl.constexpr(STAGE_WORDS)
+_H_COMBINE: tl.constexpr = tl.constexpr(H_COMBINE)
+_PRODUCT: tl.constexpr = tl.constexpr(PRODUCT)
 _S_KIND: tl.constexpr = tl.constexpr(S_KIND)
 _S_T_BEGIN: tl.constexpr = tl.constexpr(S_T_BEGIN)
 _S_P0: tl.constexpr = tl.constexpr(S_P0)
@@ -205,19 +207,29 @@ def _schedule_value(d_ptr, t):
     an unknown stage kind, where the reference raises but a kernel cannot.
     """
     n = tl.load(d_ptr).to(tl.int32)
-    idx = tl.full([], 0, tl.int32)
-    for i in range(1, n):
-        if t.to(tl.float64) >= tl.load(d_ptr + _HEADER + i * _STAGE + _S_T_BEGIN):
-            idx = i
-    st = idx * _STAGE + _HEADER
     lr = tl.full([], 0.0, tl.float64)
     mom = tl.full([], 0.0, tl.float64)
     has_lr = n > 0
     has_mom = n < 0
-    if n > 0:
-        kind = tl.load(d_ptr + st + _S_KIND).to(tl.int32)
-        has_lr = (kind >= _K_CONSTANT) & (kind <= _K_POLYNOMIAL)
-        lr, mom, has_mom = _stage_value(d_ptr, st, t - tl.load(d_ptr + st + _S_T_BEGIN).to(tl.int64))
+    if tl.load(d_ptr + _H_COMBINE).to(tl.int32) == _PRODUCT:
+        # Schedulers composed by torch's multiplication: every stage at its own local step.
+        lr = tl.full([], 1.0, tl.float64)
+        for i in range(0, n):
+            st_i = i * _STAGE + _HEADER
+            kind_i = tl.load(d_ptr + st_i + _S_KIND).to(tl.int32)
+            has_lr = has_lr & (kind_i >= _K_CONSTANT) & (kind_i <= _K_POLYNOMIAL)
+            lr_i, mom_i, has_mom_i = _stage_value(d_ptr, st_i, t - tl.load(d_ptr + st_i + _S_T_BEGIN).to(tl.int64))
+            lr = lr * lr_i
+    else:
+        idx = tl.full([], 0, tl.int32)
+        for i in range(1, n):
+            if t.to(tl.float64) >= tl.load(d_ptr + _HEADER + i * _STAGE + _S_T_BEGIN):
+                idx = i
+        st = idx * _STAGE + _HEADER
+        if n > 0:
+            kind = tl.load(d_ptr + st + _S_KIND).to(tl.int32)
+            has_lr = (kind >= _K_CONSTANT) & (kind <= _K_POLYNOMIAL)
+            lr, mom, has_mom = _stage_value(d_ptr, st, t - tl.load(d_ptr + st + _S_T_BEGIN).to(tl.int64))
     return lr, mom, has_lr, has_mom
 
 
