@@ -190,12 +190,14 @@ class _Product:
     def __init__(self, members: list[Any]) -> None:
         self.members: list[Any] = []
         self.offsets: list[int] = []
+        self._factors: list[list[list[float]]] | None = None  # [member][group]: its own descriptor, as a factor
         for m in members:
             self.add(m)
 
     def add(self, member: Any) -> None:
         self.members.append(member)
         member._fc_product = self
+        self._factors = None
 
     def viable(self) -> bool:
         # ConstantLR(factor=0): torch's update divides by the factor at total_iters (and raises).
@@ -218,6 +220,7 @@ class _Product:
         """Offsets from the members' step counts as they are now; re-attaches."""
         first = int(self.members[0].last_epoch)
         self.offsets = [first - int(m.last_epoch) for m in self.members]
+        self._factors = None
         attach = getattr(self.members[0].optimizer, "_attach_schedule", None)
         for m in self.members:
             m._fc_in_kernel = True
@@ -247,24 +250,32 @@ class _Product:
 
     def values(self) -> list[float]:
         """torch's lr of every group: the product of the members' closed forms at their own steps."""
+        if self._factors is None:
+            groups = range(len(self.members[0].optimizer.param_groups))
+            self._factors = [[] for _ in self.members]
+            for i in groups:
+                stages, tail = self._records(i, offsets=False)
+                start = 0
+                for k, (rec, m) in enumerate(zip(stages, self.members)):
+                    n = len(m._fc_tail(i))
+                    rec = list(rec)
+                    if int(rec[_ref.S_KIND]) == Kind.MULTISTEP:
+                        rec[_ref.S_P0 + 2] -= start
+                    self._factors[k].append(_ref.descriptor([rec], tail[start : start + n]))
+                    start += n
         out = []
-        for i in range(len(self.members[0].optimizer.param_groups)):
-            stages, tail = self._records(i, offsets=False)
+        for i in range(len(self._factors[0])):
             lr = 1.0
-            for k, (rec, m) in enumerate(zip(stages, self.members)):
-                rec = list(rec)
-                start = sum(len(x._fc_tail(i)) for x in self.members[:k])
-                if int(rec[_ref.S_KIND]) == Kind.MULTISTEP:
-                    rec[_ref.S_P0 + 2] -= start
-                own_tail = tail[start : start + len(m._fc_tail(i))]
-                lr *= _ref.schedule_value(_ref.descriptor([rec], own_tail), int(m.last_epoch))[0]
+            for descs, m in zip(self._factors, self.members):
+                lr *= _ref.schedule_value(descs[i], int(m.last_epoch))[0]
             out.append(lr)
         return out
 
     # -- the optimizer protocol -------------------------------------------------
 
     def _fc_descriptor(self, group_index: int) -> list[float]:
-        if not self.members:
+        if not self.members or group_index >= self.members[0]._fc_ngroups:
+            # A group added since (add_param_group re-attaches): the next step's check dissolves the product.
             return _ref.no_schedule()
         return _ref.descriptor(*self._records(group_index, offsets=True), product=True)
 
@@ -272,8 +283,14 @@ class _Product:
         return self.members[0]._fc_counter(device)
 
     def _fc_step_check(self) -> None:
-        """Before an optimizer step: dissolves the product unless its members stepped together."""
-        if self.members and not (self.in_step() and self.viable()):
+        """Before an optimizer step: dissolves the product unless its members stepped together.
+
+        Cheap on purpose (it runs for every bucket on every step); the members
+        check the rest of ``viable()`` when they step.
+        """
+        if self.members and not (
+            self.in_step() and len(self.members[0].optimizer.param_groups) == self.members[0]._fc_ngroups
+        ):
             self.dissolve()
 
 

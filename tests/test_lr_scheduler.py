@@ -1150,6 +1150,8 @@ ADD_GROUP_BUILDS = {
     "onecycle": lambda m, o: m.OneCycleLR(o, max_lr=0.2, total_steps=20),
     "seq": lambda m, o: _seq(m, o, [lambda m, o: m.LinearLR(o, total_iters=2),
                                     lambda m, o: m.ExponentialLR(o, 0.9)], [2]),
+    "in_kernel_product": lambda m, o: m.ChainedScheduler([m.StepLR(o, step_size=2, gamma=0.5),
+                                                          m.ExponentialLR(o, gamma=0.9)]),
 }
 
 
