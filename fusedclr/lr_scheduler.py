@@ -130,10 +130,11 @@ _GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler,
 # * otherwise all of them switch to torch's own chainable update on the host,
 #   with one warning per optimizer at the first step.
 # The maps are weak: neither side keeps the other alive. The same happens to a
-# scheduler of a chainable family (_fc_chainable: torch's update multiplies the
-# group's current lr) when group["lr"] is not what it last wrote, or, at
-# construction, not the group's initial_lr: a torch scheduler, a replaced
-# scheduler or a manual edit moved it, and torch continues from there.
+# scheduler when group["lr"] is not what it last wrote (a torch scheduler
+# beside it or a manual edit moved it, and torch's update sees that), and to
+# one of a chainable family (_fc_chainable: torch's update multiplies the
+# group's current lr) when, at construction, the lr is not the group's
+# initial_lr (a replaced scheduler moved it, and torch continues from there).
 _MEMBERS: weakref.WeakKeyDictionary[Optimizer, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 _COMPOSED_WARNED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 _COMPOSED_REASON = (
@@ -479,7 +480,7 @@ class _InKernelSchedule:
             return  # the constructor's own step: _fc_build decides
         if self._fc_product is not None and not self._fc_product.viable():
             self._fc_product.dissolve()
-        if self._fc_chainable and self._fc_in_kernel and not self._fc_chained:
+        if self._fc_in_kernel and not self._fc_chained:
             current = [g["lr"] for g in self.optimizer.param_groups]
             product = self._fc_product
             last = product.values() if product is not None else self._last_lr

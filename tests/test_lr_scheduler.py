@@ -1374,3 +1374,28 @@ def test_cpp_evaluator_matches_reference_on_products(case_id):
         shifted = list(desc)
         shifted[reference.HEADER_WORDS + reference.STAGE_WORDS + reference.S_T_BEGIN] = 4.0
         _compare_eval(shifted, range(4, case.steps + 7))
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_scheduler_beside_an_absolute_schedule_is_followed(backend):
+    """OneCycleLR writes absolute values; a torch StepLR beside it still scales them at its boundaries in torch."""
+    expected = []
+    opt_t = make_optimizer("sgd")
+    one_t, step_t = TS.OneCycleLR(opt_t, max_lr=0.2, total_steps=30), TS.StepLR(opt_t, step_size=4, gamma=0.5)
+    opt = _fc_sgd(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        one, step = FS.OneCycleLR(opt, max_lr=0.2, total_steps=30), TS.StepLR(opt, step_size=4, gamma=0.5)
+        got = []
+        for _ in range(20):
+            opt_t.step()
+            for s in (one_t, step_t, one, step):
+                s.step()
+            expected.append([*(g["lr"] for g in opt_t.param_groups), *momenta(opt_t)])
+            got.append(_applied_sgd(opt))
+    # StepLR's first change (row 3) reaches the kernel once our scheduler has seen it, at its
+    # next step (the documented one-step lag); from then on, torch's values on the host.
+    torch.testing.assert_close(got[:3], expected[:3], rtol=RTOL, atol=0.0)
+    torch.testing.assert_close(got[4:], expected[4:], rtol=RTOL, atol=0.0)
+    assert opt._scheduler is None
