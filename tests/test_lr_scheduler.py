@@ -7,7 +7,11 @@
 * kernel mode: the lr and momentum a fusedclr optimizer actually applied,
   recovered from its updates, are torch's;
 * checkpoints resume exactly mid-cycle; errors are torch's; the step path never
-  reads a device value.
+  reads a device value;
+* several schedulers on one optimizer compose as torch's (in-kernel products of
+  the multiplicative families, else torch's update on the host); a param group
+  added later, a ``T_cur`` set by hand, an lr moved by something else and a
+  ``state_dict`` round trip give what torch gives.
 """
 
 from __future__ import annotations
