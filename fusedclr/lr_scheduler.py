@@ -1041,6 +1041,7 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
         """
         if epoch is None and self.last_epoch < 0:
             epoch = 0
+        shifted = 0
         if epoch is None:
             self._fc_follow_t_cur()
             if self._fc_torch_update:
@@ -1053,12 +1054,14 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             if epoch < 0:
                 raise ValueError(f"Expected non-negative epoch, but got {epoch}")
             pos = epoch
-            self._fc_shift = 0  # torch recomputes T_cur from the epoch
+            shifted, self._fc_shift = self._fc_shift, 0  # torch recomputes T_cur from the epoch
             self._fc_torch_update = False
         whole = math.floor(pos)
         self._fc_frac = float(pos - whole)
         self.last_epoch = whole
         self.T_cur, self.T_i, _ = self._fc_cycle(pos + self._fc_shift)
+        if shifted:
+            self._fc_refresh()  # the descriptor without the shift
         self._fc_check(stacklevel=3)
         try:
             with _torch_sched._enable_get_lr_call(self):

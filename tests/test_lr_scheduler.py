@@ -1214,8 +1214,9 @@ def test_param_group_added_later_gets_torchs_schedule_or_error(name):
 @pytest.mark.parametrize(
     "T_mult, edits",
     [(1, {4: (1, None)}), (1, {9: (0, None), 14: (3, None)}), (2, {6: (2, None)}), (2, {3: (5, 12)}),
-     (2, {5: (2.5, None)}), (1, {4: (8, None)})],
-    ids=["restart_early", "twice", "tmult2", "tmult2_next_cycle", "fractional_host", "beyond_T_i_host"],
+     (2, {5: (2.5, None)}), (1, {4: (8, None)}), (1, {4: (1, None), 9: "epoch"})],
+    ids=["restart_early", "twice", "tmult2", "tmult2_next_cycle", "fractional_host", "beyond_T_i_host",
+         "then_explicit_epoch"],
 )
 def test_user_set_T_cur_is_followed_like_torch(backend, T_mult, edits):
     kw = dict(T_0=6, T_mult=T_mult, eta_min=0.01)
@@ -1226,14 +1227,15 @@ def test_user_set_T_cur_is_followed_like_torch(backend, T_mult, edits):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for t in range(1, 30):
+            epoch = t if edits.get(t) == "epoch" else None  # torch recomputes T_cur from an epoch
             for s in (sched_t, sched):
-                if t in edits:
+                if t in edits and epoch is None:
                     s.T_cur = edits[t][0]
                     if edits[t][1] is not None:
                         s.T_i = edits[t][1]
             opt_t.step()
-            sched_t.step()
-            sched.step()
+            sched_t.step(epoch)
+            sched.step(epoch)
             assert (sched.T_cur, sched.T_i) == pytest.approx((sched_t.T_cur, sched_t.T_i)), t
             torch.testing.assert_close(sched.get_last_lr(), sched_t.get_last_lr(), rtol=RTOL, atol=0.0)
             torch.testing.assert_close(_applied_sgd(opt)[:2], sched_t.get_last_lr(), rtol=RTOL, atol=0.0)
