@@ -26,23 +26,37 @@ the two agree to a few ulps of double.
 
 Differences from torch, all deliberate:
 
-* Values are the closed form at ``last_epoch``: they do not compose with other
-  schedulers stepping the same optimizer (``ChainedScheduler``) nor follow
-  manual edits of ``group["lr"]``. Chain schedules with :class:`SequentialLR`,
-  which composes its children into one descriptor. When several fusedclr
-  schedulers attach to the same optimizer the last one wins.
+* In-kernel values are closed forms, which cannot see other schedulers.
+  Several schedulers sharing an optimizer compose as torch's do: the
+  multiplicative families (:class:`StepLR`, :class:`MultiStepLR`,
+  :class:`ConstantLR`, :class:`LinearLR`, :class:`ExponentialLR`,
+  :class:`PolynomialLR`) stepping together, e.g. in a
+  :class:`ChainedScheduler`, as one in-kernel product; anything else (a
+  cosine or a :class:`ReduceLROnPlateau` beside a warmup, members stepped at
+  different rates, or, for the families whose torch update multiplies the
+  current lr, a ``group["lr"]`` moved by a torch scheduler, a replaced
+  scheduler or a manual edit) with torch's own chainable update on the host,
+  the optimizer reading ``group["lr"]``; one warning per optimizer
+  [note: composed schedulers]. A :class:`SequentialLR` is not a composition:
+  it composes its children into one descriptor and stays in the kernel. An
+  edit of ``group["lr"]`` is seen at the scheduler's next :meth:`step`.
 * A scheduler that cannot be evaluated in the kernel falls back to host mode
   with a one-time :class:`UserWarning` naming the reason, and detaches from the
   optimizer, which then reads ``group["lr"]`` like any torch optimizer. This
   happens for :class:`CyclicLR` with a Python ``scale_fn``, for
+  :class:`LambdaLR` and :class:`MultiplicativeLR` (Python functions), for
   :class:`CosineAnnealingWarmRestarts` stepped with a fractional epoch (until
-  the epoch is an integer again), for a :class:`SequentialLR` with a child
-  that is not a fusedclr scheduler, and for a few degenerate arguments on
-  which torch's recursive update differs from any closed form (e.g. a
-  non-integer ``step_size``). A non-fusedclr optimizer gets no warning: it is
-  always in host mode.
+  the epoch is an integer again) or given a ``T_cur`` that is no position of
+  its schedule, for a :class:`SequentialLR` with a child that is not a
+  fusedclr scheduler, once a param group was added to the optimizer after the
+  scheduler was built (torch's update then schedules it, or raises), and for a
+  few degenerate arguments on which torch's recursive update differs from any
+  closed form (e.g. a non-integer ``step_size``). A non-fusedclr optimizer
+  gets no warning: it is always in host mode.
 * :class:`CosineAnnealingWarmRestarts` takes three keyword-only extensions:
   ``cycle_decay``, ``warmup_steps`` and ``warmup_start_lr``.
+* :class:`ReduceLROnPlateau` takes its metric as a device tensor with a
+  fusedclr optimizer and never reads it on the host (see the class).
 """
 
 from __future__ import annotations
@@ -50,8 +64,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, SupportsFloat
 
 import torch
 from torch import Tensor
@@ -62,23 +77,227 @@ from fusedclr import reference as _ref
 from fusedclr.reference import Kind
 
 __all__ = [
+    "ChainedScheduler",
     "ConstantLR",
     "CosineAnnealingLR",
     "CosineAnnealingWarmRestarts",
     "CyclicLR",
     "ExponentialLR",
+    "LRScheduler",
+    "LambdaLR",
     "LinearLR",
     "MultiStepLR",
+    "MultiplicativeLR",
     "OneCycleLR",
+    "PolynomialLR",
+    "ReduceLROnPlateau",
     "SequentialLR",
     "StepLR",
 ]
 
 # Attributes that only make sense in this process (device tensors, caches,
 # links to other objects); state_dict() leaves them out.
-_RUNTIME_ATTRS = ("_fc_counters", "_fc_seen", "_fc_descs", "_fc_owned", "_fc_warned")
+_RUNTIME_ATTRS = (
+    "_fc_counters",
+    "_fc_seen",
+    "_fc_descs",
+    "_fc_owned",
+    "_fc_warned",
+    "_fc_chained",
+    "_fc_ngroups",
+    "_fc_in_kernel",
+    "_fc_product",
+)
 
 _GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler, please use `get_last_lr()`."
+
+# [note: composed schedulers]
+# torch lets several schedulers step one optimizer: each one's chainable update
+# multiplies (or otherwise rewrites) the lr the others left in the group, so
+# StepLR + ExponentialLR decays by both. A closed form evaluated in the kernel
+# cannot see the others, so the schedulers of this module register here, per
+# optimizer. When two or more of them (not counting the children of a
+# SequentialLR) share an optimizer:
+# * if all are of the multiplicative families (_fc_multiplicative: torch's
+#   update multiplies the lr by a factor of the scheduler's own step; StepLR,
+#   MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR), they form
+#   a _Product: one PRODUCT descriptor [note: schedule descriptor], the first
+#   member's stage times the others' factors, each shifted by the difference of
+#   the members' step counts, evaluated at the first member's counter. The
+#   offsets hold while the members step together (one step each between
+#   optimizer steps, as ChainedScheduler does); the optimizer checks that before
+#   every step (_fc_step_check) and, if not, the product dissolves as below;
+# * otherwise all of them switch to torch's own chainable update on the host,
+#   with one warning per optimizer at the first step.
+# The maps are weak: neither side keeps the other alive. The same happens to a
+# scheduler when group["lr"] is not what it last wrote (a torch scheduler
+# beside it or a manual edit moved it, and torch's update sees that), and to
+# one of a chainable family (_fc_chainable: torch's update multiplies the
+# group's current lr) when, at construction, the lr is not the group's
+# initial_lr (a replaced scheduler moved it, and torch continues from there).
+_MEMBERS: weakref.WeakKeyDictionary[Optimizer, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+_COMPOSED_WARNED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+_COMPOSED_REASON = (
+    "it shares the optimizer with another scheduler (or group['lr'] was moved by something else), and torch "
+    "composes them, each update applying to the lr the others left in the param group"
+)
+
+
+def _join(scheduler: Any, optimizer: Any) -> bool:
+    """Registers ``scheduler`` on ``optimizer`` and composes it with the others [note: composed schedulers].
+
+    Returns whether there were others.
+    """
+    if not isinstance(optimizer, Optimizer):
+        return False  # torch's constructor raises its TypeError next
+    members = _MEMBERS.setdefault(optimizer, weakref.WeakSet())
+    others = [s for s in members if not getattr(s, "_fc_owned", False)]
+    members.add(scheduler)
+    if not others:
+        return False
+    products = {id(p): p for p in (getattr(s, "_fc_product", None) for s in others) if p is not None}
+    alone = [s for s in others if getattr(s, "_fc_product", None) is None]
+    candidates = [*others, scheduler]
+    if (
+        all(getattr(s, "_fc_multiplicative", False) and not s._fc_chained for s in candidates)
+        and (not products if len(alone) else len(products) == 1)
+    ):
+        product = next(iter(products.values())) if products else _Product(alone)
+        if _lrs_match(optimizer, product.values()):
+            product.add(scheduler)
+            return True
+    for s in candidates:
+        s._fc_chain()
+    return True
+
+
+def _lrs_match(optimizer: Optimizer, values: list[float]) -> bool:
+    """Whether the groups' lrs are ``values`` (up to the rounding of torch's recursive updates)."""
+    current = [g["lr"] for g in optimizer.param_groups]
+    return len(current) == len(values) and all(
+        not isinstance(c, Tensor) and math.isclose(c, v, rel_tol=1e-12, abs_tol=1e-15)
+        for c, v in zip(current, values)
+    )
+
+
+class _Product:
+    """Schedulers of multiplicative families on one optimizer, as one in-kernel PRODUCT schedule.
+
+    See [note: composed schedulers]. It stands in for its members in the
+    optimizer protocol (docs/CONTRACTS.md): ``_fc_descriptor``,
+    ``_fc_counter`` (the first member's) and ``_fc_step_check``.
+    """
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members: list[Any] = []
+        self.offsets: list[int] = []
+        self._factors: list[list[list[float]]] | None = None  # [member][group]: its own descriptor, as a factor
+        for m in members:
+            self.add(m)
+
+    def add(self, member: Any) -> None:
+        self.members.append(member)
+        member._fc_product = self
+        self._factors = None
+
+    def viable(self) -> bool:
+        # ConstantLR(factor=0): torch's update divides by the factor at total_iters (and raises).
+        return all(
+            not m._fc_chained and m._fc_config_reason() is None
+            and len(m.optimizer.param_groups) == m._fc_ngroups
+            and not (isinstance(m, ConstantLR) and m.factor == 0)
+            for m in self.members
+        )
+
+    def dissolve(self) -> None:
+        """Every member to torch's chainable update on the host."""
+        members, self.members = self.members, []
+        for m in members:
+            m._fc_product = None
+        for m in members:
+            m._fc_chain()
+
+    def refresh(self) -> None:
+        """Offsets from the members' step counts as they are now; re-attaches."""
+        first = int(self.members[0].last_epoch)
+        self.offsets = [first - int(m.last_epoch) for m in self.members]
+        self._factors = None
+        attach = getattr(self.members[0].optimizer, "_attach_schedule", None)
+        for m in self.members:
+            m._fc_in_kernel = True
+        if attach is not None:
+            attach(self)
+
+    def in_step(self) -> bool:
+        first = int(self.members[0].last_epoch)
+        return all(first - int(m.last_epoch) == off for m, off in zip(self.members, self.offsets))
+
+    def _records(self, i: int, *, offsets: bool) -> tuple[list[list[float]], list[float]]:
+        """Group ``i``: the first member's stage, then the others' as factors (P0 = 1)."""
+        stages: list[list[float]] = []
+        tail: list[float] = []
+        for k, m in enumerate(self.members):
+            rec = list(m._fc_stage(i))
+            if k:  # a factor: P0 is the base lr, or, for CONSTANT, base * factor
+                base = m.base_lrs[i]
+                rec[_ref.S_P0] = (rec[_ref.S_P0] / base if base else 0.0) if rec[_ref.S_KIND] == Kind.CONSTANT else 1.0
+            if offsets:
+                rec[_ref.S_T_BEGIN] = float(self.offsets[k])
+            if int(rec[_ref.S_KIND]) == Kind.MULTISTEP:
+                rec[_ref.S_P0 + 2] += len(tail)
+            stages.append(rec)
+            tail.extend(m._fc_tail(i))
+        return stages, tail
+
+    def values(self) -> list[float]:
+        """torch's lr of every group: the product of the members' closed forms at their own steps."""
+        if self._factors is None:
+            groups = range(len(self.members[0].optimizer.param_groups))
+            self._factors = [[] for _ in self.members]
+            for i in groups:
+                stages, tail = self._records(i, offsets=False)
+                start = 0
+                for k, (rec, m) in enumerate(zip(stages, self.members)):
+                    n = len(m._fc_tail(i))
+                    rec = list(rec)
+                    if int(rec[_ref.S_KIND]) == Kind.MULTISTEP:
+                        rec[_ref.S_P0 + 2] -= start
+                    self._factors[k].append(_ref.descriptor([rec], tail[start : start + n]))
+                    start += n
+        out = []
+        for i in range(len(self._factors[0])):
+            lr = 1.0
+            for descs, m in zip(self._factors, self.members):
+                lr *= _ref.schedule_value(descs[i], int(m.last_epoch))[0]
+            out.append(lr)
+        return out
+
+    # -- the optimizer protocol -------------------------------------------------
+
+    def _fc_descriptor(self, group_index: int) -> list[float]:
+        if not self.members or group_index >= self.members[0]._fc_ngroups:
+            # A group added since (add_param_group re-attaches): the next step's check dissolves the product.
+            return _ref.no_schedule()
+        return _ref.descriptor(*self._records(group_index, offsets=True), product=True)
+
+    def _fc_counter(self, device: torch.device | str) -> Tensor:
+        return self.members[0]._fc_counter(device)
+
+    def _fc_step_check(self) -> None:
+        """Before an optimizer step: dissolves the product unless its members stepped together.
+
+        Cheap on purpose (it runs for every bucket on every step); the members
+        check the rest of ``viable()`` when they step.
+        """
+        if self.members and not (
+            self.in_step() and len(self.members[0].optimizer.param_groups) == self.members[0]._fc_ngroups
+        ):
+            self.dissolve()
+
+
+def _moved(optimizer: Any) -> bool:
+    """Whether some group's lr differs from its initial_lr (asked before torch's constructor sets it)."""
+    return any("initial_lr" in g and g["lr"] != g["initial_lr"] for g in getattr(optimizer, "param_groups", ()))
 
 
 def _is_integral(x: Any) -> bool:
@@ -106,26 +325,66 @@ class _InKernelSchedule:
     :meth:`_fc_tail`; :meth:`_fc_config_reason` names a configuration that
     cannot run in the kernel (host mode). The mixin owns the device counters,
     computes the host-side values from the descriptor, and talks to the
-    optimizer.
+    optimizer. Every constructor is one call of :meth:`_fc_build`.
     """
+
+    # torch's update multiplies the group's current lr (by a factor of this scheduler's
+    # step alone) [note: composed schedulers].
+    _fc_chainable = False
+    _fc_multiplicative = False
 
     # -- life cycle ---------------------------------------------------------
 
-    def _fc_setup(self) -> None:
-        """Runtime state; called before torch's constructor runs ``step()``."""
+    def _fc_build(
+        self, torch_init: Callable[..., None], optimizer: Any, *args: Any, owns: Sequence[Any] = ()
+    ) -> None:
+        """The constructor: runtime state, torch's constructor (which runs the first ``step()``), then attach.
+
+        ``owns``: schedulers this one composes (SequentialLR's children), which
+        stop talking to the optimizer themselves.
+        """
         self._fc_counters: dict[torch.device, Tensor] = {}
         self._fc_seen = 0  # the value every counter holds
         self._fc_descs: list[list[float]] | None = None
         self._fc_owned = False  # a SequentialLR composes this scheduler
         self._fc_warned = False
-
-    def _fc_finish(self) -> None:
-        """Called once the constructor is complete: freeze the descriptors and attach."""
-        self._fc_descs = None
+        self._fc_chained = False  # [note: composed schedulers]
+        self._fc_in_kernel = False  # what the optimizer was last told
+        self._fc_ngroups = len(getattr(optimizer, "param_groups", ()))
+        self._fc_product: _Product | None = None  # [note: composed schedulers]
+        for child in owns:
+            if isinstance(child, _InKernelSchedule):
+                product = child._fc_product
+                if product is not None:  # built side by side: composed until now
+                    for m in product.members:
+                        m._fc_product = None
+                    product.members = []
+                child._fc_owned = True
+                child._fc_chained = False
+                child._fc_counters.clear()
+        if not _join(self, optimizer) and self._fc_chainable and args and args[-1] == -1 and _moved(optimizer):
+            self._fc_chain()
+        for child in owns:  # the children follow their owner
+            if isinstance(child, _InKernelSchedule):
+                child._fc_chained = self._fc_chained
+        torch_init(optimizer, *args)
+        if self._fc_product is not None and not self._fc_product.viable():
+            self._fc_product.dissolve()
         reason = self._fc_host_reason()
-        if reason is not None:
+        if reason is not None and not self._fc_chained:
             self._fc_warn(reason, stacklevel=4)  # the user's constructor call
-        self._fc_attach()
+        self._fc_refresh()
+
+    def _fc_chain(self) -> None:
+        """Switches to torch's chainable update on the host [note: composed schedulers]."""
+        if self._fc_product is not None:
+            self._fc_product.dissolve()  # which chains this one too
+            return
+        if self._fc_chained:
+            return
+        self._fc_chained = True
+        if hasattr(self, "optimizer"):
+            self._fc_refresh()
 
     # -- what subclasses provide ---------------------------------------------
 
@@ -142,6 +401,15 @@ class _InKernelSchedule:
     # -- descriptors -----------------------------------------------------------
 
     def _fc_host_reason(self) -> str | None:
+        """Why this scheduler runs on the host (torch's own update), or ``None`` for the kernel."""
+        if self._fc_chained:
+            return _COMPOSED_REASON
+        if len(self.optimizer.param_groups) != self._fc_ngroups:
+            return (
+                f"a param group was added to the optimizer after the scheduler was built "
+                f"({self._fc_ngroups} groups then, {len(self.optimizer.param_groups)} now), and torch's "
+                "update is what schedules it (or raises)"
+            )
         return self._fc_config_reason()
 
     def _fc_parts(self, i: int) -> tuple[list[list[float]], list[float]]:
@@ -161,12 +429,9 @@ class _InKernelSchedule:
         Part of the optimizer protocol (docs/CONTRACTS.md). A scheduler in host
         mode describes "no schedule", leaving every value to the param group.
         """
-        descs = self._fc_descriptors() if self._fc_host_reason() is None else []
-        if group_index >= len(descs):
-            # Host mode, or a group added after this scheduler was built (which,
-            # as with torch's schedulers, it does not schedule).
+        if self._fc_host_reason() is not None:
             return _ref.no_schedule()
-        return list(descs[group_index])
+        return list(self._fc_descriptors()[group_index])
 
     # -- device counters ------------------------------------------------------
 
@@ -201,19 +466,49 @@ class _InKernelSchedule:
         """Configures a fusedclr optimizer: attach this schedule, or detach in host mode."""
         if self._fc_owned:
             return
-        attach = getattr(self.optimizer, "_attach_schedule", None)
-        if attach is None:
+        if self._fc_product is not None:
+            self._fc_product.refresh()
             return
-        attach(None if self._fc_host_reason() is not None else self)
+        attach = getattr(self.optimizer, "_attach_schedule", None)
+        self._fc_in_kernel = self._fc_host_reason() is None
+        if attach is not None:
+            attach(self if self._fc_in_kernel else None)
+
+    def _fc_check(self, stacklevel: int = 4) -> None:
+        """Before a step: warns (once) and re-attaches when the scheduler moved between host and kernel."""
+        if self._fc_owned or getattr(self, "_is_initial", False):
+            return  # the constructor's own step: _fc_build decides
+        if self._fc_product is not None and not self._fc_product.viable():
+            self._fc_product.dissolve()
+        if self._fc_in_kernel and not self._fc_chained:
+            current = [g["lr"] for g in self.optimizer.param_groups]
+            product = self._fc_product
+            last = product.values() if product is not None else self._last_lr
+            floats = not any(isinstance(x, Tensor) for x in (*current, *last))  # comparing tensors would sync
+            if floats and len(current) == len(last) and current != last:
+                self._fc_chain()  # something else moved the lr: continue from it, as torch does
+        reason = self._fc_host_reason()
+        if reason is not None:
+            self._fc_warn(reason, stacklevel=stacklevel + 1)
+        if (reason is None) != self._fc_in_kernel:
+            self._fc_refresh()
 
     def _fc_warn(self, reason: str, stacklevel: int = 3) -> None:
-        if self._fc_warned or getattr(self.optimizer, "_attach_schedule", None) is None:
+        optimizer = self.optimizer
+        if getattr(optimizer, "_attach_schedule", None) is None:
             return
-        self._fc_warned = True
+        if reason is _COMPOSED_REASON:
+            if optimizer in _COMPOSED_WARNED:
+                return
+            _COMPOSED_WARNED.add(optimizer)
+        elif self._fc_warned:
+            return
+        else:
+            self._fc_warned = True
         warnings.warn(
             f"fusedclr.lr_scheduler.{type(self).__name__}: {reason}, which cannot be evaluated inside "
             "the update kernel. This scheduler runs on the host instead: it writes group['lr'] (and the "
-            "momentum) as Python floats every step, like torch.optim.lr_scheduler, and the optimizer reads them.",
+            "momentum) every step with torch.optim.lr_scheduler's own update, and the optimizer reads them.",
             UserWarning,
             stacklevel=stacklevel,
         )
@@ -239,15 +534,21 @@ class _InKernelSchedule:
 
         Like torch's ``get_lr``, it is meant to be called by :meth:`step`; use
         :meth:`get_last_lr` to read the current values. With cyclical momentum
-        it also writes the group's momentum (or ``betas[0]``).
+        it also writes the group's momentum (or ``betas[0]``). In host mode it
+        is torch's own ``get_lr``.
         """
         if self._fc_host_reason() is not None:
             return super().get_lr()  # type: ignore[misc]
         if not self._get_lr_called_within_step:
             warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
+        if self._fc_product is not None:
+            return self._fc_product.values()
         return self._fc_values()
 
     def _get_closed_form_lr(self) -> list[float | Tensor]:
+        if self._fc_product is not None:
+            # step(epoch): torch's closed form ignores the other schedulers; so does the host update.
+            self._fc_product.dissolve()
         if self._fc_host_reason() is not None:
             torch_closed = getattr(super(), "_get_closed_form_lr", None)
             return torch_closed() if torch_closed is not None else super().get_lr()  # type: ignore[misc]
@@ -257,6 +558,7 @@ class _InKernelSchedule:
         # Counters follow only successful updates: when torch's step raises (e.g.
         # OneCycleLR past total_steps) the group keeps its last lr, and so must
         # the kernel; the next successful step fills the counter to last_epoch.
+        self._fc_check(stacklevel=4)  # user -> step -> _update_lr -> _fc_check -> _fc_warn
         super()._update_lr(epoch)  # type: ignore[misc]
         self._fc_sync()
 
@@ -278,10 +580,44 @@ class _InKernelSchedule:
         """
         state_dict = {k: v for k, v in state_dict.items() if k not in _RUNTIME_ATTRS}
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._fc_unchain_if_alone()
         self._fc_refresh()
 
-    def _fc_refresh(self) -> None:
+    def _fc_unchain_if_alone(self) -> None:
+        """Back to the kernel after a load, when nothing composes with this scheduler any more.
+
+        A scheduler built after the optimizer's state was loaded (torch's docs
+        ask for the other order) finds ``group["lr"]`` moved and starts on the
+        host [note: composed schedulers]; once its own state is loaded, the
+        groups hold its closed form again and no other scheduler shares the
+        optimizer, so the two updates agree and the kernel can take over.
+        """
+        if not self._fc_chained or self._fc_owned:
+            return
+        members = _MEMBERS.get(self.optimizer, ())
+        if any(s is not self and not getattr(s, "_fc_owned", False) for s in members):
+            return
+        self._fc_chained = False
         self._fc_descs = None
+        if self._fc_host_reason() is None:
+            current = [g["lr"] for g in self.optimizer.param_groups]
+            values = [_ref.schedule_value(d, int(self.last_epoch))[0] for d in self._fc_descriptors()]
+            self._fc_chained = any(
+                isinstance(c, Tensor) or v is None or not math.isclose(c, v, rel_tol=1e-12, abs_tol=1e-15)
+                for c, v in zip(current, values, strict=True)
+            )
+        else:
+            self._fc_chained = True
+        for child in getattr(self, "_schedulers", ()):
+            if isinstance(child, _InKernelSchedule):
+                child._fc_chained = self._fc_chained
+
+    def _fc_refresh(self) -> None:
+        """Rebuilds the descriptors (eagerly, so that two schedulers in the same state have equal
+        ``__dict__``s, as torch's tests compare), refills the counters and re-attaches."""
+        self._fc_descs = None
+        if self._fc_host_reason() is None and self._fc_product is None:
+            self._fc_descriptors()
         self._fc_seen = int(self.last_epoch)
         for counter in self._fc_counters.values():
             counter.fill_(self._fc_seen)
@@ -311,10 +647,11 @@ class StepLR(_InKernelSchedule, _torch_sched.StepLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+    _fc_multiplicative = True
+
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, step_size, gamma, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, step_size, gamma, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not (_is_integral(self.step_size) and self.step_size > 0):
@@ -344,12 +681,13 @@ class MultiStepLR(_InKernelSchedule, _torch_sched.MultiStepLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+    _fc_multiplicative = True
+
     def __init__(
         self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, milestones, gamma, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, milestones, gamma, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not all(_is_integral(m) for m in self.milestones):
@@ -383,12 +721,13 @@ class ConstantLR(_InKernelSchedule, _torch_sched.ConstantLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+    _fc_multiplicative = True
+
     def __init__(
         self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5, last_epoch: int = -1
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, factor, total_iters, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, factor, total_iters, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not _is_integral(self.total_iters):
@@ -425,6 +764,9 @@ class LinearLR(_InKernelSchedule, _torch_sched.LinearLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+    _fc_multiplicative = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -433,9 +775,7 @@ class LinearLR(_InKernelSchedule, _torch_sched.LinearLR):
         total_iters: int = 5,
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, start_factor, end_factor, total_iters, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, start_factor, end_factor, total_iters, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if not _is_integral(self.total_iters):
@@ -463,10 +803,11 @@ class ExponentialLR(_InKernelSchedule, _torch_sched.ExponentialLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+    _fc_multiplicative = True
+
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, gamma, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, gamma, last_epoch)
 
     def _fc_stage(self, i: int) -> list[float]:
         return _ref.stage(Kind.EXPONENTIAL, [self.base_lrs[i], self.gamma])
@@ -496,10 +837,10 @@ class CosineAnnealingLR(_InKernelSchedule, _torch_sched.CosineAnnealingLR):
         Index of the last step; ``-1`` starts the schedule.
     """
 
+    _fc_chainable = True
+
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, T_max, eta_min, last_epoch)
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, T_max, eta_min, last_epoch)
 
     def _fc_config_reason(self) -> str | None:
         if self.T_max == 0:
@@ -582,21 +923,30 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             raise ValueError(f"Expected positive float cycle_decay, but got {cycle_decay}")
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"Expected non-negative integer warmup_steps, but got {warmup_steps}")
-        self._fc_setup()
         self.cycle_decay = float(cycle_decay)
         self.warmup_steps = warmup_steps
         self.warmup_start_lrs = _per_group("warmup_start_lr", optimizer, warmup_start_lr)
         # Fractional part of the position (torch allows step(epoch=2.5)); last_epoch is the floor.
         self._fc_frac = 0.0
-        super().__init__(optimizer, T_0, T_mult, eta_min, last_epoch)
-        self._fc_finish()
+        # Position minus last_epoch once the user moved T_cur; and whether
+        # torch's own update runs because T_cur / T_i were set to no position of the schedule.
+        self._fc_shift = 0
+        self._fc_torch_update = False
+        self._fc_build(super().__init__, optimizer, T_0, T_mult, eta_min, last_epoch)
 
-    def _fc_host_reason(self) -> str | None:
+    def _fc_config_reason(self) -> str | None:
         if self._fc_frac:
             return "step(epoch) was given a fractional epoch"
+        if self._fc_torch_update:
+            return (
+                f"T_cur was set to {self.T_cur!r} with T_i={self.T_i!r}, which is no position of the restart "
+                "schedule (torch's update continues from them; so does this scheduler, on the host, without "
+                "cycle_decay and warmup_steps)"
+            )
         return None
 
     def _fc_stage(self, i: int) -> list[float]:
+        # A shifted schedule (T_cur moved by the user) is the same stage evaluated _fc_shift steps ahead.
         return _ref.stage(
             Kind.COSINE_RESTARTS,
             [
@@ -608,7 +958,38 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
                 self.warmup_steps,
                 self.warmup_start_lrs[i],
             ],
+            t_begin=-self._fc_shift,
         )
+
+    def _fc_position(self, t_cur: Any, t_i: Any, cycle: int) -> int | None:
+        """The position whose (T_cur, T_i) these are (in cycle ``cycle`` when T_mult is 1), or ``None``."""
+        if not (_is_integral(t_cur) and _is_integral(t_i) and 0 <= t_cur < t_i):
+            return None
+        if self.T_mult == 1:
+            return None if t_i != self.T_0 else self.warmup_steps + cycle * self.T_0 + int(t_cur)
+        start, ti = 0, self.T_0
+        while ti < t_i:
+            start += ti
+            ti *= self.T_mult
+        return None if ti != t_i else self.warmup_steps + start + int(t_cur)
+
+    def _fc_follow_t_cur(self) -> None:
+        """torch's ``step()`` continues from ``T_cur`` / ``T_i`` as they are: follows a user's edit of them.
+
+        An edit that lands on a position of the schedule shifts the in-kernel
+        schedule (``_fc_shift``); any other runs torch's own update on the host.
+        """
+        if self._fc_frac or self._fc_torch_update or self._fc_owned:
+            return
+        tc, ti, cycle = self._fc_cycle(self.last_epoch + self._fc_shift)
+        if (self.T_cur, self.T_i) == (tc, ti):
+            return
+        pos = self._fc_position(self.T_cur, self.T_i, cycle)
+        if pos is None:
+            self._fc_torch_update = True
+        else:
+            self._fc_shift = pos - int(self.last_epoch)
+            self._fc_refresh()
 
     def _fc_cycle(self, pos: float) -> tuple[float, int, int]:
         """(T_cur, T_i, cycle index) at position ``pos`` after the warmup."""
@@ -638,9 +1019,12 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
         """The learning rate of every param group at the current position (closed form)."""
         if not self._get_lr_called_within_step:
             warnings.warn(_GET_LR_OUTSIDE_STEP, UserWarning, stacklevel=2)
-        if self._fc_frac:
-            pos = self.last_epoch + self._fc_frac
-            return [self._fc_value_at(i, pos) for i in range(len(self.optimizer.param_groups))]
+        if self._fc_torch_update:
+            return super(_InKernelSchedule, self).get_lr()  # torch's, from T_cur and T_i
+        if self._fc_host_reason() is not None:
+            # Like torch's get_lr, one value per base lr (torch's zip then raises if a group was added).
+            pos = self.last_epoch + self._fc_shift + self._fc_frac
+            return [self._fc_value_at(i, pos) for i in range(len(self.base_lrs))]
         return self._fc_values()
 
     def step(self, epoch: float | None = None) -> None:
@@ -657,22 +1041,28 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
         """
         if epoch is None and self.last_epoch < 0:
             epoch = 0
+        shifted = 0
         if epoch is None:
-            pos: float = self.last_epoch + 1 + self._fc_frac if self._fc_frac else self.last_epoch + 1
+            self._fc_follow_t_cur()
+            if self._fc_torch_update:
+                self._fc_check(stacklevel=3)
+                _torch_sched.CosineAnnealingWarmRestarts.step(self)
+                self._fc_sync()
+                return
+            pos: float = self.last_epoch + 1 + self._fc_frac
         else:
             if epoch < 0:
                 raise ValueError(f"Expected non-negative epoch, but got {epoch}")
             pos = epoch
+            shifted, self._fc_shift = self._fc_shift, 0  # torch recomputes T_cur from the epoch
+            self._fc_torch_update = False
         whole = math.floor(pos)
-        frac = float(pos - whole)
-        was_host = bool(self._fc_frac)
-        self._fc_frac = frac
+        self._fc_frac = float(pos - whole)
         self.last_epoch = whole
-        self.T_cur, self.T_i, _ = self._fc_cycle(pos if frac else whole)
-        if frac and not was_host:
-            self._fc_warn(self._fc_host_reason() or "")
-        if bool(frac) != was_host:
-            self._fc_attach()
+        self.T_cur, self.T_i, _ = self._fc_cycle(pos + self._fc_shift)
+        if shifted:
+            self._fc_refresh()  # the descriptor without the shift
+        self._fc_check(stacklevel=3)
         try:
             with _torch_sched._enable_get_lr_call(self):
                 values = self.get_lr()
@@ -755,8 +1145,8 @@ class CyclicLR(_InKernelSchedule, _torch_sched.CyclicLR):
         max_momentum: float = 0.9,
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(
+        self._fc_build(
+            super().__init__,
             optimizer,
             base_lr,
             max_lr,
@@ -771,7 +1161,6 @@ class CyclicLR(_InKernelSchedule, _torch_sched.CyclicLR):
             max_momentum,
             last_epoch,
         )
-        self._fc_finish()
 
     def _fc_config_reason(self) -> str | None:
         if self._scale_fn_custom is not None:
@@ -870,8 +1259,8 @@ class OneCycleLR(_InKernelSchedule, _torch_sched.OneCycleLR):
         three_phase: bool = False,
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(
+        self._fc_build(
+            super().__init__,
             optimizer,
             max_lr,
             total_steps,
@@ -887,7 +1276,6 @@ class OneCycleLR(_InKernelSchedule, _torch_sched.OneCycleLR):
             three_phase,
             last_epoch,
         )
-        self._fc_finish()
 
     def _fc_config_reason(self) -> str | None:
         if getattr(self, "_anneal_func_type", None) not in _ref.ANNEAL:
@@ -970,21 +1358,21 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
         milestones: list[int],
         last_epoch: int = -1,
     ) -> None:
-        self._fc_setup()
-        super().__init__(optimizer, schedulers, milestones, last_epoch)
-        for child in self._schedulers:
-            if isinstance(child, _InKernelSchedule):
-                child._fc_owned = True
-                child._fc_counters.clear()
-        self._fc_finish()
+        self._fc_build(super().__init__, optimizer, schedulers, milestones, last_epoch, owns=list(schedulers))
 
-    def _fc_host_reason(self) -> str | None:
+    def _fc_chain(self) -> None:
+        super()._fc_chain()
+        for child in getattr(self, "_schedulers", ()):
+            if isinstance(child, _InKernelSchedule):
+                child._fc_chained = True
+
+    def _fc_config_reason(self) -> str | None:
         if list(self._milestones) != sorted(self._milestones) or not all(_is_integral(m) for m in self._milestones):
             return f"milestones {list(self._milestones)} are not increasing integers"
         for k, child in enumerate(self._schedulers):
             if not isinstance(child, _InKernelSchedule):
                 return f"the scheduler at index {k} ({type(child).__name__}) is not a fusedclr.lr_scheduler class"
-            reason = child._fc_host_reason()
+            reason = child._fc_config_reason()
             if reason is not None:
                 return f"in the scheduler at index {k} ({type(child).__name__}), {reason}"
         return None
@@ -1006,9 +1394,246 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
 
     def step(self) -> None:  # type: ignore[override]
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
+        self._fc_check(stacklevel=3)
         _torch_sched.SequentialLR.step(self)
         self._fc_sync()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state from :meth:`state_dict`, children included, and re-attaches the composed schedule."""
         super().load_state_dict(state_dict)
+
+
+# --------------------------------------------------------------------------
+# Polynomial decay, Python callables, chains
+# --------------------------------------------------------------------------
+
+
+class PolynomialLR(_InKernelSchedule, _torch_sched.PolynomialLR):
+    """Decays each group's learning rate polynomially to 0 over ``total_iters`` steps.
+
+    Same arguments, defaults and values as
+    :class:`torch.optim.lr_scheduler.PolynomialLR`:
+    ``lr_t = base_lr * (1 - min(t, total_iters) / total_iters) ** power``,
+    evaluated in the kernel. A ``total_iters`` that is not a positive integer or
+    a negative ``power`` runs torch's update on the host (with a one-time
+    warning on a fusedclr optimizer).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Wrapped optimizer.
+    total_iters : int, default 5
+        Number of steps of the decay.
+    power : float, default 1.0
+        Power of the polynomial.
+    last_epoch : int, default -1
+        Index of the last step; ``-1`` starts the schedule.
+    """
+
+    _fc_chainable = True
+    _fc_multiplicative = True
+
+    def __init__(
+        self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1
+    ) -> None:
+        self._fc_build(super().__init__, optimizer, total_iters, power, last_epoch)
+
+    def _fc_config_reason(self) -> str | None:
+        if not (_is_integral(self.total_iters) and self.total_iters > 0):
+            return f"total_iters={self.total_iters!r} is not a positive integer"
+        if not (isinstance(self.power, numbers.Real) and self.power >= 0):
+            return f"power={self.power!r} is not a non-negative number"
+        return None
+
+    def _fc_stage(self, i: int) -> list[float]:
+        return _ref.stage(Kind.POLYNOMIAL, [self.base_lrs[i], self.total_iters, self.power])
+
+
+class LambdaLR(_InKernelSchedule, _torch_sched.LambdaLR):
+    """Sets each group's learning rate to ``base_lr * lr_lambda(t)``.
+
+    :class:`torch.optim.lr_scheduler.LambdaLR` itself: ``lr_lambda`` is a
+    Python function, which the kernel cannot call, so this scheduler always
+    runs torch's computation on the host (with a one-time warning on a fusedclr
+    optimizer, which then reads ``group["lr"]``). It is here so that a
+    fusedclr optimizer knows about it: another scheduler on the same optimizer
+    composes with it as in torch [note: composed schedulers].
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_lambda: Callable[[int], float] | list[Callable[[int], float]],
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_build(super().__init__, optimizer, lr_lambda, last_epoch)
+
+    def _fc_config_reason(self) -> str | None:
+        return "lr_lambda is a Python function"
+
+
+class MultiplicativeLR(_InKernelSchedule, _torch_sched.MultiplicativeLR):
+    """Multiplies each group's learning rate by ``lr_lambda(t)`` every step.
+
+    :class:`torch.optim.lr_scheduler.MultiplicativeLR` itself, on the host, for
+    the reason given in :class:`LambdaLR`.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        lr_lambda: Callable[[int], float] | list[Callable[[int], float]],
+        last_epoch: int = -1,
+    ) -> None:
+        self._fc_build(super().__init__, optimizer, lr_lambda, last_epoch)
+
+    def _fc_config_reason(self) -> str | None:
+        return "lr_lambda is a Python function"
+
+
+class ChainedScheduler(_torch_sched.ChainedScheduler):
+    """Steps several schedulers of one optimizer together; their effects multiply.
+
+    :class:`torch.optim.lr_scheduler.ChainedScheduler` itself. Chaining needs
+    no wrapper: schedulers of this module that share an optimizer compose as
+    torch's do [note: composed schedulers], in the kernel for the
+    multiplicative families, else on the host with torch's chainable update
+    (one warning per optimizer).
+    """
+
+    def __init__(self, schedulers: Sequence[_torch_sched.LRScheduler], optimizer: Optimizer | None = None) -> None:
+        super().__init__(schedulers, optimizer)
+
+
+LRScheduler = _torch_sched.LRScheduler
+
+
+# --------------------------------------------------------------------------
+# ReduceLROnPlateau on the device
+# --------------------------------------------------------------------------
+
+
+class ReduceLROnPlateau(_torch_sched.ReduceLROnPlateau):
+    """Reduces the learning rate when a metric stops improving, without reading the metric on the host.
+
+    Same arguments, defaults, errors and values as
+    :class:`torch.optim.lr_scheduler.ReduceLROnPlateau`. A Python number
+    passed to :meth:`step` runs torch's code exactly.
+
+    With a fusedclr optimizer, :meth:`step` also accepts the metric as a
+    one-element tensor (typically a 0-dim validation loss on the GPU) and
+    never reads it on the host [note: plateau on the device]: the best value,
+    the bad-epoch count and the cooldown become 0-dim device tensors, and so
+    does every group's ``lr`` (float64, on the metric's device), which the
+    optimizer copies device-side into its kernel every step. Torch's
+    ``float(metrics)`` costs a host sync per epoch and, under
+    ``torch.compile``, a recompilation whenever the lr changes.
+    ``get_last_lr()`` then returns 0-dim tensors, as torch's does for tensor
+    lrs. Other schedulers stepping the same optimizer (a warmup, say) compose
+    with it as in torch, on those tensors [note: composed schedulers].
+
+    Difference from torch: with a device metric, a param group added to the
+    optimizer without a matching ``min_lrs`` entry raises torch's
+    ``RuntimeError`` at the next :meth:`step` rather than at the next
+    reduction, which only the device knows about.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        mode: Literal["min", "max"] = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: Literal["rel", "abs"] = "rel",
+        cooldown: int = 0,
+        min_lr: list[float] | float = 0,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(optimizer, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps)
+        self._fc_owned = False
+        _join(self, optimizer)
+
+    def _fc_chain(self) -> None:
+        """Part of [note: composed schedulers]; torch's update is the only one this class has."""
+
+    def step(self, metrics: SupportsFloat | Tensor, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Records ``metrics`` for this epoch and reduces the learning rate after ``patience`` bad epochs.
+
+        Parameters
+        ----------
+        metrics : float or Tensor
+            The monitored value. A one-element tensor with a fusedclr optimizer
+            stays on its device (see the class notes); anything else goes
+            through ``float()`` as in torch.
+        epoch : int, optional
+            Deprecated in torch; sets ``last_epoch``.
+        """
+        if not (isinstance(metrics, Tensor) and getattr(self.optimizer, "_attach_schedule", None) is not None):
+            super().step(metrics, epoch)  # type: ignore[arg-type]
+            return
+        if metrics.numel() != 1:
+            raise ValueError(
+                f"ReduceLROnPlateau.step: metrics must be a number or a one-element tensor, got a tensor of shape "
+                f"{tuple(metrics.shape)}; reduce it first (e.g. metrics.mean())"
+            )
+        if epoch is None:
+            epoch = self.last_epoch + 1
+        else:
+            warnings.warn(_torch_sched.EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+        self.last_epoch = epoch
+        self._fc_device_step(metrics.detach().reshape(()))
+        self._last_lr = _torch_sched._param_groups_val_list(self.optimizer, "lr")
+
+    def _fc_device_step(self, metric: Tensor) -> None:
+        """torch's step as tensor ops on ``metric``'s device [note: plateau on the device]."""
+        # [note: plateau on the device]
+        # torch's branches become torch.where over 0-dim tensors, in torch's order,
+        # in float64 (torch computes in Python floats), so the lrs are torch's to the
+        # last bit and nothing is read back. The tensors are updated in place, so a
+        # reference to them (or a captured graph) stays current.
+        device = metric.device
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.min_lrs):
+            if self.default_min_lr is None:
+                raise RuntimeError(
+                    f"The number of param groups in the `optimizer` ({len(groups)}) differs from when "
+                    f"`ReduceLROnPlateau` was initialized ({len(self.min_lrs)}), usually due to a new param group "
+                    "being added to the optimizer. Please modify the `min_lrs` field to match the length of the "
+                    "`optimizer` param groups."
+                )
+            self.min_lrs = [self.default_min_lr] * len(groups)
+        best = self.best = _on_device(self.best, torch.float64, device)
+        bad = self.num_bad_epochs = _on_device(self.num_bad_epochs, torch.int64, device)
+        cool = self.cooldown_counter = _on_device(self.cooldown_counter, torch.int64, device)
+        for group in groups:
+            if not isinstance(group["lr"], Tensor):
+                group["lr"] = torch.full((), float(group["lr"]), dtype=torch.float64, device=device)
+        current = metric.to(torch.float64)
+        if self.mode == "min" and self.threshold_mode == "rel":
+            better = current < best * (1.0 - self.threshold)
+        elif self.mode == "min":
+            better = current < best - self.threshold
+        elif self.threshold_mode == "rel":
+            better = current > best * (self.threshold + 1.0)
+        else:
+            better = current > best + self.threshold
+        best.copy_(torch.where(better, current, best))
+        new_bad = torch.where(better, 0, bad + 1)
+        in_cooldown = cool > 0
+        cool.sub_(in_cooldown.to(torch.int64))
+        new_bad = torch.where(in_cooldown, 0, new_bad)
+        reduce = new_bad > self.patience
+        for group, min_lr in zip(groups, self.min_lrs, strict=True):
+            old = group["lr"]
+            new = torch.clamp(old * self.factor, min=min_lr)
+            old.copy_(torch.where(reduce & (old - new > self.eps), new, old))
+        cool.copy_(torch.where(reduce, self.cooldown, cool))
+        bad.copy_(torch.where(reduce, 0, new_bad))
+
+
+def _on_device(value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``value`` as a 0-dim tensor on ``device``: a number by a fill (no copy), a tensor moved if it must be."""
+    if isinstance(value, Tensor):
+        return value if value.device == device and value.dtype == dtype else value.to(device=device, dtype=dtype)
+    return torch.full((), value, dtype=dtype, device=device)

@@ -55,6 +55,8 @@ __all__ = [
 HEADER_WORDS = 4
 STAGE_WORDS = 16
 S_KIND, S_T_BEGIN, S_P0, S_HAS_MOM = 0, 1, 2, 14
+H_COMBINE = 1  # header word: how stages combine
+SEQUENCE, PRODUCT = 0, 1
 
 
 class Kind:
@@ -70,6 +72,7 @@ class Kind:
     COSINE_RESTARTS = 7
     CYCLIC = 8
     ONE_CYCLE = 9
+    POLYNOMIAL = 10
 
 
 CYCLIC_MODES = {"triangular": 0, "triangular2": 1, "exp_range": 2}
@@ -103,6 +106,8 @@ def _stage_value(st: Sequence[float], d: Sequence[float], t: int) -> tuple[float
         lr = p[0] * (p[1] if t < p[2] else 1.0)
     elif kind == Kind.COSINE:
         lr = p[1] + (p[0] - p[1]) * (1.0 + math.cos(math.pi * t / p[2])) / 2.0
+    elif kind == Kind.POLYNOMIAL:
+        lr = p[0] * (1.0 - min(t, p[1]) / p[1]) ** p[2]
     elif kind == Kind.COSINE_RESTARTS:
         warm = int(p[5])
         if t < warm:
@@ -165,6 +170,12 @@ def schedule_value(descriptor: Sequence[float] | Tensor, t: int) -> tuple[float 
     n = int(d[0])
     if n <= 0:
         return None, None
+    if int(d[H_COMBINE]) == PRODUCT:
+        lr = 1.0
+        for i in range(n):
+            st = d[HEADER_WORDS + i * STAGE_WORDS : HEADER_WORDS + (i + 1) * STAGE_WORDS]
+            lr *= _stage_value(st, d, t - int(st[S_T_BEGIN]))[0]
+        return lr, None
     idx = 0
     for i in range(1, n):
         if t >= d[HEADER_WORDS + i * STAGE_WORDS + S_T_BEGIN]:
@@ -191,13 +202,14 @@ def stage(kind: int, params: Sequence[float], *, t_begin: int = 0, has_momentum:
     return rec
 
 
-def descriptor(stages: Sequence[Sequence[float]], tail: Sequence[float] = ()) -> list[float]:
+def descriptor(stages: Sequence[Sequence[float]], tail: Sequence[float] = (), *, product: bool = False) -> list[float]:
     """Assembles stage records (and their tail data) into one descriptor.
 
     Tail indices inside stage parameters (MULTISTEP's P2) are relative to the
-    start of ``tail``; this function rebases them to absolute indices.
+    start of ``tail``; this function rebases them to absolute indices. With
+    ``product`` the stages multiply instead of following one another.
     """
-    head = [float(len(stages)), 0.0, 0.0, 0.0]
+    head = [float(len(stages)), float(PRODUCT if product else SEQUENCE), 0.0, 0.0]
     tail_start = HEADER_WORDS + STAGE_WORDS * len(stages)
     out = list(head)
     for rec in stages:

@@ -54,6 +54,11 @@ SCHEDULES = {
     ),
     "cosine_restarts": descriptor([stage(Kind.COSINE_RESTARTS, [0.05, 0.001, 2, 2, 0.5, 1, 0.0])]),
     "multistep": descriptor([stage(Kind.MULTISTEP, [0.05, 0.1, 0, 3])], tail=[2.0, 5.0, 5.0]),
+    "polynomial": descriptor([stage(Kind.POLYNOMIAL, [0.05, 7, 1.5])]),
+    "product": descriptor(
+        [stage(Kind.LINEAR, [0.05, 0.2, 1.0, 4]), stage(Kind.MULTISTEP, [1.0, 0.5, 0, 2], t_begin=-1)],
+        tail=[3.0, 6.0], product=True,
+    ),
 }
 
 

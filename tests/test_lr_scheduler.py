@@ -7,7 +7,11 @@
 * kernel mode: the lr and momentum a fusedclr optimizer actually applied,
   recovered from its updates, are torch's;
 * checkpoints resume exactly mid-cycle; errors are torch's; the step path never
-  reads a device value.
+  reads a device value;
+* several schedulers on one optimizer compose as torch's (in-kernel products of
+  the multiplicative families, else torch's update on the host); a param group
+  added later, a ``T_cur`` set by hand, an lr moved by something else and a
+  ``state_dict`` round trip give what torch gives.
 """
 
 from __future__ import annotations
@@ -114,6 +118,9 @@ CASES = [
     Case("linear_default", lambda m, o: m.LinearLR(o), 20),
     Case("exponential", lambda m, o: m.ExponentialLR(o, gamma=0.99), 500),
     Case("cosine", lambda m, o: m.CosineAnnealingLR(o, T_max=40, eta_min=1e-3), 240),
+    Case("polynomial", lambda m, o: m.PolynomialLR(o, total_iters=30, power=1.7), 50, atol=1e-15),
+    Case("polynomial_default", lambda m, o: m.PolynomialLR(o), 12, atol=1e-15),
+    Case("polynomial_power0", lambda m, o: m.PolynomialLR(o, total_iters=4, power=0.0), 8),
     Case("cosine_to_zero", lambda m, o: m.CosineAnnealingLR(o, T_max=25), 150, atol=1e-15),
     Case("sgdr", lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=13), 60),
     Case("sgdr_tmult2", lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=2, eta_min=1e-3), 160),
@@ -639,7 +646,8 @@ def test_sequential_owns_children_and_wins():
     warm = FS.LinearLR(opt, start_factor=0.1, total_iters=5)
     cos = FS.CosineAnnealingLR(opt, T_max=20)
     seq = FS.SequentialLR(opt, [warm, cos], milestones=[5])
-    assert opt.attached[-1] is seq and opt.attached[:2] == [warm, cos]
+    # Building cos beside warm composed the two (host) until the SequentialLR took them over.
+    assert opt.attached[0] is warm and opt.attached[-1] is seq
     desc = seq._fc_descriptor(0)
     assert desc[0] == 2 and desc[reference.HEADER_WORDS + reference.STAGE_WORDS + reference.S_T_BEGIN] == 5
     for _ in range(12):
@@ -912,3 +920,489 @@ def test_cuda_counter_step_never_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(counter) == 10
+
+
+# --------------------------------------------------------------------------
+# 7. Several schedulers on one optimizer compose as torch's do
+# --------------------------------------------------------------------------
+
+
+def _plateau_and_step(m, o):
+    """ReduceLROnPlateau (a metric that never improves after epoch 0) and StepLR, stepped together."""
+    plateau = m.ReduceLROnPlateau(o, patience=1, factor=0.5)
+    step = m.StepLR(o, step_size=3, gamma=0.1)
+    metrics = iter([1.0] + [2.0] * 100)
+
+    class Both:
+        def step(self):
+            plateau.step(next(metrics))
+            step.step()
+
+        def get_last_lr(self):
+            return step.get_last_lr()
+
+    return Both()
+
+
+COMPOSED = [
+    Case("step_and_exponential", lambda m, o: _both(m.StepLR(o, step_size=4, gamma=0.5), m.ExponentialLR(o, 0.9)), 20),
+    Case("plateau_and_step", _plateau_and_step, 10),
+    Case("linear_warmup_and_cosine",
+         lambda m, o: _both(m.LinearLR(o, start_factor=0.1, total_iters=5), m.CosineAnnealingLR(o, T_max=12)), 30,
+         atol=1e-15),
+    Case("sgdr_and_multistep",
+         lambda m, o: _both(m.CosineAnnealingWarmRestarts(o, T_0=5), m.MultiStepLR(o, [3, 8], gamma=0.5)), 20),
+    Case("lambda_and_step", lambda m, o: _both(m.LambdaLR(o, lambda t: 1.0 / (t + 1)), m.StepLR(o, 3)), 12),
+    Case("polynomial_and_constant",
+         lambda m, o: _both(m.PolynomialLR(o, total_iters=10, power=2.0), m.ConstantLR(o, factor=0.5)), 14,
+         atol=1e-15),
+    Case("chained", lambda m, o: m.ChainedScheduler([m.ConstantLR(o, factor=0.5, total_iters=3),
+                                                     m.ExponentialLR(o, gamma=0.9)]), 12),
+    Case("seq_beside_step",
+         lambda m, o: _both(m.StepLR(o, step_size=4, gamma=0.5),
+                            _seq(m, o, [lambda m, o: m.LinearLR(o, start_factor=0.2, total_iters=3),
+                                        lambda m, o: m.ExponentialLR(o, gamma=0.8)], [3])), 15),
+]
+
+
+def _both(a, b):
+    class Both:
+        def step(self):
+            a.step()
+            b.step()
+
+        def get_last_lr(self):
+            return b.get_last_lr()
+
+    return Both()
+
+
+@pytest.mark.parametrize("case", COMPOSED, ids=[c.id for c in COMPOSED])
+def test_composed_schedulers_match_torch_on_a_torch_optimizer(case):
+    expected = torch_rows(case, "sgd")
+    opt = make_optimizer("sgd")
+    sched = case.build(FS, opt)
+    for t, want in enumerate(expected):
+        if t:
+            opt.step()
+            sched.step()
+        torch.testing.assert_close([*map(float, sched.get_last_lr()), *momenta(opt)], want, rtol=RTOL, atol=case.atol)
+
+
+# Multiplicative families compose in-kernel (a PRODUCT descriptor); the others on the host.
+IN_KERNEL = {"step_and_exponential", "polynomial_and_constant", "chained"}
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", COMPOSED, ids=[c.id for c in COMPOSED])
+def test_composed_schedulers_apply_torch_lr(case, backend):
+    expected = torch.tensor(torch_rows(case, "sgd"), dtype=torch.float64)
+    opt = _fc_sgd(backend)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sched = case.build(FS, opt)
+        got = []
+        for t in range(case.steps + 1):
+            if t:
+                sched.step()
+            got.append(_applied_sgd(opt))
+    composed = [w for w in record if "shares the optimizer" in str(w.message)]
+    if case.id in IN_KERNEL:
+        assert not composed and type(opt._scheduler).__name__ == "_Product"
+        assert opt._buckets[0][0].schedule_covers == (True, False)  # the kernel reads the lr from the descriptor
+    else:
+        assert len(composed) == 1 and opt._scheduler is None  # one warning per optimizer; group["lr"] read
+    got_t = torch.tensor(got, dtype=torch.float64)
+    torch.testing.assert_close(got_t[:, :2], expected[:, :2], rtol=RTOL, atol=max(case.atol, 1e-30))
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_product_dissolves_when_its_members_stop_stepping_together(backend):
+    """A warmup stepped every iteration beside a decay stepped every 'epoch': torch's numbers, on the host."""
+    rows = []
+    for m in (TS, FS):
+        opt = make_optimizer("sgd") if m is TS else _fc_sgd(backend)
+        warm = m.LinearLR(opt, start_factor=0.1, total_iters=6)
+        decay = m.ExponentialLR(opt, gamma=0.5)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for it in range(12):
+                if m is FS:
+                    rows.append(_applied_sgd(opt)[:2])
+                else:
+                    opt.step()
+                    rows.append([float(g["lr"]) for g in opt.param_groups])
+                warm.step()
+                if it % 3 == 2:
+                    decay.step()
+        if m is FS:
+            assert opt._scheduler is None
+            assert sum("shares the optimizer" in str(w.message) for w in record) == 1
+    torch.testing.assert_close(rows[12:], rows[:12], rtol=RTOL, atol=0.0)
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_product_resumes_from_a_checkpoint(backend):
+    case = next(c for c in COMPOSED if c.id == "chained")
+    expected = torch.tensor(torch_rows(case, "sgd"), dtype=torch.float64)
+    opt = _fc_sgd(backend)
+    sched = case.build(FS, opt)
+    got = [_applied_sgd(opt)]
+    for _ in range(5):
+        sched.step()
+        got.append(_applied_sgd(opt))
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict()}
+    opt = _fc_sgd(backend)
+    sched = case.build(FS, opt)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    for _ in range(case.steps - 5):
+        sched.step()
+        got.append(_applied_sgd(opt))
+    assert type(opt._scheduler).__name__ == "_Product"
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64)[:, :2], expected[:, :2], rtol=RTOL, atol=0.0)
+
+
+@requires_fused
+def test_plateau_and_step_compose_to_torchs_value():
+    # The issue's example: ReduceLROnPlateau + StepLR gave 0.05 here and 0.005 in torch.
+    rows = []
+    for m in (TS, FS):
+        opt = fusedclr.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.5, backend="reference")
+        plateau = m.ReduceLROnPlateau(opt, patience=0)
+        step = m.StepLR(opt, step_size=1, gamma=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            plateau.step(1.0)
+            plateau.step(2.0)  # a bad epoch: x 0.1
+            step.step()  # x 0.1
+        rows.append(opt.param_groups[0]["lr"])
+    assert rows[0] == pytest.approx(0.005, rel=1e-12)
+    assert rows[1] == pytest.approx(rows[0], rel=1e-12)
+
+
+def test_one_scheduler_stays_in_the_kernel_and_sequential_children_do_not_compose():
+    opt = _recording()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = FS.ExponentialLR(opt, gamma=0.9)
+        opt.step()
+        sched.step()
+        assert opt.attached == [sched]
+        opt2 = _recording()
+        seq = _seq(FS, opt2, [lambda m, o: m.LinearLR(o, total_iters=3), lambda m, o: m.ExponentialLR(o, 0.9)], [3])
+        for _ in range(5):
+            opt2.step()
+            seq.step()
+    assert opt2.attached[-1] is seq and seq._fc_host_reason() is None
+    assert FS.ChainedScheduler([FS.StepLR(_recording(), 3)])._schedulers[0]._fc_host_reason() is None
+
+
+def test_registry_holds_schedulers_weakly():
+    import gc
+    import weakref
+
+    opt = make_optimizer("sgd")
+    first = FS.CyclicLR(opt, base_lr=0.01, max_lr=0.1)
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert ref() is None
+    second = FS.OneCycleLR(opt, max_lr=0.1, total_steps=10)  # alone again: no composition
+    assert second._fc_host_reason() is None
+
+
+@pytest.mark.parametrize("kind", ["sgd", "fc_sgd"])
+def test_lr_moved_by_a_torch_scheduler_or_by_hand_is_followed_like_torch(kind):
+    """A torch scheduler beside ours, a replaced scheduler, a manual edit: torch continues from the group's lr."""
+    rows = []
+    for m in (TS, FS):
+        opt = make_optimizer(kind, "reference") if kind == "fc_sgd" else make_optimizer(kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            old = m.StepLR(opt, step_size=2, gamma=0.5)
+            for _ in range(3):
+                old.step()
+            del old  # replaced: the lr it left is where torch's next scheduler starts
+            ours = m.ExponentialLR(opt, gamma=0.9)
+            beside = TS.MultiStepLR(opt, milestones=[2], gamma=0.1)
+            for t in range(6):
+                ours.step()
+                beside.step()
+                if t == 3:
+                    opt.param_groups[0]["lr"] = 0.7  # by hand
+                rows.append([float(g["lr"]) for g in opt.param_groups])
+    n = len(rows) // 2
+    torch.testing.assert_close(rows[n:], rows[:n], rtol=RTOL, atol=0.0)
+
+
+# --------------------------------------------------------------------------
+# 8. A param group added after the scheduler: torch's values, or torch's error
+# --------------------------------------------------------------------------
+
+
+ADD_GROUP_BUILDS = {
+    "step": lambda m, o: m.StepLR(o, step_size=2, gamma=0.5),
+    "exponential": lambda m, o: m.ExponentialLR(o, gamma=0.9),
+    "linear": lambda m, o: m.LinearLR(o, start_factor=0.2, total_iters=6),
+    "polynomial": lambda m, o: m.PolynomialLR(o, total_iters=8, power=2.0),
+    "cosine": lambda m, o: m.CosineAnnealingLR(o, T_max=3),
+    "sgdr": lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=4),
+    "cyclic": lambda m, o: m.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3),
+    "onecycle": lambda m, o: m.OneCycleLR(o, max_lr=0.2, total_steps=20),
+    "seq": lambda m, o: _seq(m, o, [lambda m, o: m.LinearLR(o, total_iters=2),
+                                    lambda m, o: m.ExponentialLR(o, 0.9)], [2]),
+    "in_kernel_product": lambda m, o: m.ChainedScheduler([m.StepLR(o, step_size=2, gamma=0.5),
+                                                          m.ExponentialLR(o, gamma=0.9)]),
+}
+
+
+def _add_group_run(m, opt, build, steps=10):
+    """Rows of get_last_lr() (or the exception torch raised) with a group added at step 3."""
+    sched = build(m, opt)
+    rows = []
+    for t in range(steps):
+        if t == 3:
+            extra = torch.nn.Parameter(torch.zeros(2))
+            extra.grad = torch.zeros(2)
+            opt.add_param_group({"params": [extra], "lr": 0.5, "momentum": 0.9})
+        opt.step()
+        try:
+            sched.step()
+        except (ValueError, KeyError) as exc:
+            rows.append((type(exc), str(exc)))
+            break
+        rows.append([float(g["lr"]) for g in opt.param_groups])
+    return rows
+
+
+@requires_fused
+@pytest.mark.parametrize("name", list(ADD_GROUP_BUILDS))
+def test_param_group_added_later_gets_torchs_schedule_or_error(name):
+    build = ADD_GROUP_BUILDS[name]
+    expected = _add_group_run(TS, make_optimizer("sgd"), build)
+    opt = _fc_sgd("reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        got = _add_group_run(FS, opt, build)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        if isinstance(e, tuple):
+            assert g == e
+        else:
+            torch.testing.assert_close(g, e, rtol=RTOL, atol=1e-15)
+    if not isinstance(expected[-1], tuple):
+        # ... and the optimizer applies it to the new group.
+        extra = opt.param_groups[2]["params"][0]
+        with torch.no_grad():
+            extra.zero_()
+            opt.state[extra]["momentum_buffer"].zero_()
+        extra.grad.fill_(1.0)
+        opt.step()
+        assert -float(extra.detach()[0]) == pytest.approx(expected[-1][2], rel=1e-6)
+
+
+# --------------------------------------------------------------------------
+# 9. A T_cur set by the user
+# --------------------------------------------------------------------------
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "T_mult, edits",
+    [(1, {4: (1, None)}), (1, {9: (0, None), 14: (3, None)}), (2, {6: (2, None)}), (2, {3: (5, 12)}),
+     (2, {5: (2.5, None)}), (1, {4: (8, None)}), (1, {4: (1, None), 9: "epoch"})],
+    ids=["restart_early", "twice", "tmult2", "tmult2_next_cycle", "fractional_host", "beyond_T_i_host",
+         "then_explicit_epoch"],
+)
+def test_user_set_T_cur_is_followed_like_torch(backend, T_mult, edits):
+    kw = dict(T_0=6, T_mult=T_mult, eta_min=0.01)
+    opt_t = make_optimizer("sgd")
+    sched_t = TS.CosineAnnealingWarmRestarts(opt_t, **kw)
+    opt = _fc_sgd(backend)
+    sched = FS.CosineAnnealingWarmRestarts(opt, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for t in range(1, 30):
+            epoch = t if edits.get(t) == "epoch" else None  # torch recomputes T_cur from an epoch
+            for s in (sched_t, sched):
+                if t in edits and epoch is None:
+                    s.T_cur = edits[t][0]
+                    if edits[t][1] is not None:
+                        s.T_i = edits[t][1]
+            opt_t.step()
+            sched_t.step(epoch)
+            sched.step(epoch)
+            assert (sched.T_cur, sched.T_i) == pytest.approx((sched_t.T_cur, sched_t.T_i)), t
+            torch.testing.assert_close(sched.get_last_lr(), sched_t.get_last_lr(), rtol=RTOL, atol=0.0)
+            torch.testing.assert_close(_applied_sgd(opt)[:2], sched_t.get_last_lr(), rtol=RTOL, atol=0.0)
+
+
+@requires_fused
+def test_representable_T_cur_edit_stays_in_the_kernel():
+    opt = _recording()
+    sched = FS.CosineAnnealingWarmRestarts(opt, T_0=5, T_mult=2)
+    for _ in range(3):
+        sched.step()
+    sched.T_cur = 0  # a restart now
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step()
+    assert sched._fc_host_reason() is None and opt.attached[-1] is sched
+    assert sched.T_cur == 1 and int(sched._fc_counter("cpu")) == sched.last_epoch == 4
+
+
+# --------------------------------------------------------------------------
+# 10. state_dict round trips leave equal __dict__s (torch's own test compares them)
+# --------------------------------------------------------------------------
+
+
+def _public_dict(sched) -> dict:
+    # CyclicLR's _scale_fn_ref is a fresh functools.partial per object, in torch's class too.
+    return {k: v for k, v in sched.__dict__.items() if k not in ("optimizer", "_schedulers", "_scale_fn_ref")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_load_state_dict_gives_an_equal_dict(case):
+    opt = make_optimizer("sgd")
+    sched = case.build(FS, opt)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    copy = case.build(FS, make_optimizer("sgd"))
+    copy.load_state_dict(sched.state_dict())
+    assert _public_dict(copy) == _public_dict(sched)
+    fresh = case.build(FS, make_optimizer("sgd"))
+    assert _public_dict(fresh).keys() == _public_dict(sched).keys()
+    assert fresh._fc_descs == case.build(FS, make_optimizer("sgd"))._fc_descs
+
+
+# --------------------------------------------------------------------------
+# 11. Python callables: torch's numbers on the host
+# --------------------------------------------------------------------------
+
+HOST_CASES = [
+    Case("lambda", lambda m, o: m.LambdaLR(o, [lambda t: 0.95**t, lambda t: 1 / (1 + t)]), 20),
+    Case("multiplicative", lambda m, o: m.MultiplicativeLR(o, lambda t: 0.9 if t % 2 else 1.0), 20),
+]
+
+
+@pytest.mark.parametrize("case", HOST_CASES, ids=[c.id for c in HOST_CASES])
+def test_python_callables_give_torchs_numbers(case):
+    expected = torch.tensor(torch_rows(case, "sgd"), dtype=torch.float64)
+    opt = _fc_sgd("reference")
+    with pytest.warns(UserWarning, match="lr_lambda is a Python function"):
+        sched = case.build(FS, opt)
+    got = []
+    for t in range(case.steps + 1):
+        if t:
+            sched.step()
+        got.append(_applied_sgd(opt))
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected, rtol=RTOL, atol=0.0)
+    state = sched.state_dict()
+    assert "lr_lambdas" in state and not any(k.startswith("_fc_") for k in state)
+
+
+def test_every_torch_scheduler_class_is_here():
+    public = {n for n, c in vars(TS).items() if isinstance(c, type) and issubclass(c, TS.LRScheduler)
+              and not n.startswith("_")}
+    assert public <= set(FS.__all__)
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scheduler_built_after_the_optimizer_load_returns_to_the_kernel(backend):
+    """torch's docs build the scheduler before loading the optimizer; the other order must give torch's numbers too."""
+    def build(m, o):
+        return m.MultiStepLR(o, milestones=[3, 7], gamma=0.5)
+
+    def trained(m, opt):
+        sched = build(m, opt)
+        for _ in range(5):
+            opt.step()
+            sched.step()
+        return opt.state_dict(), sched.state_dict()
+
+    rows = []
+    for m, opt_t, opt_r in ((TS, make_optimizer("sgd"), make_optimizer("sgd")), (FS, _fc_sgd(backend), _fc_sgd(backend))):
+        opt_state, sched_state = trained(m, opt_t)
+        opt_r.load_state_dict(opt_state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no composition warning: it is alone again after the load
+            sched = build(m, opt_r)
+            sched.load_state_dict(sched_state)
+            for _ in range(6):
+                opt_r.step()
+                sched.step()
+                rows.append([float(g["lr"]) for g in opt_r.param_groups])
+        if m is FS:
+            assert sched._fc_host_reason() is None and opt_r._scheduler is sched
+            torch.testing.assert_close(_applied_sgd(opt_r)[:2], rows[5], rtol=RTOL, atol=0.0)
+    torch.testing.assert_close(rows[6:], rows[:6], rtol=RTOL, atol=0.0)
+
+
+@requires_fused
+def test_in_kernel_product_step_path_never_syncs(monkeypatch):
+    backend = "cpu" if fusedclr.ops.extension_available() else "reference"
+    opt = _fc_sgd(backend)
+    chained = FS.ChainedScheduler([FS.LinearLR(opt, start_factor=0.5, total_iters=4), FS.StepLR(opt, 2, 0.5)])
+    opt.step()
+    chained.step()
+    with monkeypatch.context() as mp:
+        for name in ("item", "cpu", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy"):
+            mp.setattr(torch.Tensor, name, _forbid)
+        for _ in range(5):
+            if backend == "cpu":
+                opt.step()
+            chained.step()
+    assert type(opt._scheduler).__name__ == "_Product"
+    assert int(opt._buckets[0][0].schedule_step) == 6
+
+
+@requires_extension
+@requires_fused
+@pytest.mark.parametrize("case_id", sorted(IN_KERNEL))
+def test_cpp_evaluator_matches_reference_on_products(case_id):
+    case = next(c for c in COMPOSED if c.id == case_id)
+    opt = _fc_sgd("reference")
+    sched = case.build(FS, opt)
+    for _ in range(3):
+        sched.step()  # the members' offsets stay 0; build one with an offset too
+    product = opt._scheduler
+    assert type(product).__name__ == "_Product"
+    for gi in range(len(opt.param_groups)):
+        desc = product._fc_descriptor(gi)
+        assert desc[1] == 1.0  # PRODUCT
+        _compare_eval(desc, range(case.steps + 3))
+        shifted = list(desc)
+        shifted[reference.HEADER_WORDS + reference.STAGE_WORDS + reference.S_T_BEGIN] = 4.0
+        _compare_eval(shifted, range(4, case.steps + 7))
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_scheduler_beside_an_absolute_schedule_is_followed(backend):
+    """OneCycleLR writes absolute values; a torch StepLR beside it still scales them at its boundaries in torch."""
+    expected = []
+    opt_t = make_optimizer("sgd")
+    one_t, step_t = TS.OneCycleLR(opt_t, max_lr=0.2, total_steps=30), TS.StepLR(opt_t, step_size=4, gamma=0.5)
+    opt = _fc_sgd(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        one, step = FS.OneCycleLR(opt, max_lr=0.2, total_steps=30), TS.StepLR(opt, step_size=4, gamma=0.5)
+        got = []
+        for _ in range(20):
+            opt_t.step()
+            for s in (one_t, step_t, one, step):
+                s.step()
+            expected.append([*(g["lr"] for g in opt_t.param_groups), *momenta(opt_t)])
+            got.append(_applied_sgd(opt))
+    # StepLR's first change (row 3) reaches the kernel once our scheduler has seen it, at its
+    # next step (the documented one-step lag); from then on, torch's values on the host.
+    torch.testing.assert_close(got[:3], expected[:3], rtol=RTOL, atol=0.0)
+    torch.testing.assert_close(got[4:], expected[4:], rtol=RTOL, atol=0.0)
+    assert opt._scheduler is None

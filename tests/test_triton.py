@@ -231,6 +231,8 @@ SCHEDULES = {
     "linear": descriptor([stage(Kind.LINEAR, [0.05, 0.25, 1.0, 4])]),
     "constant_factor": descriptor([stage(Kind.CONSTANT_FACTOR, [0.05, 0.3, 4])]),
     "cosine": descriptor([stage(Kind.COSINE, [0.05, 0.001, 6])]),
+    "polynomial": descriptor([stage(Kind.POLYNOMIAL, [0.05, 5, 1.7])]),
+    "polynomial_power0": descriptor([stage(Kind.POLYNOMIAL, [0.05, 3, 0.0])]),
     "warm_restarts": descriptor([stage(Kind.COSINE_RESTARTS, [0.05, 0.001, 3, 1, 1.0, 0, 0.0])]),
     "warm_restarts_mult_decay_warmup": descriptor([stage(Kind.COSINE_RESTARTS, [0.05, 0.001, 2, 2, 0.5, 2, 0.01])]),
     "cyclic_triangular_momentum": descriptor(
@@ -244,6 +246,12 @@ SCHEDULES = {
     # SequentialLR: linear warmup, then cosine.
     "sequential_2stage": descriptor(
         [stage(Kind.LINEAR, [0.05, 0.1, 1.0, 3]), stage(Kind.COSINE, [0.05, 0.0, 5], t_begin=3)]),
+    # Schedulers composed by multiplication: a base, factors with a tail and a later start.
+    "product": descriptor(
+        [stage(Kind.EXPONENTIAL, [0.05, 0.9]),
+         stage(Kind.MULTISTEP, [1.0, 0.5, 0, 2], t_begin=1),
+         stage(Kind.POLYNOMIAL, [1.0, 9, 1.5], t_begin=2)],
+        tail=[3, 5], product=True),
     # SequentialLR of three, the middle one with a milestone tail, the last with momentum.
     "sequential_3stage": descriptor(
         [stage(Kind.CONSTANT_FACTOR, [0.05, 0.5, 2]),

@@ -399,9 +399,11 @@ class FlatOptimizerMixin:
         """Evaluate ``scheduler``'s schedule in-kernel from now on (``None`` detaches).
 
         See docs/CONTRACTS.md: the scheduler provides ``_fc_descriptor(group_index)``
-        and ``_fc_counter(device)``.
+        and ``_fc_counter(device)``, and optionally ``_fc_step_check()``, which
+        the step calls first (it may re-attach).
         """
         self._hold_scheduler(scheduler)
+        check = getattr(scheduler, "_fc_step_check", None)
         for gi, buckets in enumerate(self._buckets):
             desc = None if scheduler is None else scheduler._fc_descriptor(gi)
             for b in buckets:
@@ -411,6 +413,7 @@ class FlatOptimizerMixin:
                     b.schedule = torch.tensor(desc, dtype=torch.float64).to(b.device)
                     b.schedule_step = scheduler._fc_counter(b.device)
                 b.schedule_covers = _covers(desc)
+                b.schedule_check = check
                 b.hyper_cache = None
                 self._on_schedule(b, desc)
 
@@ -425,6 +428,9 @@ class FlatOptimizerMixin:
         A float only costs a copy when it changed; a tensor lr (which a torch
         scheduler updates in place) is copied device-side every step, no sync.
         """
+        check = getattr(bucket, "schedule_check", None)
+        if check is not None:
+            check()  # schedulers composed in-kernel: still in step? (host values only, no sync)
         covers_lr, covers_mom = getattr(bucket, "schedule_covers", (False, False))
         if covers_lr and covers_mom:
             return  # the kernel takes both from the schedule: no per-step copy

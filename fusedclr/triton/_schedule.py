@@ -15,9 +15,11 @@ step (or a cache keyed on a tensor's address, which goes stale silently). A
 SequentialLR chain is handled the same way, for any number of stages.
 
 Powers are taken by binary powering: every exponent in the descriptor's
-formulas is a non-negative integer (steps, cycle counts, milestones passed), so
-``pow`` (not in Triton's portable math, and not in the interpreter's libdevice)
-is never needed, and the result stays within a few ulp of double ``pow``.
+formulas but one is a non-negative integer (steps, cycle counts, milestones
+passed), so ``pow`` (not in Triton's portable math, and not in the
+interpreter's libdevice) is never needed, and the result stays within a few ulp
+of double ``pow``. The exception, PolynomialLR's real ``power``, is taken as
+``exp(power * log(x))``.
 Cosine and floor use ``tl.cos`` / ``tl.floor``, which Triton lowers for fp64 on
 NVIDIA and AMD GPUs and which the interpreter maps to numpy.
 """
@@ -27,11 +29,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusedclr.reference import HEADER_WORDS, S_HAS_MOM, S_KIND, S_P0, S_T_BEGIN, STAGE_WORDS, Kind
+from fusedclr.reference import H_COMBINE, HEADER_WORDS, PRODUCT, S_HAS_MOM, S_KIND, S_P0, S_T_BEGIN, STAGE_WORDS, Kind
 
 # Descriptor layout and kinds, shared with reference.py so the two never drift.
 _HEADER: tl.constexpr = tl.constexpr(HEADER_WORDS)
 _STAGE: tl.constexpr = tl.constexpr(STAGE_WORDS)
+_H_COMBINE: tl.constexpr = tl.constexpr(H_COMBINE)
+_PRODUCT: tl.constexpr = tl.constexpr(PRODUCT)
 _S_KIND: tl.constexpr = tl.constexpr(S_KIND)
 _S_T_BEGIN: tl.constexpr = tl.constexpr(S_T_BEGIN)
 _S_P0: tl.constexpr = tl.constexpr(S_P0)
@@ -46,6 +50,7 @@ _K_COSINE: tl.constexpr = tl.constexpr(Kind.COSINE)
 _K_COSINE_RESTARTS: tl.constexpr = tl.constexpr(Kind.COSINE_RESTARTS)
 _K_CYCLIC: tl.constexpr = tl.constexpr(Kind.CYCLIC)
 _K_ONE_CYCLE: tl.constexpr = tl.constexpr(Kind.ONE_CYCLE)
+_K_POLYNOMIAL: tl.constexpr = tl.constexpr(Kind.POLYNOMIAL)
 _MODE_TRIANGULAR2: tl.constexpr = tl.constexpr(1)
 _MODE_EXP_RANGE: tl.constexpr = tl.constexpr(2)
 _ANNEAL_LINEAR: tl.constexpr = tl.constexpr(1)
@@ -109,6 +114,14 @@ def _stage_value(d_ptr, st, t):
         base = tl.load(p_ptr)
         eta_min = tl.load(p_ptr + 1)
         lr = eta_min + (base - eta_min) * (1.0 + tl.cos(td * _PI / tl.load(p_ptr + 2))) / 2.0
+    elif kind == _K_POLYNOMIAL:
+        # The one real (non-integer) power: x ** p as exp(p * log(x)), with 0 ** p
+        # (the end of the decay) taken as Python's 0.0 ** p (1 for p == 0, else 0).
+        total = tl.load(p_ptr + 1)
+        power = tl.load(p_ptr + 2)
+        x = 1.0 - tl.minimum(td, total) / total
+        safe = tl.where(x > 0.0, x, 1.0)
+        lr = tl.load(p_ptr) * tl.where(x > 0.0, tl.exp(power * tl.log(safe)), tl.where(power == 0.0, 1.0, 0.0))
     elif kind == _K_COSINE_RESTARTS:
         base = tl.load(p_ptr)
         warm = tl.load(p_ptr + 5).to(tl.int64)
@@ -194,19 +207,29 @@ def _schedule_value(d_ptr, t):
     an unknown stage kind, where the reference raises but a kernel cannot.
     """
     n = tl.load(d_ptr).to(tl.int32)
-    idx = tl.full([], 0, tl.int32)
-    for i in range(1, n):
-        if t.to(tl.float64) >= tl.load(d_ptr + _HEADER + i * _STAGE + _S_T_BEGIN):
-            idx = i
-    st = idx * _STAGE + _HEADER
     lr = tl.full([], 0.0, tl.float64)
     mom = tl.full([], 0.0, tl.float64)
     has_lr = n > 0
     has_mom = n < 0
-    if n > 0:
-        kind = tl.load(d_ptr + st + _S_KIND).to(tl.int32)
-        has_lr = (kind >= _K_CONSTANT) & (kind <= _K_ONE_CYCLE)
-        lr, mom, has_mom = _stage_value(d_ptr, st, t - tl.load(d_ptr + st + _S_T_BEGIN).to(tl.int64))
+    if tl.load(d_ptr + _H_COMBINE).to(tl.int32) == _PRODUCT:
+        # Schedulers composed by torch's multiplication: every stage at its own local step.
+        lr = tl.full([], 1.0, tl.float64)
+        for i in range(0, n):
+            st_i = i * _STAGE + _HEADER
+            kind_i = tl.load(d_ptr + st_i + _S_KIND).to(tl.int32)
+            has_lr = has_lr & (kind_i >= _K_CONSTANT) & (kind_i <= _K_POLYNOMIAL)
+            lr_i, mom_i, has_mom_i = _stage_value(d_ptr, st_i, t - tl.load(d_ptr + st_i + _S_T_BEGIN).to(tl.int64))
+            lr = lr * lr_i
+    else:
+        idx = tl.full([], 0, tl.int32)
+        for i in range(1, n):
+            if t.to(tl.float64) >= tl.load(d_ptr + _HEADER + i * _STAGE + _S_T_BEGIN):
+                idx = i
+        st = idx * _STAGE + _HEADER
+        if n > 0:
+            kind = tl.load(d_ptr + st + _S_KIND).to(tl.int32)
+            has_lr = (kind >= _K_CONSTANT) & (kind <= _K_POLYNOMIAL)
+            lr, mom, has_mom = _stage_value(d_ptr, st, t - tl.load(d_ptr + st + _S_T_BEGIN).to(tl.int64))
     return lr, mom, has_lr, has_mom
 
 

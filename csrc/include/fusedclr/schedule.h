@@ -7,7 +7,8 @@
 // by fusedclr/reference.py (schedule_value); the two evaluators must agree.
 //
 //   d[0]              number of stages S (0: no schedule, use the group values)
-//   d[1..3]           reserved (0)
+//   d[1]              how stages combine: SEQUENCE (0) or PRODUCT (1), see below
+//   d[2..3]           reserved (0)
 //   stage i           STAGE_WORDS doubles at HEADER_WORDS + i * STAGE_WORDS:
 //     [0] kind        one of Kind below
 //     [1] t_begin     first global step of this stage (stage 0 begins at 0);
@@ -17,6 +18,12 @@
 //     [15] reserved
 //   tail              variable-length data (MultiStepLR milestones) that stages
 //                     point into by absolute index
+//
+// SEQUENCE (SequentialLR): the last stage whose t_begin <= t is active.
+// PRODUCT (several schedulers stepping one optimizer, which torch composes by
+// multiplying): every stage is evaluated at t - t_begin and the lrs multiply;
+// the first stage carries the base lr, the others are factors (P0 = 1). Only
+// lr-only kinds are composed this way, so a product schedules no momentum.
 //
 // Every value is computed in double, as torch's schedulers compute in Python
 // floats, so host and device agree with torch to ~1 ulp of double.
@@ -31,6 +38,7 @@ namespace fusedclr {
 namespace sched {
 
 constexpr int HEADER_WORDS = 4;
+constexpr int H_COMBINE = 1;
 constexpr int STAGE_WORDS = 16;
 constexpr int S_KIND = 0;
 constexpr int S_T_BEGIN = 1;
@@ -53,7 +61,10 @@ enum Kind : int {
   ONE_CYCLE = 9,    // P0 initial_lr, P1 max_lr, P2 min_lr, P3 base_momentum,
                     // P4 max_momentum, P5 phases (2|3), P6..P8 phase end steps,
                     // P9 anneal (0 cos, 1 linear)
+  POLYNOMIAL = 10,  // P0 base, P1 total_iters (> 0), P2 power (>= 0)
 };
+
+enum Combine : int { SEQUENCE = 0, PRODUCT = 1 };
 
 enum CyclicMode : int { TRIANGULAR = 0, TRIANGULAR2 = 1, EXP_RANGE = 2 };
 enum Anneal : int { ANNEAL_COS = 0, ANNEAL_LINEAR = 1 };
@@ -117,6 +128,11 @@ C10_HOST_DEVICE inline Value stage_value(const double* st, const double* d, int6
     case COSINE:
       v.lr = p[1] + (p[0] - p[1]) * (1.0 + ::cos(kPi * td / p[2])) / 2.0;
       break;
+    case POLYNOMIAL: {
+      const double done = td < p[1] ? td : p[1];
+      v.lr = p[0] * ::pow(1.0 - done / p[1], p[2]);
+      break;
+    }
     case COSINE_RESTARTS: {
       const int64_t warm = static_cast<int64_t>(p[5]);
       if (t < warm) {
@@ -205,6 +221,16 @@ C10_HOST_DEVICE inline Value evaluate(const double* d, int64_t t) {
   const int n = static_cast<int>(d[0]);
   if (n <= 0) {
     return Value{0.0, 0.0, false, false};
+  }
+  if (static_cast<int>(d[H_COMBINE]) == PRODUCT) {
+    Value v{1.0, 0.0, true, false};
+    for (int i = 0; i < n; ++i) {
+      const double* st = d + HEADER_WORDS + i * STAGE_WORDS;
+      const Value s = stage_value(st, d, t - static_cast<int64_t>(st[S_T_BEGIN]));
+      v.lr *= s.lr;
+      v.has_lr = v.has_lr && s.has_lr;
+    }
+    return v;
   }
   int idx = 0;
   for (int i = 1; i < n; ++i) {
