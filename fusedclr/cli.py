@@ -161,7 +161,7 @@ def _cmd_bench(argv: Sequence[str]) -> int:
             raise  # fusedclr.bench exists but one of its own imports failed: show that
         print(
             "fusedclr: error: 'fusedclr bench' needs the fusedclr.bench module, which is not part of this "
-            f"installation ({exc}); reinstall fusedclr from a checkout that has fusedclr/bench.py",
+            f"installation ({exc}); reinstall fusedclr from a checkout that has fusedclr/bench/",
             file=sys.stderr,
         )
         return 2
