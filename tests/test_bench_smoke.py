@@ -164,3 +164,24 @@ def test_launch_counts_skip_cpu_and_user_annotations():
     assert bench._is_user_annotation(Method(True)) and bench._is_user_annotation(Attribute(True))
     assert not bench._is_user_annotation(Method(False)) and not bench._is_user_annotation(Attribute(False))
     assert not bench._is_user_annotation(object())
+
+
+def test_a_case_whose_every_provider_is_skipped_prints_its_reasons(capsys):
+    """``--providers fusedclr-cuda`` on a CPU: nothing runs, and the table says why (it used to raise)."""
+    assert bench.main(["--device", "cpu", "--quick", "--optim", "sgd", "--shapes", "128x64", "--dtypes", "fp32",
+                       "--schedules", "constant", "--providers", "fusedclr-cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "fusedclr-cuda  skipped: runs on cuda only" in out
+
+
+def test_quick_never_compiles_unless_a_compile_timeout_is_given(capsys):
+    argv = ["--device", "cpu", "--quick", "--optim", "sgd", "--shapes", "128x64", "--dtypes", "fp32",
+            "--schedules", "constant", "--providers", "torch-compile"]
+    assert bench.main(argv) == 0
+    assert "torch-compile  skipped: not compiled (--quick" in capsys.readouterr().out
+    assert bench.parser().parse_args(argv + ["--compile-timeout", "5"]).compile_timeout == 5
+
+
+def test_every_option_has_help():
+    for action in bench.parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"

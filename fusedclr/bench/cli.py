@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from fusedclr.cli import UsageParser
+
 from .cases import DTYPES, OPTIMS, SCHEDULES
 from .providers import PROVIDERS
 from .report import format_table, markdown_report, plot
@@ -30,13 +32,17 @@ def _names(value: str, choices: Sequence[str], what: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = UsageParser(
         prog="fusedclr bench",
         description="Time fusedclr's optimizer step against torch.optim (for-loop, foreach, fused, compiled) "
         "and report ratios vs torch fused, GB/s and % of copy bandwidth.",
     )
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="small shapes, short budget: finishes in seconds")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the parameters live and the steps run (default: cuda when a GPU is visible, "
+                    "else cpu)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small shapes, short budget, torch-compile not compiled unless --compile-timeout is "
+                    "given: finishes in seconds")
     ap.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a log-log plot (PNG) of time per step")
     ap.add_argument("--markdown", metavar="PATH", help="write markdown tables (constant lr and OneCycleLR)")
@@ -45,12 +51,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", type=lambda v: _names(v, [*SHAPES, *QUICK_SHAPES], "shape"),
                     help=f"comma-separated, from {', '.join([*SHAPES, *QUICK_SHAPES])} "
                     "(default: all of DESIGN.md's, or the quick ones with --quick)")
-    ap.add_argument("--dtypes", default="fp32,bf16", type=lambda v: _names(v, list(DTYPES), "dtype"))
-    ap.add_argument("--schedules", default=",".join(SCHEDULES), type=lambda v: _names(v, SCHEDULES, "schedule"))
+    ap.add_argument("--dtypes", default="fp32,bf16", type=lambda v: _names(v, list(DTYPES), "dtype"),
+                    help="parameter and gradient dtypes, comma-separated, from "
+                    f"{', '.join(DTYPES)} (default: fp32,bf16)")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES), type=lambda v: _names(v, SCHEDULES, "schedule"),
+                    help="comma-separated: constant (no scheduler) and/or onecycle (OneCycleLR stepped after "
+                    f"every optimizer step) (default: {','.join(SCHEDULES)})")
     ap.add_argument("--providers", type=lambda v: _names(v, list(PROVIDERS), "provider"),
                     help=f"comma-separated, from {', '.join(PROVIDERS)} (default: all)")
-    ap.add_argument("--compile-timeout", type=float, default=300.0, metavar="S",
-                    help="give up compiling torch-compile after S seconds (0: skip it; default 300)")
+    ap.add_argument("--compile-timeout", type=float, default=None, metavar="S",
+                    help="give up compiling torch-compile after S seconds (0: skip it; default 300, "
+                    "and 0 with --quick)")
     ap.add_argument("--from-json", metavar="PATH",
                     help="measure nothing: print, plot and tabulate the report in PATH (from --json)")
     ap.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
@@ -76,18 +87,18 @@ def _positive_float(value: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fusedclr bench``: run, print the tables, write JSON and plot; returns the exit status."""
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            report = json.load(f)
+        report = _read_report(ap, args.from_json)
         for key in dict.fromkeys((r["optim"], r["shape"], r["dtype"], r["schedule"]) for r in report["results"]):
             rows = [r for r in report["results"] if (r["optim"], r["shape"], r["dtype"], r["schedule"]) == key]
             print(format_table(rows, report["config"]["device"]))
         _write(report, args)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("fusedclr bench: --device cuda but no CUDA GPU is visible", file=sys.stderr)
-        return 2
+        ap.error("--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                 "pass --device cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(SHAPES))
@@ -95,8 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = [s for s in shapes if s not in BIG_SHAPES]
     providers = args.providers or list(PROVIDERS)
     compile_timeout = args.compile_timeout
-    if args.quick and args.providers is None:
-        compile_timeout = 0.0  # compiling alone takes tens of seconds on a CPU
+    if compile_timeout is None:
+        # Compiling alone takes tens of seconds on a CPU: --quick leaves it out
+        # even when torch-compile is asked for by name (it is then listed as skipped).
+        compile_timeout = 0.0 if args.quick else 300.0
     budget = QUICK if args.quick else FULL
     if args.seconds is not None:
         budget = dataclasses.replace(budget, max_time_s=args.seconds)
@@ -115,6 +128,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _write(report, args)
     return 0
+
+
+def _read_report(ap: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The report in ``path`` (written by ``--json``); a missing or foreign file is a usage error."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except OSError as exc:
+        ap.error(f"--from-json {path}: {exc.strerror or exc}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        ap.error(f"--from-json {path}: not a 'fusedclr bench --json' report ({exc})")
+    if not isinstance(report, dict) or not {"results", "config", "machine"} <= set(report):
+        ap.error(f"--from-json {path}: not a 'fusedclr bench --json' report (no results, config and machine)")
+    return report
 
 
 def _write_partial(report: dict[str, Any], args: argparse.Namespace) -> None:

@@ -54,7 +54,8 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
         if r.get("note"):
             line.append(f"({r['note']})")
         lines.append(line)
-    widths = [max(len(c), *(len(x[i]) for x in lines if len(x) > 2 and i < len(x))) for i, c in enumerate(cols)]
+    # A list, not max(a, *b): when every provider was skipped, b is empty and max(int) raises.
+    widths = [max([len(c), *(len(x[i]) for x in lines if len(x) > 2 and i < len(x))]) for i, c in enumerate(cols)]
     fmt = lambda cells: "  ".join(  # noqa: E731
         c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) if i < len(widths) else c for i, c in enumerate(cells)
     )
