@@ -11,6 +11,7 @@ The package, in the order a run uses it:
 * :mod:`.cases`: optimizers, dtypes, schedules, bytes per parameter, :class:`Case`;
 * :mod:`.providers`: torch.optim's implementations and fusedclr's backends;
 * :mod:`.timing`: warm-up, samples, statistics, the copy yardstick, launch counts;
+* :mod:`.steadiness`: whether multi-threaded CPU steps are steady here now;
 * :mod:`.runner`: every provider of a case in turns, and a whole run's report;
 * :mod:`.machine`: what the timings were taken on;
 * :mod:`.report`: text table, markdown and plot;
@@ -85,6 +86,7 @@ from .timing import (
     cpu_time_per_step,
     deadline,
     prepare,
+    ratio_quartiles,
     synchronizer,
     time_step,
 )
@@ -130,6 +132,7 @@ __all__ = [
     "parser",
     "plot",
     "prepare",
+    "ratio_quartiles",
     "run",
     "shape_list",
     "synchronizer",

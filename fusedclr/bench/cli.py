@@ -20,6 +20,7 @@ from .providers import PROVIDERS
 from .report import format_table, markdown_report, plot
 from .runner import run
 from .shapes import BIG_SHAPES, QUICK_SHAPES, SHAPES
+from .steadiness import check_threads, describe
 from .timing import FULL, QUICK
 
 
@@ -101,6 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "pass --device cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    thread_check = None
+    if args.device == "cpu" and torch.get_num_threads() > 1:
+        thread_check = check_threads(torch.get_num_threads())
+        if args.threads is None:
+            torch.set_num_threads(thread_check["prefer"])
+        note = describe(thread_check, asked=args.threads is not None)
+        if note:
+            print(note, flush=True)
+        thread_check = {**thread_check, "used": torch.get_num_threads()}
     shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(SHAPES))
     if args.no_big:
         shapes = [s for s in shapes if s not in BIG_SHAPES]
@@ -123,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget=budget,
         compile_timeout=compile_timeout,
         time_limit_s=args.time_limit,
+        thread_check=thread_check,
         on_case=lambda partial: _write_partial(partial, args),
         log=lambda s: print(s, flush=True),
     )

@@ -21,6 +21,13 @@ def _ratio(r: float | None) -> str:
     return f"{r:.0f}x" if r >= 100 else f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
 
 
+def _ratio_iqr(r: dict[str, Any]) -> str:
+    """The ratio's inter-quartile range, ``q1-q3``, or ``-`` where it has none (the baseline)."""
+    if r.get("ratio_q1") is None:
+        return "-"
+    return f"{_ratio(r['ratio_q1']).removesuffix('x')}-{_ratio(r['ratio_q3'])}"
+
+
 def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
     """One case's rows as an aligned text table."""
     if not rows:
@@ -28,7 +35,7 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
     r0 = rows[0]
     head = (f"{r0['optim']} {r0['shape']} ({r0['tensors']} tensors, {r0['numel'] / 1e6:.3g}M params) "
             f"{r0['dtype']} {r0['schedule']} on {device}; copy {r0.get('copy_gbps', float('nan')):.1f} GB/s")
-    cols = ["provider", "median ms", "IQR", "min..max ms", "x fused", "(min)", "GB/s", "% copy", "cpu ms"]
+    cols = ["provider", "median ms", "IQR", "min..max ms", "x fused", "(IQR)", "(min)", "GB/s", "% copy", "cpu ms"]
     if device.startswith("cuda"):
         cols.append("launches")
     lines = []
@@ -43,6 +50,7 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
             f"{100 * r['iqr_rel']:.0f}%",
             f"{_ms(r['min_s'])}..{_ms(r['max_s'])}",
             _ratio(ratio),
+            _ratio_iqr(r),
             _ratio(r.get("ratio_vs_fused_min")),
             f"{r['gbps']:.1f}",
             f"{r['pct_copy']:.0f}%",
@@ -62,6 +70,11 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
     out = [head, "  " + fmt(cols)]
     for x in lines:
         out.append("  " + (fmt(x) if len(x) > 2 else f"{x[0].ljust(widths[0])}  {x[1]}"))
+    noisy = [r["provider"] for r in rows if r.get("noisy")]
+    if noisy:
+        out.append(f"  noisy: {', '.join(noisy)} (a wide IQR of its time or of its ratio): the machine was busy; "
+                   "trust the ratios' IQR, not their medians" + (", or measure with --threads 1"
+                                                                 if device == "cpu" else ""))
     return "\n".join(out)
 
 
@@ -87,8 +100,9 @@ def markdown_table(report: dict[str, Any], optim: str, schedule: str = "constant
                 continue
             ratio = r.get("ratio_vs_fused")
             mark = "†" if "paired_baseline" in r else ""
-            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f", {_ratio(ratio)}{mark}")
-                         + f" (IQR {100 * r['iqr_rel']:.0f}%)")
+            spread = "" if r.get("ratio_q1") is None else f" [{_ratio_iqr(r)}]"
+            cells.append(f"{_ms(r['median_s'])} ms" + ("" if ratio is None else f", {_ratio(ratio)}{mark}{spread}")
+                         + f" (IQR {100 * r['iqr_rel']:.0f}%)" + (" noisy" if r.get("noisy") else ""))
             if p.startswith("fusedclr-") and fc is None:
                 fc = r
         bw = "-" if fc is None else f"{fc['gbps']:.1f} ({fc['pct_copy']:.0f}%)"
@@ -103,7 +117,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     parts = [f"Measured {report['date'][:10]} on {where}; torch {m['torch']}, commit "
              f"{(report['git_commit'] or '?')[:12]}, load average {m.get('loadavg_before')} before and "
              f"{m.get('loadavg_after')} after. Cells: median time per step, ratio torch-fused time / this "
-             "time (> 1 is faster), inter-quartile range as % of the median; †: ratio against the torch-fused "
+             "time (> 1 is faster) with its inter-quartile range in brackets (per round of samples taken in "
+             "turns), the time's inter-quartile range as % of the median, and 'noisy' where either is wide; "
+             "†: ratio against the torch-fused "
              "samples taken in turns with this provider (big shapes), which can differ from the torch-fused "
              "cell (all its samples). Last column: the first fusedclr provider's GB/s and % of the same run's "
              "copy bandwidth."]
@@ -113,6 +129,10 @@ def markdown_report(report: dict[str, Any]) -> str:
                 continue  # not reached (time limit, or a run still going)
             parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
                          + markdown_table(report, optim, schedule))
+    check = m.get("thread_check")
+    if check and not check["steady"]:
+        parts.insert(1, f"Thread check: torch at {check['threads']} threads was unsteady here "
+                     f"({'; '.join(check['reasons'])}); this run used {check['used']} thread(s).")
     by_reason: dict[str, list[str]] = {}
     for c in report.get("not_run", []):
         by_reason.setdefault(c["reason"], []).append(f"{c['optim']} {c['shape']} {c['dtype']} {c['schedule']}")

@@ -16,7 +16,8 @@ from .machine import _loadavg, git_commit, machine_info
 from .providers import BASELINE, Stepper, build, unavailable
 from .report import format_table
 from .shapes import numel_of, shape_list
-from .timing import Budget, Timing, _Sampler, copy_bandwidth, count_launches, deadline, synchronizer
+from .steadiness import NOISY_IQR, NOISY_RATIO_SPREAD
+from .timing import Budget, Timing, _Sampler, copy_bandwidth, count_launches, deadline, ratio_quartiles, synchronizer
 
 
 def free(case: Case) -> None:
@@ -144,12 +145,17 @@ def measure(
         stepper.close()
         free(case)
 
+    # Per-round ratio spreads: (baseline samples, provider samples) taken in turns.
+    turns: dict[str, tuple[list[float], list[float]]] = {}
+
     base = start(BASELINE) if mode == "paired" else None
     if mode == "paired" and base is None:
         mode, runnable = "sequential", [n for n in runnable if n != BASELINE]
     if mode == "interleaved":
         live = {name: got for name in runnable if (got := start(name)) is not None}
         _lockstep([s for _, s in live.values()])
+        if BASELINE in live:
+            turns = {name: (live[BASELINE][1].wall, s.wall) for name, (_, s) in live.items() if name != BASELINE}
         for name, (stepper, sampler) in live.items():
             finish(name, stepper, [sampler])
     elif mode == "paired" and base is not None:
@@ -161,6 +167,7 @@ def measure(
             with_base = base[1].fork()
             _lockstep([with_base, got[1]])
             base_runs.append(with_base)
+            turns[name] = (with_base.wall, got[1].wall)
             finish(name, got[0], [got[1]], pair=with_base.timing())
         if not base_runs:
             _lockstep([base[1]])
@@ -173,6 +180,10 @@ def measure(
                 _lockstep([got[1]])
                 finish(name, got[0], [got[1]])
 
+    for name, (base_wall, wall) in turns.items():
+        if rows[name]["status"] == "ok":
+            rows[name]["ratio_q1"], rows[name]["ratio_q3"] = ratio_quartiles(base_wall, wall)
+            rows[name]["ratio_spread_from"] = "turns"
     out = []
     for name in providers:
         row = {**dataclasses.asdict(case), "tensors": len(case.shapes), "numel": case.numel, **rows[name]}
@@ -195,6 +206,12 @@ def _annotate(rows: list[dict[str, Any]], copy_gbps: float) -> None:
         r["gbps"] = r["bytes_per_step"] / r["median_s"] / 1e9
         r["pct_copy"] = 100.0 * r["gbps"] / copy_gbps
         r["ratio_vs_fused"] = base["median_s"] / r["median_s"] if base else None
+        if base and "ratio_q1" not in r and r["provider"] != BASELINE and "q3_s" in base:
+            # Not sampled in turns (sequential mode): the widest ratios the two spreads allow.
+            r["ratio_q1"], r["ratio_q3"] = base["q1_s"] / r["q3_s"], base["q3_s"] / r["q1_s"]
+            r["ratio_spread_from"] = "quartiles"
+        spread = r["ratio_q3"] / r["ratio_q1"] if r.get("ratio_q1") else 1.0
+        r["noisy"] = r["iqr_rel"] > NOISY_IQR or spread > NOISY_RATIO_SPREAD
         # Best against best: what each would do undisturbed, a check on the medians of a busy machine.
         r["ratio_vs_fused_min"] = base["min_s"] / r["min_s"] if base else None
         # Host CPU time is what a preempted step does not accrue: on a CPU run with
@@ -213,6 +230,7 @@ def run(
     budget: Budget,
     compile_timeout: float | None = 300.0,
     time_limit_s: float | None = None,
+    thread_check: dict[str, Any] | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -230,6 +248,8 @@ def run(
     already started runs to its end). ``on_case`` receives the report so far
     after every case (``complete`` false, the cases still to come under
     ``not_run``), so that a run cut short from outside still leaves its results.
+    ``thread_check`` (from :func:`~fusedclr.bench.steadiness.check_threads`, with
+    the thread count used) goes into the report's ``machine``.
     """
     started = time.perf_counter()
     load_before = _loadavg()
@@ -246,6 +266,8 @@ def run(
     def report(pending: Sequence[Case] = ()) -> dict[str, Any]:
         machine = machine_info(device)
         machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
+        if thread_check is not None:
+            machine["thread_check"] = thread_check
         return {
             "schema": "fusedclr-bench/1",
             "machine": machine,

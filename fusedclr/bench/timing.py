@@ -8,7 +8,7 @@ import math
 import signal
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +142,21 @@ class _Sampler:
         other = _Sampler(self.step, self.sync, self.budget)
         other.inner, other.one = self.inner, self.one
         return other
+
+
+def ratio_quartiles(base: Sequence[float], other: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles of ``base[i] / other[i]``: the spread of a ratio taken in turns.
+
+    Sample ``i`` of two providers sampling in turns (:func:`~fusedclr.bench.runner.measure`)
+    falls in the same stretch of time, so each pair's ratio saw the same neighbours.
+    """
+    ratios = [b / o for b, o in zip(base, other) if o > 0]
+    if not ratios:
+        raise ValueError("ratio_quartiles needs at least one pair of samples")
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def time_step(step: Callable[[], None], device: str, budget: Budget) -> Timing:
