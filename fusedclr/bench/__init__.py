@@ -39,7 +39,7 @@ What is measured [note: bench method]
 * Ratios are ``torch-fused time / provider time`` in the same process, so
   > 1 means faster than ``torch.optim.X(fused=True)``.
 * Effective GB/s = bytes moved per step / median time, with the bytes of
-  :func:`bytes_per_param` (the roofline table of DESIGN.md section 4). It is divided
+  :func:`bytes_per_param` (the roofline table of docs/DESIGN.md section 4). It is divided
   by the bandwidth of ``dst.copy_(src)`` measured in the same run, on the
   same device, over a comparable byte count (``% copy``).
 * Host CPU time per step is ``time.process_time()``: all threads of this

@@ -35,10 +35,10 @@ ONECYCLE_TOTAL_STEPS = 10**9
 
 
 def bytes_per_param(optim: str, param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
-    """Bytes one parameter element moves per step: the roofline of DESIGN.md section 4.
+    """Bytes one parameter element moves per step: the roofline of docs/DESIGN.md section 4.
 
     The parameter is read and written, the gradient read, and every state
-    tensor read and written: ``2 p + g + 2 s x states``. This gives DESIGN's
+    tensor read and written: ``2 p + g + 2 s x states``. This gives docs/DESIGN.md's
     table: SGD 12, SGD momentum 20, Adam/AdamW 28 (+8 amsgrad) at fp32; 22 for
     bf16 parameters and gradients with fp32 moments; 14 with bf16 moments (what
     ``torch.optim`` keeps for bf16 parameters).

@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
                     help=f"comma-separated, from {', '.join(OPTIMS)} (default adamw)")
     ap.add_argument("--shapes", type=lambda v: _names(v, [*SHAPES, *QUICK_SHAPES], "shape"),
                     help=f"comma-separated, from {', '.join([*SHAPES, *QUICK_SHAPES])} "
-                    "(default: all of DESIGN.md's, or the quick ones with --quick)")
+                    "(default: all of docs/DESIGN.md's, or the quick ones with --quick)")
     ap.add_argument("--dtypes", default="fp32,bf16", type=lambda v: _names(v, list(DTYPES), "dtype"),
                     help="parameter and gradient dtypes, comma-separated, from "
                     f"{', '.join(DTYPES)} (default: fp32,bf16)")

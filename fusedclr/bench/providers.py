@@ -114,7 +114,7 @@ def _fusedclr_builder(backend: str) -> Callable[[list[Tensor], Case], Stepper]:
         spec = OPTIMS[case.optim]
         opt = getattr(fusedclr, spec.torch_class)(params, lr=spec.lr, **spec.kwargs, backend=backend)
         sched = _scheduler(fusedclr.lr_scheduler, opt, case)
-        # fp32 moments for bf16/fp16 parameters (DESIGN.md section 3).
+        # fp32 moments for bf16/fp16 parameters (docs/DESIGN.md section 3).
         state_dtype = torch.float64 if case.torch_dtype == torch.float64 else torch.float32
         return Stepper(opt, sched, state_dtype, opt.step)
 

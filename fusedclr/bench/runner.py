@@ -283,7 +283,7 @@ def run(
                 "baseline": BASELINE,
                 "budget": dataclasses.asdict(budget),
                 "time_limit_s": time_limit_s,
-                "bytes_per_param": "2*param + grad + 2*state*states (DESIGN.md section 4)",
+                "bytes_per_param": "2*param + grad + 2*state*states (docs/DESIGN.md section 4)",
                 "onecycle_total_steps": ONECYCLE_TOTAL_STEPS,
             },
             "copy": copies,

@@ -47,7 +47,7 @@ def gpt2_small_shapes() -> list[Shape]:
     return shapes
 
 
-# DESIGN.md section 4: n tensors x elements each, then the two model-shaped lists.
+# docs/DESIGN.md section 4: n tensors x elements each, then the two model-shaped lists.
 SHAPES: dict[str, list[Shape]] = {
     "10000x64": [(64,)] * 10000,
     "2000x1024": [(1024,)] * 2000,
@@ -56,7 +56,7 @@ SHAPES: dict[str, list[Shape]] = {
     "resnet50": resnet50_shapes(),
     "gpt2-small": gpt2_small_shapes(),
 }
-# The "n tensors x numel" lists (DESIGN.md's and the quick ones), as opposed to model-shaped lists.
+# The "n tensors x numel" lists (docs/DESIGN.md's and the quick ones), as opposed to model-shaped lists.
 SHAPES_NXM = frozenset({"10000x64", "2000x1024", "200x1M", "10x16M", "128x64", "4x256K"})
 # Over 100M elements: seconds per step and gigabytes per provider on a laptop-class CPU.
 BIG_SHAPES = frozenset({"200x1M", "10x16M", "gpt2-small"})
