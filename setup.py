@@ -119,8 +119,30 @@ def _set_cuda_home() -> None:
         os.environ["CUDA_HOME"] = root
 
 
+def _write_build_info() -> None:
+    """Records the torch this build compiles against, for the check at import
+    (``fusedclr.ops.build_mismatch``): a plain ``pip install .`` builds in an
+    isolated environment whose torch may not be the one fusedclr runs with."""
+    import torch
+
+    path = os.path.join(ROOT, "fusedclr", "_build_info.py")
+    text = (
+        '"""Written by setup.py at build time; not in git."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+    )
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main() -> None:
     _set_cuda_home()
+    _write_build_info()
     from torch.utils.cpp_extension import BuildExtension
 
     setup(

@@ -1,6 +1,6 @@
 """Shape lists of the benchmark suite, as pytest parameters.
 
-The lists themselves live in :mod:`fusedclr.bench` (DESIGN.md section 4's
+The lists themselves live in :mod:`fusedclr.bench` (docs/DESIGN.md section 4's
 ``n x numel`` lists, a ResNet-50-like and a GPT-2-small-like list), shared with
 ``fusedclr bench``; this module only marks the big ones, so that a quick run
 deselects them with ``-m "not big"``.

@@ -5,7 +5,7 @@ group, so ``--benchmark-group-by=group`` tables put the providers of a case
 side by side. Each test's ``extra_info`` holds the effective GB/s (bytes from
 ``fusedclr.bench.bytes_per_param``), the same-run copy bandwidth and the
 percentage of it, host CPU time per step and, on a GPU, launches per step.
-Method: [note: bench method] in ``fusedclr/bench.py``.
+Method: [note: bench method] in ``fusedclr/bench/__init__.py``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Subcommands: ``demo`` (the tuning workflow on sklearn's digits, then the
 optimizer step-time table), ``lr-find`` (a range test on your own model and
 data factories) and ``bench`` (handed to :mod:`fusedclr.bench`). Heavy imports
 happen inside the subcommands, so ``--help`` stays fast.
+
+A user's mistake (a bad value, an unknown option, a missing file, a device or
+an optional package that is not there) is answered with the subcommand's usage
+and one ``fusedclr: error: ...`` line, exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "load_object", "main"]
+__all__ = ["CLIError", "UsageParser", "build_parser", "load_object", "main"]
 
 LOSSES = {
     "cross_entropy": "cross_entropy",
@@ -47,8 +52,48 @@ example:
 """
 
 
+TUNE_EXTRA = "pip install 'fusedclr[tune]'"
+
+
 class CLIError(Exception):
     """A user-facing error: printed as ``fusedclr: error: ...`` with exit status 2."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """An argument parser whose errors read ``fusedclr: error: ...`` after its own usage.
+
+    argparse prefixes errors with the parser's ``prog`` (``fusedclr lr-find``);
+    one prefix for every command is what scripts and users can grep for.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"fusedclr: error: {message}\n")
+
+
+def _require(module: str, what: str) -> None:
+    """Raises :class:`CLIError` naming the extra to install when ``module`` cannot be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise CLIError(f"{what} needs {module}, which is not installed ({exc}); install it with {TUNE_EXTRA}") from None
+
+
+def _device(text: str):
+    """``--device``: a torch device that exists here."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {text!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {text}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                           "leave --device out or pass --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def load_object(spec: str, what: str) -> Any:
@@ -97,6 +142,9 @@ def _loss(name: str) -> Callable:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # Checked before anything runs: the demo's data ship with scikit-learn, its plots need matplotlib.
+    _require("sklearn", "'fusedclr demo'")
+    _require("matplotlib", "'fusedclr demo'")
     from fusedclr.demo import run_demo
 
     run_demo(
@@ -119,6 +167,13 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     from fusedclr.lr_finder import lr_find
     from fusedclr.tuning import optimizer_classes
 
+    # Every check that needs no user code comes first, so a mistake costs no run.
+    if not args.end_lr > args.start_lr:
+        raise CLIError(f"--end-lr ({args.end_lr:g}) must be larger than --start-lr ({args.start_lr:g}): "
+                       "the range test sweeps upwards")
+    if args.out is not None:
+        _require("matplotlib", "'fusedclr lr-find --out' (its plot)")
+    device = _device(args.device) if args.device is not None else None
     model_fn = load_object(args.model, "MODEL")
     data_fn = load_object(args.data, "DATA")
     loss_fn = _loss(args.loss)
@@ -129,8 +184,8 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     train_loader, val_loader = (data if isinstance(data, tuple) and len(data) == 2 else (data, None))
     if args.use_val and val_loader is None:
         raise CLIError(f"--use-val needs DATA {args.data!r} to return (train_loader, val_loader)")
-    if args.device is not None:
-        model = model.to(args.device)
+    if device is not None:
+        model = model.to(device)
     SGD, AdamW, _, _ = optimizer_classes()
     if args.optimizer == "sgd":
         opt = SGD(model.parameters(), lr=args.start_lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -141,15 +196,17 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
         start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
         smooth=args.smooth, diverge_threshold=args.diverge_threshold,
         accumulation_steps=args.accumulation_steps, val_loader=val_loader if args.use_val else None,
-        device=args.device, amp=args.amp, progress=not args.no_progress,
+        device=device, amp=args.amp, progress=not args.no_progress,
     )
     print(result.summary())
     if args.out is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        result.plot(out / "lr_find.png")
+        # The JSON first: it holds the measurement, which a failed plot must not lose.
         (out / "lr_find.json").write_text(json.dumps(result.to_dict(), indent=1))
-        print(f"wrote {out / 'lr_find.png'} and {out / 'lr_find.json'}")
+        print(f"wrote {out / 'lr_find.json'}")
+        result.plot(out / "lr_find.png")
+        print(f"wrote {out / 'lr_find.png'}")
     return 0
 
 
@@ -161,7 +218,7 @@ def _cmd_bench(argv: Sequence[str]) -> int:
             raise  # fusedclr.bench exists but one of its own imports failed: show that
         print(
             "fusedclr: error: 'fusedclr bench' needs the fusedclr.bench module, which is not part of this "
-            f"installation ({exc}); reinstall fusedclr from a checkout that has fusedclr/bench.py",
+            f"installation ({exc}); reinstall fusedclr from a checkout that has fusedclr/bench/",
             file=sys.stderr,
         )
         return 2
@@ -174,22 +231,52 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # what argparse names in its own messages
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _float_in(what: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if math.isnan(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_lr = _float_in("a finite number > 0", lambda v: 0 < v < math.inf)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fusedclr.demo import DEFAULT_OUT
 
-    parser = argparse.ArgumentParser(
+    import fusedclr
+
+    parser = UsageParser(
         prog="fusedclr",
         description="fusedclr: fused optimizer steps with in-kernel LR/momentum schedules, and Leslie Smith's "
         "tuning workflow (LR range test, one-cycle).",
         epilog="Start with 'fusedclr demo'. 'fusedclr COMMAND --help' describes each command.",
     )
+    parser.add_argument("--version", action="version", version=f"fusedclr {fusedclr.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -210,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a few-second smoke run: 2 epochs, 1 seed, 40-step range test, small step-time table")
     demo.add_argument("--no-step-time", action="store_true", help="skip the optimizer step-time table")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_demo, parser=demo)
 
     lrf = sub.add_parser(
         "lr-find", help="LR range test on your model/data factories ('module:function')",
@@ -223,23 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"one of {', '.join(sorted(LOSSES))}, or 'module:function' (default: cross_entropy)")
     lrf.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                      help="fusedclr's (torch's when unavailable) SGD or AdamW (default: sgd)")
-    lrf.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    lrf.add_argument("--weight-decay", type=float, default=0.0,
-                     help="weight decay (default: 0, as Smith recommends while searching the LR)")
-    lrf.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (default: 1e-7)")
-    lrf.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default: 10)")
-    lrf.add_argument("--num-iter", type=int, default=100, help="iterations (default: 100)")
+    lrf.add_argument("--momentum", type=_float_in("in [0, 1)", lambda v: 0 <= v < 1), default=0.9,
+                     help="SGD momentum (default: 0.9)")
+    lrf.add_argument("--weight-decay", type=_float_in("a finite number >= 0", lambda v: 0 <= v < math.inf),
+                     default=0.0, help="weight decay (default: 0, as Smith recommends while searching the LR)")
+    lrf.add_argument("--start-lr", type=_positive_lr, default=1e-7, help="first learning rate (default: 1e-7)")
+    lrf.add_argument("--end-lr", type=_positive_lr, default=10.0,
+                     help="last learning rate, larger than --start-lr (default: 10)")
+    lrf.add_argument("--num-iter", type=_int_at_least(2), default=100,
+                     help="iterations, at least 2 (default: 100)")
     lrf.add_argument("--mode", choices=("exp", "linear"), default="exp", help="LR spacing (default: exp)")
-    lrf.add_argument("--smooth", type=float, default=0.98, help="EMA factor of the stopping rule (default: 0.98)")
-    lrf.add_argument("--diverge-threshold", type=float, default=4.0,
+    lrf.add_argument("--smooth", type=_float_in("in [0, 1)", lambda v: 0 <= v < 1), default=0.98,
+                     help="EMA factor of the stopping rule, 0 disables smoothing (default: 0.98)")
+    lrf.add_argument("--diverge-threshold", type=_float_in("> 1", lambda v: v > 1), default=4.0,
                      help="stop when the smoothed loss exceeds this times its best (default: 4)")
-    lrf.add_argument("--accumulation-steps", type=int, default=1, help="batches per step (default: 1)")
+    lrf.add_argument("--accumulation-steps", type=_positive_int, default=1, help="batches per step (default: 1)")
     lrf.add_argument("--use-val", action="store_true", help="record the validation loss (DATA returns a pair)")
-    lrf.add_argument("--device", default=None, help="move the model and batches there (default: stay put)")
+    lrf.add_argument("--device", default=None,
+                     help="move the model and batches there, e.g. cpu or cuda (default: stay put)")
     lrf.add_argument("--amp", action="store_true", help="autocast (fp16 + GradScaler on CUDA, bf16 on CPU)")
     lrf.add_argument("--out", default=None, help="folder for lr_find.png and lr_find.json")
     lrf.add_argument("--no-progress", action="store_true", help="no progress bar")
-    lrf.set_defaults(func=_cmd_lr_find)
+    lrf.set_defaults(func=_cmd_lr_find, parser=lrf)
 
     sub.add_parser(
         "bench", help="optimizer benchmarks (fusedclr.bench; 'fusedclr bench --help' for its options)",
@@ -255,12 +347,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything after "bench" belongs to fusedclr.bench's own parser, --help included.
         return _cmd_bench(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # argparse hands a subcommand's unknown options up to the top-level parser,
+    # whose usage says nothing about them: the subcommand's own parser answers.
+    owner = getattr(args, "parser", parser)
+    if unknown:
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2
     try:
         return args.func(args)
     except CLIError as exc:
-        parser.exit(2, f"fusedclr: error: {exc}\n")
-    return 0  # unreachable: parser.exit raises SystemExit
+        owner.error(str(exc))
+    return 0  # unreachable: error() raises SystemExit

@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "adam_step_",
+    "build_mismatch",
     "cuda_kernels_registered",
     "extension_available",
     "extension_error",
@@ -37,6 +38,35 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED = 1, 2, 4
 if _C is not None and (_C.TABLE_CHANGED, _C.SLOW_PATH, _C.PARAM_CHANGED) != (TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED):
     raise ImportError("fusedclr._C was built from other sources than this fusedclr: rebuild it")
+
+
+def build_mismatch() -> str | None:
+    """Why the compiled extension may not fit the torch running now, or ``None``.
+
+    setup.py records ``torch.__version__`` at build time in ``fusedclr/_build_info.py``.
+    A plain ``pip install .`` builds in an isolated environment against whatever
+    torch pip picks there, which need not be the one installed beside fusedclr;
+    torch's C++ ABI changes between versions, so the library then fails to load
+    or misbehaves. ``None`` also when nothing was recorded (no build, or one made
+    before the record existed): there is nothing to compare.
+    """
+    try:
+        from fusedclr import _build_info
+    except ImportError:
+        return None
+    built = getattr(_build_info, "TORCH_VERSION", None)
+    if built is None or built == torch.__version__:
+        return None
+    return (f"fusedclr's compiled extension was built against torch {built}, but torch {torch.__version__} is "
+            "running; rebuild it against this torch with `pip install --no-build-isolation .` "
+            "(or `-e .` in a checkout)")
+
+
+_BUILD_MISMATCH = build_mismatch()
+if _BUILD_MISMATCH is not None:
+    warnings.warn(_BUILD_MISMATCH, RuntimeWarning, stacklevel=2)
+    if _EXT_ERROR is not None:
+        _EXT_ERROR += f" ({_BUILD_MISMATCH})"
 
 _warned = False
 

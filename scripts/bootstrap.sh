@@ -15,7 +15,7 @@ fi
 .venv/bin/python -m pip install -q "setuptools>=64" wheel
 .venv/bin/python -m pip install -q "$TORCH_SPEC" ninja numpy
 # --no-build-isolation: build against the torch just installed (its headers and ABI).
-MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,tune]"
+MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,tune,integrations]"
 .venv/bin/python - <<'PY'
 import fusedclr, fusedclr.ops as ops
 print(f"fusedclr {fusedclr.__version__}: compiled extension {'loaded' if ops.extension_available() else 'MISSING'}, "

@@ -16,7 +16,7 @@
 #   2. gpu tests  pytest -m gpu tests/ (all but test_triton.py)
 #   3. triton     tests/test_triton.py with compiled kernels (TRITON_INTERPRET=0, a
 #                 process of its own: Triton picks the interpreter per process)
-#   4. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, DESIGN.md's
+#   4. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, docs/DESIGN.md's
 #                 shapes (the issues' target shapes first); torch for-loop / foreach /
 #                 fused against fusedclr's CUDA and Triton kernels; fp32 tables
 #                 first. It gets the rest of the budget, and no case starts once

@@ -14,7 +14,11 @@ import time
 
 import pytest
 
+import torch
+
 from fusedclr import bench, ops
+from fusedclr.bench import cli as bench_cli
+from fusedclr.bench import steadiness
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
@@ -68,7 +72,13 @@ def test_writes_the_report(quick_run):
         assert r["gbps"] > 0 and r["pct_copy"] > 0 and r["cpu_s"] >= 0
         assert r["ratio_vs_fused"] > 0
         if r["provider"] == bench.BASELINE:
-            assert r["ratio_vs_fused"] == 1.0
+            assert r["ratio_vs_fused"] == 1.0 and r.get("ratio_q1") is None
+        else:  # every ratio comes with its spread
+            assert 0 < r["ratio_q1"] <= r["ratio_q3"]
+            # The quick cases are small: all providers sample in turns, and each ratio's
+            # spread is that of the ratios of samples taken in the same turn.
+            assert r["mode"] == "interleaved" and r["ratio_spread_from"] == "turns"
+        assert isinstance(r["noisy"], bool)
 
 
 def test_writes_the_plot(quick_run):
@@ -164,3 +174,100 @@ def test_launch_counts_skip_cpu_and_user_annotations():
     assert bench._is_user_annotation(Method(True)) and bench._is_user_annotation(Attribute(True))
     assert not bench._is_user_annotation(Method(False)) and not bench._is_user_annotation(Attribute(False))
     assert not bench._is_user_annotation(object())
+
+
+def test_a_case_whose_every_provider_is_skipped_prints_its_reasons(capsys):
+    """``--providers fusedclr-cuda`` on a CPU: nothing runs, and the table says why (it used to raise)."""
+    assert bench.main(["--device", "cpu", "--quick", "--optim", "sgd", "--shapes", "128x64", "--dtypes", "fp32",
+                       "--schedules", "constant", "--providers", "fusedclr-cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "fusedclr-cuda  skipped: runs on cuda only" in out
+
+
+def test_quick_never_compiles_unless_a_compile_timeout_is_given(capsys):
+    argv = ["--device", "cpu", "--quick", "--optim", "sgd", "--shapes", "128x64", "--dtypes", "fp32",
+            "--schedules", "constant", "--providers", "torch-compile"]
+    assert bench.main(argv) == 0
+    assert "torch-compile  skipped: not compiled (--quick" in capsys.readouterr().out
+    assert bench.parser().parse_args(argv + ["--compile-timeout", "5"]).compile_timeout == 5
+
+
+def test_every_option_has_help():
+    for action in bench.parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+
+
+# --------------------------------------------------------------------------
+# Noisy machines: the thread check and the ratios' spread
+# --------------------------------------------------------------------------
+
+
+def _timing(*ms):
+    return bench.Timing([m / 1e3 for m in ms], [m / 1e3 for m in ms], 1)
+
+
+def test_ratio_quartiles_are_those_of_the_per_round_ratios():
+    base = [2.0, 2.0, 2.0, 2.0, 2.0]
+    other = [1.0, 2.0, 0.5, 1.0, 4.0]  # ratios 2, 1, 4, 2, 0.5
+    assert bench.ratio_quartiles(base, other) == (1.0, 2.0)
+    assert bench.ratio_quartiles([3.0], [1.5]) == (2.0, 2.0)
+
+
+def test_judge_calls_steady_threads_steady():
+    v = steadiness.judge(_timing(4, 4.1, 4.2, 4.1, 4.0), _timing(2.2, 2.1, 2.3, 2.2, 2.2), 2)
+    assert v["steady"] and v["prefer"] == 2 and v["reasons"] == []
+    assert steadiness.describe(v, asked=False) is None
+
+
+def test_judge_prefers_one_thread_when_more_are_slower_or_noisy():
+    slower = steadiness.judge(_timing(4, 4.1, 4.2, 4.1, 4.0), _timing(100, 101, 99, 102, 100), 2)
+    assert not slower["steady"] and slower["prefer"] == 1
+    assert slower["reasons"] == ["2 threads were 24.4x slower than 1 (100 vs 4.1 ms per step)"]
+    assert "measuring at 1 thread" in steadiness.describe(slower, asked=False)
+    assert "measuring at 2 threads as asked" in steadiness.describe(slower, asked=True)
+    noisy = steadiness.judge(_timing(4, 4.1, 4.2, 4.1, 4.0), _timing(2, 2.1, 9, 2.2, 2.1), 2)
+    assert not noisy["steady"] and noisy["prefer"] == 1 and "max 4.5x min" in noisy["reasons"][0]
+
+
+def test_judge_keeps_the_threads_when_one_thread_is_noisy_too():
+    v = steadiness.judge(_timing(4, 4.1, 20, 4.1, 4.0), _timing(2, 2.1, 9, 2.2, 2.1), 2)
+    assert not v["steady"] and v["one_thread_noisy"] and v["prefer"] == 2
+    assert "this machine is busy" in steadiness.describe(v, asked=False)
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_measures_at_one_thread_when_the_check_finds_two_unsteady(monkeypatch, capsys, tmp_path, two_threads):
+    unsteady = steadiness.judge(_timing(4, 4.1, 4.2, 4.1, 4.0), _timing(100, 101, 99, 102, 100), 2)
+    monkeypatch.setattr(bench_cli, "check_threads", lambda n: unsteady)
+    argv = ["--device", "cpu", "--quick", "--optim", "sgd", "--shapes", "128x64", "--dtypes", "fp32",
+            "--schedules", "constant", "--providers", "torch-fused,torch-foreach",
+            "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]
+    assert bench.main(argv) == 0
+    assert capsys.readouterr().out.startswith("note: torch at 2 threads is unsteady on this machine now")
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["machine"]["torch_threads"] == 1 and report["machine"]["thread_check"]["used"] == 1
+    assert "Thread check: torch at 2 threads was unsteady here" in (tmp_path / "b.md").read_text()
+    # Asked for by name, 2 threads are used, with the warning.
+    torch.set_num_threads(2)
+    assert bench.main(argv + ["--threads", "2"]) == 0
+    assert "measuring at 2 threads as asked" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b.json").read_text())["machine"]["torch_threads"] == 2
+
+
+def test_the_table_flags_a_noisy_case():
+    row = {"optim": "sgd", "shape": "128x64", "tensors": 128, "numel": 8192, "dtype": "fp32",
+           "schedule": "constant", "status": "ok", "median_s": 1e-3, "iqr_rel": 0.1, "min_s": 9e-4,
+           "max_s": 2e-3, "gbps": 1.0, "pct_copy": 1.0, "cpu_s": 1e-3, "copy_gbps": 100.0}
+    steady = [dict(row, provider="torch-fused", ratio_vs_fused=1.0, noisy=False),
+              dict(row, provider="fusedclr-cpu", ratio_vs_fused=2.0, ratio_q1=1.9, ratio_q3=2.1, noisy=False)]
+    table = bench.format_table(steady, "cpu")
+    assert "1.90-2.10x" in table and "noisy" not in table
+    noisy = [steady[0], dict(steady[1], ratio_q1=0.9, ratio_q3=6.0, noisy=True)]
+    assert "  noisy: fusedclr-cpu (a wide IQR" in bench.format_table(noisy, "cpu")

@@ -194,3 +194,126 @@ def test_bench_missing_module_is_a_clear_error(monkeypatch, capsys):
     assert cli.main(["bench"]) == 2
     err = capsys.readouterr().err
     assert "fusedclr bench" in err and "fusedclr.bench" in err
+
+
+# --------------------------------------------------------------------------
+# A user's mistake: the subcommand's usage, one error line, exit status 2
+# --------------------------------------------------------------------------
+
+
+def _user_error(capsys, argv, usage="usage: fusedclr lr-find"):
+    """Runs ``argv``; asserts the answer is a usage and one ``fusedclr: error:`` line, exit 2, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "Traceback" not in err + captured.out
+    assert err.startswith(usage), err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("fusedclr: error: "), err
+    return errors[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1", "2.5", "many"])
+def test_lr_find_num_iter_must_be_at_least_2(factories, capsys, value):
+    line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--num-iter", value])
+    assert "--num-iter" in line and value in line
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--end-lr", "1e-8"], ["--end-lr (1e-08) must be larger than --start-lr (1e-07)"]),
+    (["--end-lr", "1e-7"], ["--end-lr (1e-07) must be larger than --start-lr (1e-07)"]),
+    (["--start-lr", "0"], ["--start-lr", "> 0"]),
+    (["--end-lr", "inf"], ["--end-lr", "finite"]),
+    (["--smooth", "1"], ["--smooth", "[0, 1)"]),
+    (["--diverge-threshold", "0.5"], ["--diverge-threshold", "> 1"]),
+    (["--accumulation-steps", "0"], ["--accumulation-steps", ">= 1"]),
+])
+def test_lr_find_bad_values_are_user_errors(factories, capsys, extra, words):
+    line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--no-progress", *extra])
+    for word in words:
+        assert word in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a CUDA GPU")
+def test_lr_find_cuda_device_without_a_gpu(factories, capsys):
+    line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--device", "cuda"])
+    assert "--device cuda: no CUDA GPU is visible" in line and "--device cpu" in line
+
+
+def test_lr_find_device_that_is_not_a_device(factories, capsys):
+    line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--device", "gpu0"])
+    assert "--device 'gpu0' is not a torch device" in line
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["lr-find", "clifactories:model", "clifactories:data", "--bogus"], "usage: fusedclr lr-find"),
+    (["demo", "--quick", "--bogus", "3"], "usage: fusedclr demo"),
+])
+def test_unknown_option_after_a_subcommand_shows_that_subcommands_usage(factories, capsys, argv, usage):
+    line = _user_error(capsys, argv, usage=usage)
+    assert "unrecognized arguments: --bogus" in line
+
+
+def test_demo_without_scikit_learn_names_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes the import fail
+    line = _user_error(capsys, ["demo", "--quick", "--out", str(tmp_path)], usage="usage: fusedclr demo")
+    assert "needs sklearn" in line and "pip install 'fusedclr[tune]'" in line
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_lr_find_out_without_matplotlib_names_the_extra_before_running(factories, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out_dir = factories / "out"
+    line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--num-iter", "5",
+                                "--no-progress", "--out", str(out_dir)])
+    assert "needs matplotlib" in line and "pip install 'fusedclr[tune]'" in line
+    assert not out_dir.exists()
+
+
+def test_lr_find_writes_its_json_before_the_plot(factories, monkeypatch, capsys):
+    from fusedclr.lr_finder import LRFinderResult
+
+    def broken_plot(self, path=None, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(LRFinderResult, "plot", broken_plot)
+    out_dir = factories / "out"
+    with pytest.raises(RuntimeError, match="plot failed"):
+        cli.main(["lr-find", "clifactories:model", "clifactories:data", "--num-iter", "5", "--no-progress",
+                  "--out", str(out_dir)])
+    assert len(json.loads((out_dir / "lr_find.json").read_text())["lrs"]) == 5
+
+
+def test_bench_from_json_missing_file(capsys, tmp_path):
+    missing = tmp_path / "nope.json"
+    line = _user_error(capsys, ["bench", "--from-json", str(missing)], usage="usage: fusedclr bench")
+    assert f"--from-json {missing}" in line and "No such file" in line
+
+
+def test_bench_from_json_not_a_report(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    line = _user_error(capsys, ["bench", "--from-json", str(bad)], usage="usage: fusedclr bench")
+    assert f"--from-json {bad}" in line and "not a 'fusedclr bench --json' report" in line
+
+
+def test_bench_unknown_option_shows_the_bench_usage(capsys):
+    line = _user_error(capsys, ["bench", "--bogus"], usage="usage: fusedclr bench")
+    assert "unrecognized arguments: --bogus" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a CUDA GPU")
+def test_bench_cuda_device_without_a_gpu(capsys):
+    line = _user_error(capsys, ["bench", "--device", "cuda", "--quick"], usage="usage: fusedclr bench")
+    assert "--device cuda" in line and "no CUDA GPU" in line
+
+
+def test_version(capsys):
+    import fusedclr
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusedclr {fusedclr.__version__}"

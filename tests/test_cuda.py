@@ -280,7 +280,7 @@ def _check(kind, b, o, grads, dtype, extra=lambda step: {}):
 
 def _assert_within_twice(ours, same, ref64):
     """Every buffer of ``ours`` is no further from the float64 run than twice the
-    reference's own distance in the same dtype (DESIGN.md section 5)."""
+    reference's own distance in the same dtype (docs/DESIGN.md section 5)."""
     for key in _buffers(ours):
         err_ours = (_value(ours, key).double() - _value(ref64, key)).abs().max().item()
         err_ref = (_value(same, key).double() - _value(ref64, key)).abs().max().item()
@@ -443,7 +443,7 @@ def test_many_small_segments(kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
 def test_bf16_states(kind):
-    """bf16 parameters may keep bf16 states (DESIGN.md's 14 B/param row). The
+    """bf16 parameters may keep bf16 states (docs/DESIGN.md's 14 B/param row). The
     kernel rounds each state once per step where the reference (like torch's
     in-place bf16 ops) rounds intermediates too, so only the twice-the-error
     rule against float64 applies."""
