@@ -26,10 +26,12 @@ from torch import Tensor, nn
 __all__ = [
     "DEFAULT_MOMENTUMS",
     "DEFAULT_WEIGHT_DECAYS",
+    "PairedDifference",
     "ScaledLR",
     "SweepResult",
     "SweepRow",
     "evaluate",
+    "paired_difference",
     "scale_lr",
     "sweep",
     "train_epoch",
@@ -220,6 +222,61 @@ def _steps_per_epoch(loader: Iterable, name: str) -> int:
     if n == 0:
         raise ValueError(f"{name} is empty: it yielded no batch")
     return n
+
+
+# --------------------------------------------------------------------------
+# Comparing two arms over seeds
+# --------------------------------------------------------------------------
+
+
+class PairedDifference(NamedTuple):
+    """``a - b`` over paired seeds: the mean, its standard error and a t confidence interval.
+
+    ``clear`` is true when the interval excludes 0: only then does a report
+    call one arm better; otherwise it says "no clear difference".
+    """
+
+    mean: float
+    se: float
+    low: float
+    high: float
+    n: int
+    confidence: float
+
+    @property
+    def clear(self) -> bool:
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:+.2f} (one seed: no noise estimate)"
+        return (f"{self.mean:+.2f} ± {self.se:.2f} (standard error over {self.n} paired seeds; "
+                f"{100 * self.confidence:g}% interval {self.low:+.2f} .. {self.high:+.2f})")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
+    """Compare two arms run on the same seeds: statistics of ``a[i] - b[i]``.
+
+    Pairing removes what the seeds share (initial weights, data order, split),
+    so the noise left is that of the difference itself. The interval is
+    Student's t with ``n - 1`` degrees of freedom (needs scipy, which
+    scikit-learn brings: ``pip install 'fusedclr[tune]'``). With one seed the
+    standard error and interval are NaN and ``clear`` is false.
+    """
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"a and b must be non-empty and paired seed by seed, got {len(a)} and {len(b)} values")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = math.fsum(diffs) / n
+    if n < 2:
+        return PairedDifference(mean, math.nan, math.nan, math.nan, n, confidence)
+    from scipy.stats import t as student_t
+
+    se = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * se
+    return PairedDifference(mean, se, mean - half, mean + half, n, confidence)
 
 
 # --------------------------------------------------------------------------
