@@ -487,9 +487,11 @@ class LRFinderResult:
         def on_trend(lr: float) -> float:
             return float(np.interp(np.log10(lr), np.log10(lrs[:n]), trend))
 
-        for name, marker, color, size in (("steep", "v", "tab:orange", 9), ("valley", "*", "tab:red", 16)):
+        marks = (("steep", "v", "tab:orange", 9, ""), ("valley", "*", "tab:red", 16, " (suggestion, constant lr)"),
+                 ("peak", "D", "tab:cyan", 9, " (one-cycle peak)"))
+        for name, marker, color, size, note in marks:
             if s[name] is not None:
-                label = f"{name} = {s[name]:.2g}" + (" (suggestion)" if name == "valley" else "")
+                label = f"{name} = {s[name]:.2g}{note}"
                 ax.plot([s[name]], [on_trend(s[name])], marker=marker, color=color, ms=size, ls="none",
                         markeredgecolor="black", label=label, zorder=5)
         if self.stop_reason != "completed" and len(lrs):
@@ -500,13 +502,15 @@ class LRFinderResult:
             low = min(float(trend.min()), float(raw[:n].min()))  # the valid prefix is all finite
             high = float(np.max(trend[: i_min + 1]))
             span = max(high - low, 1e-12 * max(1.0, abs(high)))
-            ax.set_ylim(low - 0.08 * span, high + 0.35 * span)
+            ax.set_ylim(low - 0.08 * span, high + 0.12 * span)
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("validation loss" if self.loss_source == "val" else "training loss")
-        sug = self.suggestion
-        ax.set_title(title or ("LR range test" + (f": suggestion {sug:.3g}" if sug is not None else "")))
+        sug, peak = self.suggestion, self.peak
+        ax.set_title(title or ("LR range test" + (f": constant lr {sug:.3g}, one-cycle peak {peak:.3g}"
+                                                  if sug is not None and peak is not None else "")))
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7.5, loc="upper left")
+        # The curve starts high on the left and falls to the right: the lower-left corner is free.
+        ax.legend(fontsize=7.5, loc="lower left", framealpha=0.9)
         fig.tight_layout()
         if path is not None:
             fig.savefig(path)
