@@ -298,7 +298,9 @@ class SweepResult:
     """The table of a :func:`sweep`: one row per (weight decay, momentum).
 
     ``max_lr`` is the one-cycle peak every run used; ``lr_find`` is the range
-    test it came from (``None`` when ``max_lr`` was given).
+    test it came from (its :attr:`~fusedclr.LRFinderResult.peak`; ``None``
+    when ``max_lr`` was given). Momentum cycles from each row's value down by
+    ``momentum_span`` at the peak and back.
     """
 
     rows: list[SweepRow]
@@ -307,6 +309,7 @@ class SweepResult:
     lr_find: Any = None
     weight_decays: list[float] = field(default_factory=list)
     momentums: list[float] = field(default_factory=list)
+    momentum_span: float = 0.1
 
     def best(self, by: str = "val_loss") -> SweepRow:
         """The row with the lowest validation loss (``by="val_loss"``) or highest accuracy (``"val_accuracy"``)."""
@@ -318,11 +321,32 @@ class SweepResult:
             return max(self.rows, key=lambda r: r.val_accuracy)
         raise ValueError(f"by must be 'val_loss' or 'val_accuracy', got {by!r}")
 
+    def source(self) -> str:
+        """Where ``max_lr`` came from, in words."""
+        if self.lr_find is None:
+            return "given by the caller"
+        m = self.lr_find.momentum
+        return ("the range test's one-cycle peak (run first, at weight decay 0"
+                + ("" if m is None else f" and momentum {m:g}") + ")")
+
+    def picked(self) -> str:
+        """The chosen weight decay and momentum range, and why (one line)."""
+        best = self.best()
+        others = sorted((r for r in self.rows if r is not best), key=lambda r: (math.isnan(r.val_loss), r.val_loss))
+        why = f"the lowest validation loss, {best.val_loss:.4f}"
+        if others:
+            nxt = others[0]
+            why += (f" (next: {nxt.val_loss:.4f} at weight decay {nxt.weight_decay:g}, momentum {nxt.momentum:g}; "
+                    "one seed per cell, so a gap smaller than the seed-to-seed noise is not resolved)")
+        low = best.momentum - self.momentum_span
+        return (f"picked: weight decay {best.weight_decay:g}, momentum {best.momentum:g} -> {low:g} -> "
+                f"{best.momentum:g} over the cycle: {why}")
+
     def table(self) -> str:
         best = self.best()
         lines = [
-            f"one-cycle, max_lr={self.max_lr:.3g}, {self.epochs} epoch(s) per run; momentum cycles "
-            "from the listed value down and back",
+            f"one-cycle, max_lr={self.max_lr:.3g} ({self.source()}), {self.epochs} epoch(s) per run; momentum "
+            f"cycles from the listed value down by {self.momentum_span:g} at the peak and back",
             f"{'weight_decay':>12} {'momentum':>9} {'val_loss':>9} {'val_acc':>8} {'train_loss':>10} {'time':>7}",
         ]
         for r in self.rows:
@@ -332,6 +356,7 @@ class SweepResult:
                 f"{r.weight_decay:>12g} {r.momentum:>9g} {r.val_loss:>9.4f} {acc:>8} {r.train_loss:>10.4f} "
                 f"{r.seconds:>6.2f}s{mark}"
             )
+        lines.append(self.picked())
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -340,6 +365,9 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_lr": self.max_lr,
+            "max_lr_source": self.source(),
+            "momentum_span": self.momentum_span,
+            "picked": self.picked(),
             "epochs": self.epochs,
             "rows": [r._asdict() for r in self.rows],
             "best": self.best()._asdict(),
@@ -402,8 +430,10 @@ def sweep(
     """Smith's weight-decay / momentum sweep with short one-cycle trainings.
 
     The order is Smith's: first, with weight decay 0 and the largest momentum,
-    a range test (:func:`fusedclr.lr_find`) picks ``max_lr`` (skipped when
-    ``max_lr`` is given); then every (weight decay, momentum) pair in the grid
+    a range test (:func:`fusedclr.lr_find`) picks ``max_lr``, its one-cycle
+    :attr:`~fusedclr.LRFinderResult.peak` (skipped when ``max_lr`` is given;
+    the largest momentum makes the test's steps the largest, so the peak is
+    safe for every momentum of the grid); then every (weight decay, momentum) pair in the grid
     trains a fresh model (``model_fn()`` under ``torch.manual_seed(seed)``, so
     every run starts from the same weights) for ``epochs`` epochs of SGD with
     the one-cycle policy at that ``max_lr``, momentum cycling from ``m`` down
@@ -446,9 +476,9 @@ def sweep(
         model = model_fn()
         opt = SGD(model.parameters(), lr=1e-3, momentum=max(momentums), weight_decay=0.0)
         found = lr_find(model, train_loader, loss_fn, opt, device=dev, progress=progress, **(lr_find_kwargs or {}))
-        max_lr = found.suggestion
+        max_lr = found.peak
         if max_lr is None:
-            raise RuntimeError("the range test suggested no learning rate:\n" + found.summary())
+            raise RuntimeError("the range test suggested no one-cycle peak:\n" + found.summary())
     elif not (math.isfinite(max_lr) and max_lr > 0):
         raise ValueError(f"max_lr must be a finite number > 0 or None (run a range test), got {max_lr!r}")
 
@@ -481,7 +511,7 @@ def sweep(
     finally:
         if bar is not None:
             bar.close()
-    result = SweepResult(rows, float(max_lr), epochs, found, weight_decays, momentums)
+    result = SweepResult(rows, float(max_lr), epochs, found, weight_decays, momentums, float(momentum_span))
     if plot is not None:
         result.plot(plot)
     return result

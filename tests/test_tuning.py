@@ -17,6 +17,7 @@ from fusedclr.tuning import (
     ScaledLR,
     evaluate,
     optimizer_classes,
+    paired_difference,
     scale_lr,
     sweep,
     train_epoch,
@@ -121,6 +122,44 @@ def test_train_epoch_returns_the_mean_batch_loss_and_steps_the_scheduler():
 
 
 # --------------------------------------------------------------------------
+# Paired comparisons (the demo's verdict)
+# --------------------------------------------------------------------------
+
+
+def test_paired_difference_is_the_t_interval_of_the_seed_differences():
+    # Differences 1, 1, 1, 1, 0.5: mean 0.9, sample sd sqrt(0.05), standard error 0.1;
+    # Student's t for 4 degrees of freedom at 97.5% is 2.776445.
+    d = paired_difference([1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.5])
+    assert (d.mean, d.n) == (pytest.approx(0.9), 5)
+    assert d.se == pytest.approx(0.1)
+    assert (d.low, d.high) == (pytest.approx(0.9 - 0.2776445), pytest.approx(0.9 + 0.2776445))
+    assert d.clear and "± 0.10" in str(d) and "5 paired seeds" in str(d)
+
+
+def test_pairing_sees_a_steady_gain_that_the_spread_hides_and_noise_is_not_a_win():
+    seeds = [96.0, 97.5, 98.0, 96.8, 97.2]  # seed-to-seed spread ±0.8
+    steady = paired_difference([s + 0.3 + 0.05 * (-1) ** i for i, s in enumerate(seeds)], seeds)
+    assert steady.clear and steady.mean > 0
+    # The tie: +0.18 points on average, differences of both signs.
+    tie = paired_difference([97.1, 97.8, 96.9, 98.0, 97.3], [97.3, 97.2, 97.0, 97.5, 97.2])
+    assert tie.mean == pytest.approx(0.18) and not tie.clear and tie.low < 0 < tie.high
+    one = paired_difference([97.0], [96.0])
+    assert not one.clear and math.isnan(one.se) and "no noise estimate" in str(one)
+    with pytest.raises(ValueError, match="paired seed by seed"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_demo_verdict_names_a_winner_only_beyond_the_noise():
+    from fusedclr.demo import _verdict
+
+    assert _verdict(paired_difference([2.0, 3.0, 4.0], [1.0, 2.1, 2.9])) == "one-cycle is better"
+    assert _verdict(paired_difference([1.0, 2.1, 2.9], [2.0, 3.0, 4.0])) == "constant lr is better"
+    assert _verdict(paired_difference([97.1, 97.8, 96.9, 98.0, 97.3], [97.3, 97.2, 97.0, 97.5, 97.2])) == \
+        "no clear difference"
+    assert _verdict(paired_difference([97.0], [96.0])).startswith("no verdict from one seed")
+
+
+# --------------------------------------------------------------------------
 # sweep
 # --------------------------------------------------------------------------
 
@@ -149,7 +188,7 @@ def test_sweep_finds_the_lr_with_weight_decay_zero_first(monkeypatch, tmp_path):
     def spy(model, loader, loss_fn, optimizer, **kwargs):
         calls.append([(g["weight_decay"], g["momentum"]) for g in optimizer.param_groups])
         result = real(model, loader, loss_fn, optimizer, **kwargs)
-        calls.append(result.suggestion)
+        calls.append(result.peak)
         return result
 
     monkeypatch.setattr(fusedclr.lr_finder, "lr_find", spy)
@@ -157,14 +196,21 @@ def test_sweep_finds_the_lr_with_weight_decay_zero_first(monkeypatch, tmp_path):
     result = sweep(_model, train, val, weight_decays=[1e-2, 0.0], momentums=[0.95, 0.9], epochs=2,
                    lr_find_kwargs={"num_iter": 40, "end_lr": 100.0}, progress=False, plot=str(tmp_path / "s.png"))
     assert calls[0] == [(0.0, 0.95)]  # weight decay 0, the largest momentum of the grid
-    assert result.max_lr == calls[1] and result.lr_find is not None
+    # The one-cycle peak, not the constant-lr suggestion.
+    assert result.max_lr == calls[1] and result.lr_find is not None and result.max_lr > result.lr_find.suggestion
     assert [(r.weight_decay, r.momentum) for r in result.rows] == [(1e-2, 0.95), (1e-2, 0.9), (0.0, 0.95), (0.0, 0.9)]
     assert all(r.val_accuracy is not None and 0 <= r.val_accuracy <= 1 for r in result.rows)
     assert min(r.val_accuracy for r in result.rows) > 0.6  # the blobs are easy: training happened
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert result.best() in result.rows
-    assert "<- best val_loss" in result.table()
-    json.dumps(result.to_dict())
+    best, table = result.best(), result.table()
+    assert "<- best val_loss" in table
+    assert "range test's one-cycle peak (run first, at weight decay 0 and momentum 0.95)" in table
+    picked = (f"picked: weight decay {best.weight_decay:g}, momentum {best.momentum:g} -> "
+              f"{best.momentum - 0.1:g} -> {best.momentum:g} over the cycle: the lowest validation loss, "
+              f"{best.val_loss:.4f} (next: ")
+    assert table.splitlines()[-1].startswith(picked)
+    assert json.loads(json.dumps(result.to_dict()))["picked"] == table.splitlines()[-1]
 
 
 def test_each_sweep_row_is_a_reproducible_one_cycle_run():
@@ -173,7 +219,7 @@ def test_each_sweep_row_is_a_reproducible_one_cycle_run():
     wds, moms, max_lr, epochs = [1e-1, 0.0], [0.9, 0.8], 0.3, 3
     result = sweep(_model, train, val, weight_decays=wds, momentums=moms, max_lr=max_lr, epochs=epochs,
                    seed=4, progress=False)
-    assert result.lr_find is None
+    assert result.lr_find is None and "max_lr=0.3 (given by the caller)" in result.table()
     SGD, _, OneCycleLR, _ = optimizer_classes()
     for row in result.rows:
         torch.manual_seed(4)
