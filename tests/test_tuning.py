@@ -181,34 +181,40 @@ def test_defaults_are_smiths_grid():
     assert DEFAULT_MOMENTUMS == (0.99, 0.97, 0.95, 0.9)
 
 
-def test_sweep_finds_the_lr_with_weight_decay_zero_first(monkeypatch, tmp_path):
+def test_sweep_finds_the_peak_with_weight_decay_zero_first_at_each_momentum(monkeypatch, tmp_path):
     calls = []
     real = fusedclr.lr_finder.lr_find
 
     def spy(model, loader, loss_fn, optimizer, **kwargs):
-        calls.append([(g["weight_decay"], g["momentum"]) for g in optimizer.param_groups])
+        groups = [(g["weight_decay"], g["momentum"]) for g in optimizer.param_groups]
         result = real(model, loader, loss_fn, optimizer, **kwargs)
-        calls.append(result.peak)
+        calls.append((groups, result))
         return result
 
     monkeypatch.setattr(fusedclr.lr_finder, "lr_find", spy)
     train, val = _blobs(seed=0), _blobs(seed=1)
-    result = sweep(_model, train, val, weight_decays=[1e-2, 0.0], momentums=[0.95, 0.9], epochs=2,
+    result = sweep(_model, train, val, weight_decays=[1e-2, 0.0], momentums=[0.95, 0.5], epochs=2,
                    lr_find_kwargs={"num_iter": 40, "end_lr": 100.0}, progress=False, plot=str(tmp_path / "s.png"))
-    assert calls[0] == [(0.0, 0.95)]  # weight decay 0, the largest momentum of the grid
-    # The one-cycle peak, not the constant-lr suggestion.
-    assert result.max_lr == calls[1] and result.lr_find is not None and result.max_lr > result.lr_find.suggestion
-    assert [(r.weight_decay, r.momentum) for r in result.rows] == [(1e-2, 0.95), (1e-2, 0.9), (0.0, 0.95), (0.0, 0.9)]
+    # One range test per momentum, at weight decay 0, before any training run.
+    assert [groups for groups, _ in calls] == [[(0.0, 0.95)], [(0.0, 0.5)]]
+    found = {0.95: calls[0][1], 0.5: calls[1][1]}
+    assert result.lr_finds == found
+    # Each row trains at the one-cycle peak found with its own momentum, not at the constant-lr suggestion.
+    assert result.max_lrs == {m: f.peak for m, f in found.items()}
+    assert all(f.peak > f.suggestion for f in found.values())
+    assert found[0.5].peak > found[0.95].peak  # less momentum, smaller steps: a higher peak
+    assert [(r.weight_decay, r.momentum) for r in result.rows] == [(1e-2, 0.95), (1e-2, 0.5), (0.0, 0.95), (0.0, 0.5)]
+    assert all(r.max_lr == found[r.momentum].peak for r in result.rows)
     assert all(r.val_accuracy is not None and 0 <= r.val_accuracy <= 1 for r in result.rows)
     assert min(r.val_accuracy for r in result.rows) > 0.6  # the blobs are easy: training happened
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    assert result.best() in result.rows
     best, table = result.best(), result.table()
-    assert "<- best val_loss" in table
-    assert "range test's one-cycle peak (run first, at weight decay 0 and momentum 0.95)" in table
+    assert best in result.rows and "<- best val_loss" in table
+    assert (f"one-cycle peak of a range test run first, at weight decay 0, with each row's momentum: "
+            f"{found[0.95].peak:.3g} at momentum 0.95, {found[0.5].peak:.3g} at momentum 0.5") in table
     picked = (f"picked: weight decay {best.weight_decay:g}, momentum {best.momentum:g} -> "
-              f"{best.momentum - 0.1:g} -> {best.momentum:g} over the cycle: the lowest validation loss, "
-              f"{best.val_loss:.4f} (next: ")
+              f"{best.momentum - 0.1:g} -> {best.momentum:g} over the cycle, peak lr {best.max_lr:.3g}: "
+              f"the lowest validation loss, {best.val_loss:.4f} (next: ")
     assert table.splitlines()[-1].startswith(picked)
     assert json.loads(json.dumps(result.to_dict()))["picked"] == table.splitlines()[-1]
 
@@ -219,7 +225,8 @@ def test_each_sweep_row_is_a_reproducible_one_cycle_run():
     wds, moms, max_lr, epochs = [1e-1, 0.0], [0.9, 0.8], 0.3, 3
     result = sweep(_model, train, val, weight_decays=wds, momentums=moms, max_lr=max_lr, epochs=epochs,
                    seed=4, progress=False)
-    assert result.lr_find is None and "max_lr=0.3 (given by the caller)" in result.table()
+    assert result.lr_finds == {} and result.max_lrs == {0.9: 0.3, 0.8: 0.3}
+    assert "max_lr=0.3 for every run, given by the caller" in result.table()
     SGD, _, OneCycleLR, _ = optimizer_classes()
     for row in result.rows:
         torch.manual_seed(4)
