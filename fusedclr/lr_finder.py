@@ -60,11 +60,12 @@ annealing phase converges. ``peak`` is
   lands 2-3x past 2/L, where gradient descent diverges. The cap of 4 times the
   constant-lr suggestion (``valley``, the most stable point of the curve)
   bounds that lag's effect: it keeps the peak below 2/L there (tested), and
-  within the range where the evaluation in docs/tuning.md found one-cycle at
-  its best.
-* When the test ended before the loss rose (``loss_rose`` false), ``peak`` is
-  the lr of the lowest loss tested, never extrapolated, and a warning says it
-  may be too low.
+  within the noise of the best one-cycle peak on each task of the evaluation
+  in docs/tuning.md.
+* When the test ended before the loss rose (``loss_rose`` false: after its
+  minimum the trend never climbed a tenth of the drop, nor 4 standard errors,
+  above it), ``peak`` is the lr of the lowest loss tested, never
+  extrapolated, and a warning says it may be too low.
 
 :meth:`LRFinderResult.one_cycle` adds the rest of the cycle: warm-up from
 ``peak / 25`` (torch's default; below the constant suggestion), momentum
