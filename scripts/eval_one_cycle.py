@@ -19,7 +19,7 @@ favours the constant side), and against the best one-cycle of the grid.
     python scripts/eval_one_cycle.py [--seeds 5] [--plot docs/img/eval_one_cycle.png]
                                      [--json out.json] [--markdown out.md] [--tasks digits-mlp ...]
 
-Runs on one CPU thread; about four minutes on a shared 2-core VM.
+Runs on one CPU thread: 6 to 8 minutes on a busy shared 2-core VM, about 3 when it is idle.
 """
 
 from __future__ import annotations
