@@ -163,7 +163,7 @@ def _plot_schedules(one_cycle: Run, constant: Run, steps_per_epoch: int, path: P
     fig.savefig(path)
 
 
-def _plot_curves(runs: dict[str, list[Run]], path: Path) -> None:
+def _plot_curves(runs: dict[str, list[Run]], path: Path):
     fig = _figure((11, 3.8))
     axes = fig.subplots(1, 3)
     colors = {"one-cycle": "tab:red", "constant": "tab:blue"}
@@ -195,6 +195,7 @@ def _plot_curves(runs: dict[str, list[Run]], path: Path) -> None:
                  "suggestion (band: min..max over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 # --------------------------------------------------------------------------

@@ -646,6 +646,23 @@ def test_plot_writes_a_png_without_touching_the_backend(tmp_path):
     assert matplotlib.get_backend() == backend
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_plot_legend_leaves_the_curve_visible(tmp_path, seed):
+    """No point of the trend or the raw curve, inside the axes, lies under the legend box."""
+    r = _as_run(*_noisy_curve(seed))
+    fig = r.plot()
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    box = ax.get_legend().get_window_extent()
+    n = len(r.trend)
+    lo, hi = ax.get_ylim()
+    for ys in (np.asarray(r.trend), np.asarray(r.losses[:n])):
+        inside = (ys >= lo) & (ys <= hi)
+        pts = ax.transData.transform(np.column_stack([np.asarray(r.lrs[:n])[inside], ys[inside]]))
+        covered = (pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1) & (pts[:, 1] >= box.y0) & (pts[:, 1] <= box.y1)
+        assert not covered.any(), f"{covered.sum()} points under the legend"
+
+
 def test_to_dict_is_json_and_round_trips_the_numbers():
     lrs, y = _noisy_curve(2)
     r = _as_run(lrs, y)

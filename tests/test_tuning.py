@@ -159,6 +159,24 @@ def test_demo_verdict_names_a_winner_only_beyond_the_noise():
     assert _verdict(paired_difference([97.0], [96.0])).startswith("no verdict from one seed")
 
 
+def test_demo_training_curves_log_losses_and_hold_every_seed(tmp_path):
+    from fusedclr.demo import Run, _plot_curves
+
+    def run(name, seed, acc):
+        return Run(name, seed, 0.1, train_loss=[1.0, 0.05, 0.004], val_loss=[0.9, 0.2, 0.08], val_accuracy=acc)
+
+    runs = {"one-cycle": [run("one-cycle", 0, [0.80, 0.95, 0.97]), run("one-cycle", 1, [0.60, 0.96, 0.98])],
+            "constant": [run("constant", 0, [0.90, 0.95, 0.96]), run("constant", 1, [0.91, 0.94, 0.97])]}
+    fig = _plot_curves(runs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    train_ax, val_ax, acc_ax = fig.axes
+    assert train_ax.get_yscale() == val_ax.get_yscale() == "log"
+    lo, hi = acc_ax.get_ylim()
+    assert lo < 60.0 and hi > 98.0  # the worst seed's first epoch (60%) and the best final one (98%)
+    labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert any(x.startswith("one-cycle") for x in labels) and any(x.startswith("constant") for x in labels)
+
+
 # --------------------------------------------------------------------------
 # sweep
 # --------------------------------------------------------------------------
