@@ -223,7 +223,7 @@ def _analyse(lrs: Sequence[float], losses: Sequence[float], diverged: bool) -> _
     if i_min >= hi - 1 and not diverged:
         warnings.append(
             "the loss was still falling at the end of the range; raise end_lr to see where it stops "
-            "(the one-cycle peak is the largest lr tested, not extrapolated, and likely too low)"
+            "(the one-cycle peak is then read from the lowest loss tested, not extrapolated, and likely too low)"
         )
     elif not rose:
         warnings.append(
