@@ -396,7 +396,9 @@ class LRFinderResult:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not 0.0 < pct_start < 1.0:
-            raise ValueError(f"pct_start must be in (0, 1): the fraction of the cycle spent warming up, got {pct_start!r}")
+            raise ValueError(
+                f"pct_start must be in (0, 1): the fraction of the cycle spent warming up, got {pct_start!r}"
+            )
         kwargs: dict[str, Any] = {
             "max_lr": peak,
             "pct_start": pct_start,
@@ -412,7 +414,8 @@ class LRFinderResult:
             kwargs["cycle_momentum"] = False
         else:
             base = low if self.momentum is None else min(low, self.momentum)
-            kwargs.update(cycle_momentum=True, base_momentum=base, max_momentum=min(high, base + ONE_CYCLE_MOMENTUM_SPAN))
+            top = min(high, base + ONE_CYCLE_MOMENTUM_SPAN)
+            kwargs.update(cycle_momentum=True, base_momentum=base, max_momentum=top)
         return kwargs
 
     # -- reporting ---------------------------------------------------------
