@@ -3,12 +3,15 @@
 On scikit-learn's handwritten digits (1797 8x8 images that ship with the
 package, no download):
 
-1. an LR range test (:func:`fusedclr.lr_find`) picks a learning rate;
+1. an LR range test (:func:`fusedclr.lr_find`) gives two learning rates: the
+   one-cycle peak (``result.peak``) and the constant-lr ``suggestion``;
 2. a small MLP trains for the same number of epochs with the one-cycle policy
-   at that learning rate and with a constant learning rate, over a few seeds,
-   and the accuracy and time of both are printed as measured, whichever wins;
-3. plots of the range test, the schedules and the training curves go to the
-   output folder;
+   at its peak (``OneCycleLR(opt, **result.one_cycle(...))``) and with a
+   constant learning rate at the suggestion, on the same seeds; the accuracy
+   and time of both are printed as measured, and the verdict calls a
+   difference only when it exceeds its noise (paired seeds, a 95% t interval);
+3. plots of the range test, the schedules and the training curves of both
+   arms go to the output folder;
 4. :func:`step_time_table` times one optimizer step of ``fusedclr.AdamW``
    against ``torch.optim.AdamW(fused=True)`` on CPU for a few model-shaped
    parameter lists.
@@ -92,7 +95,8 @@ class Run:
     seconds: float = 0.0
 
 
-def _train(schedule: str, lr: float, epochs: int, seed: int, train_ds, val_ds, batch_size: int) -> Run:
+def _train(schedule: str, lr: float, epochs: int, seed: int, train_ds, val_ds, batch_size: int,
+           one_cycle: dict[str, Any] | None = None) -> Run:
     from fusedclr.tuning import evaluate, optimizer_classes, train_epoch
 
     SGD, _, OneCycleLR, _ = optimizer_classes()
@@ -101,9 +105,9 @@ def _train(schedule: str, lr: float, epochs: int, seed: int, train_ds, val_ds, b
     val = _loader(val_ds, 512, 0, shuffle=False)
     opt = SGD(model.parameters(), lr=lr, momentum=CONSTANT_MOMENTUM, weight_decay=WEIGHT_DECAY)
     sched = None
-    if schedule == "one-cycle":
-        # torch's defaults: warm up over 30% of the steps from lr/25, momentum 0.95 -> 0.85 -> 0.95.
-        sched = OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=len(train))
+    if one_cycle is not None:
+        # The range test's recommendation: peak, warm-up from peak/25, momentum 0.95 -> 0.85 -> 0.95.
+        sched = OneCycleLR(opt, **{**one_cycle, "max_lr": lr}, epochs=epochs, steps_per_epoch=len(train))
     run = Run(schedule, seed, lr)
     group = opt.param_groups[0]
 
@@ -143,8 +147,8 @@ def _plot_schedules(one_cycle: Run, constant: Run, steps_per_epoch: int, path: P
     fig = _figure((8, 4.6))
     ax_lr, ax_m = fig.subplots(2, 1, sharex=True)
     epochs = [i / steps_per_epoch for i in range(len(one_cycle.lrs))]
-    ax_lr.plot(epochs, one_cycle.lrs, color="tab:red", label="one-cycle")
-    ax_lr.plot(epochs, constant.lrs, color="tab:blue", ls="--", label="constant")
+    ax_lr.plot(epochs, one_cycle.lrs, color="tab:red", label=f"one-cycle, peak {one_cycle.lr:.2g} (range test's peak)")
+    ax_lr.plot(epochs, constant.lrs, color="tab:blue", ls="--", label=f"constant {constant.lr:.2g} (its suggestion)")
     ax_lr.set_ylabel("learning rate")
     ax_lr.legend(fontsize=8)
     ax_lr.grid(True, alpha=0.3)
@@ -159,7 +163,7 @@ def _plot_schedules(one_cycle: Run, constant: Run, steps_per_epoch: int, path: P
     fig.savefig(path)
 
 
-def _plot_curves(runs: dict[str, list[Run]], path: Path) -> None:
+def _plot_curves(runs: dict[str, list[Run]], path: Path):
     fig = _figure((11, 3.8))
     axes = fig.subplots(1, 3)
     colors = {"one-cycle": "tab:red", "constant": "tab:blue"}
@@ -168,27 +172,44 @@ def _plot_curves(runs: dict[str, list[Run]], path: Path) -> None:
         for ax, key, scale in ((axes[0], "train_loss", 1), (axes[1], "val_loss", 1), (axes[2], "val_accuracy", 100)):
             per_epoch = list(zip(*[[scale * v for v in getattr(r, key)] for r in group]))
             mean = [statistics.fmean(v) for v in per_epoch]
-            ax.plot(epochs, mean, color=colors[name], marker="o", ms=3, label=f"{name} (mean of {len(group)})")
+            ax.plot(epochs, mean, color=colors[name], marker="o", ms=3,
+                    label=f"{name}, lr {group[0].lr:.2g} (mean of {len(group)})")
             if len(group) > 1:
                 ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch],
                                 color=colors[name], alpha=0.15)
-    for ax, title in zip(axes, ("training loss", "validation loss", "validation accuracy (%)")):
+    for ax, title in zip(axes, ("training loss (log scale)", "validation loss (log scale)", "validation accuracy (%)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
     for ax in axes[:2]:
-        ax.set_ylim(bottom=0)
-    lowest_mean = min(statistics.fmean(v) for group in runs.values() for v in zip(*[r.val_accuracy for r in group]))
-    axes[2].set_ylim(max(0.0, 100 * lowest_mean - 2), 100.5)
-    fig.suptitle("Training curves on sklearn digits (band: min..max over seeds)", fontsize=10)
+        # Late epochs differ by factors, not by absolute amounts: a linear axis flattens them to zero.
+        ax.set_yscale("log")
+        ax.legend(fontsize=8, loc="upper right")
+    # Every seed's accuracy inside the axis (the band is min..max over seeds), from the worst epoch shown.
+    lowest = min(100 * v for group in runs.values() for r in group for v in r.val_accuracy)
+    highest = max(100 * v for group in runs.values() for r in group for v in r.val_accuracy)
+    margin = max(0.5, 0.05 * (highest - lowest))
+    axes[2].set_ylim(max(0.0, lowest - margin), min(100.0, highest) + margin)
+    axes[2].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Training curves on sklearn digits: one-cycle at the range test's peak vs constant lr at its "
+                 "suggestion (band: min..max over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 # --------------------------------------------------------------------------
 # The demo
 # --------------------------------------------------------------------------
+
+
+def _verdict(diff) -> str:
+    """Name a winner only when the paired interval excludes 0 [fusedclr.tuning.paired_difference]."""
+    if diff.n < 2:
+        return "no verdict from one seed (no noise estimate; run --seeds 3 or more)"
+    if not diff.clear:
+        return "no clear difference"
+    return "one-cycle is better" if diff.mean > 0 else "constant lr is better"
 
 
 def _mean_sd(values: Sequence[float]) -> str:
@@ -218,7 +239,7 @@ def run_demo(
     1 seed, a 40-step range test and a small step-time table.
     """
     from fusedclr.lr_finder import lr_find
-    from fusedclr.tuning import optimizer_classes
+    from fusedclr.tuning import optimizer_classes, paired_difference
 
     if quick:
         epochs, seeds, num_iter = min(epochs, 2), 1, min(num_iter, 40)
@@ -239,25 +260,30 @@ def run_demo(
         opt = SGD(model.parameters(), lr=1e-7, momentum=CONSTANT_MOMENTUM, weight_decay=0.0)
         finder = lr_find(model, _loader(train_ds, batch_size, 0), nn.functional.cross_entropy, opt,
                          num_iter=num_iter, progress=progress)
-        finder.plot(out / "lr_find.png", title=f"LR range test on digits: suggestion {finder.suggestion:.3g}"
-                    if finder.suggestion is not None else None)
         echo("\n" + finder.summary())
-        lr = finder.suggestion
-        if lr is None:
+        if finder.suggestion is None or finder.peak is None:
             raise RuntimeError("the range test suggested no learning rate; see the warnings above")
+        finder.plot(out / "lr_find.png", title=f"LR range test on digits: constant lr {finder.suggestion:.3g}, "
+                    f"one-cycle peak {finder.peak:.3g}")
+        lrs = {"one-cycle": finder.peak, "constant": finder.suggestion}
+        cycle = finder.one_cycle()
 
-        # 2. Same LR, same epochs, same seeds: one-cycle vs constant.
+        # 2. Same epochs, same seeds: one-cycle at the peak vs constant at the suggestion.
         runs: dict[str, list[Run]] = {"one-cycle": [], "constant": []}
         for seed in range(seeds):
             for name in runs:
-                runs[name].append(_train(name, lr, epochs, seed, train_ds, val_ds, batch_size))
+                runs[name].append(_train(name, lrs[name], epochs, seed, train_ds, val_ds, batch_size,
+                                         cycle if name == "one-cycle" else None))
     finally:
         torch.set_num_threads(saved_threads)
 
     steps_per_epoch = len(runs["one-cycle"][0].lrs) // epochs
+    momentum_txt = (f"momentum {cycle['max_momentum']:g} -> {cycle['base_momentum']:g} -> {cycle['max_momentum']:g}"
+                    if cycle.get("cycle_momentum") else f"momentum {CONSTANT_MOMENTUM:g}")
     echo(f"\nTraining: SGD, weight decay {WEIGHT_DECAY:g}, {epochs} epochs x {steps_per_epoch} steps, "
-         f"{seeds} seed(s); one-cycle peaks at the suggested lr={lr:.3g} (momentum 0.95 -> 0.85 -> 0.95), "
-         f"constant stays at lr={lr:.3g} (momentum {CONSTANT_MOMENTUM:g})")
+         f"{seeds} seed(s); one-cycle peaks at the range test's one-cycle peak lr={lrs['one-cycle']:.3g} "
+         f"(from lr/{cycle['div_factor']:g}, {momentum_txt}), constant stays at the suggestion "
+         f"lr={lrs['constant']:.3g} (momentum {CONSTANT_MOMENTUM:g})")
     header = f"{'schedule':<10} {'val acc % (final)':>18} {'best epoch acc %':>17} {'val loss':>13} {'train s/run':>12}"
     echo(header)
     echo("-" * len(header))
@@ -274,17 +300,20 @@ def run_demo(
         loss_txt = f"{statistics.fmean(final_loss):.4f}"
         echo(f"{name:<10} {_mean_sd(final_acc):>18} {_mean_sd(best_acc):>17} {loss_txt:>13} "
              f"{statistics.fmean(secs):>12.2f}")
-    a = statistics.fmean(summary["one-cycle"]["val_accuracy_final"])
-    b = statistics.fmean(summary["constant"]["val_accuracy_final"])
-    verdict = "one-cycle" if a > b else "constant LR" if b > a else "neither"
-    echo(f"=> higher mean final accuracy: {verdict} ({a:.2f}% vs {b:.2f}%, difference {a - b:+.2f} points"
-         + (f"; the ± is the standard deviation over {seeds} seeds)" if seeds > 1 else ")"))
+    diff = paired_difference(summary["one-cycle"]["val_accuracy_final"], summary["constant"]["val_accuracy_final"])
+    verdict = _verdict(diff)
+    echo(f"=> verdict: {verdict}. One-cycle minus constant, final accuracy: {diff} points"
+         + (f"; the ± in the table is the standard deviation over {seeds} seeds" if seeds > 1 else ""))
 
     _plot_schedules(runs["one-cycle"][0], runs["constant"][0], steps_per_epoch, out / "schedules.png")
     _plot_curves(runs, out / "training_curves.png")
     results: dict[str, Any] = {
         "lr_find": finder.to_dict(),
-        "lr": lr,
+        "one_cycle_peak": lrs["one-cycle"],
+        "constant_lr": lrs["constant"],
+        "one_cycle": cycle,
+        "verdict": verdict,
+        "difference": diff._asdict(),
         "epochs": epochs,
         "seeds": seeds,
         "batch_size": batch_size,

@@ -37,6 +37,41 @@ trend's minimum ``bottom``, and ``drop = top - bottom``:
 
 Every suggestion is at or below the trend's minimum, hence below the point
 where the run diverged.
+
+[note: one-cycle peak]
+The suggestions above are for a *constant* learning rate. The one-cycle policy
+(Smith, "Cyclical Learning Rates for Training Neural Networks", WACV 2017,
+arXiv:1506.01186; Smith & Topin, "Super-Convergence", 2017, arXiv:1708.07120;
+Smith, "A disciplined approach to neural network hyper-parameters: Part 1",
+2018, arXiv:1803.09820) peaks much higher: at the largest learning rate at
+which the range test still trains. The large-lr phase regularises, the
+annealing phase converges. ``peak`` is
+
+    min(lr at the trend's minimum, 4 x valley)
+
+* The trend's minimum is the last point before the loss rises: the peak
+  never goes past it. It is read from the centred trend, so one noisy batch
+  cannot move it, and the minimum is taken over the trimmed window, so a
+  cliff at the end cannot be averaged into it.
+* The range test's loss lags its learning rate: an instability that starts at
+  some lr shows up as a rising loss only several steps (hence several lr
+  multiples) later. On noisy minibatch training the lag is short; on a
+  noise-free full-batch quadratic it is long enough that the trend's minimum
+  lands 2-3x past 2/L, where gradient descent diverges. The cap of 4 times the
+  constant-lr suggestion (``valley``, the most stable point of the curve)
+  bounds that lag's effect: it keeps the peak below 2/L there (tested), and
+  within the noise of the best one-cycle peak on each task of the evaluation
+  in docs/tuning.md.
+* When the test ended before the loss rose (``loss_rose`` false: after its
+  minimum the trend never climbed a tenth of the drop, nor 4 standard errors,
+  above it), ``peak`` is the lr of the lowest loss tested, never
+  extrapolated, and a warning says it may be too low.
+
+:meth:`LRFinderResult.one_cycle` adds the rest of the cycle: warm-up from
+``peak / 25`` (torch's default; below the constant suggestion), momentum
+cycling 0.95 -> 0.85 -> 0.95 (Smith 2018), lowered to the range test's own
+momentum when that was lower, so that the peak never takes larger heavy-ball
+steps than the range test took at that lr.
 """
 
 from __future__ import annotations
@@ -66,7 +101,18 @@ DEFAULT_CLR_FACTOR = 4.0
 MIN_DROP_SIGMAS = 4.0
 MIN_POINTS = 5
 
-SUGGESTION_NAMES = ("steep", "valley", "minimum", "max_lr", "base_lr")
+SUGGESTION_NAMES = ("steep", "valley", "minimum", "max_lr", "base_lr", "peak")
+
+# [note: one-cycle peak] The peak is at most this factor above the constant-lr
+# suggestion: the range test's loss lags the lr (see the note).
+PEAK_OVER_VALLEY = 4.0
+# The cycle starts this factor below the peak (torch's and fastai's default), hence
+# at most 4/25 of the constant-lr suggestion.
+ONE_CYCLE_DIV_FACTOR = 25.0
+ONE_CYCLE_FINAL_DIV_FACTOR = 1e4
+# Smith 2018: momentum cycles from 0.95 down to 0.85 while the lr rises, and back.
+ONE_CYCLE_MOMENTUM = (0.85, 0.95)
+ONE_CYCLE_MOMENTUM_SPAN = ONE_CYCLE_MOMENTUM[1] - ONE_CYCLE_MOMENTUM[0]
 
 
 # --------------------------------------------------------------------------
@@ -134,6 +180,8 @@ class _Analysis:
     trend: list[float]
     suggestions: dict[str, float | None]
     warnings: list[str]
+    # Whether the trend was seen rising after its minimum [note: one-cycle peak].
+    rose: bool = False
 
 
 def _analyse(lrs: Sequence[float], losses: Sequence[float], diverged: bool) -> _Analysis:
@@ -168,9 +216,19 @@ def _analyse(lrs: Sequence[float], losses: Sequence[float], diverged: bool) -> _
             f"(drop {drop:.3g} vs trend noise {noise:.3g}); the suggestions are unreliable: "
             "lower start_lr, raise end_lr or num_iter, or check the model and data"
         )
+    # The loss "rises" once the trend climbs a clear step (the larger of a tenth of the
+    # drop and the descent threshold in noise units) above its minimum, after it.
+    rise_level = bottom + max(0.1 * drop, MIN_DROP_SIGMAS * noise)
+    rose = bool(np.any(trend[i_min:] > rise_level)) or diverged
     if i_min >= hi - 1 and not diverged:
         warnings.append(
-            "the loss was still falling at the end of the range; raise end_lr to see where it stops"
+            "the loss was still falling at the end of the range; raise end_lr to see where it stops "
+            "(the one-cycle peak is then read from the lowest loss tested, not extrapolated, and likely too low)"
+        )
+    elif not rose:
+        warnings.append(
+            "the range test ended before the loss rose; the one-cycle peak is the lr of the lowest loss "
+            "tested, not extrapolated, and may be too low: raise end_lr to see where training breaks down"
         )
 
     def first_at_or_below(level: float) -> int:
@@ -190,7 +248,8 @@ def _analyse(lrs: Sequence[float], losses: Sequence[float], diverged: bool) -> _
     out["valley"] = lr(first_at_or_below(bottom + VALLEY_LEVEL * drop))
     out["max_lr"] = lr(first_at_or_below(bottom + MAX_LR_LEVEL * drop))
     out["base_lr"] = out["max_lr"] / DEFAULT_CLR_FACTOR
-    return _Analysis(trend.tolist(), out, warnings)
+    out["peak"] = min(lr(i_min), PEAK_OVER_VALLEY * out["valley"])
+    return _Analysis(trend.tolist(), out, warnings, rose)
 
 
 # --------------------------------------------------------------------------
@@ -212,7 +271,14 @@ class LRFinderResult:
         stop_reason: ``"completed"``, ``"diverged"`` or ``"non-finite"``.
         steep, valley, minimum, max_lr, base_lr: the named suggestions
             [note: suggestions]; ``None`` when the curve is too short.
-        suggestion: the chosen learning rate (``valley``).
+        suggestion: the learning rate for a *constant* schedule (``valley``).
+        peak: the peak learning rate for the *one-cycle* policy
+            [note: one-cycle peak]; :meth:`one_cycle` gives all of
+            ``OneCycleLR``'s arguments.
+        loss_rose: whether the loss was seen rising after its minimum; when
+            not, ``peak`` is only the best lr tested (a warning says so).
+        momentum: the optimizer's momentum (SGD) or ``beta1`` (Adam) during
+            the test, when it had one; :meth:`one_cycle` matches it.
         trend: the centred trend the suggestions are read from.
         warnings: why a suggestion may not be trustworthy.
     """
@@ -225,6 +291,7 @@ class LRFinderResult:
     mode: str = "exp"
     loss_source: str = "train"
     seconds: float = 0.0
+    momentum: float | None = None
     _analysis: _Analysis = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -263,6 +330,14 @@ class LRFinderResult:
         return self._analysis.suggestions["base_lr"]
 
     @property
+    def peak(self) -> float | None:
+        return self._analysis.suggestions["peak"]
+
+    @property
+    def loss_rose(self) -> bool:
+        return self._analysis.rose
+
+    @property
     def suggestion(self) -> float | None:
         return self.valley
 
@@ -279,6 +354,69 @@ class LRFinderResult:
         if factor < 1:
             raise ValueError(f"factor must be >= 1 (base_lr = max_lr / factor), got {factor}")
         return None if self.max_lr is None else (self.max_lr / factor, self.max_lr)
+
+    def one_cycle(
+        self,
+        total_steps: int | None = None,
+        *,
+        epochs: int | None = None,
+        steps_per_epoch: int | None = None,
+        pct_start: float = 0.3,
+    ) -> dict[str, Any]:
+        """Keyword arguments for ``OneCycleLR`` at the recommended peak [note: one-cycle peak].
+
+        ``OneCycleLR(optimizer, **result.one_cycle(total_steps))`` (fusedclr's or
+        torch's) runs the cycle: ``max_lr`` is :attr:`peak`; ``div_factor=25``
+        starts the warm-up at ``peak / 25``, below the constant-lr
+        :attr:`suggestion`; momentum cycles from
+        ``max_momentum`` down to ``base_momentum`` at the peak and back (Smith's
+        0.95 -> 0.85, lowered to the test's momentum when that was lower, so
+        the peak never takes larger steps than the range test did there; no
+        cycling when the test ran without momentum). Give ``total_steps`` or
+        ``epochs`` and ``steps_per_epoch``, or pass them to ``OneCycleLR``
+        yourself.
+
+        Raises:
+            ValueError: the curve gave no peak (too short), or bad step counts.
+        """
+        peak = self.peak
+        if peak is None:
+            raise ValueError(
+                "this range test recommends no one-cycle peak (too few finite losses); "
+                "rerun it with more iterations or a lower start_lr: " + "; ".join(self.warnings)
+            )
+        if total_steps is not None and (epochs is not None or steps_per_epoch is not None):
+            raise ValueError("pass either total_steps or epochs and steps_per_epoch, not both")
+        if (epochs is None) != (steps_per_epoch is None):
+            raise ValueError(
+                f"epochs and steps_per_epoch go together (got epochs={epochs!r}, "
+                f"steps_per_epoch={steps_per_epoch!r}); or pass total_steps"
+            )
+        for name, value in (("total_steps", total_steps), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not 0.0 < pct_start < 1.0:
+            raise ValueError(
+                f"pct_start must be in (0, 1): the fraction of the cycle spent warming up, got {pct_start!r}"
+            )
+        kwargs: dict[str, Any] = {
+            "max_lr": peak,
+            "pct_start": pct_start,
+            "div_factor": ONE_CYCLE_DIV_FACTOR,
+            "final_div_factor": ONE_CYCLE_FINAL_DIV_FACTOR,
+        }
+        if total_steps is not None:
+            kwargs["total_steps"] = total_steps
+        if epochs is not None:
+            kwargs.update(epochs=epochs, steps_per_epoch=steps_per_epoch)
+        low, high = ONE_CYCLE_MOMENTUM
+        if self.momentum is not None and self.momentum <= 0.0:
+            kwargs["cycle_momentum"] = False
+        else:
+            base = low if self.momentum is None else min(low, self.momentum)
+            top = min(high, base + ONE_CYCLE_MOMENTUM_SPAN)
+            kwargs.update(cycle_momentum=True, base_momentum=base, max_momentum=top)
+        return kwargs
 
     # -- reporting ---------------------------------------------------------
 
@@ -300,6 +438,9 @@ class LRFinderResult:
             "seconds": self.seconds,
             "suggestion": self.suggestion,
             "suggestions": self.suggestions,
+            "peak": self.peak,
+            "loss_rose": self.loss_rose,
+            "momentum": self.momentum,
             "warnings": self.warnings,
         }
 
@@ -310,7 +451,8 @@ class LRFinderResult:
         for name in SUGGESTION_NAMES:
             value = self._analysis.suggestions[name]
             shown = "-" if value is None else f"{value:.3g}"
-            mark = "   <- suggestion" if name == "valley" else ""
+            mark = {"valley": "   <- suggestion (constant lr)",
+                    "peak": "   <- one-cycle peak: OneCycleLR(opt, **result.one_cycle(total_steps))"}.get(name, "")
             lines.append(f"  {name:<8} {shown}{mark}")
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
@@ -349,9 +491,11 @@ class LRFinderResult:
         def on_trend(lr: float) -> float:
             return float(np.interp(np.log10(lr), np.log10(lrs[:n]), trend))
 
-        for name, marker, color, size in (("steep", "v", "tab:orange", 9), ("valley", "*", "tab:red", 16)):
+        marks = (("steep", "v", "tab:orange", 9, ""), ("valley", "*", "tab:red", 16, " (suggestion, constant lr)"),
+                 ("peak", "D", "tab:cyan", 9, " (one-cycle peak)"))
+        for name, marker, color, size, note in marks:
             if s[name] is not None:
-                label = f"{name} = {s[name]:.2g}" + (" (suggestion)" if name == "valley" else "")
+                label = f"{name} = {s[name]:.2g}{note}"
                 ax.plot([s[name]], [on_trend(s[name])], marker=marker, color=color, ms=size, ls="none",
                         markeredgecolor="black", label=label, zorder=5)
         if self.stop_reason != "completed" and len(lrs):
@@ -362,13 +506,15 @@ class LRFinderResult:
             low = min(float(trend.min()), float(raw[:n].min()))  # the valid prefix is all finite
             high = float(np.max(trend[: i_min + 1]))
             span = max(high - low, 1e-12 * max(1.0, abs(high)))
-            ax.set_ylim(low - 0.08 * span, high + 0.35 * span)
+            ax.set_ylim(low - 0.08 * span, high + 0.12 * span)
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("validation loss" if self.loss_source == "val" else "training loss")
-        sug = self.suggestion
-        ax.set_title(title or ("LR range test" + (f": suggestion {sug:.3g}" if sug is not None else "")))
+        sug, peak = self.suggestion, self.peak
+        ax.set_title(title or ("LR range test" + (f": constant lr {sug:.3g}, one-cycle peak {peak:.3g}"
+                                                  if sug is not None and peak is not None else "")))
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7.5, loc="upper left")
+        # The curve starts high on the left and falls to the right: the lower-left corner is free.
+        ax.legend(fontsize=7.5, loc="lower left", framealpha=0.9)
         fig.tight_layout()
         if path is not None:
             fig.savefig(path)
@@ -695,7 +841,18 @@ def lr_find(
         mode=mode,
         loss_source="train" if val_loader is None else "val",
         seconds=time.perf_counter() - t0,
+        momentum=_momentum_of(optimizer),
     )
+
+
+def _momentum_of(optimizer: torch.optim.Optimizer) -> float | None:
+    """The first group's momentum (SGD) or beta1 (Adam family); ``None`` for optimizers without either."""
+    group = optimizer.param_groups[0]
+    if "momentum" in group:
+        return float(group["momentum"])
+    if "betas" in group:
+        return float(group["betas"][0])
+    return None
 
 
 @torch.no_grad()

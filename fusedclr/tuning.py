@@ -26,10 +26,12 @@ from torch import Tensor, nn
 __all__ = [
     "DEFAULT_MOMENTUMS",
     "DEFAULT_WEIGHT_DECAYS",
+    "PairedDifference",
     "ScaledLR",
     "SweepResult",
     "SweepRow",
     "evaluate",
+    "paired_difference",
     "scale_lr",
     "sweep",
     "train_epoch",
@@ -223,6 +225,61 @@ def _steps_per_epoch(loader: Iterable, name: str) -> int:
 
 
 # --------------------------------------------------------------------------
+# Comparing two arms over seeds
+# --------------------------------------------------------------------------
+
+
+class PairedDifference(NamedTuple):
+    """``a - b`` over paired seeds: the mean, its standard error and a t confidence interval.
+
+    ``clear`` is true when the interval excludes 0: only then does a report
+    call one arm better; otherwise it says "no clear difference".
+    """
+
+    mean: float
+    se: float
+    low: float
+    high: float
+    n: int
+    confidence: float
+
+    @property
+    def clear(self) -> bool:
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:+.2f} (one seed: no noise estimate)"
+        return (f"{self.mean:+.2f} ± {self.se:.2f} (standard error over {self.n} paired seeds; "
+                f"{100 * self.confidence:g}% interval {self.low:+.2f} .. {self.high:+.2f})")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
+    """Compare two arms run on the same seeds: statistics of ``a[i] - b[i]``.
+
+    Pairing removes what the seeds share (initial weights, data order, split),
+    so the noise left is that of the difference itself. The interval is
+    Student's t with ``n - 1`` degrees of freedom (needs scipy, which
+    scikit-learn brings: ``pip install 'fusedclr[tune]'``). With one seed the
+    standard error and interval are NaN and ``clear`` is false.
+    """
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"a and b must be non-empty and paired seed by seed, got {len(a)} and {len(b)} values")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = math.fsum(diffs) / n
+    if n < 2:
+        return PairedDifference(mean, math.nan, math.nan, math.nan, n, confidence)
+    from scipy.stats import t as student_t
+
+    se = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * se
+    return PairedDifference(mean, se, mean - half, mean + half, n, confidence)
+
+
+# --------------------------------------------------------------------------
 # The sweep
 # --------------------------------------------------------------------------
 
@@ -234,22 +291,27 @@ class SweepRow(NamedTuple):
     val_accuracy: float | None
     train_loss: float
     seconds: float
+    max_lr: float = math.nan
 
 
 @dataclass
 class SweepResult:
     """The table of a :func:`sweep`: one row per (weight decay, momentum).
 
-    ``max_lr`` is the one-cycle peak every run used; ``lr_find`` is the range
-    test it came from (``None`` when ``max_lr`` was given).
+    ``max_lrs`` maps each momentum to the one-cycle peak its rows used;
+    ``lr_finds`` maps it to the range test that peak came from (its
+    :attr:`~fusedclr.LRFinderResult.peak`; empty when ``max_lr`` was given).
+    Momentum cycles from each row's value down by ``momentum_span`` at the
+    peak and back.
     """
 
     rows: list[SweepRow]
-    max_lr: float
+    max_lrs: dict[float, float]
     epochs: int
-    lr_find: Any = None
+    lr_finds: dict[float, Any] = field(default_factory=dict)
     weight_decays: list[float] = field(default_factory=list)
     momentums: list[float] = field(default_factory=list)
+    momentum_span: float = 0.1
 
     def best(self, by: str = "val_loss") -> SweepRow:
         """The row with the lowest validation loss (``by="val_loss"``) or highest accuracy (``"val_accuracy"``)."""
@@ -261,20 +323,43 @@ class SweepResult:
             return max(self.rows, key=lambda r: r.val_accuracy)
         raise ValueError(f"by must be 'val_loss' or 'val_accuracy', got {by!r}")
 
+    def source(self) -> str:
+        """Where the peaks came from, in words."""
+        if not self.lr_finds:
+            return f"max_lr={next(iter(self.max_lrs.values())):.3g} for every run, given by the caller"
+        peaks = ", ".join(f"{p:.3g} at momentum {m:g}" for m, p in self.max_lrs.items())
+        return (f"max_lr = the one-cycle peak of a range test run first, at weight decay 0, with each row's "
+                f"momentum: {peaks}")
+
+    def picked(self) -> str:
+        """The chosen weight decay and momentum range, and why (one line)."""
+        best = self.best()
+        others = sorted((r for r in self.rows if r is not best), key=lambda r: (math.isnan(r.val_loss), r.val_loss))
+        why = f"the lowest validation loss, {best.val_loss:.4f}"
+        if others:
+            nxt = others[0]
+            why += (f" (next: {nxt.val_loss:.4f} at weight decay {nxt.weight_decay:g}, momentum {nxt.momentum:g}; "
+                    "one seed per cell, so a gap smaller than the seed-to-seed noise is not resolved)")
+        low = best.momentum - self.momentum_span
+        return (f"picked: weight decay {best.weight_decay:g}, momentum {best.momentum:g} -> {low:g} -> "
+                f"{best.momentum:g} over the cycle, peak lr {best.max_lr:.3g}: {why}")
+
     def table(self) -> str:
         best = self.best()
         lines = [
-            f"one-cycle, max_lr={self.max_lr:.3g}, {self.epochs} epoch(s) per run; momentum cycles "
-            "from the listed value down and back",
-            f"{'weight_decay':>12} {'momentum':>9} {'val_loss':>9} {'val_acc':>8} {'train_loss':>10} {'time':>7}",
+            f"one-cycle, {self.epochs} epoch(s) per run; {self.source()}; momentum cycles from the listed value "
+            f"down by {self.momentum_span:g} at the peak and back",
+            f"{'weight_decay':>12} {'momentum':>9} {'max_lr':>8} {'val_loss':>9} {'val_acc':>8} {'train_loss':>10} "
+            f"{'time':>7}",
         ]
         for r in self.rows:
             acc = "-" if r.val_accuracy is None else f"{100 * r.val_accuracy:.2f}%"
             mark = "  <- best val_loss" if r is best else ""
             lines.append(
-                f"{r.weight_decay:>12g} {r.momentum:>9g} {r.val_loss:>9.4f} {acc:>8} {r.train_loss:>10.4f} "
-                f"{r.seconds:>6.2f}s{mark}"
+                f"{r.weight_decay:>12g} {r.momentum:>9g} {r.max_lr:>8.3g} {r.val_loss:>9.4f} {acc:>8} "
+                f"{r.train_loss:>10.4f} {r.seconds:>6.2f}s{mark}"
             )
+        lines.append(self.picked())
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -282,11 +367,14 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "max_lr": self.max_lr,
+            "max_lrs": {str(m): p for m, p in self.max_lrs.items()},
+            "max_lr_source": self.source(),
+            "momentum_span": self.momentum_span,
+            "picked": self.picked(),
             "epochs": self.epochs,
             "rows": [r._asdict() for r in self.rows],
             "best": self.best()._asdict(),
-            "lr_find": None if self.lr_find is None else self.lr_find.to_dict(),
+            "lr_finds": {str(m): f.to_dict() for m, f in self.lr_finds.items()},
         }
 
     def plot(self, path: str | None = None):
@@ -317,7 +405,7 @@ class SweepResult:
             ax.legend(fontsize=8, loc="best")
         axes[0].plot([wds.index(best.weight_decay)], [best.val_loss], marker="*", ms=16, color="tab:red",
                      markeredgecolor="black", ls="none", zorder=5)
-        fig.suptitle(f"one-cycle sweep at max_lr={self.max_lr:.3g} ({self.epochs} epoch(s) per run); "
+        fig.suptitle(f"one-cycle sweep at the range test's peak ({self.epochs} epoch(s) per run); "
                      f"best: wd={best.weight_decay:g}, momentum={best.momentum:g}", fontsize=10)
         fig.tight_layout()
         if path is not None:
@@ -344,16 +432,21 @@ def sweep(
 ) -> SweepResult:
     """Smith's weight-decay / momentum sweep with short one-cycle trainings.
 
-    The order is Smith's: first, with weight decay 0 and the largest momentum,
-    a range test (:func:`fusedclr.lr_find`) picks ``max_lr`` (skipped when
-    ``max_lr`` is given); then every (weight decay, momentum) pair in the grid
-    trains a fresh model (``model_fn()`` under ``torch.manual_seed(seed)``, so
-    every run starts from the same weights) for ``epochs`` epochs of SGD with
-    the one-cycle policy at that ``max_lr``, momentum cycling from ``m`` down
-    to ``m - momentum_span`` and back, and is scored on ``val_loader``.
+    The order is Smith's: first, with weight decay 0, a range test
+    (:func:`fusedclr.lr_find`) per momentum of the grid gives that momentum's
+    one-cycle :attr:`~fusedclr.LRFinderResult.peak` (skipped when ``max_lr``
+    is given: every run uses it). A peak is found with the momentum it is used
+    with, because momentum scales the steps: a peak found at 0.99 is far too
+    low for 0.9, and one found at 0.9 unsafe for 0.99. Then every
+    (weight decay, momentum) pair in the grid trains a fresh model
+    (``model_fn()`` under ``torch.manual_seed(seed)``, so every run starts from
+    the same weights) for ``epochs`` epochs of SGD with the one-cycle policy
+    at its momentum's peak, momentum cycling from ``m`` down to
+    ``m - momentum_span`` and back, and is scored on ``val_loader``. The
+    table ends with the pick, the lowest validation loss, and the runner-up.
 
-    Cost: ``len(weight_decays) * len(momentums) * epochs`` epochs plus one
-    range test (16 x 2 epochs with the defaults).
+    Cost: ``len(weight_decays) * len(momentums) * epochs`` epochs plus
+    ``len(momentums)`` range tests (16 x 2 epochs and 4 tests with the defaults).
 
     Args:
         model_fn: builds a fresh model (already on ``device``, if any).
@@ -383,17 +476,23 @@ def sweep(
     SGD, _, OneCycleLR, _ = optimizer_classes()
     steps = _steps_per_epoch(train_loader, "train_loader")
 
-    found = None
+    finds: dict[float, Any] = {}
     if max_lr is None:
-        torch.manual_seed(seed)
-        model = model_fn()
-        opt = SGD(model.parameters(), lr=1e-3, momentum=max(momentums), weight_decay=0.0)
-        found = lr_find(model, train_loader, loss_fn, opt, device=dev, progress=progress, **(lr_find_kwargs or {}))
-        max_lr = found.suggestion
-        if max_lr is None:
-            raise RuntimeError("the range test suggested no learning rate:\n" + found.summary())
+        peaks = {}
+        for mom in momentums:
+            torch.manual_seed(seed)
+            model = model_fn()
+            opt = SGD(model.parameters(), lr=1e-3, momentum=mom, weight_decay=0.0)
+            found = lr_find(model, train_loader, loss_fn, opt, device=dev, progress=progress,
+                            **(lr_find_kwargs or {}))
+            if found.peak is None:
+                raise RuntimeError(f"the range test at momentum {mom:g} suggested no one-cycle peak:\n"
+                                   + found.summary())
+            finds[mom], peaks[mom] = found, found.peak
     elif not (math.isfinite(max_lr) and max_lr > 0):
         raise ValueError(f"max_lr must be a finite number > 0 or None (run a range test), got {max_lr!r}")
+    else:
+        peaks = dict.fromkeys(momentums, float(max_lr))
 
     rows = []
     grid = [(w, m) for w in weight_decays for m in momentums]
@@ -409,8 +508,9 @@ def sweep(
         for wd, mom in grid:
             torch.manual_seed(seed)
             model = model_fn()
-            opt = SGD(model.parameters(), lr=max_lr, momentum=mom, weight_decay=wd)
-            sched = OneCycleLR(opt, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps,
+            peak = peaks[mom]
+            opt = SGD(model.parameters(), lr=peak, momentum=mom, weight_decay=wd)
+            sched = OneCycleLR(opt, max_lr=peak, epochs=epochs, steps_per_epoch=steps,
                                base_momentum=mom - momentum_span, max_momentum=mom)
             t0 = time.perf_counter()
             train_loss = math.nan
@@ -420,11 +520,11 @@ def sweep(
                     bar.update(1)
             seconds = time.perf_counter() - t0
             val_loss, val_acc = evaluate(model, val_loader, loss_fn, device=dev)
-            rows.append(SweepRow(wd, mom, val_loss, val_acc, train_loss, seconds))
+            rows.append(SweepRow(wd, mom, val_loss, val_acc, train_loss, seconds, peak))
     finally:
         if bar is not None:
             bar.close()
-    result = SweepResult(rows, float(max_lr), epochs, found, weight_decays, momentums)
+    result = SweepResult(rows, peaks, epochs, finds, weight_decays, momentums, float(momentum_span))
     if plot is not None:
         result.plot(plot)
     return result

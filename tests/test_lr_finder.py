@@ -479,6 +479,128 @@ def test_suggestions_never_pass_a_sudden_divergence():
         assert max(r.suggestions.values()) < 10**edge, seed
 
 
+def test_one_cycle_peak_lands_below_divergence_in_a_stated_band():
+    """The one-cycle peak is the trend's minimum capped at 4x valley [note: one-cycle peak].
+
+    On the noisy logistic curves the blow-up starts at DIVERGE and the descent
+    has done 95% of its drop at CENTRE + WIDTH ln 19 (-1.97): the peak must land
+    in [10**-2.1, 10**(DIVERGE - 1)], a decade or more below divergence, never
+    below the constant suggestion, and the same from seed to seed. Moving the
+    divergence closer (a narrow valley floor) must pull the peak with it.
+    """
+    peaks = []
+    for seed in range(40):
+        r = _as_run(*_noisy_curve(seed))
+        assert r.loss_rose and r.valley < r.peak <= 4 * r.valley * (1 + 1e-12)
+        peaks.append(math.log10(r.peak))
+    peaks = np.array(peaks)
+    assert np.all((peaks >= -2.1) & (peaks <= DIVERGE - 1.0))
+    assert peaks.std() < 0.1
+    for edge in (-2.0, -1.5):
+        for seed in range(10):
+            rng = np.random.default_rng(seed)
+            x = np.linspace(-7, 1, 100)
+            clean = 0.3 + 2.0 / (1 + np.exp((x - CENTRE) / WIDTH))
+            clean += np.where(x > edge, 0.6 * np.expm1(3 * (x - edge)), 0)
+            r = _as_run(10**x, clean * (1 + 0.08 * rng.standard_normal(100)))
+            assert edge - 0.5 <= math.log10(r.peak) < edge, (edge, seed)
+
+
+def test_one_cycle_peak_before_a_cliff_and_on_a_quadratic():
+    # A cliff: the loss jumps 50x at a random edge; the peak stays below it, above the constant lr.
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        x = np.linspace(-6, 0, 80)
+        edge = -1.5 + rng.uniform(-0.3, 0.3)
+        clean = 0.2 + 2.0 / (1 + np.exp((x + 3.5) / 0.3))
+        r = _as_run(10**x, np.where(x > edge, clean * 50, clean) * (1 + 0.1 * rng.standard_normal(x.size)))
+        assert r.valley < r.peak < 10**edge, seed
+    # Gradient descent on a quadratic diverges for lr > 2/L. Its noise-free range test lags
+    # (the trend's minimum lands 2-3x past 2/L); the 4x-valley cap keeps the peak in [(2/L)/8, 2/L).
+    for seed in range(3):
+        for num_iter in (100, 200):
+            x, y, L = _regression(seed)
+            torch.manual_seed(seed)
+            model = nn.Linear(16, 1, bias=False)
+            r = lr_find(model, [(x, y)], nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                        num_iter=num_iter, progress=False)
+            assert (2 / L) / 8 <= r.peak < 2 / L, (seed, num_iter)
+            assert r.momentum == 0.0
+
+
+def test_test_that_ends_before_the_loss_rises_gives_the_best_tested_lr_and_says_so():
+    lrs = np.geomspace(1e-6, 1e-1, 80)
+    x = np.log10(lrs)
+    # Falls by 2.0, then creeps up by 0.1: less than the tenth of the drop that counts as rising.
+    falls_then_flat = 0.3 + 2.0 / (1 + np.exp((x + 4) / 0.3)) + np.where(x > -2.5, 0.04 * (x + 2.5), 0.0)
+    r = LRFinderResult(lrs, falls_then_flat)
+    assert not r.loss_rose and r.stop_reason == "completed"
+    assert any("ended before the loss rose" in w and "not extrapolated" in w for w in r.warnings)
+    h = 4  # half a trend window, trimmed at each end
+    lowest = lrs[h + int(np.argmin(r.trend[h:-h]))]
+    assert r.peak == pytest.approx(min(lowest, 4 * r.valley)) and r.peak < lrs[-1]
+    still_falling = LRFinderResult(lrs, np.linspace(2.3, 0.5, 80))
+    assert not still_falling.loss_rose and still_falling.peak <= lrs[-1]
+    assert any("still falling" in w and "one-cycle peak" in w for w in still_falling.warnings)
+    # A curve that does rise is not flagged.
+    rises = LRFinderResult(lrs, falls_then_flat + np.where(x > -1.5, 2.0 * (x + 1.5), 0.0))
+    assert rises.loss_rose and not any("rose" in w for w in rises.warnings)
+
+
+@pytest.mark.parametrize("momentum, expected", [
+    (0.9, dict(cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)),
+    (0.99, dict(cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)),
+    (0.5, dict(cycle_momentum=True, base_momentum=0.5, max_momentum=pytest.approx(0.6))),
+    (0.0, dict(cycle_momentum=False)),
+    (None, dict(cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)),
+])
+def test_one_cycle_kwargs_drive_onecycle_lr(momentum, expected):
+    lrs, y = _noisy_curve(3)
+    r = _as_run(lrs, y)
+    r.momentum = momentum
+    kwargs = r.one_cycle(50)
+    for key, value in expected.items():
+        assert kwargs[key] == value, key
+    assert kwargs["max_lr"] == r.peak and kwargs["div_factor"] == 25.0 and kwargs["total_steps"] == 50
+    for sched_cls, opt_cls in ((torch.optim.lr_scheduler.OneCycleLR, torch.optim.SGD),
+                               (fusedclr.lr_scheduler.OneCycleLR, fusedclr.SGD)):
+        p = nn.Parameter(torch.zeros(4))
+        opt = opt_cls([p], lr=0.1, momentum=momentum or 0.0)
+        sched = sched_cls(opt, **kwargs)
+        seen = []
+        for step in range(50):
+            seen.append(opt.param_groups[0]["lr"])
+            p.grad = torch.ones_like(p)
+            opt.step()
+            if step < 49:
+                sched.step()
+        assert max(seen) == pytest.approx(r.peak, rel=1e-6)
+        assert seen[0] == pytest.approx(r.peak / 25) and seen[0] < r.suggestion
+    by_epochs = r.one_cycle(epochs=3, steps_per_epoch=7)
+    assert (by_epochs["epochs"], by_epochs["steps_per_epoch"]) == (3, 7) and "total_steps" not in by_epochs
+    assert "total_steps" not in r.one_cycle()
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((0,), {}, "total_steps must be a positive integer"),
+    ((10,), {"epochs": 2, "steps_per_epoch": 3}, "either total_steps or epochs"),
+    ((), {"epochs": 2}, "epochs and steps_per_epoch go together"),
+    ((10,), {"pct_start": 1.0}, "pct_start"),
+])
+def test_one_cycle_bad_arguments_name_themselves(args, kwargs, match):
+    r = _as_run(*_noisy_curve(0))
+    with pytest.raises(ValueError, match=match):
+        r.one_cycle(*args, **kwargs)
+
+
+def test_lr_find_records_the_momentum_it_ran_with():
+    x, y, _ = _regression(0)
+    model = nn.Linear(16, 1, bias=False)
+    adam = torch.optim.Adam(model.parameters(), betas=(0.8, 0.99))
+    assert lr_find(model, [(x, y)], nn.MSELoss(), adam, num_iter=10, progress=False).momentum == 0.8
+    assert lr_find(model, [(x, y)], nn.MSELoss(), num_iter=10, progress=False).momentum == 0.9
+
+
 def test_flat_curve_is_flagged_unreliable():
     rng = np.random.default_rng(0)
     lrs = np.geomspace(1e-7, 10, 100)
@@ -495,8 +617,10 @@ def test_still_falling_at_the_end_is_flagged():
 
 def test_too_few_points_suggest_nothing():
     r = LRFinderResult([1e-3, 1e-2, 1e-1], [2.0, 1.0, 50.0], stop_reason="diverged")
-    assert r.suggestion is None and all(v is None for v in r.suggestions.values())
+    assert r.suggestion is None and r.peak is None and all(v is None for v in r.suggestions.values())
     assert r.clr_bounds() is None
+    with pytest.raises(ValueError, match="recommends no one-cycle peak"):
+        r.one_cycle(10)
     assert "at least" in r.warnings[-1]
 
 
@@ -525,19 +649,37 @@ def test_plot_writes_a_png_without_touching_the_backend(tmp_path):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     labels = " ".join(t.get_text() for t in ax.get_legend().get_texts())
-    for name in ("steep", "valley", "minimum/10", "max_lr", "base_lr", "stopped: diverged"):
+    for name in ("steep", "valley", "minimum/10", "max_lr", "base_lr", "one-cycle peak", "stopped: diverged"):
         assert name in labels
     assert matplotlib.get_backend() == backend
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_plot_legend_leaves_the_curve_visible(tmp_path, seed):
+    """No point of the trend or the raw curve, inside the axes, lies under the legend box."""
+    r = _as_run(*_noisy_curve(seed))
+    fig = r.plot()
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    box = ax.get_legend().get_window_extent()
+    n = len(r.trend)
+    lo, hi = ax.get_ylim()
+    for ys in (np.asarray(r.trend), np.asarray(r.losses[:n])):
+        inside = (ys >= lo) & (ys <= hi)
+        pts = ax.transData.transform(np.column_stack([np.asarray(r.lrs[:n])[inside], ys[inside]]))
+        covered = (pts[:, 0] >= box.x0) & (pts[:, 0] <= box.x1) & (pts[:, 1] >= box.y0) & (pts[:, 1] <= box.y1)
+        assert not covered.any(), f"{covered.sum()} points under the legend"
 
 
 def test_to_dict_is_json_and_round_trips_the_numbers():
     lrs, y = _noisy_curve(2)
     r = _as_run(lrs, y)
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["suggestion"] == r.suggestion and d["suggestions"] == r.suggestions
+    assert d["suggestion"] == r.suggestion and d["suggestions"] == r.suggestions and d["peak"] == r.peak
+    assert d["loss_rose"] is True
     assert d["lrs"] == r.lrs and d["losses"] == r.losses and len(d["trend"]) == len(r.lrs)
     assert d["stop_reason"] == "diverged"
-    assert "valley" in str(r) and "suggestion" in str(r)
+    assert "valley" in str(r) and "suggestion" in str(r) and "one_cycle(" in str(r)
 
 
 def test_exported_from_the_package():

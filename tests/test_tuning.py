@@ -17,6 +17,7 @@ from fusedclr.tuning import (
     ScaledLR,
     evaluate,
     optimizer_classes,
+    paired_difference,
     scale_lr,
     sweep,
     train_epoch,
@@ -121,6 +122,62 @@ def test_train_epoch_returns_the_mean_batch_loss_and_steps_the_scheduler():
 
 
 # --------------------------------------------------------------------------
+# Paired comparisons (the demo's verdict)
+# --------------------------------------------------------------------------
+
+
+def test_paired_difference_is_the_t_interval_of_the_seed_differences():
+    # Differences 1, 1, 1, 1, 0.5: mean 0.9, sample sd sqrt(0.05), standard error 0.1;
+    # Student's t for 4 degrees of freedom at 97.5% is 2.776445.
+    d = paired_difference([1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.5])
+    assert (d.mean, d.n) == (pytest.approx(0.9), 5)
+    assert d.se == pytest.approx(0.1)
+    assert (d.low, d.high) == (pytest.approx(0.9 - 0.2776445), pytest.approx(0.9 + 0.2776445))
+    assert d.clear and "± 0.10" in str(d) and "5 paired seeds" in str(d)
+
+
+def test_pairing_sees_a_steady_gain_that_the_spread_hides_and_noise_is_not_a_win():
+    seeds = [96.0, 97.5, 98.0, 96.8, 97.2]  # seed-to-seed spread ±0.8
+    steady = paired_difference([s + 0.3 + 0.05 * (-1) ** i for i, s in enumerate(seeds)], seeds)
+    assert steady.clear and steady.mean > 0
+    # The tie: +0.18 points on average, differences of both signs.
+    tie = paired_difference([97.1, 97.8, 96.9, 98.0, 97.3], [97.3, 97.2, 97.0, 97.5, 97.2])
+    assert tie.mean == pytest.approx(0.18) and not tie.clear and tie.low < 0 < tie.high
+    one = paired_difference([97.0], [96.0])
+    assert not one.clear and math.isnan(one.se) and "no noise estimate" in str(one)
+    with pytest.raises(ValueError, match="paired seed by seed"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_demo_verdict_names_a_winner_only_beyond_the_noise():
+    from fusedclr.demo import _verdict
+
+    assert _verdict(paired_difference([2.0, 3.0, 4.0], [1.0, 2.1, 2.9])) == "one-cycle is better"
+    assert _verdict(paired_difference([1.0, 2.1, 2.9], [2.0, 3.0, 4.0])) == "constant lr is better"
+    assert _verdict(paired_difference([97.1, 97.8, 96.9, 98.0, 97.3], [97.3, 97.2, 97.0, 97.5, 97.2])) == \
+        "no clear difference"
+    assert _verdict(paired_difference([97.0], [96.0])).startswith("no verdict from one seed")
+
+
+def test_demo_training_curves_log_losses_and_hold_every_seed(tmp_path):
+    from fusedclr.demo import Run, _plot_curves
+
+    def run(name, seed, acc):
+        return Run(name, seed, 0.1, train_loss=[1.0, 0.05, 0.004], val_loss=[0.9, 0.2, 0.08], val_accuracy=acc)
+
+    runs = {"one-cycle": [run("one-cycle", 0, [0.80, 0.95, 0.97]), run("one-cycle", 1, [0.60, 0.96, 0.98])],
+            "constant": [run("constant", 0, [0.90, 0.95, 0.96]), run("constant", 1, [0.91, 0.94, 0.97])]}
+    fig = _plot_curves(runs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    train_ax, val_ax, acc_ax = fig.axes
+    assert train_ax.get_yscale() == val_ax.get_yscale() == "log"
+    lo, hi = acc_ax.get_ylim()
+    assert lo < 60.0 and hi > 98.0  # the worst seed's first epoch (60%) and the best final one (98%)
+    labels = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert any(x.startswith("one-cycle") for x in labels) and any(x.startswith("constant") for x in labels)
+
+
+# --------------------------------------------------------------------------
 # sweep
 # --------------------------------------------------------------------------
 
@@ -142,29 +199,42 @@ def test_defaults_are_smiths_grid():
     assert DEFAULT_MOMENTUMS == (0.99, 0.97, 0.95, 0.9)
 
 
-def test_sweep_finds_the_lr_with_weight_decay_zero_first(monkeypatch, tmp_path):
+def test_sweep_finds_the_peak_with_weight_decay_zero_first_at_each_momentum(monkeypatch, tmp_path):
     calls = []
     real = fusedclr.lr_finder.lr_find
 
     def spy(model, loader, loss_fn, optimizer, **kwargs):
-        calls.append([(g["weight_decay"], g["momentum"]) for g in optimizer.param_groups])
+        groups = [(g["weight_decay"], g["momentum"]) for g in optimizer.param_groups]
         result = real(model, loader, loss_fn, optimizer, **kwargs)
-        calls.append(result.suggestion)
+        calls.append((groups, result))
         return result
 
     monkeypatch.setattr(fusedclr.lr_finder, "lr_find", spy)
     train, val = _blobs(seed=0), _blobs(seed=1)
-    result = sweep(_model, train, val, weight_decays=[1e-2, 0.0], momentums=[0.95, 0.9], epochs=2,
+    result = sweep(_model, train, val, weight_decays=[1e-2, 0.0], momentums=[0.95, 0.5], epochs=2,
                    lr_find_kwargs={"num_iter": 40, "end_lr": 100.0}, progress=False, plot=str(tmp_path / "s.png"))
-    assert calls[0] == [(0.0, 0.95)]  # weight decay 0, the largest momentum of the grid
-    assert result.max_lr == calls[1] and result.lr_find is not None
-    assert [(r.weight_decay, r.momentum) for r in result.rows] == [(1e-2, 0.95), (1e-2, 0.9), (0.0, 0.95), (0.0, 0.9)]
+    # One range test per momentum, at weight decay 0, before any training run.
+    assert [groups for groups, _ in calls] == [[(0.0, 0.95)], [(0.0, 0.5)]]
+    found = {0.95: calls[0][1], 0.5: calls[1][1]}
+    assert result.lr_finds == found
+    # Each row trains at the one-cycle peak found with its own momentum, not at the constant-lr suggestion.
+    assert result.max_lrs == {m: f.peak for m, f in found.items()}
+    assert all(f.peak > f.suggestion for f in found.values())
+    assert found[0.5].peak > found[0.95].peak  # less momentum, smaller steps: a higher peak
+    assert [(r.weight_decay, r.momentum) for r in result.rows] == [(1e-2, 0.95), (1e-2, 0.5), (0.0, 0.95), (0.0, 0.5)]
+    assert all(r.max_lr == found[r.momentum].peak for r in result.rows)
     assert all(r.val_accuracy is not None and 0 <= r.val_accuracy <= 1 for r in result.rows)
     assert min(r.val_accuracy for r in result.rows) > 0.6  # the blobs are easy: training happened
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    assert result.best() in result.rows
-    assert "<- best val_loss" in result.table()
-    json.dumps(result.to_dict())
+    best, table = result.best(), result.table()
+    assert best in result.rows and "<- best val_loss" in table
+    assert (f"one-cycle peak of a range test run first, at weight decay 0, with each row's momentum: "
+            f"{found[0.95].peak:.3g} at momentum 0.95, {found[0.5].peak:.3g} at momentum 0.5") in table
+    picked = (f"picked: weight decay {best.weight_decay:g}, momentum {best.momentum:g} -> "
+              f"{best.momentum - 0.1:g} -> {best.momentum:g} over the cycle, peak lr {best.max_lr:.3g}: "
+              f"the lowest validation loss, {best.val_loss:.4f} (next: ")
+    assert table.splitlines()[-1].startswith(picked)
+    assert json.loads(json.dumps(result.to_dict()))["picked"] == table.splitlines()[-1]
 
 
 def test_each_sweep_row_is_a_reproducible_one_cycle_run():
@@ -173,7 +243,8 @@ def test_each_sweep_row_is_a_reproducible_one_cycle_run():
     wds, moms, max_lr, epochs = [1e-1, 0.0], [0.9, 0.8], 0.3, 3
     result = sweep(_model, train, val, weight_decays=wds, momentums=moms, max_lr=max_lr, epochs=epochs,
                    seed=4, progress=False)
-    assert result.lr_find is None
+    assert result.lr_finds == {} and result.max_lrs == {0.9: 0.3, 0.8: 0.3}
+    assert "max_lr=0.3 for every run, given by the caller" in result.table()
     SGD, _, OneCycleLR, _ = optimizer_classes()
     for row in result.rows:
         torch.manual_seed(4)
