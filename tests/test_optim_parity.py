@@ -272,7 +272,7 @@ def test_state_is_live_view_of_flat_buffers():
 @pytest.mark.parametrize("cls,kwargs", [(fusedclr.AdamW, {"amsgrad": True}), (fusedclr.SGD, {"momentum": 0.9})])
 def test_cpu_flat_buffers_start_at_staggered_page_offsets(cls, kwargs):
     """[note: staggered buffers]: no two of a bucket's streams share their offset within a 4 KiB page."""
-    from fusedclr.optim._flat import PAGE
+    from fusedclr.optim._flat import PAGE, TORCH_PAGE_OFFSET
 
     params = [torch.nn.Parameter(torch.randn(3000)) for _ in range(3)]
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -295,6 +295,10 @@ def test_cpu_flat_buffers_start_at_staggered_page_offsets(cls, kwargs):
     # apart ran 8% slower than 1 KiB apart at 200 x 1M).
     assert min(gaps) >= 512
     assert all(t.data_ptr() % 64 == 0 and t.numel() == b.total for t in buffers)
+    # ... nor with where torch's first large (mmapped) tensors start: a large model's parameters.
+    for t in buffers:
+        apart = (t.data_ptr() - TORCH_PAGE_OFFSET) % PAGE
+        assert min(apart, PAGE - apart) >= 512
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -39,20 +39,23 @@ loads them shard by shard, and the global gradient norm reduces the local
 sums of squares over the mesh.
 
 [note: staggered buffers]
-The update streams through the parameter, gradient and state buffers at the
-same element index. Large CPU allocations come from mmap and start at the
-same offset within a 4 KiB page, so without care all four (or five) streams
-hit addresses that agree in their low 12 bits: the core's memory
-disambiguation then sees false store-to-load dependencies (4K aliasing) and
-the same L1 sets fill up. On a 2-core EPYC this made fp32 AdamW over 200 x 1M
-elements run at 1.03 ns/element; torch's fused kernel over one 210M-element
-tensor is exactly as slow, and its 200 separately allocated tensors (whose
-page offsets happen to differ) take 0.52. :func:`_staggered_zeros` therefore
-places buffer ``slot`` at byte ``slot * STAGGER`` of a page, for the same
-0.50 ns/element. A bucket has at most six streams (parameter, gradient, three
-Adam states and the fp32 master), so ``STAGGER`` = 640 keeps every pair at
-least 640 bytes apart within the page. CUDA's allocator and the GPU's address
-hashing do not have this problem, so only CPU buffers are staggered.
+The update streams through the parameter, the gradient and the state buffers
+at the same element index. Large CPU allocations come from mmap and start at
+the same offset within a 4 KiB page, so without care the streams hit addresses
+that agree in their low 12 bits: the core's memory disambiguation then sees
+false store-to-load dependencies (4K aliasing) and the same L1 sets fill up
+(measured with flat parameter buffers, 2-core EPYC, fp32 AdamW over 200 x 1M:
+1.03 ns/element aligned, 0.50 staggered). The parameters and gradients are
+torch's own tensors now. Large ones that glibc serves from mmap start at byte
+64 of a page (``TORCH_PAGE_OFFSET``, torch 2.14; glibc raises its mmap
+threshold as large blocks are freed, after which large tensors come from the
+heap at any offset), so a large model's parameters and gradients often alias
+each other whatever we do, as do torch's own states in its fused step. :func:`_staggered_zeros` keeps ours off that offset and apart: state
+buffer ``slot`` starts at byte ``64 + (slot + 1) * STAGGER`` of a page. A bucket
+has at most four state streams (three Adam states and the fp32 master), so
+``STAGGER`` = 640 keeps every pair, and each state and the parameters, at least
+640 bytes apart within the page. CUDA's allocator and the GPU's address hashing
+do not have this problem, so only CPU buffers are staggered.
 
 [note: bucket precision]
 A bucket of bf16 or fp16 parameters may hold an fp32 ``master`` copy of its
@@ -79,6 +82,8 @@ ALIGN = 16
 # Byte distance between the page offsets of a bucket's flat buffers [note: staggered buffers].
 STAGGER = 640
 PAGE = 4096
+# Page offset of torch's large CPU allocations, where parameters and gradients sit [note: staggered buffers].
+TORCH_PAGE_OFFSET = 64
 CHUNK = {"cpu": 16384}
 DEFAULT_CHUNK = 8192
 # Table columns, as csrc/include/fusedclr/segments.h.
@@ -117,7 +122,7 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _staggered_zeros(total: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
-    """A zero 1-D buffer of ``total`` elements; on CPU it starts ``slot * STAGGER`` bytes into a page.
+    """A zero 1-D buffer of ``total`` elements; on CPU it starts ``64 + (slot + 1) * STAGGER`` bytes into a page.
 
     See [note: staggered buffers]; the offsets stay 64-byte aligned.
     """
@@ -126,7 +131,7 @@ def _staggered_zeros(total: int, dtype: torch.dtype, device: torch.device, slot:
     item = torch.empty((), dtype=dtype).element_size()
     pad = PAGE // item
     raw = torch.zeros(total + pad, dtype=dtype, device=device)
-    want = (slot * STAGGER) % PAGE
+    want = (TORCH_PAGE_OFFSET + (slot + 1) * STAGGER) % PAGE
     start = ((want - raw.data_ptr()) % PAGE) // item
     return raw[start : start + total]
 
