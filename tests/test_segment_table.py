@@ -249,3 +249,35 @@ def test_deepcopied_optimizer_steps_its_own_model():
     _assert_moved(before2, model2)
     for a, b in zip(before, model.parameters()):
         assert torch.equal(a, b), "the original must not move when its copy steps"
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_checkpoint_state_initialisation_step_changes_nothing_like_torch(name):
+    """torch.distributed.checkpoint fills an empty optimizer state with one step at lr 0 and
+    zero grads; with an in-kernel schedule attached, that step must not move the weights
+    (weight decay at the schedule's lr would), as it does not in torch."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    torch_cls, fc_cls, kw = PAIRS[name]
+    kw = {**kw, "weight_decay": 0.1}
+    model, ref = _model(), _model()
+    opt = fc_cls(model.parameters(), **kw)
+    sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)
+    opt_ref = torch_cls(ref.parameters(), **kw)
+    sched_ref = torch.optim.lr_scheduler.OneCycleLR(opt_ref, max_lr=0.1, total_steps=100)
+    before = _params(model)
+    _init_optim_state(opt)
+    _init_optim_state(opt_ref)
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p), "the initialisation step moved a weight"
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt_ref.param_groups]
+    # and the schedule is back in charge afterwards: training goes on exactly like torch's
+    for m, o, s in ((model, opt, sched), (ref, opt_ref, sched_ref)):
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            o.zero_grad()
+            m(torch.randn(5, 6, generator=gen)).square().mean().backward()
+            o.step()
+            s.step()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, **TOL[torch.float32])

@@ -422,34 +422,42 @@ class FlatOptimizerMixin:
 
     # -- the step --------------------------------------------------------------
 
-    def _sync_hyper(self, bucket: Bucket, group: dict[str, Any]) -> None:
+    def _sync_hyper(self, bucket: Bucket, group: dict[str, Any]) -> bool:
         """Mirrors the group's lr and momentum into the bucket's device ``hyper`` tensor.
 
         A float only costs a copy when it changed; a tensor lr (which a torch
         scheduler updates in place) is copied device-side every step, no sync.
+
+        Returns True when the group's lr is a float 0 although the attached
+        schedule provides the lr: that step runs without the schedule, at lr 0,
+        as torch's would. ``torch.distributed.checkpoint`` initialises an empty
+        optimizer state with such a step (zero grads, every lr set to 0); a
+        schedule that reached 0 itself mirrored that 0 into the group anyway.
         """
         check = getattr(bucket, "schedule_check", None)
         if check is not None:
             check()  # schedulers composed in-kernel: still in step? (host values only, no sync)
         covers_lr, covers_mom = getattr(bucket, "schedule_covers", (False, False))
-        if covers_lr and covers_mom:
-            return  # the kernel takes both from the schedule: no per-step copy
+        zero_lr = covers_lr and _is_zero_float(group["lr"])
+        if covers_lr and covers_mom and not zero_lr:
+            return False  # the kernel takes both from the schedule: no per-step copy
         # The scheduler mirrors its values into group["lr"] every step; when the
         # kernel reads them from the descriptor, watching them would cost a
         # host-to-device copy per step (and break CUDA-graph replay).
         lr = 0.0 if covers_lr else group["lr"]
-        mom = 0.0 if covers_mom else self._momentum(group)
+        mom = 0.0 if covers_mom and not zero_lr else self._momentum(group)
         if isinstance(lr, Tensor):
             bucket.hyper[0].copy_(lr.reshape(()))
             key = ("tensor", mom)
             if bucket.hyper_cache != key:
                 bucket.hyper[1].fill_(float(mom))
                 bucket.hyper_cache = key
-            return
+            return False
         key = (lr, mom)
         if bucket.hyper_cache != key:
             bucket.hyper.copy_(torch.tensor([float(lr), float(mom)], dtype=torch.float64))
             bucket.hyper_cache = key
+        return zero_lr
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: Tensor | None = None,
@@ -513,10 +521,14 @@ class FlatOptimizerMixin:
                     )
                 if b.schedule is None:
                     b.schedule, b.schedule_step = _no_schedule(b.device)
-                self._sync_hyper(b, group)
+                zero_lr = self._sync_hyper(b, group)
+                args = self._launch_args(b, group)
+                if zero_lr:  # the group's lr 0 overrides the schedule for this step
+                    off, counter = _no_schedule(b.device)
+                    args = tuple(off if a is b.schedule else counter if a is b.schedule_step else a for a in args)
                 fn = self._impl_for(b.device)
                 segments = b.reference_segments() if _is_reference(fn) else b.table
-                launches.append((fn, b, (segments, b.dtype, *self._launch_args(b, group))))
+                launches.append((fn, b, (segments, b.dtype, *args)))
         return launches
 
     def _rebucket(self, group_index: int) -> None:
@@ -738,6 +750,11 @@ class FlatOptimizerMixin:
 
     def _import_state(self, group: dict[str, Any], bucket: Bucket, index: int, state: dict[str, Any]) -> int:
         raise NotImplementedError
+
+
+def _is_zero_float(lr: Any) -> bool:
+    """Whether ``lr`` is a Python number equal to 0 (a tensor lr is never read on the host)."""
+    return not isinstance(lr, Tensor) and lr == 0
 
 
 def _is_reference(fn: Callable[..., None]) -> bool:
