@@ -106,9 +106,7 @@ void sgd_step(const at::Tensor& segments, at::ScalarType param_dtype, const std:
               bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
               std::optional<int64_t> sr_seed, int64_t resident) {
-  const int64_t state_numel = momentum_buffer.has_value() ? momentum_buffer->numel()
-                              : master_param.has_value()  ? master_param->numel()
-                                                          : -1;
+  const int64_t state_numel = state_length(momentum_buffer, master_param);
   const StepArgs step = checked_step_args(segments, param_dtype, chunks, state_numel, seg_steps, hyper, schedule,
                                           schedule_step, grad_scale, found_inf, maximize);
   const at::Device dev = segments.device();
@@ -123,22 +121,10 @@ void sgd_step(const at::Tensor& segments, at::ScalarType param_dtype, const std:
 
 at::Tensor grad_sumsq(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
                       int64_t resident) {
-  check_segments(segments, param_dtype, chunks);
-  StepArgs s{};
-  s.segments = segments.data_ptr<int64_t>();
-  s.n_segments = segments.size(0);
-  s.chunks = chunks.data_ptr<int64_t>();
-  s.n_chunks = chunks.size(0);
-  s.numel = s.n_chunks * kNominalChunk;
-  s.state_numel = -1;
-  at::Tensor partials;
-  dispatch_sumsq(param_dtype, s, nullptr, [&](auto kernel, StepArgs args, double*) {
-    const LaunchPlan plan = plan_launch(std::max<int64_t>(args.n_chunks, 1), args.numel, 1, resident);
-    args.parts = plan.parts;
-    partials = at::empty({plan.blocks * kThreads}, segments.options().dtype(at::kDouble));
-    run_grid(plan.blocks, kernel, args, partials.data_ptr<double>());
-  });
-  return partials.sum();
+  return grad_sumsq_with(segments, param_dtype, chunks, [resident](const void*) { return resident; },
+                         [](auto kernel, int64_t blocks, const StepArgs& args, double* partials) {
+                           run_grid(blocks, kernel, args, partials);
+                         });
 }
 
 at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_step) {

@@ -327,9 +327,7 @@ void sgd_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype,
   const at::ScalarType state_dtype = momentum_buffer.has_value()
                                          ? check_states(param_dtype, dev, {{&*momentum_buffer, "momentum_buffer"}})
                                          : param_dtype;
-  const int64_t state_numel = momentum_buffer.has_value() ? momentum_buffer->numel()
-                              : master_param.has_value()  ? master_param->numel()
-                                                          : -1;
+  const int64_t state_numel = state_length(momentum_buffer, master_param);
   check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
   check_chunk_rows(segments, chunks, state_numel);
   const StepSetup s = begin_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);

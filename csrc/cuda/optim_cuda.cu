@@ -123,9 +123,7 @@ void sgd_step_cuda(const at::Tensor& segments, at::ScalarType param_dtype,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
                    std::optional<int64_t> sr_seed) {
   require_cuda(segments);
-  const int64_t state_numel = momentum_buffer.has_value() ? momentum_buffer->numel()
-                              : master_param.has_value()  ? master_param->numel()
-                                                          : -1;
+  const int64_t state_numel = state_length(momentum_buffer, master_param);
   const StepArgs step = checked_step_args(segments, param_dtype, chunks, state_numel, seg_steps, hyper, schedule,
                                           schedule_step, grad_scale, found_inf, maximize);
   const at::Device dev = segments.device();
@@ -142,26 +140,13 @@ void sgd_step_cuda(const at::Tensor& segments, at::ScalarType param_dtype,
 
 at::Tensor grad_sumsq_cuda(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
   require_cuda(segments);
-  check_segments(segments, param_dtype, chunks);
   const c10::cuda::CUDAGuard guard(segments.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  StepArgs s{};
-  s.segments = segments.data_ptr<int64_t>();
-  s.n_segments = segments.size(0);
-  s.chunks = chunks.data_ptr<int64_t>();
-  s.n_chunks = chunks.size(0);
-  s.numel = s.n_chunks * kNominalChunk;
-  s.state_numel = -1;
-  at::Tensor partials;
-  dispatch_sumsq(param_dtype, s, nullptr, [&](auto kernel, StepArgs args, double*) {
-    const auto fn = reinterpret_cast<const void*>(kernel);
-    const LaunchPlan plan = plan_launch(std::max<int64_t>(args.n_chunks, 1), args.numel, 1, resident_blocks(fn));
-    args.parts = plan.parts;
-    partials = at::empty({plan.blocks * kThreads}, segments.options().dtype(at::kDouble));
-    kernel<<<static_cast<unsigned>(plan.blocks), kThreads, 0, stream>>>(args, partials.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return partials.sum();
+  return grad_sumsq_with(segments, param_dtype, chunks, resident_blocks,
+                         [&](auto kernel, int64_t blocks, const StepArgs& args, double* partials) {
+                           kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args, partials);
+                           C10_CUDA_KERNEL_LAUNCH_CHECK();
+                         });
 }
 
 at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& schedule_step) {

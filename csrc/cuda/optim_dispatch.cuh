@@ -8,6 +8,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 
 #include <fusedclr/checks.h>
 
@@ -145,13 +147,30 @@ namespace fusedclr {
 namespace cuda {
 namespace {
 
-// grad_sumsq: per-thread partials of the sum of squares [note: fused clipping];
-// the caller sums them.
-template <typename Launch>
-void dispatch_sumsq(at::ScalarType param_dtype, const StepArgs& step, double* partials, Launch&& launch) {
+// grad_sumsq [note: fused clipping]: one launch of per-thread partials, summed
+// by one deterministic reduction. `resident(kernel)` gives the blocks the
+// device holds at once; `launch(kernel, blocks, args, partials)` runs it.
+template <typename Resident, typename Launch>
+at::Tensor grad_sumsq_with(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
+                           Resident&& resident, Launch&& launch) {
+  check_segments(segments, param_dtype, chunks);
+  StepArgs s{};
+  s.segments = segments.data_ptr<int64_t>();
+  s.n_segments = segments.size(0);
+  s.chunks = chunks.data_ptr<int64_t>();
+  s.n_chunks = chunks.size(0);
+  s.numel = s.n_chunks * kNominalChunk;
+  s.state_numel = -1;
+  at::Tensor partials;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::grad_sumsq", [&] {
-    launch(grad_sumsq_kernel<scalar_t>, step, partials);
+    const auto kernel = grad_sumsq_kernel<scalar_t>;
+    const LaunchPlan plan =
+        plan_launch(std::max<int64_t>(s.n_chunks, 1), s.numel, 1, resident(reinterpret_cast<const void*>(kernel)));
+    s.parts = plan.parts;
+    partials = at::empty({plan.blocks * kThreads}, segments.options().dtype(at::kDouble));
+    launch(kernel, plan.blocks, s, partials.data_ptr<double>());
   });
+  return partials.sum();
 }
 
 }  // namespace

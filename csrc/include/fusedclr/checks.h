@@ -74,6 +74,12 @@ inline at::ScalarType check_states(at::ScalarType param_dtype, const at::Device&
   return first.scalar_type();
 }
 
+// The length of a call's flat buffers from its optional ones (SGD: the momentum
+// buffer, else the master), or -1 when it has none.
+inline int64_t state_length(const std::optional<at::Tensor>& first, const std::optional<at::Tensor>& second) {
+  return first.has_value() ? first->numel() : second.has_value() ? second->numel() : -1;
+}
+
 // master_param and sr_seed [note: precision opt-ins].
 // `numel`: the length of the call's state buffers, or -1 without states.
 inline void check_precision(at::ScalarType param_dtype, const at::Device& device, int64_t numel,
