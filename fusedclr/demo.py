@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusedclr.bench.shapes import SHAPES
+
 __all__ = ["DEFAULT_OUT", "digits_data", "digits_model", "model_shapes", "run_demo", "step_time_table"]
 
 DEFAULT_OUT = "fusedclr-out"
@@ -344,19 +346,6 @@ def _json_default(obj: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
-def _resnet50_shapes() -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    cin = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(width, cin, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
-                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
-            if b == 0:
-                shapes += [(4 * width, cin, 1, 1), (4 * width,), (4 * width,)]
-            cin = 4 * width
-    return shapes + [(1000, 2048), (1000,)]
-
-
 def model_shapes(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
     """Model-like parameter lists, built from shapes (nothing is downloaded)."""
     mlp = [tuple(p.shape) for p in digits_model(0).parameters()]
@@ -364,8 +353,8 @@ def model_shapes(quick: bool = False) -> dict[str, list[tuple[int, ...]]]:
         return {"digits MLP (this demo)": mlp, "500 x 64 (many small tensors)": [(64,)] * 500}
     return {
         "digits MLP (this demo)": mlp,
-        "10000 x 64 (many small tensors)": [(64,)] * 10000,
-        "ResNet-50-like": _resnet50_shapes(),
+        "10000 x 64 (many small tensors)": SHAPES["10000x64"],
+        "ResNet-50-like": SHAPES["resnet50"],
     }
 
 
@@ -404,12 +393,8 @@ def _adamw_pair(shapes: Sequence[tuple[int, ...]], fused_cls: type | None) -> li
     if fused_cls is not None:
         p_fused = [v.clone().requires_grad_() for v in values]
         opts.append(fused_cls(p_fused, lr=1e-3, weight_decay=1e-2))
-        with torch.no_grad():
-            for p, g in zip(p_fused, grads):
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)  # the flat gradient view the optimizer installed
+        for p, g in zip(p_fused, grads):
+            p.grad = g.clone()
     return opts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -141,6 +142,17 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _label_shapes(ax: Any, points: Sequence[tuple[float, float, str]]) -> None:
+    """Names the baseline's points: right of the point in the left part of the axis, left of
+    it near the right edge (so no label leaves the panel), alternately above and below
+    neighbours so close points do not overlap."""
+    lo, hi = ax.get_xlim()
+    for i, (x, y, name) in enumerate(points):
+        near_right = math.log(x / lo) > 0.7 * math.log(hi / lo)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(-5 if near_right else 5, 5 if i % 2 else -11),
+                    ha="right" if near_right else "left", fontsize=7, color="0.3", clip_on=True)
+
+
 def plot(report: dict[str, Any], path: str) -> None:
     """Log-log time per step against tensor count (left) and parameter count (right).
 
@@ -159,7 +171,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     panels = list(dict.fromkeys((r["optim"], r["dtype"], r["schedule"]) for r in ok)) or [("-", "-", "-")]
     providers = [p for p in report["config"]["providers"] if any(r["provider"] == p for r in ok)]
     colors = {p: f"C{i}" for i, p in enumerate(PROVIDERS)}
-    top_in, bottom_in = 0.9, 1.0  # title; x label and legend (inches)
+    top_in, bottom_in = 1.25, 0.6  # title and legend; x label (inches)
     height = 3.9 * len(panels) + top_in + bottom_in
     fig, axes = plt.subplots(len(panels), 2, figsize=(13, height), squeeze=False)
     # Fixed margins: tight_layout measured every label and took half the time of the whole plot.
@@ -181,12 +193,11 @@ def plot(report: dict[str, Any], path: str) -> None:
                     xs, ys, lo, hi = zip(*pts)
                     ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
                                 fmt=fmt, color=colors[p], ms=4 if family else 9, capsize=2, lw=1.3)
-            for r in mine:
-                if r["provider"] == BASELINE:
-                    ax.annotate(r["shape"], (r[xkey], r["median_s"] * 1e3), textcoords="offset points",
-                                xytext=(5, 4), fontsize=7, color="0.3")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.margins(x=0.12)
+            _label_shapes(ax, sorted((r[xkey], r["median_s"] * 1e3, r["shape"]) for r in mine
+                                     if r["provider"] == BASELINE))
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("ms per step (median)", fontsize=9)
             sched = "constant lr" if schedule == "constant" else "OneCycleLR (torch's / fusedclr's in-kernel)"
@@ -198,7 +209,9 @@ def plot(report: dict[str, Any], path: str) -> None:
                  f"{report['date'][:10]}; bars: inter-quartile range", fontsize=10, y=1 - 0.3 / height)
     handles = [Line2D([], [], color=colors[p], marker="o", label=p) for p in providers]
     handles.append(Line2D([], [], color="0.3", marker="*", ms=9, ls="", label="model-shaped lists"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+    # At the top, under the title: the first thing read, whatever the number of rows.
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.55 / height),
+               ncol=min(len(handles), 7), fontsize=8, frameon=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
