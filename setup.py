@@ -70,7 +70,8 @@ def _extensions():
 
     include = [os.path.join(ROOT, "csrc", "include")]
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
+    # -ffp-contract=off: products and sums round as torch's kernels round them [note: rounding as torch].
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     if _want_cuda(torch):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             try:

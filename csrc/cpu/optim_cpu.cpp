@@ -177,18 +177,26 @@ const Isa kIsa = detect_isa();
 // parameter type, S the state type (the math type, or bf16 [note: precision
 // opt-ins]), W how the parameter is written; `master` is read only under
 // ParamWrite::kMaster and `key` only under kStochastic.
+// Whether the baseline build has FMA instructions: torch's lerp is fused
+// where the vectors have one [note: rounding as torch].
+#if defined(__FMA__) || defined(__aarch64__)
+constexpr bool kBaseFma = true;
+#else
+constexpr bool kBaseFma = false;
+#endif
+
 template <typename Loop, typename... A>
 void run_base(A... a) {
-  Loop::run(a...);
+  Loop::template run<kBaseFma>(a...);
 }
 #ifdef FUSEDCLR_X86_MULTIVERSION
 template <typename Loop, typename... A>
 FUSEDCLR_TARGET_AVX2 void run_avx2(A... a) {
-  Loop::run(a...);
+  Loop::template run<true>(a...);
 }
 template <typename Loop, typename... A>
 FUSEDCLR_TARGET_AVX512 void run_avx512(A... a) {
-  Loop::run(a...);
+  Loop::template run<true>(a...);
 }
 #endif
 template <typename Loop, typename... A>
@@ -207,6 +215,7 @@ void run_loop(A... a) {
 template <typename P, typename S, ParamWrite W, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
 struct AdamLoop {
   using T = at::opmath_type<P>;
+  template <bool FMA>
   static FUSEDCLR_ALWAYS_INLINE void run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m,
                                          S* __restrict__ v, S* __restrict__ vmax, float* __restrict__ master,
                                          int64_t begin, int64_t end, const AdamScalars<T>* k, uint32_t key) {
@@ -217,7 +226,7 @@ struct AdamLoop {
       T mi = static_cast<T>(m[i]);
       T vi = static_cast<T>(v[i]);
       T vmi = AMSGRAD ? static_cast<T>(vmax[i]) : T(0);
-      adam_update<HAS_WD, DECOUPLED, AMSGRAD>(pi, static_cast<T>(g[i]), mi, vi, vmi, *k);
+      adam_update<HAS_WD, DECOUPLED, AMSGRAD, FMA>(pi, static_cast<T>(g[i]), mi, vi, vmi, *k);
       p[i] = write_param<W, P>(pi, mst, key, i);
       m[i] = static_cast<S>(mi);
       v[i] = static_cast<S>(vi);
@@ -296,6 +305,7 @@ void adam_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const
 template <typename P, typename S, ParamWrite W, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
 struct SgdLoop {
   using T = at::opmath_type<P>;
+  template <bool FMA>
   static FUSEDCLR_ALWAYS_INLINE void run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ buf,
                                          float* __restrict__ master, int64_t begin, int64_t end,
                                          const SgdScalars<T>* k, uint32_t key) {
@@ -304,7 +314,7 @@ struct SgdLoop {
       float& mst = W == ParamWrite::kMaster ? master[i] : no_master;
       T pi = read_param<W, T>(p[i], mst);
       T b = USE_MOMENTUM ? static_cast<T>(buf[i]) : T(0);
-      sgd_update<HAS_WD, USE_MOMENTUM, NESTEROV>(pi, static_cast<T>(g[i]), b, *k);
+      sgd_update<HAS_WD, USE_MOMENTUM, NESTEROV, FMA>(pi, static_cast<T>(g[i]), b, *k);
       p[i] = write_param<W, P>(pi, mst, key, i);
       if (USE_MOMENTUM) {
         buf[i] = static_cast<S>(b);

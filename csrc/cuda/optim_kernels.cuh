@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) 
       }
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        adam_update<HAS_WD, DECOUPLED, AMSGRAD>(p[e], g[e], m[e], v[e], vmax[e], k);
+        adam_update<HAS_WD, DECOUPLED, AMSGRAD, true>(p[e], g[e], m[e], v[e], vmax[e], k);
       }
       store_param<W, N, V>(param + i, a.master + i, p, master, key, i);
       store<N, V>(a.exp_avg + i, m);
@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
         }
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          sgd_update<HAS_WD, MOM, NESTEROV && MOM>(p[e], g[e], buf[e], k);
+          sgd_update<HAS_WD, MOM, NESTEROV && MOM, true>(p[e], g[e], buf[e], k);
         }
         store_param<W, N, V>(param + i, a.master + i, p, master, key, i);
         if constexpr (MOM) {

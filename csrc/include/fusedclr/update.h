@@ -26,12 +26,42 @@ C10_HOST_DEVICE inline double sqrt_t(double x) {
   return ::sqrt(x);
 }
 
+// [note: rounding as torch]
+// Swapping the import must reproduce torch's trajectory, so every formula is
+// evaluated in torch's fused kernels' order and the compiler may not contract a
+// multiply and an add into one FMA (the CPU kernels build with
+// -ffp-contract=off). torch's CPU kernels fuse exactly where their vector code
+// calls fmadd: in lerp, in add with an alpha (`a.add(b, alpha=s)` is
+// fma(b, s, a)) and in addcmul (`a.addcmul(t, t, value=s)` is fma(s * t, t, a));
+// products and sums elsewhere (mul_, addcdiv, the bias corrections) round
+// separately. Those fused steps are explicit here (mul_add), fused where the
+// instruction set has FMA (FMA = true: the AVX2/AVX-512 loops, every GPU) and
+// rounded twice where it has not, as torch's vectors do there. Measured with
+// scripts/bitwise_vs_torch.py against torch's fused CPU optimizers.
+C10_HOST_DEVICE inline float fma_t(float a, float b, float c) {
+  return ::fmaf(a, b, c);
+}
+C10_HOST_DEVICE inline double fma_t(double a, double b, double c) {
+  return ::fma(a, b, c);
+}
+
+template <bool FMA, typename T>
+C10_HOST_DEVICE inline T mul_add(T a, T b, T c) {
+  if constexpr (FMA) {
+    return fma_t(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
 // Scalars of one Adam/AdamW step for one segment, in the math type.
 template <typename T>
 struct AdamScalars {
   T lr;
   T beta2;
   T one_minus_beta1;  // computed in double, as torch passes 1 - beta1 as a Python float
+  T lerp_coeff;       // torch's lerp: the weight, or weight - 1 when |weight| >= 0.5
+  bool lerp_small;    // |weight| < 0.5: lerp from exp_avg, else back from the grad
   T one_minus_beta2;
   T eps;
   T weight_decay;
@@ -50,6 +80,8 @@ C10_HOST_DEVICE inline AdamScalars<T> adam_scalars(double lr, double beta1, doub
   k.lr = static_cast<T>(lr);
   k.beta2 = static_cast<T>(beta2);
   k.one_minus_beta1 = static_cast<T>(1.0 - beta1);
+  k.lerp_small = (k.one_minus_beta1 < T(0) ? -k.one_minus_beta1 : k.one_minus_beta1) < T(0.5);
+  k.lerp_coeff = k.lerp_small ? k.one_minus_beta1 : k.one_minus_beta1 - T(1);
   k.one_minus_beta2 = static_cast<T>(1.0 - beta2);
   k.eps = static_cast<T>(eps);
   k.weight_decay = static_cast<T>(weight_decay);
@@ -62,7 +94,7 @@ C10_HOST_DEVICE inline AdamScalars<T> adam_scalars(double lr, double beta1, doub
 
 // One Adam/AdamW element. HAS_WD / DECOUPLED / AMSGRAD are compile-time so the
 // CPU loop vectorizes without branches.
-template <bool HAS_WD, bool DECOUPLED, bool AMSGRAD, typename T>
+template <bool HAS_WD, bool DECOUPLED, bool AMSGRAD, bool FMA, typename T>
 C10_HOST_DEVICE inline void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& k) {
   // A multiply, not a divide: GradScaler's scales are powers of two, so
   // g * (1/scale) == g / scale exactly, and the Adam loop saves one division.
@@ -71,12 +103,12 @@ C10_HOST_DEVICE inline void adam_update(T& p, T g, T& m, T& v, T& vmax, const Ad
     if (DECOUPLED) {
       p = p * k.decay;
     } else {
-      g = g + k.weight_decay * p;
+      g = mul_add<FMA>(p, k.weight_decay, g);  // grad.add(param, alpha=weight_decay)
     }
   }
-  // exp_avg.lerp_(grad, 1 - beta1)
-  m = m + k.one_minus_beta1 * (g - m);
-  v = k.beta2 * v + k.one_minus_beta2 * g * g;
+  // exp_avg.lerp_(grad, 1 - beta1), as torch's lerp [note: rounding as torch]
+  m = mul_add<FMA>(k.lerp_coeff, g - m, k.lerp_small ? m : g);
+  v = mul_add<FMA>(k.one_minus_beta2 * g, g, v * k.beta2);  // mul_(beta2).addcmul_(grad, grad, 1 - beta2)
   T second = v;
   if (AMSGRAD) {
     vmax = vmax > v ? vmax : v;
@@ -111,17 +143,18 @@ C10_HOST_DEVICE inline SgdScalars<T> sgd_scalars(double lr, double momentum, dou
 }
 
 // One SGD element. USE_MOMENTUM selects the momentum-buffer path.
-template <bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV, typename T>
+template <bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV, bool FMA, typename T>
 C10_HOST_DEVICE inline void sgd_update(T& p, T g, T& buf, const SgdScalars<T>& k) {
   g = g * k.grad_mul;
   if (HAS_WD) {
-    g = g + k.weight_decay * p;
+    g = mul_add<FMA>(p, k.weight_decay, g);  // grad.add(param, alpha=weight_decay)
   }
   if (USE_MOMENTUM) {
-    buf = k.first ? g : buf * k.momentum + k.one_minus_dampening * g;
-    g = NESTEROV ? g + k.momentum * buf : buf;
+    // buf.mul_(momentum).add_(grad, alpha=1 - dampening); grad.add(buf, alpha=momentum)
+    buf = k.first ? g : mul_add<FMA>(g, k.one_minus_dampening, buf * k.momentum);
+    g = NESTEROV ? mul_add<FMA>(buf, k.momentum, g) : buf;
   }
-  p = p - k.lr * g;
+  p = mul_add<FMA>(g, -k.lr, p);  // param.add_(grad, alpha=-lr)
 }
 
 }  // namespace fusedclr
