@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: builds fusedclr in place with its CUDA kernels,
 # runs the GPU tests and the GPU benchmark inside one time budget, and writes
-# the results into one folder (seven files at most):
+# the results into one folder (nine files at most):
 #   summary.json    machine, versions, every stage's status and seconds, test
 #                   counts and the names of failed tests
 #   build.log       the in-place build
 #   junit.xml       every test run below, one <testsuite> each (JUnit)
 #   console.log     everything the tests and the benchmark printed
+#   iteration_cuda.json / .md  the headline: whole training iterations and the step
+#                   with replaced gradients, torch fused AdamW against fusedclr's
+#                   (`python -m fusedclr.bench.iteration --device cuda`)
 #   bench_cuda.json `fusedclr bench --device cuda`, rewritten after every case
 #   bench_cuda.md   its tables (constant lr and OneCycleLR)
 #   bench_cuda.png  its plot
@@ -16,7 +19,8 @@
 #   2. gpu tests  pytest -m gpu tests/ (all but test_triton.py)
 #   3. triton     tests/test_triton.py with compiled kernels (TRITON_INTERPRET=0, a
 #                 process of its own: Triton picks the interpreter per process)
-#   4. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, docs/DESIGN.md's
+#   4. iteration  the whole-iteration benchmark (capped at 150 s)
+#   5. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, docs/DESIGN.md's
 #                 shapes (the issues' target shapes first); torch for-loop / foreach /
 #                 fused against fusedclr's CUDA and Triton kernels; fp32 tables
 #                 first. It gets the rest of the budget, and no case starts once
@@ -61,7 +65,7 @@ if [ "$BUDGET_S" -lt 180 ]; then
   exit 2
 fi
 # Results of an earlier run must not pass for this one's.
-rm -f "$OUT_DIR"/bench_cuda.json "$OUT_DIR"/bench_cuda.md "$OUT_DIR"/bench_cuda.png "$OUT_DIR"/*.tmp \
+rm -f "$OUT_DIR"/iteration_cuda.json "$OUT_DIR"/iteration_cuda.md "$OUT_DIR"/bench_cuda.json "$OUT_DIR"/bench_cuda.md "$OUT_DIR"/bench_cuda.png "$OUT_DIR"/*.tmp \
   "$OUT_DIR"/summary.json "$OUT_DIR"/junit.xml
 START=$(date +%s)
 WORK=$(mktemp -d)
@@ -179,7 +183,11 @@ else
   run_stage "triton timing tests" "$(cap 60 140)" env TRITON_INTERPRET=0 "${PYTEST[@]}" -m timing \
     tests/test_triton.py --junitxml="$WORK/junit_triton_timing.xml" || ok=0
 
-  # 4. the benchmark gets what is left: no case starts after its time limit, and the
+  # 4. the headline: the whole training iteration (each library's defaults).
+  run_stage iteration "$(cap 150 220)" bash -c '"$0" -m fusedclr.bench.iteration --device cuda --rounds 5 \
+    --json "$1/iteration_cuda.json" > "$1/iteration_cuda.md"' "$PY" "$OUT_DIR" || true
+
+  # 5. the step benchmark gets what is left: no case starts after its time limit, and the
   #    case under way when it passes may run on for up to 50 s (then the summary).
   bench_s=$(($(left) - 70))
   if [ "$bench_s" -lt 30 ]; then
