@@ -65,6 +65,7 @@ import math
 import numbers
 import warnings
 import weakref
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, SupportsFloat
 
@@ -137,6 +138,17 @@ _GET_LR_OUTSIDE_STEP = "To get the last learning rate computed by the scheduler,
 # initial_lr (a replaced scheduler moved it, and torch continues from there).
 _MEMBERS: weakref.WeakKeyDictionary[Optimizer, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 _COMPOSED_WARNED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+# Process-local per-scheduler state kept outside the instance __dict__, so that a scheduler and one
+# loaded from its state_dict() have equal __dict__s (torch's test_lrscheduler compares them).
+_COUNTERS: weakref.WeakKeyDictionary[Any, dict[torch.device, Tensor]] = weakref.WeakKeyDictionary()
+_HOST_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+_log = logging.getLogger(__name__)
+# torch's classes bound once, at import: a user who drops fusedclr's classes into
+# torch.optim.lr_scheduler (torch.optim.lr_scheduler.SequentialLR = fusedclr's) must not
+# make fusedclr call itself through the module.
+_TORCH_WARM_RESTARTS = _torch_sched.CosineAnnealingWarmRestarts
+_TORCH_SEQUENTIAL = _torch_sched.SequentialLR
 _COMPOSED_REASON = (
     "it shares the optimizer with another scheduler (or group['lr'] was moved by something else), and torch "
     "composes them, each update applying to the lr the others left in the param group"
@@ -333,6 +345,18 @@ class _InKernelSchedule:
     _fc_chainable = False
     _fc_multiplicative = False
 
+    @property
+    def _fc_counters(self) -> dict[torch.device, Tensor]:
+        return _COUNTERS.setdefault(self, {})
+
+    @property
+    def _fc_warned(self) -> bool:
+        return self in _HOST_WARNED
+
+    @_fc_warned.setter
+    def _fc_warned(self, value: bool) -> None:
+        (_HOST_WARNED.add if value else _HOST_WARNED.discard)(self)
+
     # -- life cycle ---------------------------------------------------------
 
     def _fc_build(
@@ -343,7 +367,7 @@ class _InKernelSchedule:
         ``owns``: schedulers this one composes (SequentialLR's children), which
         stop talking to the optimizer themselves.
         """
-        self._fc_counters: dict[torch.device, Tensor] = {}
+        _COUNTERS[self] = {}
         self._fc_seen = 0  # the value every counter holds
         self._fc_descs: list[list[float]] | None = None
         self._fc_owned = False  # a SequentialLR composes this scheduler
@@ -501,6 +525,11 @@ class _InKernelSchedule:
             if optimizer in _COMPOSED_WARNED:
                 return
             _COMPOSED_WARNED.add(optimizer)
+            # torch composes schedulers silently and the host update is torch's own: a performance
+            # note, not a warning (a UserWarning here breaks code that counts or errors on warnings).
+            _log.warning("fusedclr.lr_scheduler.%s: %s; this scheduler runs on the host (torch's update).",
+                      type(self).__name__, reason)
+            return
         elif self._fc_warned:
             return
         else:
@@ -1046,7 +1075,7 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             self._fc_follow_t_cur()
             if self._fc_torch_update:
                 self._fc_check(stacklevel=3)
-                _torch_sched.CosineAnnealingWarmRestarts.step(self)
+                _TORCH_WARM_RESTARTS.step(self)
                 self._fc_sync()
                 return
             pos: float = self.last_epoch + 1 + self._fc_frac
@@ -1395,7 +1424,7 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
     def step(self) -> None:  # type: ignore[override]
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
         self._fc_check(stacklevel=3)
-        _torch_sched.SequentialLR.step(self)
+        _TORCH_SEQUENTIAL.step(self)
         self._fc_sync()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
