@@ -170,15 +170,18 @@ class Bucket:
     def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype,
                  master: bool = False, sr_seed: int | None = None) -> None:
         self.params = list(params)
-        # The tensors the kernels walk: the parameters themselves, or their local shards (ShardBucket).
-        self.locals = self._locals()
-        for i, t in enumerate(self.locals):
-            if not is_dense(t):
-                raise ValueError(
-                    f"fusedclr: {_describe(t, i)} is not dense (strides {t.stride()}): the fused kernels walk a "
-                    "parameter's memory as one block; make it a dense tensor (e.g. .contiguous()) before "
-                    "building the optimizer, or use torch.optim for it"
-                )
+        # The tensors the kernels walk: the parameters themselves, or their local shards
+        # (ShardBucket), or a dense shadow of a parameter with gaps [note: shadowed parameters].
+        walked = list(self._locals())  # a copy: shadows replace entries
+        self._shadowed = [i for i, t in enumerate(walked) if not is_dense(t)]
+        if self._shadowed and isinstance(self, ShardBucket):
+            t = walked[self._shadowed[0]]
+            raise ValueError(f"fusedclr: the local shard of {_describe(t, self._shadowed[0])} is not dense "
+                             f"(strides {t.stride()}); shard parameters so that each local shard is dense")
+        with torch.no_grad():
+            for i in self._shadowed:
+                walked[i] = torch.empty_like(walked[i], memory_format=torch.contiguous_format).copy_(walked[i])
+        self.locals = walked
         first = self.locals[0]
         self.device = first.device
         self.dtype = real_dtype(first)
@@ -211,7 +214,8 @@ class Bucket:
         self.table = self.host_table if self.device.type == "cpu" else self.host_table.to(self.device)
         self._tracker = self._make_tracker()  # the C refresh [note: segment refresh]
         self._staging: Tensor | None = None  # the pinned copy of the last table upload
-        self._temporaries: list[Tensor] = []  # gradients copied into the parameters' layout for one step
+        # The gradients the slow path handed the kernels this step (copies held alive), or None.
+        self._walked_grads: list[Tensor | None] | None = None
         self.hyper = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.hyper_cache: tuple | None = None
         self.schedule: Tensor | None = None
@@ -280,8 +284,11 @@ class Bucket:
         parameter for a gradient no step can use; a failed prepare changes nothing
         the kernels read.
         """
-        self._temporaries = []
-        flags = self._refresh()
+        self._walked_grads = None
+        if self._shadowed:
+            flags = self._check_params() | ops.SLOW_PATH  # the C refresh would see the gaps
+        else:
+            flags = self._refresh()
         if flags & ops.PARAM_CHANGED:
             self._raise_param_changed()
         if flags & ops.SLOW_PATH:
@@ -316,23 +323,41 @@ class Bucket:
     def _local_grad(self, g: Tensor) -> Tensor:
         return g
 
+    def _check_params(self) -> int:
+        """PARAM_CHANGED when a parameter no longer has the bucket's dtype, device or size (the C
+        refresh's check, in Python for buckets with shadowed parameters)."""
+        for p, n in zip(self._locals(), self.numels):
+            if real_dtype(p) != self.dtype or p.device != self.device or _real_numel(p) != n:
+                return ops.PARAM_CHANGED
+        return 0
+
     def _refresh_slowly(self) -> None:
         """The refresh in Python, for what the C loop hands over [note: segment refresh]: every
         gradient is checked before the table changes; a dense gradient with other strides than its
-        parameter is copied into the parameter's layout for this step."""
+        parameter is copied into the parameter's layout for this step.
+
+        [note: shadowed parameters]
+        A parameter with gaps between its elements (a strided slice made a leaf) cannot be walked as
+        one block: the bucket keeps a dense shadow of it that the table points at. Each step copies
+        the parameter into its shadow and its gradient into a dense temporary here, and
+        :meth:`finish_step` copies the shadow back: a few copies per step for these rare
+        parameters, and a Python loop over their bucket's parameters.
+        """
         grads = self._grads()
         self._check_grads(grads)
-        rows = []
+        with torch.no_grad():
+            for i in self._shadowed:
+                self.locals[i].copy_(self.params[i])
+        rows, walked = [], []
         for t, g in zip(self.locals, grads):
-            if g is None:
-                rows.append((t.data_ptr(), 0))
-                continue
-            g = self._local_grad(g)
-            if g.stride() != t.stride() or not is_dense(g):
-                g = torch.empty_like(t).copy_(g)
-                self._temporaries.append(g)
+            if g is not None:
+                g = self._local_grad(g)
+                if g.stride() != t.stride() or not is_dense(g):
+                    g = torch.empty_like(t).copy_(g)
+            walked.append(g)
             rows.append((t.data_ptr(), reference.grad_address(g)))
         self.host_table[:, :2] = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+        self._walked_grads = walked
 
     def _raise_param_changed(self) -> None:
         for i, (t, n) in enumerate(zip(self._locals(), self.numels)):
@@ -341,24 +366,24 @@ class Bucket:
                     f"fusedclr: {_describe(t, i)} has {_real_numel(t)} elements, but had {n} when the optimizer "
                     "was built: its states no longer fit. Build a new optimizer for the resized parameter"
                 )
-            if not is_dense(t):
-                raise RuntimeError(
-                    f"fusedclr: {_describe(t, i)} is no longer dense (strides {t.stride()}); the fused kernels "
-                    "walk a parameter's memory as one block. Keep parameters dense"
-                )
-        raise ParamChanged()
+        raise ParamChanged()  # dtype, device or density: re-bucketed (a parameter with gaps gets a shadow)
 
     def reference_segments(self) -> reference.Segments:
         """The table's tensors, for the reference backend (which cannot follow addresses)."""
-        grads = [None if g is None else self._local_grad(g) for g in self._grads()]
-        if self._temporaries:  # the slow path's copies, in segment order
-            it = iter(self._temporaries)
-            grads = [g if g is None or g.stride() == t.stride() else next(it) for t, g in zip(self.locals, grads)]
+        grads = self._walked_grads
+        if grads is None:
+            grads = [None if g is None else self._local_grad(g) for g in self._grads()]
         return reference.Segments(self.locals, grads, self.offsets[:-1], self.total)
 
     def finish_step(self) -> None:
-        """Runs after the launch: the step's temporary gradient copies may go (stream-ordered)."""
-        self._temporaries = []
+        """Runs after the launch: shadows are copied back into their parameters [note: shadowed
+        parameters], and the step's temporary gradient copies may go (stream-ordered)."""
+        if self._shadowed and self._walked_grads is not None:
+            with torch.no_grad():
+                for i in self._shadowed:
+                    if self._walked_grads[i] is not None:
+                        self.params[i].copy_(self.locals[i])
+        self._walked_grads = None
 
     def _check_grads(self, grads: Sequence[Tensor | None]) -> None:
         """Validates every gradient before anything changes: a failed step changes nothing."""
