@@ -23,7 +23,7 @@ cannot walk as it is (other strides than its parameter) is copied into a
 temporary with the parameter's layout, in Python; a wrong dtype, shape, device
 or a sparse gradient raises an error that names the parameter. A parameter
 whose dtype or device changed since the bucket was built (``model.to(...)``,
-``to_empty``) raises :class:`ParamChanged`, and the optimizer re-buckets its
+``.half()``) raises :class:`ParamChanged`, and the optimizer re-buckets its
 group with the states converted, as torch's ``load_state_dict`` would.
 
 [note: shard buckets]
