@@ -1,0 +1,34 @@
+// Every optimizer the kernels know, by the name the op takes [note: math
+// policies]. Adding one: its policy header in optimizers/, one line in the list
+// below, and its class (docs/adding-an-optimizer.md).
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <fusedclr/optimizers/adam.h>
+#include <fusedclr/optimizers/sgd.h>
+
+#include <string_view>
+
+namespace fusedclr {
+
+#define FUSEDCLR_FOR_EACH_OPTIMIZER(X) \
+  X("sgd", Sgd) \
+  X("adam", Adam)
+
+// Runs fn(Policy{}) for the optimizer named `name`; an unknown name raises.
+template <typename Fn>
+void with_policy(std::string_view name, Fn&& fn) {
+#define FUSEDCLR_POLICY_CASE(NAME, POLICY) \
+  if (name == NAME) {                      \
+    return fn(POLICY{});                   \
+  }
+  FUSEDCLR_FOR_EACH_OPTIMIZER(FUSEDCLR_POLICY_CASE)
+#undef FUSEDCLR_POLICY_CASE
+#define FUSEDCLR_POLICY_NAME(NAME, POLICY) " " NAME
+  TORCH_CHECK(false, "fusedclr: unknown optimizer '", name,
+              "'; the kernels know:" FUSEDCLR_FOR_EACH_OPTIMIZER(FUSEDCLR_POLICY_NAME));
+#undef FUSEDCLR_POLICY_NAME
+}
+
+}  // namespace fusedclr
