@@ -14,7 +14,7 @@ from typing import Any
 
 from fusedclr import reference
 from fusedclr.ops import extension_available
-from fusedclr.optim import SGD, Adam, AdamW
+from fusedclr.optim import SGD, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "RMSprop",
     "extension_available",
     "lr_scheduler",
     "reference",

@@ -542,6 +542,26 @@ def _adam(p, g, s, k):
     return p - step_size * m / denom, [m, v, vmax], None
 
 
+def _rmsprop(p, g, s, k):
+    alpha, eps, weight_decay = k.options
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    sq, gavg, buf = s
+    sq = sq * alpha + (1 - alpha) * g * g
+    if gavg is not None:
+        gavg = gavg.lerp(g, 1 - alpha)
+        avg = (sq - gavg * gavg).sqrt()
+    else:
+        avg = sq.sqrt()
+    avg = avg + eps
+    if buf is not None and k.momentum > 0:
+        buf = buf * k.momentum + g / avg
+        p = p - k.lr * buf
+    else:
+        p = p - k.lr * g / avg
+    return p, [sq, gavg, buf], None
+
+
 class Policy:
     """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
     per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
@@ -554,6 +574,7 @@ class Policy:
 POLICIES = {
     "sgd": Policy(_sgd, 1, 3),
     "adam": Policy(_adam, 3, 4),
+    "rmsprop": Policy(_rmsprop, 3, 3),
 }
 
 

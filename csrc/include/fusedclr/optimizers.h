@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <fusedclr/optimizers/adam.h>
+#include <fusedclr/optimizers/rmsprop.h>
 #include <fusedclr/optimizers/sgd.h>
 
 #include <string_view>
@@ -14,7 +15,8 @@ namespace fusedclr {
 
 #define FUSEDCLR_FOR_EACH_OPTIMIZER(X) \
   X("sgd", Sgd) \
-  X("adam", Adam)
+  X("adam", Adam) \
+  X("rmsprop", Rmsprop)
 
 // Runs fn(Policy{}) for the optimizer named `name`; an unknown name raises.
 template <typename Fn>
