@@ -14,7 +14,7 @@ from typing import Any
 
 from fusedclr import reference
 from fusedclr.ops import extension_available
-from fusedclr.optim import SGD, Adam, AdamW, RMSprop
+from fusedclr.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ _LAZY = {
 
 __all__ = [
     "SGD",
+    "Adagrad",
     "Adam",
     "AdamW",
     "RMSprop",

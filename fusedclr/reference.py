@@ -562,6 +562,15 @@ def _rmsprop(p, g, s, k):
     return p, [sq, gavg, buf], None
 
 
+def _adagrad(p, g, s, k):
+    lr_decay, weight_decay, eps = k.options
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    clr = (k.lr / (1 + (k.steps.clamp_min(1) - 1) * lr_decay)).to(p.dtype)
+    total = s[0] + g * g
+    return p - clr * g / (total.sqrt() + eps), [total], None
+
+
 class Policy:
     """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
     per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
@@ -575,6 +584,7 @@ POLICIES = {
     "sgd": Policy(_sgd, 1, 3),
     "adam": Policy(_adam, 3, 4),
     "rmsprop": Policy(_rmsprop, 3, 3),
+    "adagrad": Policy(_adagrad, 1, 3),
 }
 
 

@@ -1,7 +1,8 @@
 """fusedclr's drop-in optimizers (one class per optimizer; docs/adding-an-optimizer.md)."""
 
+from fusedclr.optim.adagrad import Adagrad
 from fusedclr.optim.adam import Adam, AdamW
 from fusedclr.optim.rmsprop import RMSprop
 from fusedclr.optim.sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]

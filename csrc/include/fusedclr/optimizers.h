@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <fusedclr/optimizers/adagrad.h>
 #include <fusedclr/optimizers/adam.h>
 #include <fusedclr/optimizers/rmsprop.h>
 #include <fusedclr/optimizers/sgd.h>
@@ -16,7 +17,8 @@ namespace fusedclr {
 #define FUSEDCLR_FOR_EACH_OPTIMIZER(X) \
   X("sgd", Sgd) \
   X("adam", Adam) \
-  X("rmsprop", Rmsprop)
+  X("rmsprop", Rmsprop) \
+  X("adagrad", Adagrad)
 
 // Runs fn(Policy{}) for the optimizer named `name`; an unknown name raises.
 template <typename Fn>
