@@ -571,6 +571,25 @@ def _adagrad(p, g, s, k):
     return p - clr * g / (total.sqrt() + eps), [total], None
 
 
+def _radam(p, g, s, k):
+    beta2, eps, weight_decay, decoupled = k.options
+    beta1 = k.momentum
+    p, g = _weight_decay(p, g, weight_decay, decoupled, k.lr)
+    m, v = s
+    m = m.lerp(g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * g * g
+    t = k.steps.clamp_min(1)
+    bc1 = 1 - _pow(beta1, t)
+    bc2 = 1 - _pow(beta2, t)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * _pow(beta2, t) / bc2
+    rect = torch.sqrt(((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0))
+    step = m / bc1.to(p.dtype) * k.lr
+    adaptive = bc2.sqrt().to(p.dtype) / (v.sqrt() + eps)
+    update = torch.where(rho_t > 5, step * adaptive * rect.to(p.dtype), step)
+    return p - update, [m, v], None
+
+
 class Policy:
     """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
     per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
@@ -585,6 +604,7 @@ POLICIES = {
     "adam": Policy(_adam, 3, 4),
     "rmsprop": Policy(_rmsprop, 3, 3),
     "adagrad": Policy(_adagrad, 1, 3),
+    "radam": Policy(_radam, 2, 4),
 }
 
 
