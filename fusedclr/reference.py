@@ -590,6 +590,36 @@ def _radam(p, g, s, k):
     return p - update, [m, v], None
 
 
+def nadam_mu(beta1: float, steps: Tensor, momentum_decay: float) -> Tensor:
+    """NAdam's momentum coefficient ``beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))``, float64."""
+    return beta1 * (1.0 - 0.5 * torch.pow(torch.tensor(0.96, dtype=torch.float64), steps * momentum_decay))
+
+
+def _nadam_advance(mu_product: Tensor, steps: Tensor, options: Sequence[float], momentum: float) -> Tensor:
+    """mu_product *= mu_step, rounded to float32 as torch's state tensor holds it."""
+    mu = nadam_mu(momentum, steps.to(torch.float64), float(options[4]))
+    return (mu_product.to(torch.float32) * mu.to(torch.float32)).to(torch.float64)
+
+
+def _nadam(p, g, s, k):
+    beta2, eps, weight_decay, decoupled, momentum_decay = k.options
+    beta1 = k.momentum
+    p, g = _weight_decay(p, g, weight_decay, decoupled, k.lr)
+    m, v = s
+    t = k.steps.clamp_min(1)
+    mu = nadam_mu(beta1, t, momentum_decay)
+    mu_next = nadam_mu(beta1, t + 1, momentum_decay)
+    mu_product = k.seg_scalar
+    m = m.lerp(g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * g * g
+    denom = (v / (1 - _pow(beta2, t)).to(p.dtype)).sqrt() + eps
+    c_grad = (-k.lr * (1 - mu) / (1 - mu_product)).to(p.dtype)
+    c_avg = (-k.lr * mu_next / (1 - mu_product * mu_next)).to(p.dtype)
+    p = p + c_grad * g / denom
+    p = p + c_avg * m / denom
+    return p, [m, v], None
+
+
 class Policy:
     """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
     per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
@@ -605,6 +635,7 @@ POLICIES = {
     "rmsprop": Policy(_rmsprop, 3, 3),
     "adagrad": Policy(_adagrad, 1, 3),
     "radam": Policy(_radam, 2, 4),
+    "nadam": Policy(_nadam, 2, 5, advance_scalar=_nadam_advance),
 }
 
 

@@ -2,8 +2,8 @@
 
 from fusedclr.optim.adagrad import Adagrad
 from fusedclr.optim.adam import Adam, AdamW
-from fusedclr.optim.radam import RAdam
+from fusedclr.optim.radam import NAdam, RAdam
 from fusedclr.optim.rmsprop import RMSprop
 from fusedclr.optim.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RAdam", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop"]

@@ -7,6 +7,7 @@
 
 #include <fusedclr/optimizers/adagrad.h>
 #include <fusedclr/optimizers/adam.h>
+#include <fusedclr/optimizers/nadam.h>
 #include <fusedclr/optimizers/radam.h>
 #include <fusedclr/optimizers/rmsprop.h>
 #include <fusedclr/optimizers/sgd.h>
@@ -20,7 +21,8 @@ namespace fusedclr {
   X("adam", Adam) \
   X("rmsprop", Rmsprop) \
   X("adagrad", Adagrad) \
-  X("radam", Radam)
+  X("radam", Radam) \
+  X("nadam", Nadam)
 
 // Runs fn(Policy{}) for the optimizer named `name`; an unknown name raises.
 template <typename Fn>
