@@ -14,7 +14,7 @@ from typing import Any
 
 from fusedclr import reference
 from fusedclr.ops import extension_available
-from fusedclr.optim import SGD, Adagrad, Adam, AdamW, NAdam, RAdam, RMSprop
+from fusedclr.optim import SGD, Adagrad, Adam, AdamW, Lion, NAdam, RAdam, RMSprop
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "Lion",
     "NAdam",
     "RAdam",
     "RMSprop",

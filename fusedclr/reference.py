@@ -620,6 +620,16 @@ def _nadam(p, g, s, k):
     return p, [m, v], None
 
 
+def _lion(p, g, s, k):
+    beta2, weight_decay = k.options
+    (m,) = s
+    c = m.lerp(g, 1 - k.momentum)
+    if weight_decay != 0:
+        p = p * (1 - k.lr * weight_decay)
+    p = p - k.lr * torch.sign(c)
+    return p, [m.lerp(g, 1 - beta2)], None
+
+
 class Policy:
     """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
     per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
@@ -636,6 +646,7 @@ POLICIES = {
     "adagrad": Policy(_adagrad, 1, 3),
     "radam": Policy(_radam, 2, 4),
     "nadam": Policy(_nadam, 2, 5, advance_scalar=_nadam_advance),
+    "lion": Policy(_lion, 1, 2),
 }
 
 

@@ -2,8 +2,9 @@
 
 from fusedclr.optim.adagrad import Adagrad
 from fusedclr.optim.adam import Adam, AdamW
+from fusedclr.optim.lion import Lion
 from fusedclr.optim.radam import NAdam, RAdam
 from fusedclr.optim.rmsprop import RMSprop
 from fusedclr.optim.sgd import SGD
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "NAdam", "RAdam", "RMSprop"]

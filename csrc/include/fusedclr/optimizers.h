@@ -7,6 +7,7 @@
 
 #include <fusedclr/optimizers/adagrad.h>
 #include <fusedclr/optimizers/adam.h>
+#include <fusedclr/optimizers/lion.h>
 #include <fusedclr/optimizers/nadam.h>
 #include <fusedclr/optimizers/radam.h>
 #include <fusedclr/optimizers/rmsprop.h>
@@ -22,7 +23,8 @@ namespace fusedclr {
   X("rmsprop", Rmsprop) \
   X("adagrad", Adagrad) \
   X("radam", Radam) \
-  X("nadam", Nadam)
+  X("nadam", Nadam) \
+  X("lion", Lion)
 
 // Runs fn(Policy{}) for the optimizer named `name`; an unknown name raises.
 template <typename Fn>
