@@ -14,7 +14,7 @@ from typing import Any
 
 from fusedclr import reference
 from fusedclr.ops import extension_available
-from fusedclr.optim import SGD, Adagrad, Adam, AdamW, Lion, NAdam, RAdam, RMSprop
+from fusedclr.optim import SGD, Adagrad, Adam, AdamW, Lion, Lookahead, NAdam, RAdam, RMSprop
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Lion",
+    "Lookahead",
     "NAdam",
     "RAdam",
     "RMSprop",

@@ -630,6 +630,14 @@ def _lion(p, g, s, k):
     return p, [m.lerp(g, 1 - beta2)], None
 
 
+def _lookahead(p, g, s, k):
+    period, alpha = k.options
+    (slow,) = s
+    sync = (k.steps > 0) & (torch.remainder(k.steps, int(period)) == 0)
+    slow = torch.where(sync, slow + alpha * (p - slow), slow)
+    return torch.where(sync, slow, p), [slow], sync
+
+
 class Policy:
     """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
     per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
@@ -647,6 +655,7 @@ POLICIES = {
     "radam": Policy(_radam, 2, 4),
     "nadam": Policy(_nadam, 2, 5, advance_scalar=_nadam_advance),
     "lion": Policy(_lion, 1, 2),
+    "lookahead": Policy(_lookahead, 1, 2, advances=False),
 }
 
 

@@ -8,6 +8,7 @@
 #include <fusedclr/optimizers/adagrad.h>
 #include <fusedclr/optimizers/adam.h>
 #include <fusedclr/optimizers/lion.h>
+#include <fusedclr/optimizers/lookahead.h>
 #include <fusedclr/optimizers/nadam.h>
 #include <fusedclr/optimizers/radam.h>
 #include <fusedclr/optimizers/rmsprop.h>
@@ -24,7 +25,8 @@ namespace fusedclr {
   X("adagrad", Adagrad) \
   X("radam", Radam) \
   X("nadam", Nadam) \
-  X("lion", Lion)
+  X("lion", Lion) \
+  X("lookahead", Lookahead)
 
 // Runs fn(Policy{}) for the optimizer named `name`; an unknown name raises.
 template <typename Fn>
