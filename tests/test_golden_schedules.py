@@ -16,6 +16,10 @@ against another copy of the evaluator, so a mistake the copies share still shows
 * Triton's evaluator: tests/test_triton.py (it needs an interpreter process of its
   own), on the helpers below.
 
+The section at the end checks that the descriptor's layout constants, which C++
+(schedule.h) necessarily restates, are the ones reference.py defines and the rest of
+the Python code imports.
+
 An evaluator gets (descriptor, step) and answers an lr and a momentum, or "the group's"
 for either (``has_lr`` / ``has_momentum`` false, ``None`` in the reference). The
 group's value is what the previous step left in the group, which is torch's value at
@@ -29,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -228,3 +233,47 @@ def test_table_covers_every_kind_and_combination():
     assert momentum_kinds == {(k, o) for k in cyclical for o in ("SGD", "Adam")}
     assert any(t >= 2**31 for c in CASES for t in c["steps"])
 
+# --------------------------------------------------------------------------
+# One descriptor layout: schedule.h's constants are reference.py's
+# --------------------------------------------------------------------------
+
+HEADER = ROOT / "csrc" / "include" / "fusedclr" / "schedule.h"
+
+
+def _header_constants() -> dict[str, float]:
+    """``constexpr`` values and enumerators of schedule.h, by name."""
+    text = re.sub(r"//[^\n]*", "", HEADER.read_text())
+    out: dict[str, float] = {}
+    for name, value in re.findall(r"constexpr\s+(?:int|double)\s+(\w+)\s*=\s*([0-9.]+)\s*;", text):
+        out[name] = float(value)
+    for body in re.findall(r"enum\s+\w+\s*:\s*int\s*\{([^}]*)\}", text):
+        for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body):
+            out[name] = int(value)
+    return out
+
+
+@pytest.mark.skipif(not HEADER.exists(), reason="needs the source checkout (csrc/)")
+def test_cpp_layout_constants_are_references():
+    h = _header_constants()
+    for name in ("HEADER_WORDS", "H_COMBINE", "STAGE_WORDS", "S_KIND", "S_T_BEGIN", "S_P0", "S_HAS_MOM"):
+        assert h.pop(name) == getattr(reference, name), name
+    # "[2..13] P0..P11" in the header's layout note.
+    assert reference.STAGE_PARAMS == 12 and reference.S_P0 + reference.STAGE_PARAMS == reference.S_HAS_MOM
+    for name in ("SEQUENCE", "PRODUCT"):
+        assert h.pop(name) == getattr(reference, name), name
+    kinds = {k: v for k, v in vars(reference.Kind).items() if not k.startswith("_")}
+    assert {k: h.pop(k) for k in kinds} == kinds
+    assert {m: h.pop(m.upper()) for m in reference.CYCLIC_MODES} == reference.CYCLIC_MODES
+    assert {a: h.pop(f"ANNEAL_{a.upper()}") for a in reference.ANNEAL} == reference.ANNEAL
+    assert h.pop("kPi") == math.pi
+    assert h == {}, f"schedule.h constants this test does not know: {h}"
+
+
+def test_python_evaluators_import_the_layout():
+    """The Triton evaluator and the schedulers restate no layout constant: they import reference's."""
+    triton_src = (ROOT / "fusedclr" / "triton" / "_schedule.py").read_text()
+    # Every tl.constexpr of the evaluator is made from an imported name, never a literal.
+    literals = re.findall(r"^(_\w+): tl\.constexpr = tl\.constexpr\(([-0-9.]+)\)", triton_src, re.M)
+    assert literals == []
+    sched_src = (ROOT / "fusedclr" / "lr_scheduler.py").read_text()
+    assert re.findall(r"\bKind\s*=|CYCLIC_MODES\s*=|ANNEAL\s*=|_WORDS\s*=", sched_src) == []

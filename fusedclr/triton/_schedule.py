@@ -26,12 +26,27 @@ NVIDIA and AMD GPUs and which the interpreter maps to numpy.
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
-from fusedclr.reference import H_COMBINE, HEADER_WORDS, PRODUCT, S_HAS_MOM, S_KIND, S_P0, S_T_BEGIN, STAGE_WORDS, Kind
+from fusedclr.reference import (
+    ANNEAL,
+    CYCLIC_MODES,
+    H_COMBINE,
+    HEADER_WORDS,
+    PRODUCT,
+    S_HAS_MOM,
+    S_KIND,
+    S_P0,
+    S_T_BEGIN,
+    STAGE_WORDS,
+    Kind,
+)
 
-# Descriptor layout and kinds, shared with reference.py so the two never drift.
+# Descriptor layout, kinds and modes, shared with reference.py so the two never drift
+# (tests/test_golden_schedules.py checks reference.py's against schedule.h's).
 _HEADER: tl.constexpr = tl.constexpr(HEADER_WORDS)
 _STAGE: tl.constexpr = tl.constexpr(STAGE_WORDS)
 _H_COMBINE: tl.constexpr = tl.constexpr(H_COMBINE)
@@ -51,10 +66,10 @@ _K_COSINE_RESTARTS: tl.constexpr = tl.constexpr(Kind.COSINE_RESTARTS)
 _K_CYCLIC: tl.constexpr = tl.constexpr(Kind.CYCLIC)
 _K_ONE_CYCLE: tl.constexpr = tl.constexpr(Kind.ONE_CYCLE)
 _K_POLYNOMIAL: tl.constexpr = tl.constexpr(Kind.POLYNOMIAL)
-_MODE_TRIANGULAR2: tl.constexpr = tl.constexpr(1)
-_MODE_EXP_RANGE: tl.constexpr = tl.constexpr(2)
-_ANNEAL_LINEAR: tl.constexpr = tl.constexpr(1)
-_PI: tl.constexpr = tl.constexpr(3.141592653589793)
+_MODE_TRIANGULAR2: tl.constexpr = tl.constexpr(CYCLIC_MODES["triangular2"])
+_MODE_EXP_RANGE: tl.constexpr = tl.constexpr(CYCLIC_MODES["exp_range"])
+_ANNEAL_LINEAR: tl.constexpr = tl.constexpr(ANNEAL["linear"])
+_PI: tl.constexpr = tl.constexpr(math.pi)
 
 
 @triton.jit
