@@ -2,7 +2,8 @@
 
 A re-expression of ``fusedclr::sched::evaluate`` (csrc/include/fusedclr/schedule.h)
 and ``fusedclr.reference.schedule_value``; tests compare it with the latter at
-every step of every schedule family.
+every step of every schedule family, and with torch's own values
+(tests/golden_schedules.json).
 
 [note: triton schedule evaluation]
 Each program of an update kernel evaluates the descriptor itself, in float64,
@@ -17,9 +18,13 @@ SequentialLR chain is handled the same way, for any number of stages.
 Powers are taken by binary powering: every exponent in the descriptor's
 formulas but one is a non-negative integer (steps, cycle counts, milestones
 passed), so ``pow`` (not in Triton's portable math, and not in the
-interpreter's libdevice) is never needed, and the result stays within a few ulp
-of double ``pow``. The exception, PolynomialLR's real ``power``, is taken as
-``exp(power * log(x))``.
+interpreter's libdevice) is never needed. The result stays within a few ulp of
+double ``pow`` for the exponents of ordinary runs, but not at huge ones: each
+squaring doubles the rounding error of those before it, so the relative error
+grows with the exponent (about ``t * 2**-53`` at worst; ExponentialLR's
+``gamma ** t`` is 7.7e-9 off C's ``pow`` at t = 2**32 + 5, CyclicLR exp_range's
+2.4e-11 at 2**31 - 1: tests/test_triton.py's golden-table cases marked xfail).
+The exception, PolynomialLR's real ``power``, is taken as ``exp(power * log(x))``.
 Cosine and floor use ``tl.cos`` / ``tl.floor``, which Triton lowers for fp64 on
 NVIDIA and AMD GPUs and which the interpreter maps to numpy.
 """
