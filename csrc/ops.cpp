@@ -4,7 +4,9 @@
 //
 // [note: step contract]
 // step_ applies one step of optimizer `optimizer` (a name of
-// csrc/include/fusedclr/optimizers.h: "sgd", "adam", ...) to one bucket: the parameters of one (param group, device, dtype). `segments` is the bucket's segment table [note: segment table]
+// csrc/include/fusedclr/optimizers.h: "sgd", "adam", ...) to one bucket: the
+// parameters of one (param group, device, dtype). `segments` is the bucket's
+// segment table [note: segment table]
 // (csrc/include/fusedclr/segments.h): per segment the addresses of its
 // parameter and gradient (0: no gradient, the segment is inactive), its offset
 // into the flat state buffers and its element count; `param_dtype` is the
