@@ -62,6 +62,11 @@ def make_grads(groups: Groups, steps: int, dtype) -> list:
     return out
 
 
+def cast_grads(grads, groups: Groups) -> list:
+    """``grads`` cast to the dtypes of ``groups`` (a reference run in another dtype)."""
+    return [[[g.to(groups[gi][pi].dtype) for pi, g in enumerate(gs)] for gi, gs in enumerate(step)] for step in grads]
+
+
 def set_grads(groups: Groups, grads, step: int, flat: bool) -> None:
     for gi, ps in enumerate(groups):
         for pi, p in enumerate(ps):
@@ -97,8 +102,7 @@ def run_pair(make_ref: Callable[[Groups], torch.optim.Optimizer], make_ours: Cal
     fc_groups = clone_params(fc_groups)
     ref, ours = make_ref(ref_groups), make_ours(fc_groups)
     grads = make_grads(fc_groups, steps, dtype)
-    ref_grads = grads if ref_dtype is None else [
-        [[g.to(ref_groups[gi][pi].dtype) for pi, g in enumerate(gs)] for gi, gs in enumerate(step)] for step in grads]
+    ref_grads = grads if ref_dtype is None else cast_grads(grads, ref_groups)
     for s in range(steps):
         set_grads(ref_groups, ref_grads[s], s, flat=False)
         set_grads(fc_groups, grads[s], s, flat=True)
