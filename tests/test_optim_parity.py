@@ -1,98 +1,21 @@
-"""fusedclr.SGD / Adam / AdamW against torch.optim: every option, ragged groups, None grads."""
+"""fusedclr.SGD / Adam / AdamW beside torch.optim: checkpoints across the two, flat buffers, copies,
+closures, hooks, the profiler and garbage collection.
+
+The option-by-option parity with torch (every option set, ragged groups, None grads, bf16) is
+table-driven, for every optimizer: tests/test_optim_table.py over tests/optim_table.py.
+"""
 
 from __future__ import annotations
 
 import copy
 import io
-import itertools
 
 import pytest
 import torch
 from conftest import CPU_BACKENDS, TOL
-from optim_harness import STEPS, assert_same, group_dicts, make_grads, make_params, run_pair, set_grads
+from optim_harness import group_dicts, make_grads, make_params, set_grads
 
 import fusedclr
-
-def _run_pair(torch_cls, fc_cls, options, per_group, backend, steps=STEPS, dtype=torch.float32,
-              complex_param=False):
-    return run_pair(lambda groups: torch_cls(group_dicts(groups, per_group), **options),
-                    lambda groups: fc_cls(group_dicts(groups, per_group), **options, backend=backend),
-                    steps=steps, dtype=dtype, complex_param=complex_param)
-
-
-def _sgd_options():
-    for momentum, dampening, nesterov, wd, maximize, tensor_lr in itertools.product(
-        (0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 0.05), (False, True), (False, True)
-    ):
-        if nesterov and (momentum == 0 or dampening != 0):
-            continue
-        if momentum == 0 and dampening != 0:
-            continue
-        yield pytest.param(
-            dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd, maximize=maximize),
-            tensor_lr,
-            id=f"m{momentum}-d{dampening}-nest{int(nesterov)}-wd{wd}-max{int(maximize)}-tlr{int(tensor_lr)}",
-        )
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize(("options", "tensor_lr"), list(_sgd_options()))
-def test_sgd_matches_torch(backend, options, tensor_lr):
-    lr = torch.tensor(0.05) if tensor_lr else 0.05
-    per_group = [{}, {"lr": 0.1 if not tensor_lr else torch.tensor(0.1)}, {"weight_decay": 0.0}]
-    out = _run_pair(torch.optim.SGD, fusedclr.SGD, dict(lr=lr, **options), per_group, backend, complex_param=True)
-    assert_same(*out, **TOL[torch.float32])
-
-
-def _adam_options():
-    for cls, amsgrad, maximize, wd, tensor_lr in itertools.product(
-        ("Adam", "AdamW"), (False, True), (False, True), (0.0, 0.1), (False, True)
-    ):
-        yield pytest.param(
-            cls, dict(amsgrad=amsgrad, maximize=maximize, weight_decay=wd), tensor_lr,
-            id=f"{cls}-ams{int(amsgrad)}-max{int(maximize)}-wd{wd}-tlr{int(tensor_lr)}",
-        )
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize(("cls", "options", "tensor_lr"), list(_adam_options()))
-def test_adam_matches_torch(backend, cls, options, tensor_lr):
-    lr = torch.tensor(0.01) if tensor_lr else 0.01
-    per_group = [{}, {"betas": (0.8, 0.99)}, {"eps": 1e-6, "weight_decay": 0.0}]
-    out = _run_pair(getattr(torch.optim, cls), getattr(fusedclr, cls), dict(lr=lr, **options), per_group,
-                    backend, complex_param=True)
-    assert_same(*out, **TOL[torch.float32])
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW"])
-def test_bf16_error_within_twice_torch(backend, cls):
-    """bf16 parameters: no worse than twice torch's own bf16 error against a float64 run."""
-    options = {"lr": 0.01, "weight_decay": 0.01}
-    if cls == "SGD":
-        options["momentum"] = 0.9
-    torch_cls, fc_cls = getattr(torch.optim, cls), getattr(fusedclr, cls)
-    per_group = [{}, {}, {}]
-    # The same starting values for both runs (drawing twice from the global generator gave two
-    # unrelated models, whose distance, not the rounding error, was compared).
-    torch.manual_seed(0)
-    start = [[p.detach().to(torch.bfloat16).double() for p in ps] for ps in make_params(torch.float64)]
-    torch.manual_seed(0)
-    ref64, _, _, _ = _run_pair(torch_cls, fc_cls, options, per_group, "reference", dtype=torch.float64)
-    torch.manual_seed(0)
-    ref_bf, fc_bf, _, _ = _run_pair(torch_cls, fc_cls, options, per_group, backend, dtype=torch.bfloat16)
-    errs = []
-    for ps0, ps64, ps_t, ps_f in zip(start, ref64, ref_bf, fc_bf):
-        for p0, p64, pt, pf in zip(ps0, ps64, ps_t, ps_f):
-            if p64.numel() == 0:
-                continue
-            moved = (p64.detach() - p0).abs().max().item()
-            err_ours = (pf.detach().double() - p64.detach()).abs().max().item()
-            assert err_ours < moved, (err_ours, moved)  # closer to the float64 run than the start is
-            errs.append((err_ours, (pt.detach().double() - p64.detach()).abs().max().item()))
-    # Over the whole model: on a one-element parameter the max error is the luck of a few roundings.
-    err_ours, err_torch = max(e for e, _ in errs), max(e for _, e in errs)
-    assert err_ours <= 2 * err_torch + 1e-12, (err_ours, err_torch)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
