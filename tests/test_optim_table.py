@@ -45,12 +45,16 @@ import fusedclr
 class Backend:
     """One ``backend=`` value and what its runs use. ``sources``: the option-set sources it
     runs (fusedclr's extra combinations are cheap on the CPU, not in an interpreter);
+    ``sampled``: tests that run one option set per optimizer here (the first with state);
+    ``steps``: steps per run (at least 7: the None grads fall on steps 2, 4, 5 and 6);
     ``skip``: why it cannot run here (an environment without it), or ""."""
 
     name: str
     shapes: list = tuple(SHAPES)
     small_shapes: list = tuple(SMALL_SHAPES)  # the bf16 runs
     sources: tuple[str, ...] = ("torch", "own", "fusedclr")
+    sampled: tuple[str, ...] = ()
+    steps: int = STEPS
     skip: str = ""
 
 
@@ -91,8 +95,11 @@ def pytest_generate_tests(metafunc):
         chosen = [(info, s) for info, s in rows(wanted) if where is None or where(info, s)]
         if getattr(metafunc.function, "_table_first_only", False):
             chosen = [(info, s) for i, (info, s) in enumerate(chosen) if i == 0 or chosen[i - 1][0] is not info]
-        params = [_param((b, (info, s)), b, f"{b.name}-{info.name}-{s.id}")
-                  for b in backends for info, s in chosen if s.source in b.sources]
+        sample = [(info, s) for i, (info, s) in enumerate(chosen) if info.state_keys(s.kwargs)
+                  and not any(other is info for other, _ in chosen[:i] if other.state_keys(_.kwargs))]
+        params = [_param((b, (info, s)), b, f"{b.name}-{info.name}-{s.id}") for b in backends
+                  for info, s in (sample if metafunc.function.__name__ in b.sampled else chosen)
+                  if s.source in b.sources]
         metafunc.parametrize(("backend", "row"), params)
     else:
         metafunc.parametrize("backend", [_param((b,), b, b.name) for b in backends])
@@ -116,8 +123,8 @@ def _makers(info, kwargs, backend: str):
 def test_matches_reference(backend, row):
     info, options = row
     make_ref, make_ours = _makers(info, options.kwargs, backend.name)
-    out = run_pair(make_ref, make_ours, complex_param=info.supports_complex, ref_dtype=info.ref_dtype,
-                   shapes=backend.shapes)
+    out = run_pair(make_ref, make_ours, steps=backend.steps, complex_param=info.supports_complex,
+                   ref_dtype=info.ref_dtype, shapes=backend.shapes)
     _, _, ref, _ = out
     declared = info.state_keys(options.kwargs)
     for pid, st in ref.state_dict()["state"].items():
@@ -136,12 +143,12 @@ def test_bf16_error_within_factor_of_reference(backend, row):
     info, options = row
     make_ref, make_ours = _makers(info, options.kwargs, backend.name)
     start = make_params(torch.bfloat16, shapes=backend.small_shapes)
-    grads = make_grads(start, STEPS, torch.bfloat16)
+    grads = make_grads(start, backend.steps, torch.bfloat16)
     runs = {}
     for name, dtype, make, flat in (("f64", torch.float64, make_ref, False), ("ref", None, make_ref, False),
                                     ("ours", None, make_ours, True)):
         groups = clone_params(start, dtype)
-        run(make(groups), groups, cast_grads(grads, groups) if dtype else grads, STEPS, flat=flat)
+        run(make(groups), groups, cast_grads(grads, groups) if dtype else grads, backend.steps, flat=flat)
         runs[name] = [p.detach().double() for ps in groups for p in ps]
     start_values = [p.detach().double() for ps in start for p in ps]
     moved = max((a - b).abs().max().item() for a, b in zip(runs["f64"], start_values) if a.numel())
@@ -165,10 +172,10 @@ def test_state_dict_round_trip_mid_run(backend, row):
     _, make_ours = _makers(info, options.kwargs, backend.name)
     # Real parameters only, as test_optim_parity's round trip had them.
     start = make_params(torch.float32, shapes=backend.shapes)
-    grads = make_grads(start, STEPS, torch.float32)
+    grads = make_grads(start, backend.steps, torch.float32)
     whole = clone_params(start)
     uninterrupted = make_ours(whole)
-    run(uninterrupted, whole, grads, STEPS, flat=True)
+    run(uninterrupted, whole, grads, backend.steps, flat=True)
 
     first = clone_params(start)
     opt = make_ours(first)
@@ -180,7 +187,7 @@ def test_state_dict_round_trip_mid_run(backend, row):
     resumed = [[torch.nn.Parameter(p.clone()) for p in ps] for ps in ckpt["params"]]
     opt2 = make_ours(resumed)
     opt2.load_state_dict(ckpt["optim"])
-    run(opt2, resumed, grads, range(5, STEPS), flat=True)
+    run(opt2, resumed, grads, range(5, backend.steps), flat=True)
 
     for ps_a, ps_b in zip(whole, resumed):
         for a, b in zip(ps_a, ps_b):
