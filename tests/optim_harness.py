@@ -113,25 +113,30 @@ def run_pair(make_ref: Callable[[Groups], torch.optim.Optimizer], make_ours: Cal
     return ref_groups, fc_groups, ref, ours
 
 
-def assert_same(ref_groups, fc_groups, ref, ours, *, optional_keys=frozenset(), subset=False, **tol) -> None:
+def assert_same(ref_groups, fc_groups, ref, ours, *, optional_keys=frozenset(), superset=False, **tol) -> None:
     """Parameters and every state (``state_dict()`` and ``optimizer.state``) agree, in ours's
-    dtypes. ``optional_keys``: state keys ours may have beyond the reference's; ``subset``:
-    ours may have any further keys (a wrapper's own state)."""
+    dtypes. ``optional_keys``: state keys ours may have beyond the reference's; ``superset``:
+    ours may have any further keys, and state for further parameters (a wrapper's own state);
+    then only ``state_dict()`` is compared, as a wrapper's ``optimizer.state`` may be its own."""
     for ps_ref, ps_fc in zip(ref_groups, fc_groups):
         for p_ref, p_fc in zip(ps_ref, ps_fc):
             torch.testing.assert_close(p_fc.detach(), p_ref.detach().to(p_fc.dtype), **tol)
     ref_sd, fc_sd = ref.state_dict(), ours.state_dict()
-    assert set(ref_sd["state"]) == set(fc_sd["state"]), "the same parameters must have state"
+    if superset:
+        assert set(ref_sd["state"]) <= set(fc_sd["state"]), "parameters with state in the reference lack it"
+    else:
+        assert set(ref_sd["state"]) == set(fc_sd["state"]), "the same parameters must have state"
     pairs = [(pid, st, fc_sd["state"][pid]) for pid, st in ref_sd["state"].items()]
     # optimizer.state, keyed by the parameters themselves, in the same order.
     ref_ps = [p for ps in ref_groups for p in ps]
     fc_ps = [p for ps in fc_groups for p in ps]
-    pairs += [(f"state[{i}]", ref.state[p], ours.state[q]) for i, (p, q) in enumerate(zip(ref_ps, fc_ps))
-              if p in ref.state]
+    if not superset:
+        pairs += [(f"state[{i}]", ref.state[p], ours.state[q]) for i, (p, q) in enumerate(zip(ref_ps, fc_ps))
+                  if p in ref.state]
     for pid, st, mine in pairs:
         extra = set(mine) - set(st)
         assert set(st) <= set(mine), f"state keys missing for param {pid}: {set(st) - set(mine)}"
-        assert subset or extra <= set(optional_keys), f"unexpected state keys for param {pid}: {extra}"
+        assert superset or extra <= set(optional_keys), f"unexpected state keys for param {pid}: {extra}"
         for key, value in st.items():
             if key == "step":
                 assert float(mine[key]) == float(value), f"step of param {pid}"

@@ -32,6 +32,7 @@ import fusedclr
 
 # Options that fusedclr accepts for compatibility and ignores: its step is always fused and
 # capturable, and ``differentiable=True`` runs torch's own implementation, not fusedclr's.
+# A tensor lr stays: fusedclr's classes take it as torch's do (SGD's and Adagrad's sets have one).
 DROPPED = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
 # The bf16 criterion: fusedclr's error against a float64 run is at most this factor times
@@ -114,8 +115,9 @@ class OptimInfo:
     group_overrides: tuple[dict, dict, dict] = ({}, {}, {})
     # The state keys torch keeps per parameter for an option set (checked against torch too).
     state_keys: Callable[[dict[str, Any]], set[str]] = _no_keys
-    # Keys fusedclr may keep beyond those (Lion's "step"); ``state_superset``: any further keys
-    # (a wrapper's own state, e.g. Lookahead's slow weights, under a name not fixed here).
+    # Keys fusedclr may keep beyond those (Lion's "step"); ``state_superset``: any further keys,
+    # and state for further parameters (a wrapper's own state, e.g. Lookahead's slow weights,
+    # under a name not fixed here).
     optional_state_keys: frozenset[str] = frozenset()
     state_superset: bool = False
     supports_complex: bool = True

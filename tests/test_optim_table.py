@@ -129,7 +129,7 @@ def test_matches_reference(backend, row):
     declared = info.state_keys(options.kwargs)
     for pid, st in ref.state_dict()["state"].items():
         assert set(st) == declared, f"the table's state keys for {info.name} are not torch's: {set(st)}"
-    assert_same(*out, optional_keys=info.optional_state_keys, subset=info.state_superset,
+    assert_same(*out, optional_keys=info.optional_state_keys, superset=info.state_superset,
                 **info.tol[torch.float32])
 
 
@@ -303,6 +303,18 @@ def test_lookahead_applies_the_scheduled_lr(backend):
         sched.step()
 
 
+def test_lookahead_is_an_optimizer_over_the_inner_groups(backend):
+    """Lookahead is a torch.optim.Optimizer whose param_groups are the inner optimizer's: a
+    change to a group (a scheduler's lr) is the inner optimizer's."""
+    p = torch.nn.Parameter(torch.randn(5))
+    inner = fusedclr.AdamW([p], lr=0.01, backend=backend.name)
+    opt = fusedclr.Lookahead(inner, k=2, alpha=0.5)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0] is inner.param_groups[0]
+    opt.param_groups[0]["lr"] = 0.5
+    assert inner.param_groups[0]["lr"] == 0.5
+
+
 # --------------------------------------------------------------------------
 # The oracles themselves (no fusedclr): the paper's algorithms, checked by hand
 # --------------------------------------------------------------------------
@@ -354,6 +366,7 @@ def test_lookahead_oracle_follows_the_paper():
 
 __all__ = [
     "BACKENDS", "Backend", "pytest_generate_tests", "test_bf16_error_within_factor_of_reference",
-    "test_construction_error", "test_lion_applies_the_one_cycle_lr_and_beta1", "test_lookahead_applies_the_scheduled_lr",
+    "test_construction_error", "test_lion_applies_the_one_cycle_lr_and_beta1",
+    "test_lookahead_applies_the_scheduled_lr", "test_lookahead_is_an_optimizer_over_the_inner_groups",
     "test_matches_reference", "test_state_dict_round_trip_mid_run",
 ]
