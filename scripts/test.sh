@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite in ./.venv (set up by scripts/bootstrap.sh). The Triton
-# tests run in their own process with TRITON_INTERPRET=1 set before import, so
-# the Triton kernels execute on CPU tensors through the interpreter.
+# tests (tests/test_triton.py, and the optimizer table on backend="triton",
+# tests/test_triton_table.py) run in their own process with TRITON_INTERPRET=1
+# set before import, so the Triton kernels execute on CPU tensors through the
+# interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -16,9 +18,14 @@ run() {
   return "$rc"
 }
 
+TRITON_TESTS=()
+for f in tests/test_triton.py tests/test_triton_table.py; do
+  [ -f "$f" ] && TRITON_TESTS+=("$f")
+done
+
 status=0
-run "$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_triton.py tests "$@" || status=1
-if [ -f tests/test_triton.py ]; then
-  TRITON_INTERPRET=1 run "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py "$@" || status=1
+run "$PY" -m pytest -q -p no:cacheprovider "${TRITON_TESTS[@]/#/--ignore=}" tests "$@" || status=1
+if [ "${#TRITON_TESTS[@]}" -gt 0 ]; then
+  TRITON_INTERPRET=1 run "$PY" -m pytest -q -p no:cacheprovider "${TRITON_TESTS[@]}" "$@" || status=1
 fi
 exit "$status"

@@ -1,169 +1,21 @@
-"""fusedclr.SGD / Adam / AdamW against torch.optim: every option, ragged groups, None grads."""
+"""fusedclr.SGD / Adam / AdamW beside torch.optim: checkpoints across the two, flat buffers, copies,
+closures, hooks, the profiler and garbage collection.
+
+The option-by-option parity with torch (every option set, ragged groups, None grads, bf16) is
+table-driven, for every optimizer: tests/test_optim_table.py over tests/optim_table.py.
+"""
 
 from __future__ import annotations
 
 import copy
 import io
-import itertools
 
 import pytest
 import torch
 from conftest import CPU_BACKENDS, TOL
+from optim_harness import group_dicts, make_grads, make_params, set_grads
 
 import fusedclr
-
-STEPS = 10
-# Three groups of ragged shapes (not multiples of the 16-element alignment or
-# of the CPU chunk size), including a scalar and an empty parameter.
-SHAPES = [[(3 * 16 + 5,), (7, 9)], [(1,), (33, 17), (0,)], [(16385,), (4, 4, 3)]]
-NONE_GRAD = {(1, 1): {2, 5, 6}, (2, 0): {4}}  # (group, param) -> steps whose grad is None
-
-
-def _make_params(dtype=torch.float32, complex_param=False):
-    groups = []
-    for gi, shapes in enumerate(SHAPES):
-        # Drawn in float64 and rounded, so runs in different dtypes start from the same values.
-        ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64).to(dtype)) for s in shapes]
-        if complex_param and gi == 0:
-            ps.append(torch.nn.Parameter(torch.randn(5, 3, dtype=torch.complex64)))
-        groups.append(ps)
-    return groups
-
-
-def _grads(groups, steps, dtype):
-    """Deterministic gradients for every step, independent of the optimizer."""
-    gen = torch.Generator().manual_seed(1234)
-    out = []
-    for _ in range(steps):
-        step = []
-        for ps in groups:
-            step.append([torch.randn(p.shape, generator=gen, dtype=p.dtype if p.is_complex() else torch.float64).to(
-                p.dtype if p.is_complex() else dtype) for p in ps])
-        out.append(step)
-    return out
-
-
-def _set_grads(groups, grads, step, flat: bool):
-    for gi, ps in enumerate(groups):
-        for pi, p in enumerate(ps):
-            if step in NONE_GRAD.get((gi, pi), ()):
-                p.grad = None
-            elif flat and p.grad is not None:
-                p.grad.copy_(grads[gi][pi])  # accumulate into the flat view, as autograd does
-            else:
-                p.grad = grads[gi][pi].clone()
-
-
-def _group_dicts(groups, per_group):
-    return [{"params": ps, **per_group[i]} for i, ps in enumerate(groups)]
-
-
-def _run_pair(torch_cls, fc_cls, options, per_group, backend, steps=STEPS, dtype=torch.float32,
-              complex_param=False):
-    ref_groups = _make_params(dtype, complex_param)
-    fc_groups = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in ref_groups]
-    ref = torch_cls(_group_dicts(ref_groups, per_group), **options)
-    ours = fc_cls(_group_dicts(fc_groups, per_group), **options, backend=backend)
-    grads = _grads(ref_groups, steps, dtype)
-    for s in range(steps):
-        _set_grads(ref_groups, grads[s], s, flat=False)
-        _set_grads(fc_groups, grads[s], s, flat=True)
-        ref.step()
-        ours.step()
-        if s % 3 == 2:
-            ours.zero_grad()  # re-attaches the flat views where a grad was None
-    return ref_groups, fc_groups, ref, ours
-
-
-def _assert_same(ref_groups, fc_groups, ref, ours, **tol):
-    for ps_ref, ps_fc in zip(ref_groups, fc_groups):
-        for p_ref, p_fc in zip(ps_ref, ps_fc):
-            torch.testing.assert_close(p_fc.detach(), p_ref.detach(), **tol)
-    ref_sd, fc_sd = ref.state_dict(), ours.state_dict()
-    assert set(ref_sd["state"]) == set(fc_sd["state"]), "the same parameters must have state"
-    for pid, st in ref_sd["state"].items():
-        mine = fc_sd["state"][pid]
-        assert set(st) == set(k for k, v in mine.items()), f"state keys differ for param {pid}"
-        for key, value in st.items():
-            if key == "step":
-                assert float(mine[key]) == float(value), f"step of param {pid}"
-            else:
-                torch.testing.assert_close(mine[key].to(value.dtype), value, **tol)
-
-
-def _sgd_options():
-    for momentum, dampening, nesterov, wd, maximize, tensor_lr in itertools.product(
-        (0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 0.05), (False, True), (False, True)
-    ):
-        if nesterov and (momentum == 0 or dampening != 0):
-            continue
-        if momentum == 0 and dampening != 0:
-            continue
-        yield pytest.param(
-            dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd, maximize=maximize),
-            tensor_lr,
-            id=f"m{momentum}-d{dampening}-nest{int(nesterov)}-wd{wd}-max{int(maximize)}-tlr{int(tensor_lr)}",
-        )
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize(("options", "tensor_lr"), list(_sgd_options()))
-def test_sgd_matches_torch(backend, options, tensor_lr):
-    lr = torch.tensor(0.05) if tensor_lr else 0.05
-    per_group = [{}, {"lr": 0.1 if not tensor_lr else torch.tensor(0.1)}, {"weight_decay": 0.0}]
-    out = _run_pair(torch.optim.SGD, fusedclr.SGD, dict(lr=lr, **options), per_group, backend, complex_param=True)
-    _assert_same(*out, **TOL[torch.float32])
-
-
-def _adam_options():
-    for cls, amsgrad, maximize, wd, tensor_lr in itertools.product(
-        ("Adam", "AdamW"), (False, True), (False, True), (0.0, 0.1), (False, True)
-    ):
-        yield pytest.param(
-            cls, dict(amsgrad=amsgrad, maximize=maximize, weight_decay=wd), tensor_lr,
-            id=f"{cls}-ams{int(amsgrad)}-max{int(maximize)}-wd{wd}-tlr{int(tensor_lr)}",
-        )
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize(("cls", "options", "tensor_lr"), list(_adam_options()))
-def test_adam_matches_torch(backend, cls, options, tensor_lr):
-    lr = torch.tensor(0.01) if tensor_lr else 0.01
-    per_group = [{}, {"betas": (0.8, 0.99)}, {"eps": 1e-6, "weight_decay": 0.0}]
-    out = _run_pair(getattr(torch.optim, cls), getattr(fusedclr, cls), dict(lr=lr, **options), per_group,
-                    backend, complex_param=True)
-    _assert_same(*out, **TOL[torch.float32])
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW"])
-def test_bf16_error_within_twice_torch(backend, cls):
-    """bf16 parameters: no worse than twice torch's own bf16 error against a float64 run."""
-    options = {"lr": 0.01, "weight_decay": 0.01}
-    if cls == "SGD":
-        options["momentum"] = 0.9
-    torch_cls, fc_cls = getattr(torch.optim, cls), getattr(fusedclr, cls)
-    per_group = [{}, {}, {}]
-    # The same starting values for both runs (drawing twice from the global generator gave two
-    # unrelated models, whose distance, not the rounding error, was compared).
-    torch.manual_seed(0)
-    start = [[p.detach().to(torch.bfloat16).double() for p in ps] for ps in _make_params(torch.float64)]
-    torch.manual_seed(0)
-    ref64, _, _, _ = _run_pair(torch_cls, fc_cls, options, per_group, "reference", dtype=torch.float64)
-    torch.manual_seed(0)
-    ref_bf, fc_bf, _, _ = _run_pair(torch_cls, fc_cls, options, per_group, backend, dtype=torch.bfloat16)
-    errs = []
-    for ps0, ps64, ps_t, ps_f in zip(start, ref64, ref_bf, fc_bf):
-        for p0, p64, pt, pf in zip(ps0, ps64, ps_t, ps_f):
-            if p64.numel() == 0:
-                continue
-            moved = (p64.detach() - p0).abs().max().item()
-            err_ours = (pf.detach().double() - p64.detach()).abs().max().item()
-            assert err_ours < moved, (err_ours, moved)  # closer to the float64 run than the start is
-            errs.append((err_ours, (pt.detach().double() - p64.detach()).abs().max().item()))
-    # Over the whole model: on a one-element parameter the max error is the luck of a few roundings.
-    err_ours, err_torch = max(e for e, _ in errs), max(e for _, e in errs)
-    assert err_ours <= 2 * err_torch + 1e-12, (err_ours, err_torch)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -179,17 +31,17 @@ def test_state_dict_round_trip(backend, direction, cls):
         options.update(amsgrad=True)
     torch_cls, fc_cls = getattr(torch.optim, cls), getattr(fusedclr, cls)
     per_group = [{}, {"lr": 0.01}, {}]
-    groups = _make_params()
-    grads = _grads(groups, 8, torch.float32)
+    groups = make_params()
+    grads = make_grads(groups, 8, torch.float32)
 
     def fresh(cls_, ps, **kw):
-        return cls_(_group_dicts(ps, per_group), **options, **kw)
+        return cls_(group_dicts(ps, per_group), **options, **kw)
 
     # Uninterrupted torch run: the ground truth.
     truth_groups = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
     truth = fresh(torch_cls, truth_groups)
     for s in range(8):
-        _set_grads(truth_groups, grads[s], s, flat=False)
+        set_grads(truth_groups, grads[s], s, flat=False)
         truth.step()
 
     first_cls, first_kw = (torch_cls, {}) if direction == "torch_to_fusedclr" else (fc_cls, {"backend": backend})
@@ -197,7 +49,7 @@ def test_state_dict_round_trip(backend, direction, cls):
     a_groups = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
     a = fresh(first_cls, a_groups, **first_kw)
     for s in range(4):
-        _set_grads(a_groups, grads[s], s, flat=first_cls is fc_cls)
+        set_grads(a_groups, grads[s], s, flat=first_cls is fc_cls)
         a.step()
     buf = io.BytesIO()
     torch.save({"params": [[p.detach() for p in ps] for ps in a_groups], "optim": a.state_dict()}, buf)
@@ -207,7 +59,7 @@ def test_state_dict_round_trip(backend, direction, cls):
     b = fresh(second_cls, b_groups, **second_kw)
     b.load_state_dict(ckpt["optim"])
     for s in range(4, 8):
-        _set_grads(b_groups, grads[s], s, flat=second_cls is fc_cls)
+        set_grads(b_groups, grads[s], s, flat=second_cls is fc_cls)
         b.step()
     for ps_t, ps_b in zip(truth_groups, b_groups):
         for pt, pb in zip(ps_t, ps_b):
@@ -229,28 +81,28 @@ def test_low_precision_checkpoint_keeps_fp32_states(backend, cls):
     (torch.optim's load_state_dict casts states to the parameter dtype) and the resumed
     run is bit for bit the uninterrupted one."""
     options = {"lr": 0.02, "weight_decay": 0.01} | ({"momentum": 0.9} if cls == "SGD" else {})
-    groups = _make_params(torch.bfloat16)
-    grads = _grads(groups, 6, torch.bfloat16)
+    groups = make_params(torch.bfloat16)
+    grads = make_grads(groups, 6, torch.bfloat16)
     whole = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in groups]
-    opt = getattr(fusedclr, cls)(_group_dicts(whole, [{}, {}, {}]), backend=backend, **options)
+    opt = getattr(fusedclr, cls)(group_dicts(whole, [{}, {}, {}]), backend=backend, **options)
     for s in range(3):
-        _set_grads(whole, grads[s], s, flat=True)
+        set_grads(whole, grads[s], s, flat=True)
         opt.step()
     buf = io.BytesIO()
     torch.save({"params": [[p.detach() for p in ps] for ps in whole], "optim": opt.state_dict()}, buf)
     for s in range(3, 6):
-        _set_grads(whole, grads[s], s, flat=True)
+        set_grads(whole, grads[s], s, flat=True)
         opt.step()
     buf.seek(0)
     ckpt = torch.load(buf, map_location="cpu")
     resumed = [[torch.nn.Parameter(p.clone()) for p in ps] for ps in ckpt["params"]]
-    opt2 = getattr(fusedclr, cls)(_group_dicts(resumed, [{}, {}, {}]), backend=backend, **options)
+    opt2 = getattr(fusedclr, cls)(group_dicts(resumed, [{}, {}, {}]), backend=backend, **options)
     opt2.load_state_dict(ckpt["optim"])
     assert opt2.state_dict()["state"], "the checkpoint has no states to keep in fp32"
     assert all(v.dtype == torch.float32 for st in opt2.state_dict()["state"].values()
                for k, v in st.items() if k != "step")
     for s in range(3, 6):
-        _set_grads(resumed, grads[s], s, flat=True)
+        set_grads(resumed, grads[s], s, flat=True)
         opt2.step()
     for ps_a, ps_b, ps_c in zip(whole, resumed, ckpt["params"]):
         for pa, pb, pc in zip(ps_a, ps_b, ps_c):
