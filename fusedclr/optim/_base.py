@@ -657,6 +657,11 @@ class FlatOptimizerMixin:
                 steps = b.seg_steps.cpu().tolist()  # one device-to-host copy per bucket, not on the step path
                 for i, p in enumerate(b.params):
                     entry = self._export_state(group, b, i, steps[i]) if shown[i] else {}
+                    if p.is_complex():
+                        # A complex view and the real views beside it would share one storage in two
+                        # dtypes, which torch.save refuses: a complex parameter's states are copies.
+                        entry = {k: v.clone() if isinstance(v, Tensor) and v.is_complex() else v
+                                 for k, v in entry.items()}
                     if shown[i] and b.master is not None:  # also for SGD without momentum: its only state
                         entry["master_param"] = b.master_tensor(i)
                     if entry:
@@ -733,6 +738,7 @@ class FlatOptimizerMixin:
             raise ValueError("loaded state dict has a different number of parameter groups")
         saved_state = state_dict["state"]
         known = self._state_keys() | {"master_param"}  # masters of any optimizer load (or are dropped)
+        scalar_keys = {"step"} | ({self._SEG_SCALAR[0]} if self._SEG_SCALAR else set())
         for gi, (group, sg) in enumerate(zip(self.param_groups, saved_groups)):
             if len(sg["params"]) != len(group["params"]):
                 raise ValueError(
@@ -740,7 +746,7 @@ class FlatOptimizerMixin:
                 )
             for pi, (p, pid) in enumerate(zip(group["params"], sg["params"])):
                 for key, value in saved_state.get(pid, {}).items():
-                    if isinstance(value, Tensor) and key != "step" and value.numel() != p.numel():
+                    if isinstance(value, Tensor) and key not in scalar_keys and value.numel() != p.numel():
                         raise ValueError(
                             f"loaded state {key!r} of parameter {pi} in group {gi} has shape "
                             f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}"
