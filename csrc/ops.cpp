@@ -3,13 +3,20 @@
 // fusedclr/ops.py registers a fake (meta) kernel for every op.
 //
 // [note: step contract]
-// An update op steps one bucket: the parameters of one (param group, device,
-// dtype). `segments` is the bucket's segment table [note: segment table]
+// step_ applies one step of optimizer `optimizer` ("sgd", "adam", "rmsprop",
+// "adagrad", "radam", "nadam", "lion", or "lookahead", the synchronisation
+// that follows an inner step; csrc/include/fusedclr/optimizers.h) to one
+// bucket: the parameters of one (param group, device, dtype). `segments` is the bucket's segment table [note: segment table]
 // (csrc/include/fusedclr/segments.h): per segment the addresses of its
 // parameter and gradient (0: no gradient, the segment is inactive), its offset
 // into the flat state buffers and its element count; `param_dtype` is the
-// parameters' (real) dtype. The state tensors (exp_avg, ..., master_param) are
-// 1-D flat buffers of the bucket, and `chunks` is an int64 [n, 3] table of
+// parameters' (real) dtype. `states` are the optimizer's flat state buffers
+// in its policy's order (fusedclr/optim/_spec.py names them), None where the
+// options leave one out (amsgrad's maximum, RMSprop's grad_avg); `options`
+// are its float options in the same table's order. `seg_scalars` (float64
+// [n_segments]) is a per-segment scalar state of optimizers that keep one
+// (NAdam's mu_product), else None. States and master_param are 1-D flat
+// buffers of the bucket, and `chunks` is an int64 [n, 3] table of
 // (segment, begin, end) ranges in state coordinates covering every segment's
 // elements. `seg_steps` (int64 [n_segments]) is each segment's step count; a
 // step first increments it for every active segment and then uses the new
@@ -27,18 +34,10 @@
 
 TORCH_LIBRARY(fusedclr, m) {
   m.def(
-      "sgd_step_(Tensor segments, ScalarType param_dtype, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
-      "Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? master_param=None, int? sr_seed=None) -> ()");
-  m.def(
-      "adam_step_(Tensor segments, ScalarType param_dtype, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, "
-      "Tensor hyper, Tensor schedule, Tensor schedule_step, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor(f!)? master_param=None, int? sr_seed=None) -> ()");
-  // [lr, momentum, has_lr, has_momentum] as float64 [4]: the kernels' own
-  // evaluator, exposed so tests compare it with reference.schedule_value.
+      "step_(str optimizer, Tensor segments, ScalarType param_dtype, Tensor(a!)?[] states, Tensor(b!) seg_steps, "
+      "Tensor(c!)? seg_scalars, Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
+      "float[] options, bool maximize=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor(d!)? master_param=None, int? sr_seed=None) -> ()");
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
   // Sum of squares of the active segments' gradients (float64, 0-dim): the
   // bucket's share of the global gradient norm [note: fused clipping].

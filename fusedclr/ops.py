@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "adam_step_",
     "build_mismatch",
     "cuda_kernels_registered",
     "extension_available",
@@ -24,7 +23,7 @@ __all__ = [
     "grad_sumsq",
     "schedule_eval",
     "segment_tracker",
-    "sgd_step_",
+    "step_",
 ]
 
 _EXT_ERROR: str | None = None
@@ -140,21 +139,15 @@ def _refresh_in_python(params: list[Tensor], local: bool, expected: tuple, table
 
 def cuda_kernels_registered() -> bool:
     """Whether the extension was built with its CUDA kernels (true even without a GPU)."""
-    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fusedclr::adam_step_", "CUDA")
+    return extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fusedclr::step_", "CUDA")
 
 
 if extension_available():
 
-    @torch.library.register_fake("fusedclr::sgd_step_")
-    def _sgd_step_fake(segments, param_dtype, momentum_buffer, seg_steps, chunks, hyper, schedule,
-                       schedule_step, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf,
-                       master_param=None, sr_seed=None):
-        return None
-
-    @torch.library.register_fake("fusedclr::adam_step_")
-    def _adam_step_fake(segments, param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, hyper,
-                        schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale,
-                        found_inf, master_param=None, sr_seed=None):
+    @torch.library.register_fake("fusedclr::step_")
+    def _step_fake(optimizer, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
+                   schedule_step, options, maximize=False, grad_scale=None, found_inf=None, master_param=None,
+                   sr_seed=None):
         return None
 
     @torch.library.register_fake("fusedclr::grad_sumsq")
@@ -166,14 +159,9 @@ if extension_available():
         return schedule.new_empty(4)
 
 
-def sgd_step_(*args, **kwargs) -> None:
-    """``torch.ops.fusedclr.sgd_step_``; see csrc/ops.cpp for the contract."""
-    torch.ops.fusedclr.sgd_step_(*args, **kwargs)
-
-
-def adam_step_(*args, **kwargs) -> None:
-    """``torch.ops.fusedclr.adam_step_``; see csrc/ops.cpp for the contract."""
-    torch.ops.fusedclr.adam_step_(*args, **kwargs)
+def step_(*args, **kwargs) -> None:
+    """``torch.ops.fusedclr.step_``: one optimizer step of one bucket; see csrc/ops.cpp [note: step contract]."""
+    torch.ops.fusedclr.step_(*args, **kwargs)
 
 
 def schedule_eval(schedule: Tensor, schedule_step: Tensor) -> Tensor:

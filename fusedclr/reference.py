@@ -9,11 +9,12 @@ Two layers:
 
 * single-tensor updates (:func:`sgd_update_`, :func:`adam_update_`) on one
   parameter and its state, written like ``torch.optim``'s for-loop code;
-* bucket steps (:func:`sgd_step_`, :func:`adam_step_`) with the signature of
-  the ``fusedclr::*_step_`` ops, except that the segment table is replaced by
-  the tensors behind it (:class:`Segments`): the parameters and gradients are
-  gathered into the flat state layout, updated there in one vectorised pass
-  and written back. These are the ``backend="reference"`` path.
+* the bucket step :func:`step_`, with the signature of the ``fusedclr::step_``
+  op, except that the segment table is replaced by the tensors behind it
+  (:class:`Segments`): the parameters and gradients are gathered into the
+  flat state layout, updated there in one vectorised pass by the optimizer's
+  math policy (:data:`POLICIES`) and written back. This is the
+  ``backend="reference"`` path.
 
 :func:`schedule_value` evaluates the schedule descriptor described in
 ``csrc/include/fusedclr/schedule.h`` [note: schedule descriptor];
@@ -33,7 +34,7 @@ __all__ = [
     "HEADER_WORDS",
     "STAGE_WORDS",
     "Kind",
-    "adam_step_",
+    "POLICIES",
     "Segments",
     "adam_update_",
     "check_precision",
@@ -44,8 +45,8 @@ __all__ = [
     "round_stochastic",
     "rounding_key",
     "schedule_value",
-    "sgd_step_",
     "sgd_update_",
+    "step_",
 ]
 
 # --------------------------------------------------------------------------
@@ -358,12 +359,15 @@ def _gather(tensors: Sequence[Tensor | None], segments: Segments, dtype: torch.d
     return flat
 
 
-def _advance(seg_steps: Tensor, segments: Segments, found_inf: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Increments the active segments' steps unless found_inf; returns (go mask per segment, steps)."""
+def _advance(seg_steps: Tensor, segments: Segments, found_inf: Tensor | None,
+             advance: bool = True) -> tuple[Tensor, Tensor]:
+    """Increments the active segments' steps unless found_inf (and ``advance``); returns (go mask per
+    segment, steps)."""
     go = torch.tensor([g is not None for g in segments.grads], dtype=torch.bool, device=seg_steps.device)
     if found_inf is not None:
         go = go & (found_inf.reshape(()).to(seg_steps.device) == 0)
-    seg_steps.add_(go.to(seg_steps.dtype))
+    if advance:
+        seg_steps.add_(go.to(seg_steps.dtype))
     return go, seg_steps
 
 
@@ -374,7 +378,8 @@ def _schedule_scalars(hyper: Tensor, schedule: Tensor, schedule_step: Tensor) ->
 
 
 def _begin(segments: Segments, param_dtype: torch.dtype, seg_steps: Tensor, grad_scale: Tensor | None,
-           found_inf: Tensor | None, maximize: bool, master_param: Tensor | None, sr_seed: int | None):
+           found_inf: Tensor | None, maximize: bool, master_param: Tensor | None, sr_seed: int | None,
+           advance: bool = True):
     """The steps' common start: check the precision opt-ins, advance the step counts, then
     per-element (go mask, step count, parameter and unscaled, sign-adjusted gradient in the
     math dtype, the parameters' flat buffer), all on the CPU in the state layout. Under
@@ -382,7 +387,7 @@ def _begin(segments: Segments, param_dtype: torch.dtype, seg_steps: Tensor, grad
     the optimizer [note: precision opt-ins]."""
     param = _gather(segments.params, segments, param_dtype)
     check_precision(param, None if master_param is None else master_param.cpu(), sr_seed)
-    go_seg, steps = _advance(seg_steps, segments, found_inf)
+    go_seg, steps = _advance(seg_steps, segments, found_inf, advance)
     ids = _segment_ids(segments)
     math_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
     p = param.to(math_dtype)
@@ -471,88 +476,238 @@ def _write_param(param: Tensor, new_p: Tensor, go: Tensor, steps: Tensor, master
     param.copy_(torch.where(go, rounded, param))
 
 
-def sgd_step_(
-    segments: Segments,
-    param_dtype: torch.dtype,
-    momentum_buffer: Tensor | None,
-    seg_steps: Tensor,
-    chunks: Tensor,
-    hyper: Tensor,
-    schedule: Tensor,
-    schedule_step: Tensor,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    master_param: Tensor | None = None,
-    sr_seed: int | None = None,
-) -> None:
-    """Reference of ``fusedclr::sgd_step_`` (see csrc/ops.cpp for the contract), on :class:`Segments`."""
-    lr, momentum = _schedule_scalars(hyper, schedule, schedule_step)
-    go, steps, p, g, param = _begin(segments, param_dtype, seg_steps, grad_scale, found_inf, maximize, master_param,
-                                    sr_seed)
+# --------------------------------------------------------------------------
+# Math policies [note: math policies]: each optimizer's per-element update
+# --------------------------------------------------------------------------
+#
+# The twins of csrc/include/fusedclr/optimizers/*.h, vectorised over the flat
+# state layout. A policy gets the parameter and the unscaled, sign-adjusted
+# gradient in the math dtype, its states (math dtype, None where absent) and a
+# Step: the group's lr and momentum/beta1 (after the schedule), the options,
+# each element's step count (float64) and per-segment scalar. It returns the
+# new parameter, the new states and a mask of the elements it changed (None:
+# every active one).
+
+
+class Step:
+    """What a reference policy reads besides the tensors (see above)."""
+
+    def __init__(self, lr: float, momentum: float, options: Sequence[float], steps: Tensor,
+                 seg_scalar: Tensor | None) -> None:
+        self.lr, self.momentum, self.options = lr, momentum, [float(o) for o in options]
+        self.steps = steps.to(torch.float64)
+        self.seg_scalar = seg_scalar
+
+
+def _pow(base: float, steps: Tensor) -> Tensor:
+    """``base ** step`` per element, in float64 as torch computes it in Python floats."""
+    return torch.pow(torch.tensor(base, dtype=torch.float64), steps)
+
+
+def _sgd(p, g, s, k):
+    dampening, weight_decay, _nesterov = k.options
     if weight_decay != 0:
         g = g.add(p, alpha=weight_decay)
-    if momentum_buffer is not None and momentum != 0:
-        first = steps <= 1
-        buf = torch.where(first, g, momentum_buffer.cpu().to(p.dtype) * momentum + (1 - dampening) * g)
-        _store(momentum_buffer, buf, go)
-        g = g + momentum * buf if nesterov else buf
-    _write_param(param, p.add(g, alpha=-lr), go, steps, master_param, sr_seed)
-    _scatter(param, segments)
+    (buf,) = s
+    if buf is not None and k.momentum != 0:
+        buf = torch.where(k.steps <= 1, g, buf * k.momentum + (1 - dampening) * g)
+        g = g + k.momentum * buf if _nesterov else buf
+    return p.add(g, alpha=-k.lr), [buf], None
 
 
-def adam_step_(
-    segments: Segments,
-    param_dtype: torch.dtype,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor | None,
-    seg_steps: Tensor,
-    chunks: Tensor,
-    hyper: Tensor,
-    schedule: Tensor,
-    schedule_step: Tensor,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    maximize: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    master_param: Tensor | None = None,
-    sr_seed: int | None = None,
-) -> None:
-    """Reference of ``fusedclr::adam_step_`` (see csrc/ops.cpp for the contract), on :class:`Segments`."""
-    lr, beta1 = _schedule_scalars(hyper, schedule, schedule_step)
-    go, steps, p, g, param = _begin(segments, param_dtype, seg_steps, grad_scale, found_inf, maximize, master_param,
-                                    sr_seed)
-    math_dtype = p.dtype
+def _weight_decay(p, g, weight_decay, decoupled, lr):
     if weight_decay != 0:
         if decoupled:
             p = p * (1 - lr * weight_decay)
         else:
             g = g.add(p, alpha=weight_decay)
-    # States load into the math dtype and round once when stored (bf16 states).
-    m = exp_avg.cpu().to(math_dtype).lerp(g, 1 - beta1)
-    v = exp_avg_sq.cpu().to(math_dtype) * beta2 + (1 - beta2) * g * g
-    # Bias corrections per element from each segment's own step, in float64 as
-    # torch computes them in Python floats.
-    s = steps.to(torch.float64).clamp_min(1)
-    bc1 = 1 - torch.pow(torch.tensor(beta1, dtype=torch.float64), s)
-    bc2_sqrt = torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=torch.float64), s))
+    return p, g
+
+
+def _adam(p, g, s, k):
+    beta2, eps, weight_decay, decoupled = k.options
+    beta1 = k.momentum
+    p, g = _weight_decay(p, g, weight_decay, decoupled, k.lr)
+    m, v, vmax = s
+    m = m.lerp(g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * g * g
     second = v
-    if max_exp_avg_sq is not None:
-        vmax = torch.maximum(max_exp_avg_sq.cpu().to(math_dtype), v)
-        _store(max_exp_avg_sq, vmax, go)
+    if vmax is not None:
+        vmax = torch.maximum(vmax, v)
         second = vmax
-    step_size = (lr / bc1).to(math_dtype)
-    denom = second.sqrt() / bc2_sqrt.to(math_dtype) + eps
-    _store(exp_avg, m, go)
-    _store(exp_avg_sq, v, go)
-    _write_param(param, p - step_size * m / denom, go, steps, master_param, sr_seed)
+    bc1 = 1 - _pow(beta1, k.steps.clamp_min(1))
+    bc2_sqrt = torch.sqrt(1 - _pow(beta2, k.steps.clamp_min(1)))
+    step_size = (k.lr / bc1).to(p.dtype)
+    denom = second.sqrt() / bc2_sqrt.to(p.dtype) + eps
+    return p - step_size * m / denom, [m, v, vmax], None
+
+
+def _rmsprop(p, g, s, k):
+    alpha, eps, weight_decay = k.options
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    sq, gavg, buf = s
+    sq = sq * alpha + (1 - alpha) * g * g
+    if gavg is not None:
+        gavg = gavg.lerp(g, 1 - alpha)
+        avg = (sq - gavg * gavg).sqrt()
+    else:
+        avg = sq.sqrt()
+    avg = avg + eps
+    if buf is not None and k.momentum > 0:
+        buf = buf * k.momentum + g / avg
+        p = p - k.lr * buf
+    else:
+        p = p - k.lr * g / avg
+    return p, [sq, gavg, buf], None
+
+
+def _adagrad(p, g, s, k):
+    lr_decay, weight_decay, eps = k.options
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    clr = (k.lr / (1 + (k.steps.clamp_min(1) - 1) * lr_decay)).to(p.dtype)
+    total = s[0] + g * g
+    return p - clr * g / (total.sqrt() + eps), [total], None
+
+
+def _radam(p, g, s, k):
+    beta2, eps, weight_decay, decoupled = k.options
+    beta1 = k.momentum
+    p, g = _weight_decay(p, g, weight_decay, decoupled, k.lr)
+    m, v = s
+    m = m.lerp(g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * g * g
+    t = k.steps.clamp_min(1)
+    bc1 = 1 - _pow(beta1, t)
+    bc2 = 1 - _pow(beta2, t)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * t * _pow(beta2, t) / bc2
+    rect = torch.sqrt(((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0))
+    step = m / bc1.to(p.dtype) * k.lr
+    adaptive = bc2.sqrt().to(p.dtype) / (v.sqrt() + eps)
+    update = torch.where(rho_t > 5, step * adaptive * rect.to(p.dtype), step)
+    return p - update, [m, v], None
+
+
+def nadam_mu(beta1: float, steps: Tensor, momentum_decay: float) -> Tensor:
+    """NAdam's momentum coefficient ``beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))``, float64."""
+    return beta1 * (1.0 - 0.5 * torch.pow(torch.tensor(0.96, dtype=torch.float64), steps * momentum_decay))
+
+
+def _nadam_advance(mu_product: Tensor, steps: Tensor, options: Sequence[float], momentum: float) -> Tensor:
+    """mu_product *= mu_step, rounded to float32 as torch's state tensor holds it."""
+    mu = nadam_mu(momentum, steps.to(torch.float64), float(options[4]))
+    return (mu_product.to(torch.float32) * mu.to(torch.float32)).to(torch.float64)
+
+
+def _nadam(p, g, s, k):
+    beta2, eps, weight_decay, decoupled, momentum_decay = k.options
+    beta1 = k.momentum
+    p, g = _weight_decay(p, g, weight_decay, decoupled, k.lr)
+    m, v = s
+    t = k.steps.clamp_min(1)
+    mu = nadam_mu(beta1, t, momentum_decay)
+    mu_next = nadam_mu(beta1, t + 1, momentum_decay)
+    mu_product = k.seg_scalar
+    m = m.lerp(g, 1 - beta1)
+    v = v * beta2 + (1 - beta2) * g * g
+    denom = (v / (1 - _pow(beta2, t)).to(p.dtype)).sqrt() + eps
+    c_grad = (-k.lr * (1 - mu) / (1 - mu_product)).to(p.dtype)
+    c_avg = (-k.lr * mu_next / (1 - mu_product * mu_next)).to(p.dtype)
+    p = p + c_grad * g / denom
+    p = p + c_avg * m / denom
+    return p, [m, v], None
+
+
+def _lion(p, g, s, k):
+    beta2, weight_decay = k.options
+    (m,) = s
+    c = m.lerp(g, 1 - k.momentum)
+    if weight_decay != 0:
+        p = p * (1 - k.lr * weight_decay)
+    p = p - k.lr * torch.sign(c)
+    return p, [m.lerp(g, 1 - beta2)], None
+
+
+def _lookahead(p, g, s, k):
+    period, alpha = k.options
+    (slow,) = s
+    sync = (k.steps > 0) & (torch.remainder(k.steps, int(period)) == 0)
+    slow = torch.where(sync, slow + alpha * (p - slow), slow)
+    return torch.where(sync, slow, p), [slow], sync
+
+
+class Policy:
+    """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
+    per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
+
+    def __init__(self, update, n_states: int, n_options: int, advances: bool = True, advance_scalar=None) -> None:
+        self.update, self.n_states, self.n_options = update, n_states, n_options
+        self.advances, self.advance_scalar = advances, advance_scalar
+
+
+POLICIES = {
+    "sgd": Policy(_sgd, 1, 3),
+    "adam": Policy(_adam, 3, 4),
+    "rmsprop": Policy(_rmsprop, 3, 3),
+    "adagrad": Policy(_adagrad, 1, 3),
+    "radam": Policy(_radam, 2, 4),
+    "nadam": Policy(_nadam, 2, 5, advance_scalar=_nadam_advance),
+    "lion": Policy(_lion, 1, 2),
+    "lookahead": Policy(_lookahead, 1, 2, advances=False),
+}
+
+
+def step_(
+    optimizer: str,
+    segments: Segments,
+    param_dtype: torch.dtype,
+    states: Sequence[Tensor | None],
+    seg_steps: Tensor,
+    seg_scalars: Tensor | None,
+    chunks: Tensor,
+    hyper: Tensor,
+    schedule: Tensor,
+    schedule_step: Tensor,
+    options: Sequence[float],
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_param: Tensor | None = None,
+    sr_seed: int | None = None,
+) -> None:
+    """Reference of ``fusedclr::step_`` (csrc/ops.cpp [note: step contract]), on :class:`Segments`."""
+    policy = POLICIES.get(optimizer)
+    if policy is None:
+        raise RuntimeError(f"fusedclr: unknown optimizer '{optimizer}'; the kernels know {', '.join(POLICIES)}")
+    if len(states) != policy.n_states or len(options) != policy.n_options:
+        raise RuntimeError(f"fusedclr: {optimizer} takes {policy.n_states} state buffers and {policy.n_options} "
+                           f"options, got {len(states)} and {len(options)}")
+    if (seg_scalars is not None) != (policy.advance_scalar is not None):
+        raise RuntimeError(f"fusedclr: {optimizer} " + ("keeps a per-segment scalar: pass seg_scalars"
+                                                        if seg_scalars is None else
+                                                        "keeps no per-segment scalar: pass seg_scalars=None"))
+    lr, momentum = _schedule_scalars(hyper, schedule, schedule_step)
+    go, steps, p, g, param = _begin(segments, param_dtype, seg_steps, grad_scale, found_inf, maximize, master_param,
+                                    sr_seed, advance=policy.advances)
+    ids = _segment_ids(segments)
+    scalar = None
+    if seg_scalars is not None:
+        go_seg = torch.tensor([g is not None for g in segments.grads], dtype=torch.bool)
+        if found_inf is not None:
+            go_seg = go_seg & (found_inf.reshape(()).cpu() == 0)
+        moved = policy.advance_scalar(seg_scalars.cpu(), seg_steps.cpu(), options, momentum)
+        seg_scalars.copy_(torch.where(go_seg.to(seg_scalars.device), moved.to(seg_scalars.device), seg_scalars))
+        scalar = seg_scalars.cpu()[ids]
+    loaded = [None if t is None else t.cpu().to(p.dtype) for t in states]
+    new_p, new_states, changed = policy.update(p, g, loaded, Step(lr, momentum, options, steps, scalar))
+    if changed is not None:
+        go = go & changed
+    for state, value in zip(states, new_states):
+        if state is not None:
+            _store(state, value, go)
+    _write_param(param, new_p, go, steps, master_param, sr_seed)
     _scatter(param, segments)
 
 

@@ -22,12 +22,12 @@
 
 #include <fusedclr/checks.h>
 #include <fusedclr/schedule.h>
-#include <fusedclr/update.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 // The CUDA built-ins the kernels use, as host stand-ins.
@@ -59,64 +59,32 @@ void run_grid(int64_t blocks, Kernel kernel, const Args&... args) {
   }
 }
 
-// optim_cuda.cu's advance_steps and launch_update, with `resident` in place of
-// the occupancy query.
-void advance_steps(const at::Tensor& seg_steps, const StepArgs& s) {
-  if (s.n_segments > 0) {
-    run_grid(std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(s.n_segments, kThreads)), advance_steps_kernel,
-             seg_steps.data_ptr<int64_t>(), s.segments, s.found_inf, s.n_segments);
-  }
-}
-
-auto launcher(int64_t resident) {
-  return [resident](auto kernel, auto args, int vec) {
-    if (args.step.n_chunks == 0) {
-      return;
-    }
-    const LaunchPlan plan = plan_launch(args.step.n_chunks, args.step.numel, vec, resident);
-    args.step.parts = plan.parts;
-    run_grid(plan.blocks, kernel, args);
-  };
-}
-
-void adam_step(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& exp_avg,
-               const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-               const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
-               const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2, double eps,
-               double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
-               std::optional<int64_t> sr_seed, int64_t resident) {
-  const StepArgs step = checked_step_args(segments, param_dtype, chunks, exp_avg.numel(), seg_steps, hyper, schedule,
-                                          schedule_step, grad_scale, found_inf, maximize);
-  const at::Device dev = segments.device();
-  const at::ScalarType state_dtype =
-      max_exp_avg_sq.has_value()
-          ? check_states(param_dtype, dev,
-                         {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}, {&*max_exp_avg_sq, "max_exp_avg_sq"}})
-          : check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
-  check_precision(param_dtype, dev, exp_avg.numel(), master_param, sr_seed);
-  advance_steps(seg_steps, step);
-  dispatch_adam(param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps, weight_decay,
-                decoupled, master_param, sr_seed, launcher(resident));
-}
-
-void sgd_step(const at::Tensor& segments, at::ScalarType param_dtype, const std::optional<at::Tensor>& momentum_buffer,
-              const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
-              const at::Tensor& schedule, const at::Tensor& schedule_step, double dampening, double weight_decay,
-              bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
-              std::optional<int64_t> sr_seed, int64_t resident) {
-  const int64_t state_numel = state_length(momentum_buffer, master_param);
-  const StepArgs step = checked_step_args(segments, param_dtype, chunks, state_numel, seg_steps, hyper, schedule,
-                                          schedule_step, grad_scale, found_inf, maximize);
-  const at::Device dev = segments.device();
-  const at::ScalarType state_dtype = momentum_buffer.has_value()
-                                         ? check_states(param_dtype, dev, {{&*momentum_buffer, "momentum_buffer"}})
-                                         : param_dtype;
-  check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
-  advance_steps(seg_steps, step);
-  dispatch_sgd(param_dtype, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
-               sr_seed, launcher(resident));
+// optim_cuda.cu's launches, with `resident` in place of the occupancy query.
+void step(c10::string_view optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
+          const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+          const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+          const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options, bool maximize,
+          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+          const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed, int64_t resident) {
+  const std::string name(optimizer.data(), optimizer.size());
+  with_policy(name, [&](auto policy) {
+    dispatch_step<decltype(policy)>(
+        name.c_str(), segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule, schedule_step,
+        options, maximize, grad_scale, found_inf, master_param, sr_seed,
+        [](auto kernel, const AdvanceArgs& args) {
+          if (args.n > 0) {
+            run_grid(std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(args.n, kThreads)), kernel, args);
+          }
+        },
+        [resident](auto kernel, auto args, int vec) {
+          if (args.step.n_chunks == 0) {
+            return;
+          }
+          const LaunchPlan plan = plan_launch(args.step.n_chunks, args.step.numel, vec, resident);
+          args.step.parts = plan.parts;
+          run_grid(plan.blocks, kernel, args);
+        });
+  });
 }
 
 at::Tensor grad_sumsq(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
@@ -140,24 +108,16 @@ at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_
 
 TORCH_LIBRARY(fusedclr_emulated, m) {
   m.def(
-      "sgd_step_(Tensor segments, ScalarType param_dtype, Tensor(b!)? momentum_buffer, Tensor(c!) seg_steps, "
-      "Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor(d!)? master_param=None, int? sr_seed=None, "
-      "int resident=4) -> ()");
-  m.def(
-      "adam_step_(Tensor segments, ScalarType param_dtype, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) seg_steps, Tensor chunks, "
-      "Tensor hyper, Tensor schedule, Tensor schedule_step, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor(f!)? master_param=None, int? sr_seed=None, int resident=4) -> ()");
+      "step_(str optimizer, Tensor segments, ScalarType param_dtype, Tensor(a!)?[] states, Tensor(b!) seg_steps, "
+      "Tensor(c!)? seg_scalars, Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
+      "float[] options, bool maximize=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor(d!)? master_param=None, int? sr_seed=None, int resident=4) -> ()");
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
   m.def("grad_sumsq(Tensor segments, ScalarType param_dtype, Tensor chunks, int resident=4) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedclr_emulated, CPU, m) {
-  m.impl("sgd_step_", &fusedclr::cuda::sgd_step);
-  m.impl("adam_step_", &fusedclr::cuda::adam_step);
+  m.impl("step_", &fusedclr::cuda::step);
   m.impl("schedule_eval", &fusedclr::cuda::schedule_eval);
   m.impl("grad_sumsq", &fusedclr::cuda::grad_sumsq);
 }

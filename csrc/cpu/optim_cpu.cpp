@@ -11,11 +11,12 @@
 #include <torch/library.h>
 
 #include <fusedclr/checks.h>
+#include <fusedclr/optimizers.h>
+#include <fusedclr/policy.h>
 #include <fusedclr/precision.h>
 #include <fusedclr/schedule.h>
 #include <fusedclr/segments.h>
 #include <fusedclr/switch.h>
-#include <fusedclr/update.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -32,20 +33,22 @@ namespace {
 constexpr int64_t kGrainElements = 32768;
 
 
-// Shared checks and bookkeeping of both optimizers; returns the schedule's
-// value and whether the step is skipped (found_inf).
+// Bookkeeping of a step once its arguments are checked: found_inf, the
+// schedule's values, the step counters (advanced before use, as torch's
+// step_t += 1; a segment without a gradient is inactive [note: segment
+// table]) and the policy's per-segment scalars. Returns whether the step runs.
 struct StepSetup {
-  double lr;
-  double momentum;
+  GroupValues group;
   double grad_scale;
   bool skip;
 };
 
-StepSetup begin_step(const at::Tensor& segments, const at::Tensor& seg_steps, const at::Tensor& hyper,
-                     const at::Tensor& schedule, const at::Tensor& schedule_step,
+template <typename Policy>
+StepSetup begin_step(const at::Tensor& segments, const at::Tensor& seg_steps,
+                     const std::optional<at::Tensor>& seg_scalars, const at::Tensor& hyper,
+                     const at::Tensor& schedule, const at::Tensor& schedule_step, const double* options,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
-  StepSetup s{0.0, 0.0, 1.0, false};
+  StepSetup s{{0.0, 0.0}, 1.0, false};
   if (found_inf.has_value()) {
     s.skip = found_inf->item<double>() != 0.0;
   }
@@ -54,27 +57,26 @@ StepSetup begin_step(const at::Tensor& segments, const at::Tensor& seg_steps, co
   }
   const auto v = sched::evaluate(schedule.data_ptr<double>(), schedule_step.item<int64_t>());
   const double* h = hyper.data_ptr<double>();
-  s.lr = v.has_lr ? v.lr : h[0];
-  s.momentum = v.has_momentum ? v.momentum : h[1];
-  if (s.skip) {
+  s.group.lr = v.has_lr ? v.lr : h[0];
+  s.group.momentum = v.has_momentum ? v.momentum : h[1];
+  if (s.skip || !Policy::kAdvancesSteps) {
     return s;
   }
-  // Steps advance before use, as torch's step_t += 1; a segment without a
-  // gradient is inactive [note: segment table].
   int64_t* steps = seg_steps.data_ptr<int64_t>();
+  double* scalars = seg_scalars.has_value() ? seg_scalars->data_ptr<double>() : nullptr;
   const int64_t* table = segments.data_ptr<int64_t>();
   const int64_t n = seg_steps.numel();
   for (int64_t i = 0; i < n; ++i) {
-    steps[i] += seg::active(table, i) ? 1 : 0;
+    if (seg::active(table, i)) {
+      steps[i] += 1;
+      if constexpr (Policy::kSegmentScalar) {
+        Policy::advance(scalars[i], steps[i], options, s.group);
+      }
+    }
   }
   return s;
 }
 
-// Runs fn(chunk, segment, begin, end, row, cache) over every chunk of an active
-// segment, in parallel (`row`: the segment's table row); small chunks are
-// batched so each task has ~kGrainElements, and each task gets its own scalar
-// cache. Rows are checked against the table and against `state_numel` (the
-// states' length, -1 without states) before anything is touched.
 // Checks every chunk row against the table and against `state_numel` (the
 // states' length, -1 without states). Every op calls it before anything moves.
 void check_chunk_rows(const at::Tensor& segments, const at::Tensor& chunks, int64_t state_numel) {
@@ -212,88 +214,123 @@ void run_loop(A... a) {
   run_base<Loop>(a...);
 }
 
-template <typename P, typename S, ParamWrite W, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-struct AdamLoop {
+// One optimizer's update over [begin, end) of a segment [note: math
+// policies]: the parameter (through the master under kMaster), the gradient
+// divided by grad_scale and negated under maximize (the division only with a
+// scale, a loop-invariant test the compiler unswitches), the states the
+// variant uses, the policy's update, and the stores. s0..s3 are the state
+// buffers (unused ones null), restrict-qualified one by one so the loop
+// vectorizes.
+template <typename Policy, int V, typename P, typename S, ParamWrite W>
+struct PolicyLoop {
   using T = at::opmath_type<P>;
+  using K = typename Policy::template Scalars<T>;
+
+  template <int J>
+  static constexpr bool uses() {
+    return J < Policy::kStates && Policy::template uses_state<V>(J);
+  }
+
   template <bool FMA>
-  static FUSEDCLR_ALWAYS_INLINE void run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m,
-                                         S* __restrict__ v, S* __restrict__ vmax, float* __restrict__ master,
-                                         int64_t begin, int64_t end, const AdamScalars<T>* k, uint32_t key) {
+  static FUSEDCLR_ALWAYS_INLINE void run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ s0,
+                                         S* __restrict__ s1, S* __restrict__ s2, S* __restrict__ s3,
+                                         float* __restrict__ master, int64_t begin, int64_t end, const K* k,
+                                         bool scaled, T grad_scale, T grad_sign, uint32_t key) {
     float no_master = 0;
     for (int64_t i = begin; i < end; ++i) {
       float& mst = W == ParamWrite::kMaster ? master[i] : no_master;
       T pi = read_param<W, T>(p[i], mst);
-      T mi = static_cast<T>(m[i]);
-      T vi = static_cast<T>(v[i]);
-      T vmi = AMSGRAD ? static_cast<T>(vmax[i]) : T(0);
-      adam_update<HAS_WD, DECOUPLED, AMSGRAD, FMA>(pi, static_cast<T>(g[i]), mi, vi, vmi, *k);
-      p[i] = write_param<W, P>(pi, mst, key, i);
-      m[i] = static_cast<S>(mi);
-      v[i] = static_cast<S>(vi);
-      if (AMSGRAD) {
-        vmax[i] = static_cast<S>(vmi);
+      T gi = T(0);
+      if constexpr (Policy::kUsesGrad) {
+        gi = static_cast<T>(g[i]);
+        gi = scaled ? gi / grad_scale * grad_sign : gi * grad_sign;
       }
+      T s[Policy::kStates];
+      if constexpr (uses<0>()) s[0] = static_cast<T>(s0[i]);
+      if constexpr (uses<1>()) s[1] = static_cast<T>(s1[i]);
+      if constexpr (uses<2>()) s[2] = static_cast<T>(s2[i]);
+      if constexpr (uses<3>()) s[3] = static_cast<T>(s3[i]);
+      Policy::template update<V, FMA>(pi, gi, s, *k);
+      p[i] = write_param<W, P>(pi, mst, key, i);
+      if constexpr (uses<0>()) s0[i] = static_cast<S>(s[0]);
+      if constexpr (uses<1>()) s1[i] = static_cast<S>(s[1]);
+      if constexpr (uses<2>()) s2[i] = static_cast<S>(s[2]);
+      if constexpr (uses<3>()) s3[i] = static_cast<S>(s[3]);
     }
   }
 };
 
-void adam_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& exp_avg,
-                   const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                   const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
-                   const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2, double eps,
-                   double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
-                   std::optional<int64_t> sr_seed) {
-  TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
-              segments.device());
-  check_segments(segments, param_dtype, chunks);
-  const bool amsgrad = max_exp_avg_sq.has_value();
-  const at::Device dev = segments.device();
-  const at::ScalarType state_dtype =
-      amsgrad ? check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
-                                                {&*max_exp_avg_sq, "max_exp_avg_sq"}})
-              : check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
-  check_precision(param_dtype, dev, exp_avg.numel(), master_param, sr_seed);
-  check_chunk_rows(segments, chunks, exp_avg.numel());
-  const StepSetup s = begin_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
+// fusedclr::step_ on the CPU for optimizer `Policy` (csrc/ops.cpp [note: step contract]).
+template <typename Policy>
+void step_policy(const char* name, const at::Tensor& segments, at::ScalarType param_dtype,
+                 const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+                 const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+                 const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
+                 bool maximize, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+                 std::optional<int64_t> sr_seed) {
+  const StepCall call = check_step_call<Policy>(name, segments, param_dtype, states, seg_steps, seg_scalars, chunks,
+                                                hyper, schedule, schedule_step, options, grad_scale, found_inf,
+                                                master_param, sr_seed);
+  check_chunk_rows(segments, chunks, call.state_numel);
+  const double* opt = options.data();
+  const StepSetup s = begin_step<Policy>(segments, seg_steps, seg_scalars, hyper, schedule, schedule_step, opt,
+                                         grad_scale, found_inf);
   if (s.skip) {
     return;
   }
   const int64_t* steps = seg_steps.data_ptr<int64_t>();
+  const double* seg_scalar = seg_scalars.has_value() ? seg_scalars->data_ptr<double>() : nullptr;
   const int64_t seed = sr_seed.value_or(0);
   float* master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::adam_step_", [&] {
+  void* state_ptr[kMaxStates] = {nullptr, nullptr, nullptr, nullptr};
+  for (int j = 0; j < Policy::kStates; ++j) {
+    if (call.has_state[j]) {
+      state_ptr[j] = states.get(j)->data_ptr();
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::step_", [&] {
     using P = scalar_t;
     using T = at::opmath_type<P>;
+    using K = typename Policy::template Scalars<T>;
     struct Cache {  // per-task memo of the last segment's scalars
       int64_t step = -1;
-      AdamScalars<T> adam{};
+      double seg_scalar = 0.0;
+      K k{};
       uint32_t key = 0;
     };
-    FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
+    const T scale = static_cast<T>(s.grad_scale);
+    const T grad_sign = maximize ? T(-1) : T(1);
+    const bool scaled = grad_scale.has_value();
+    FUSEDCLR_BOOL_SWITCH(call.state_dtype == at::kBFloat16, BF16_STATE, [&] {
       using S = std::conditional_t<BF16_STATE && std::is_same_v<P, c10::BFloat16>, c10::BFloat16, T>;
-      S* m = static_cast<S*>(exp_avg.data_ptr());
-      S* v = static_cast<S*>(exp_avg_sq.data_ptr());
-      S* vmax = amsgrad ? static_cast<S*>(max_exp_avg_sq->data_ptr()) : nullptr;
+      S* st[kMaxStates];
+      for (int j = 0; j < kMaxStates; ++j) {
+        st[j] = static_cast<S*>(state_ptr[j]);
+      }
       switch_write<P>(master != nullptr, sr_seed.has_value(), [&](auto mode) {
         constexpr ParamWrite W = decltype(mode)::value;
-        FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
-          FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
-            FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
-              for_each_chunk<Cache>(segments, chunks,
-                                    [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& cache) {
-                // Segments usually share one step count: recompute the bias corrections only when it changes.
-                if (cache.step != steps[seg]) {
-                  cache.step = steps[seg];
-                  cache.adam = adam_scalars<T>(s.lr, s.momentum, beta2, eps, weight_decay, cache.step,
-                                               s.grad_scale, maximize);
-                  cache.key = rounding_key(seed, cache.step);
-                }
-                P* p = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
-                const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
-                run_loop<AdamLoop<P, S, W, HAS_WD, DECOUPLED, AMSGRAD>>(p, g, m, v, vmax, master, begin, end,
-                                                                         &cache.adam, cache.key);
-              });
+        switch_variant<Policy::kVariants>(call.variant, [&](auto variant) {
+          constexpr int V = decltype(variant)::value;
+          for_each_chunk<Cache>(segments, chunks,
+                                [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& c) {
+            // Segments usually share one step count: recompute the scalars only when it changes.
+            const double scalar = seg_scalar != nullptr ? seg_scalar[seg] : 0.0;
+            if (c.step != steps[seg] || c.seg_scalar != scalar) {
+              c.step = steps[seg];
+              c.seg_scalar = scalar;
+              c.k = Policy::template scalars<T>(opt, s.group, c.step, scalar);
+              c.key = rounding_key(seed, c.step);
+            }
+            if (Policy::skip(c.k)) {
+              return;
+            }
+            P* p = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
+            const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
+            Policy::template refine<V>(c.k, [&](auto refined) {
+              constexpr int R = decltype(refined)::value;
+              run_loop<PolicyLoop<Policy, R, P, S, W>>(p, g, st[0], st[1], st[2], st[3], master, begin, end, &c.k,
+                                                       scaled, scale, grad_sign, c.key);
             });
           });
         });
@@ -302,87 +339,19 @@ void adam_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const
   });
 }
 
-template <typename P, typename S, ParamWrite W, bool HAS_WD, bool USE_MOMENTUM, bool NESTEROV>
-struct SgdLoop {
-  using T = at::opmath_type<P>;
-  template <bool FMA>
-  static FUSEDCLR_ALWAYS_INLINE void run(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ buf,
-                                         float* __restrict__ master, int64_t begin, int64_t end,
-                                         const SgdScalars<T>* k, uint32_t key) {
-    float no_master = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      float& mst = W == ParamWrite::kMaster ? master[i] : no_master;
-      T pi = read_param<W, T>(p[i], mst);
-      T b = USE_MOMENTUM ? static_cast<T>(buf[i]) : T(0);
-      sgd_update<HAS_WD, USE_MOMENTUM, NESTEROV, FMA>(pi, static_cast<T>(g[i]), b, *k);
-      p[i] = write_param<W, P>(pi, mst, key, i);
-      if (USE_MOMENTUM) {
-        buf[i] = static_cast<S>(b);
-      }
-    }
-  }
-};
-
-void sgd_step_cpu(const at::Tensor& segments, at::ScalarType param_dtype,
-                  const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& seg_steps,
-                  const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& schedule,
-                  const at::Tensor& schedule_step, double dampening, double weight_decay, bool nesterov,
-                  bool maximize, const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
-                  std::optional<int64_t> sr_seed) {
+void step_cpu(c10::string_view optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
+              const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+              const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+              const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
+              bool maximize, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
   TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
               segments.device());
-  check_segments(segments, param_dtype, chunks);
-  const at::Device dev = segments.device();
-  const at::ScalarType state_dtype = momentum_buffer.has_value()
-                                         ? check_states(param_dtype, dev, {{&*momentum_buffer, "momentum_buffer"}})
-                                         : param_dtype;
-  const int64_t state_numel = state_length(momentum_buffer, master_param);
-  check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
-  check_chunk_rows(segments, chunks, state_numel);
-  const StepSetup s = begin_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
-  if (s.skip) {
-    return;
-  }
-  const int64_t* steps = seg_steps.data_ptr<int64_t>();
-  const int64_t seed = sr_seed.value_or(0);
-  float* master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
-  // torch's SGD takes the momentum path only when momentum != 0 this step.
-  const bool use_momentum = momentum_buffer.has_value() && s.momentum != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::sgd_step_", [&] {
-    using P = scalar_t;
-    using T = at::opmath_type<P>;
-    struct Cache {
-      int64_t step = -1;
-      SgdScalars<T> sgd{};
-      uint32_t key = 0;
-    };
-    FUSEDCLR_BOOL_SWITCH(use_momentum && state_dtype == at::kBFloat16, BF16_STATE, [&] {
-      using S = std::conditional_t<BF16_STATE && std::is_same_v<P, c10::BFloat16>, c10::BFloat16, T>;
-      S* buf = use_momentum ? static_cast<S*>(momentum_buffer->data_ptr()) : nullptr;
-      switch_write<P>(master != nullptr, sr_seed.has_value(), [&](auto mode) {
-        constexpr ParamWrite W = decltype(mode)::value;
-        FUSEDCLR_BOOL_SWITCH(weight_decay != 0.0, HAS_WD, [&] {
-          FUSEDCLR_BOOL_SWITCH(use_momentum, USE_MOMENTUM, [&] {
-            FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-              for_each_chunk<Cache>(segments, chunks,
-                                    [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& cache) {
-                if (cache.step != steps[seg]) {
-                  cache.step = steps[seg];
-                  cache.sgd = sgd_scalars<T>(s.lr, s.momentum, dampening, weight_decay, cache.step, s.grad_scale,
-                                             maximize);
-                  cache.key = rounding_key(seed, cache.step);
-                }
-                P* p = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
-                const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
-                run_loop<SgdLoop<P, S, W, HAS_WD, USE_MOMENTUM, NESTEROV>>(p, g, buf, master, begin, end,
-                                                                           &cache.sgd, cache.key);
-              });
-            });
-          });
-        });
-      });
-    });
+  const std::string name(optimizer.data(), optimizer.size());
+  with_policy(name, [&](auto policy) {
+    step_policy<decltype(policy)>(name.c_str(), segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper,
+                                  schedule, schedule_step, options, maximize, grad_scale, found_inf, master_param,
+                                  sr_seed);
   });
 }
 
@@ -436,8 +405,7 @@ at::Tensor schedule_eval_cpu(const at::Tensor& schedule, const at::Tensor& sched
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclr, CPU, m) {
-  m.impl("sgd_step_", &sgd_step_cpu);
-  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("step_", &step_cpu);
   m.impl("schedule_eval", &schedule_eval_cpu);
   m.impl("grad_sumsq", &grad_sumsq_cpu);
 }

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <string>
 #include <mutex>
 #include <optional>
 #include <type_traits>
@@ -75,67 +76,37 @@ void launch_update(void (*kernel)(Args), Args args, int vec, cudaStream_t stream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void advance_steps(const at::Tensor& seg_steps, const StepArgs& s, cudaStream_t stream) {
-  if (s.n_segments == 0) {
-    return;
-  }
-  const int64_t blocks = std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(s.n_segments, kThreads));
-  advance_steps_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(seg_steps.data_ptr<int64_t>(),
-                                                                               s.segments, s.found_inf, s.n_segments);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 void require_cuda(const at::Tensor& segments) {
   TORCH_CHECK(segments.is_cuda(), "fusedclr: segments must be a CUDA tensor for the CUDA kernels, got ",
               segments.device());
 }
 
-void adam_step_cuda(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& exp_avg,
-                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                    const at::Tensor& seg_steps, const at::Tensor& chunks, const at::Tensor& hyper,
-                    const at::Tensor& schedule, const at::Tensor& schedule_step, double beta2, double eps,
-                    double weight_decay, bool decoupled, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
-                    std::optional<int64_t> sr_seed) {
+// fusedclr::step_ on CUDA (csrc/ops.cpp [note: step contract]): the step
+// counters' launch, then one update launch over the chunk table.
+void step_cuda(c10::string_view optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
+               const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+               const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+               const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
+               bool maximize, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
   require_cuda(segments);
-  const StepArgs step = checked_step_args(segments, param_dtype, chunks, exp_avg.numel(), seg_steps, hyper, schedule,
-                                          schedule_step, grad_scale, found_inf, maximize);
-  const at::Device dev = segments.device();
-  const bool amsgrad = max_exp_avg_sq.has_value();
-  const at::ScalarType state_dtype =
-      amsgrad ? check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"},
-                                                {&*max_exp_avg_sq, "max_exp_avg_sq"}})
-              : check_states(param_dtype, dev, {{&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}});
-  check_precision(param_dtype, dev, exp_avg.numel(), master_param, sr_seed);
-  const c10::cuda::CUDAGuard guard(dev);
+  const c10::cuda::CUDAGuard guard(segments.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  advance_steps(seg_steps, step, stream);
-  dispatch_adam(param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, step, state_dtype, beta2, eps, weight_decay,
-                decoupled, master_param, sr_seed,
-                [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
-}
-
-void sgd_step_cuda(const at::Tensor& segments, at::ScalarType param_dtype,
-                   const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& seg_steps,
-                   const at::Tensor& chunks, const at::Tensor& hyper, const at::Tensor& schedule,
-                   const at::Tensor& schedule_step, double dampening, double weight_decay, bool nesterov,
-                   bool maximize, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
-                   std::optional<int64_t> sr_seed) {
-  require_cuda(segments);
-  const int64_t state_numel = state_length(momentum_buffer, master_param);
-  const StepArgs step = checked_step_args(segments, param_dtype, chunks, state_numel, seg_steps, hyper, schedule,
-                                          schedule_step, grad_scale, found_inf, maximize);
-  const at::Device dev = segments.device();
-  const bool has_buf = momentum_buffer.has_value();
-  const at::ScalarType state_dtype =
-      has_buf ? check_states(param_dtype, dev, {{&*momentum_buffer, "momentum_buffer"}}) : param_dtype;
-  check_precision(param_dtype, dev, state_numel, master_param, sr_seed);
-  const c10::cuda::CUDAGuard guard(dev);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  advance_steps(seg_steps, step, stream);
-  dispatch_sgd(param_dtype, momentum_buffer, step, state_dtype, dampening, weight_decay, nesterov, master_param,
-               sr_seed, [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
+  const std::string name(optimizer.data(), optimizer.size());
+  with_policy(name, [&](auto policy) {
+    dispatch_step<decltype(policy)>(
+        name.c_str(), segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule, schedule_step,
+        options, maximize, grad_scale, found_inf, master_param, sr_seed,
+        [&](auto kernel, const AdvanceArgs& args) {
+          if (args.n == 0) {
+            return;
+          }
+          const int64_t blocks = std::min<int64_t>(kAdvanceMaxBlocks, ceil_div(args.n, kThreads));
+          kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        },
+        [&](auto kernel, auto args, int vec) { launch_update(kernel, args, vec, stream); });
+  });
 }
 
 at::Tensor grad_sumsq_cuda(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
@@ -172,8 +143,7 @@ at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& sche
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(fusedclr, CUDA, m) {
-  m.impl("sgd_step_", &cuda::sgd_step_cuda);
-  m.impl("adam_step_", &cuda::adam_step_cuda);
+  m.impl("step_", &cuda::step_cuda);
   m.impl("schedule_eval", &cuda::schedule_eval_cuda);
   m.impl("grad_sumsq", &cuda::grad_sumsq_cuda);
 }

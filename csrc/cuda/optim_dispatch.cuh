@@ -3,7 +3,7 @@
 // tensors, and the choice of one kernel instantiation from the runtime dtypes
 // and flags. `launch(kernel, args, vec)` runs it: a CUDA launch in
 // optim_cuda.cu, every (block, thread) in turn on the CPU in the emulation.
-// Validation: checked_step_args and the callers' check_states / check_precision (fusedclr/checks.h).
+// Validation: check_step_call (fusedclr/checks.h), shared with the CPU op.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -12,9 +12,11 @@
 #include <ATen/ops/sum.h>
 
 #include <fusedclr/checks.h>
+#include <fusedclr/optimizers.h>
 
 #include "optim_kernels.cuh"
 
+#include <algorithm>
 #include <optional>
 
 namespace fusedclr {
@@ -54,85 +56,62 @@ inline StepArgs make_step_args(const at::Tensor& segments, const at::Tensor& chu
   return a;
 }
 
-// The per-step checks every op shares (checks.h), then the argument block.
-inline StepArgs checked_step_args(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
-                                  int64_t state_numel, const at::Tensor& seg_steps, const at::Tensor& hyper,
-                                  const at::Tensor& schedule, const at::Tensor& schedule_step,
-                                  const std::optional<at::Tensor>& grad_scale,
-                                  const std::optional<at::Tensor>& found_inf, bool maximize) {
-  check_segments(segments, param_dtype, chunks);
-  check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
-  return make_step_args(segments, chunks, state_numel, seg_steps, hyper, schedule, schedule_step, grad_scale,
-                        found_inf, maximize);
+// The advance launch's arguments [note: step counters on CUDA].
+inline AdvanceArgs make_advance_args(const at::Tensor& seg_steps, const StepArgs& s,
+                                     const std::optional<at::Tensor>& seg_scalars, c10::ArrayRef<double> options) {
+  AdvanceArgs a{};
+  a.seg_steps = seg_steps.data_ptr<int64_t>();
+  a.segments = s.segments;
+  a.found_inf = s.found_inf;
+  a.n = s.n_segments;
+  a.seg_scalars = seg_scalars.has_value() ? seg_scalars->data_ptr<double>() : nullptr;
+  std::copy(options.begin(), options.end(), a.options);
+  a.hyper = s.hyper;
+  a.schedule = s.schedule;
+  a.schedule_step = s.schedule_step;
+  return a;
 }
 
-template <typename Launch>
-void dispatch_adam(at::ScalarType param_dtype, const at::Tensor& exp_avg,
-                   const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-                   const StepArgs& step, at::ScalarType state_dtype, double beta2, double eps, double weight_decay,
-                   bool decoupled, const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed,
-                   Launch&& launch) {
-  const bool amsgrad = max_exp_avg_sq.has_value();
-  const bool has_wd = weight_decay != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::adam_step_", [&] {
+// One step of optimizer Policy, checked (checks.h check_step_call, the one
+// check of every backend): `advance(kernel, args)` runs the step counters'
+// launch (policies that advance them), then `launch(kernel, args, vec)` the
+// update, the kernel instantiation picked from the runtime dtypes, write mode
+// and the policy's variant [note: math policies].
+template <typename Policy, typename Advance, typename Launch>
+void dispatch_step(const char* name, const at::Tensor& segments, at::ScalarType param_dtype,
+                   const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+                   const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+                   const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
+                   bool maximize, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+                   std::optional<int64_t> sr_seed, Advance&& advance, Launch&& launch) {
+  const StepCall call = check_step_call<Policy>(name, segments, param_dtype, states, seg_steps, seg_scalars, chunks,
+                                                hyper, schedule, schedule_step, options, grad_scale, found_inf,
+                                                master_param, sr_seed);
+  const StepArgs step = make_step_args(segments, chunks, call.state_numel, seg_steps, hyper, schedule, schedule_step,
+                                       grad_scale, found_inf, maximize);
+  if constexpr (Policy::kAdvancesSteps) {
+    advance(advance_steps_kernel<Policy>, make_advance_args(seg_steps, step, seg_scalars, options));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::step_", [&] {
     using param_t = scalar_t;
-    FUSEDCLR_BOOL_SWITCH(state_dtype == at::kBFloat16, BF16_STATE, [&] {
+    FUSEDCLR_BOOL_SWITCH(call.state_dtype == at::kBFloat16, BF16_STATE, [&] {
       using state_t = state_type<param_t, BF16_STATE>;
-      AdamArgs<param_t, state_t> a{};
+      UpdateArgs<state_t> a{};
       a.step = step;
-      a.exp_avg = static_cast<state_t*>(exp_avg.data_ptr());
-      a.exp_avg_sq = static_cast<state_t*>(exp_avg_sq.data_ptr());
-      a.max_exp_avg_sq = amsgrad ? static_cast<state_t*>(max_exp_avg_sq->data_ptr()) : nullptr;
+      for (int j = 0; j < Policy::kStates; ++j) {
+        a.states[j] = call.has_state[j] ? static_cast<state_t*>(states.get(j)->data_ptr()) : nullptr;
+      }
       a.master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
       a.sr_seed = sr_seed.value_or(0);
-      a.beta2 = beta2;
-      a.eps = eps;
-      a.weight_decay = weight_decay;
+      a.seg_scalars = seg_scalars.has_value() ? seg_scalars->data_ptr<double>() : nullptr;
+      std::copy(options.begin(), options.end(), a.options);
       constexpr int vec = vec_width<param_t, state_t>();
       switch_write<param_t>(master_param.has_value(), sr_seed.has_value(), [&](auto mode) {
         constexpr ParamWrite W = decltype(mode)::value;
-        FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
-          FUSEDCLR_BOOL_SWITCH(decoupled, DECOUPLED, [&] {
-            FUSEDCLR_BOOL_SWITCH(amsgrad, AMSGRAD, [&] {
-              // Decoupled without weight decay is plain Adam: one kernel for both.
-              launch(adam_kernel<param_t, state_t, W, HAS_WD, HAS_WD && DECOUPLED, AMSGRAD>, a, vec);
-            });
-          });
-        });
-      });
-    });
-  });
-}
-
-template <typename Launch>
-void dispatch_sgd(at::ScalarType param_dtype, const std::optional<at::Tensor>& momentum_buffer,
-                  const StepArgs& step, at::ScalarType state_dtype, double dampening, double weight_decay,
-                  bool nesterov, const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed,
-                  Launch&& launch) {
-  const bool has_buf = momentum_buffer.has_value();
-  const bool has_wd = weight_decay != 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::sgd_step_", [&] {
-    using param_t = scalar_t;
-    FUSEDCLR_BOOL_SWITCH(has_buf, HAS_BUF, [&] {
-      // Without a buffer the state type is moot: one kernel per param dtype.
-      FUSEDCLR_BOOL_SWITCH(HAS_BUF && state_dtype == at::kBFloat16, BF16_STATE, [&] {
-        constexpr bool kBf16State = HAS_BUF && BF16_STATE;
-        using state_t = state_type<param_t, kBf16State>;
-        SgdArgs<param_t, state_t> a{};
-        a.step = step;
-        a.momentum_buffer = HAS_BUF ? static_cast<state_t*>(momentum_buffer->data_ptr()) : nullptr;
-        a.master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
-        a.sr_seed = sr_seed.value_or(0);
-        a.dampening = dampening;
-        a.weight_decay = weight_decay;
-        constexpr int vec = vec_width<param_t, state_t>();
-        switch_write<param_t>(master_param.has_value(), sr_seed.has_value(), [&](auto mode) {
-          constexpr ParamWrite W = decltype(mode)::value;
-          FUSEDCLR_BOOL_SWITCH(has_wd, HAS_WD, [&] {
-            FUSEDCLR_BOOL_SWITCH(nesterov, NESTEROV, [&] {
-              launch(sgd_kernel<param_t, state_t, W, HAS_BUF, HAS_WD, HAS_BUF && NESTEROV>, a, vec);
-            });
-          });
+        switch_variant<Policy::kVariants>(call.variant, [&](auto variant) {
+          constexpr int V = decltype(variant)::value;
+          launch(update_kernel<Policy, V, param_t, state_t, W>, a, vec);
         });
       });
     });

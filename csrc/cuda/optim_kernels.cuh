@@ -18,7 +18,8 @@
 // Per item a warp reads the chunk row, the segment's table row [note: segment
 // table] (its parameter and gradient addresses; a zero gradient address marks
 // it inactive) and its step,
-// and computes the per-item scalars (bias corrections, ...) with update.h.
+// and computes the per-item scalars (bias corrections, ...) with the
+// optimizer's math policy [note: math policies].
 // Every lane computes the same values in lock-step, which costs the warp what
 // one thread would and needs neither shared memory nor __syncthreads(). The
 // schedule (lr, momentum / beta1) does not depend on the item and is evaluated
@@ -31,10 +32,10 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 
+#include <fusedclr/policy.h>
 #include <fusedclr/precision.h>
 #include <fusedclr/schedule.h>
 #include <fusedclr/segments.h>
-#include <fusedclr/update.h>
 
 #include "flat_walk.cuh"
 
@@ -82,9 +83,9 @@ struct StepArgs {
   bool maximize;
 };
 
-struct GroupValues {
-  double lr;
-  double momentum;  // SGD momentum or Adam beta1
+// The schedule's values and GradScaler's scale: the same for every item.
+struct LaunchValues {
+  GroupValues group;  // lr and momentum / beta1 [note: math policies]
   double grad_scale;
 };
 
@@ -94,12 +95,12 @@ C10_DEVICE inline bool step_skipped(const DeviceScalar& found_inf) {
 
 // Not inlined: the evaluator is long (pow, cos, loops) and identical for every
 // kernel; one copy keeps ptxas time and code size down.
-__device__ __noinline__ GroupValues group_values(const double* hyper, const double* schedule,
-                                                 const int64_t* schedule_step, DeviceScalar grad_scale) {
+__device__ __noinline__ LaunchValues launch_values(const double* hyper, const double* schedule,
+                                                   const int64_t* schedule_step, DeviceScalar grad_scale) {
   const sched::Value v = sched::evaluate(schedule, *schedule_step);
-  GroupValues g;
-  g.lr = v.has_lr ? v.lr : hyper[0];
-  g.momentum = v.has_momentum ? v.momentum : hyper[1];
+  LaunchValues g;
+  g.group.lr = v.has_lr ? v.lr : hyper[0];
+  g.group.momentum = v.has_momentum ? v.momentum : hyper[1];
   g.grad_scale = grad_scale.ptr != nullptr ? grad_scale.get() : 1.0;
   return g;
 }
@@ -108,8 +109,8 @@ C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Runs fn(step, lo, hi, row) for each work item of this warp whose segment is
-// active (`row`: the segment's table row).
+// Runs fn(seg, step, lo, hi, row) for each work item of this warp whose
+// segment is active (`row`: the segment's table row).
 template <int VEC, typename Fn>
 C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
   const int64_t worker = blockIdx.x + static_cast<int64_t>(gridDim.x) * (threadIdx.x / kWarp);
@@ -132,7 +133,7 @@ C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
     if (lo >= hi || row[seg::GRAD] == 0) {
       continue;
     }
-    fn(a.seg_steps[seg], lo, hi, row);
+    fn(seg, a.seg_steps[seg], lo, hi, row);
   }
 }
 
@@ -174,19 +175,40 @@ C10_DEVICE C10_ALWAYS_INLINE void store_param(P* param, float* master_dst, const
   }
 }
 
-// [note: step counters on CUDA] (optim_cuda.cu). Grid-stride, so a capped
-// grid covers any number of segments.
+// The step counters' advance [note: step counters on CUDA] (optim_cuda.cu),
+// and the policy's per-segment scalars with them (NAdam's mu_product, which
+// needs the schedule's beta1). Grid-stride, so a capped grid covers any
+// number of segments.
 constexpr int kAdvanceMaxBlocks = 1024;
 
-__global__ void __launch_bounds__(kThreads)
-    advance_steps_kernel(int64_t* seg_steps, const int64_t* segments, DeviceScalar found_inf, int64_t n) {
-  if (step_skipped(found_inf)) {
+struct AdvanceArgs {
+  int64_t* seg_steps;
+  const int64_t* segments;
+  DeviceScalar found_inf;
+  int64_t n;
+  double* seg_scalars;  // policies with kSegmentScalar only
+  double options[kMaxOptions];
+  const double* hyper;
+  const double* schedule;
+  const int64_t* schedule_step;
+};
+
+template <typename Policy>
+__global__ void __launch_bounds__(kThreads) advance_steps_kernel(const AdvanceArgs a) {
+  if (step_skipped(a.found_inf)) {
     return;
   }
+  GroupValues group{0.0, 0.0};
+  if constexpr (Policy::kSegmentScalar) {
+    group = launch_values(a.hyper, a.schedule, a.schedule_step, DeviceScalar{nullptr, false}).group;
+  }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
-    if (seg::active(segments, i)) {
-      seg_steps[i] += 1;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.n; i += stride) {
+    if (seg::active(a.segments, i)) {
+      a.seg_steps[i] += 1;
+      if constexpr (Policy::kSegmentScalar) {
+        Policy::advance(a.seg_scalars[i], a.seg_steps[i], a.options, group);
+      }
     }
   }
 }
@@ -199,7 +221,7 @@ template <typename P>
 __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(const StepArgs a, double* partials) {
   using T = at::opmath_type<P>;
   double acc = 0.0;
-  for_each_item<1>(a, [&](int64_t, int64_t lo, int64_t hi, const int64_t* row) {
+  for_each_item<1>(a, [&](int64_t, int64_t, int64_t lo, int64_t hi, const int64_t* row) {
     const P* grad = seg::segment_base<const P>(row[seg::GRAD], row[seg::OFFSET]);
     walk_range<1>(lo, hi, false, [&](int64_t i, auto, auto) {
       const double x = static_cast<double>(static_cast<T>(grad[i]));
@@ -209,128 +231,92 @@ __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(const StepArgs a, 
   partials[blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x] = acc;
 }
 
-template <typename P, typename S>
-struct AdamArgs {
+// Everything an update kernel reads besides StepArgs: the state buffers in
+// the policy's order (null where absent), the precision opt-ins, the
+// per-segment scalars and the options [note: math policies].
+template <typename S>
+struct UpdateArgs {
   StepArgs step;
-  S* exp_avg;
-  S* exp_avg_sq;
-  S* max_exp_avg_sq;  // amsgrad only
-  float* master;      // ParamWrite::kMaster only [note: precision opt-ins]
-  int64_t sr_seed;    // ParamWrite::kStochastic only
-  double beta2;
-  double eps;
-  double weight_decay;
+  S* states[kMaxStates];
+  float* master;               // ParamWrite::kMaster only [note: precision opt-ins]
+  int64_t sr_seed;             // ParamWrite::kStochastic only
+  const double* seg_scalars;   // policies with kSegmentScalar only (already advanced)
+  double options[kMaxOptions];
 };
 
-template <typename P, typename S, ParamWrite W, bool HAS_WD, bool DECOUPLED, bool AMSGRAD>
-__global__ void __launch_bounds__(kThreads) adam_kernel(const AdamArgs<P, S> a) {
+// One optimizer's update over the chunk table: the generic walk of every
+// policy [note: math policies]. The policy's variant V is compile-time;
+// refine() may pick a leaner one per item from what only the schedule knows.
+template <typename Policy, int V, typename P, typename S, ParamWrite W>
+__global__ void __launch_bounds__(kThreads) update_kernel(const UpdateArgs<S> a) {
   using T = at::opmath_type<P>;
   constexpr int VEC = vec_width<P, S>();
+  constexpr int NS = Policy::kStates;
   if (step_skipped(a.step.found_inf)) {
     return;
   }
-  const GroupValues gv = group_values(a.step.hyper, a.step.schedule, a.step.schedule_step, a.step.grad_scale);
-  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi, const int64_t* row) {
+  const LaunchValues lv = launch_values(a.step.hyper, a.step.schedule, a.step.schedule_step, a.step.grad_scale);
+  const bool scaled = a.step.grad_scale.ptr != nullptr;
+  const T scale = static_cast<T>(lv.grad_scale);
+  const T sign = a.step.maximize ? T(-1) : T(1);
+  for_each_item<VEC>(a.step, [&](int64_t seg, int64_t step, int64_t lo, int64_t hi, const int64_t* row) {
+    const double seg_scalar = Policy::kSegmentScalar ? a.seg_scalars[seg] : 0.0;
+    const auto k = Policy::template scalars<T>(a.options, lv.group, step, seg_scalar);
+    if (Policy::skip(k)) {
+      return;
+    }
     P* param = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
     const P* grad = seg::segment_base<const P>(row[seg::GRAD], row[seg::OFFSET]);
-    const AdamScalars<T> k = adam_scalars<T>(gv.lr, gv.momentum, a.beta2, a.eps, a.weight_decay, step,
-                                             gv.grad_scale, a.step.maximize);
     const uint32_t key = rounding_key(a.sr_seed, step);
-    const bool aligned = aligned16(param + lo) && aligned16(grad + lo) && aligned16(a.exp_avg + lo) &&
-                         aligned16(a.exp_avg_sq + lo) && (!AMSGRAD || aligned16(a.max_exp_avg_sq + lo)) &&
-                         (W != ParamWrite::kMaster || aligned16(a.master + lo));
-    walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
-      constexpr int N = decltype(width)::value;
-      constexpr bool V = decltype(vectorized)::value;
-      T p[N], g[N], m[N], v[N], vmax[N];
-      float master[N];
-      load_param<W, N, V>(param + i, a.master + i, p, master);
-      load<N, V>(grad + i, g);
-      load<N, V>(a.exp_avg + i, m);
-      load<N, V>(a.exp_avg_sq + i, v);
-      if constexpr (AMSGRAD) {
-        load<N, V>(a.max_exp_avg_sq + i, vmax);
-      }
+    Policy::template refine<V>(k, [&](auto refined) {
+      constexpr int R = decltype(refined)::value;
+      bool aligned = aligned16(param + lo) && (!Policy::kUsesGrad || aligned16(grad + lo)) &&
+                     (W != ParamWrite::kMaster || aligned16(a.master + lo));
 #pragma unroll
-      for (int e = 0; e < N; ++e) {
-        adam_update<HAS_WD, DECOUPLED, AMSGRAD, true>(p[e], g[e], m[e], v[e], vmax[e], k);
+      for (int j = 0; j < NS; ++j) {
+        aligned = aligned && (!Policy::template uses_state<R>(j) || aligned16(a.states[j] + lo));
       }
-      store_param<W, N, V>(param + i, a.master + i, p, master, key, i);
-      store<N, V>(a.exp_avg + i, m);
-      store<N, V>(a.exp_avg_sq + i, v);
-      if constexpr (AMSGRAD) {
-        store<N, V>(a.max_exp_avg_sq + i, vmax);
-      }
-    });
-  });
-}
-
-template <typename P, typename S>
-struct SgdArgs {
-  StepArgs step;
-  S* momentum_buffer;  // HAS_BUF only
-  float* master;       // ParamWrite::kMaster only [note: precision opt-ins]
-  int64_t sr_seed;     // ParamWrite::kStochastic only
-  double dampening;
-  double weight_decay;
-};
-
-// HAS_BUF: a momentum buffer was given. Whether this step uses it depends on
-// the momentum value, which a schedule may move (to 0 even), so that choice is
-// a runtime branch, uniform over the whole launch.
-template <typename P, typename S, ParamWrite W, bool HAS_BUF, bool HAS_WD, bool NESTEROV>
-__global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs<P, S> a) {
-  using T = at::opmath_type<P>;
-  constexpr int VEC = vec_width<P, S>();
-  if (step_skipped(a.step.found_inf)) {
-    return;
-  }
-  const GroupValues gv = group_values(a.step.hyper, a.step.schedule, a.step.schedule_step, a.step.grad_scale);
-  const bool use_momentum = HAS_BUF && gv.momentum != 0.0;
-  for_each_item<VEC>(a.step, [&](int64_t step, int64_t lo, int64_t hi, const int64_t* row) {
-    P* param = seg::segment_base<P>(row[seg::PARAM], row[seg::OFFSET]);
-    const P* grad = seg::segment_base<const P>(row[seg::GRAD], row[seg::OFFSET]);
-    const SgdScalars<T> k =
-        sgd_scalars<T>(gv.lr, gv.momentum, a.dampening, a.weight_decay, step, gv.grad_scale, a.step.maximize);
-    const uint32_t key = rounding_key(a.sr_seed, step);
-    const auto update = [&](auto with_momentum) {
-      constexpr bool MOM = decltype(with_momentum)::value;
-      const bool aligned = aligned16(param + lo) && aligned16(grad + lo) &&
-                           (!MOM || aligned16(a.momentum_buffer + lo)) &&
-                           (W != ParamWrite::kMaster || aligned16(a.master + lo));
       walk_range<VEC>(lo, hi, aligned, [&](int64_t i, auto width, auto vectorized) {
         constexpr int N = decltype(width)::value;
-        constexpr bool V = decltype(vectorized)::value;
-        T p[N], g[N], buf[N];
+        constexpr bool VZ = decltype(vectorized)::value;
+        T p[N], g[N], st[NS][N];
         float master[N];
-        load_param<W, N, V>(param + i, a.master + i, p, master);
-        load<N, V>(grad + i, g);
-        if constexpr (MOM) {
-          // The first step overwrites the buffer with the grad: skip the read.
-          if (k.first) {
+        load_param<W, N, VZ>(param + i, a.master + i, p, master);
+        if constexpr (Policy::kUsesGrad) {
+          load<N, VZ>(grad + i, g);
+        }
 #pragma unroll
-            for (int e = 0; e < N; ++e) {
-              buf[e] = T(0);
-            }
-          } else {
-            load<N, V>(a.momentum_buffer + i, buf);
+        for (int j = 0; j < NS; ++j) {
+          if (Policy::template uses_state<R>(j)) {
+            load<N, VZ>(a.states[j] + i, st[j]);
           }
         }
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          sgd_update<HAS_WD, MOM, NESTEROV && MOM, true>(p[e], g[e], buf[e], k);
+          T ge = T(0);
+          if constexpr (Policy::kUsesGrad) {
+            ge = scaled ? g[e] / scale * sign : g[e] * sign;
+          }
+          T se[NS];
+#pragma unroll
+          for (int j = 0; j < NS; ++j) {
+            se[j] = Policy::template uses_state<R>(j) ? st[j][e] : T(0);
+          }
+          Policy::template update<R, true>(p[e], ge, se, k);
+#pragma unroll
+          for (int j = 0; j < NS; ++j) {
+            st[j][e] = se[j];
+          }
         }
-        store_param<W, N, V>(param + i, a.master + i, p, master, key, i);
-        if constexpr (MOM) {
-          store<N, V>(a.momentum_buffer + i, buf);
+        store_param<W, N, VZ>(param + i, a.master + i, p, master, key, i);
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          if (Policy::template uses_state<R>(j)) {
+            store<N, VZ>(a.states[j] + i, st[j]);
+          }
         }
       });
-    };
-    if (use_momentum) {
-      update(std::bool_constant<HAS_BUF>{});
-    } else {
-      update(std::false_type{});
-    }
+    });
   });
 }
 

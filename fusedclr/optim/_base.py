@@ -57,7 +57,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from fusedclr import ops, reference
 from fusedclr.optim._flat import Bucket, ParamChanged, ShardBucket, is_dtensor, real_dtype
-from fusedclr.optim._state import ParamState
+from fusedclr.optim._state import ParamState, step_value
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -84,8 +84,8 @@ def _covers(desc: list[float] | None) -> tuple[bool, bool]:
     return True, mom
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[..., None]:
-    """The implementation of ``op`` (``"sgd_step_"`` / ``"adam_step_"``) for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, op: str = "step_") -> Callable[..., None]:
+    """The implementation of ``op`` (``"step_"``, csrc/ops.cpp) for tensors on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kind = device.type
@@ -122,14 +122,53 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> Callable[...
 class FlatOptimizerMixin:
     """Flat-bucket storage, gradient handling, state_dict and schedules for fusedclr optimizers.
 
-    Subclasses define ``_OP`` (the op name), ``_state_names(group)``,
-    ``_momentum(group)`` and ``_launch_args(bucket, group)`` (the op's
-    arguments up to, not including, ``grad_scale`` and ``found_inf``).
+    [note: optimizer entry]
+    An optimizer is one entry: its kernel policy (csrc/include/fusedclr/
+    optimizers/<name>.h, and its twins in fusedclr/reference.py and
+    fusedclr/triton/_policies.py) and its class, which subclasses torch's (for
+    the constructor, defaults, validation and ``param_groups``) and this mixin,
+    and says:
+
+    * ``_KERNEL``: the policy's name (the ``optimizer`` argument of ``step_``);
+    * ``_KERNEL_STATES``: its state buffers in the policy's order, named as
+      torch's ``state_dict`` names them;
+    * ``_state_names(group)``: those a group keeps (amsgrad's maximum, ...);
+    * ``_options(group)``: the policy's float options, in its order;
+    * ``_momentum(group)``: the group's momentum or beta1 (what a schedule
+      may cycle), or 0.0;
+    * ``_STEP_IN_STATE``: whether torch keeps a per-parameter ``step``;
+    * optionally ``_state_init(group)`` (states that do not start at 0),
+      ``_SEG_SCALAR`` (a per-parameter scalar state and its start, as
+      NAdam's ``mu_product``) and ``_before_launch(bucket, group)``.
+
+    docs/adding-an-optimizer.md walks through adding one.
     """
 
-    _OP: str
+    _KERNEL: str
+    _KERNEL_STATES: tuple[str, ...]
     _STEP_IN_STATE: bool  # whether torch keeps a per-parameter "step" (Adam) or not (SGD)
+    _SEG_SCALAR: tuple[str, float] | None = None
     _step_supports_amp_scaling = True
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._KERNEL_STATES
+
+    def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
+        return {}
+
+    def _options(self, group: dict[str, Any]) -> list[float]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _momentum(group: dict[str, Any]) -> float:
+        return 0.0
+
+    def _before_launch(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        """Hook: runs on the host before each launch (SGD allocates a buffer when momentum appears)."""
+
+    def _state_keys(self) -> set[str]:
+        keys = set(self._KERNEL_STATES) | ({"step"} if self._STEP_IN_STATE else set())
+        return keys | ({self._SEG_SCALAR[0]} if self._SEG_SCALAR else set())
 
     @staticmethod
     def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -371,7 +410,7 @@ class FlatOptimizerMixin:
             buckets.append(cls(params, self._state_names(group), self._bucket_state_dtype(dtype),
                                master=self.master_weights and dtype in (torch.bfloat16, torch.float16),
                                sr_seed=self._next_sr_seed() if self.stochastic_rounding and dtype == torch.bfloat16
-                               else None))
+                               else None, state_init=self._state_init(group), seg_scalar=self._SEG_SCALAR))
         return buckets
 
     def _bucket_state_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -390,7 +429,7 @@ class FlatOptimizerMixin:
     def _impl_for(self, device: torch.device) -> Callable[..., None]:
         fn = self._impl.get(device)
         if fn is None:
-            fn = self._impl[device] = resolve_backend(self.backend, device, self._OP)
+            fn = self._impl[device] = resolve_backend(self.backend, device)
         return fn
 
     # -- schedules -------------------------------------------------------------
@@ -522,13 +561,16 @@ class FlatOptimizerMixin:
                 if b.schedule is None:
                     b.schedule, b.schedule_step = _no_schedule(b.device)
                 zero_lr = self._sync_hyper(b, group)
-                args = self._launch_args(b, group)
-                if zero_lr:  # the group's lr 0 overrides the schedule for this step
-                    off, counter = _no_schedule(b.device)
-                    args = tuple(off if a is b.schedule else counter if a is b.schedule_step else a for a in args)
+                self._before_launch(b, group)
+                schedule, counter = _no_schedule(b.device) if zero_lr else (b.schedule, b.schedule_step)
                 fn = self._impl_for(b.device)
                 segments = b.reference_segments() if _is_reference(fn) else b.table
-                launches.append((fn, b, (segments, b.dtype, *args)))
+                # step_'s arguments up to, not including, grad_scale (csrc/ops.cpp [note: step contract]).
+                launches.append((fn, b, (
+                    self._KERNEL, segments, b.dtype, [b.states.get(n) for n in self._KERNEL_STATES], b.seg_steps,
+                    b.seg_scalars, b.chunks, b.hyper, schedule, counter, self._options(group),
+                    bool(group.get("maximize", False)),
+                )))
         return launches
 
     def _rebucket(self, group_index: int) -> None:
@@ -739,17 +781,29 @@ class FlatOptimizerMixin:
         if self._scheduler is not None:
             self._attach_schedule(self._scheduler)
 
-    # -- subclass hooks --------------------------------------------------------
-
-    def _state_keys(self) -> set[str]:
-        raise NotImplementedError
+    # -- state of one parameter ------------------------------------------------
 
     def _export_state(self, group: dict[str, Any], bucket: Bucket, index: int, step: int) -> dict[str, Any]:
         """The torch-layout state of a parameter that ``optimizer.state`` shows (empty: none to save)."""
-        raise NotImplementedError
+        out: dict[str, Any] = {"step": self._step_tensor(step)} if self._STEP_IN_STATE else {}
+        if bucket.seg_scalar is not None:  # a host copy: state_dict is not on the step path
+            out[bucket.seg_scalar[0]] = torch.tensor(float(bucket.seg_scalars[index]), dtype=_get_scalar_dtype())
+        for name in self._state_names(group):
+            if name in bucket.states:
+                out[name] = bucket.state_tensor(name, index)
+        return out
 
     def _import_state(self, group: dict[str, Any], bucket: Bucket, index: int, state: dict[str, Any]) -> int:
-        raise NotImplementedError
+        """Loads one parameter's torch-layout state into the buckets; returns its step count."""
+        bucket.reset_state(index)
+        if not state:
+            return 0
+        for name in bucket.states:
+            if name in state:  # else, e.g. amsgrad turned on when resuming, the state starts afresh as in torch
+                bucket.state_view(name, index).copy_(bucket.local_value(state[name], index))
+        if bucket.seg_scalar is not None and bucket.seg_scalar[0] in state:
+            bucket.seg_scalars[index] = float(state[bucket.seg_scalar[0]])
+        return step_value(state["step"]) if "step" in state else 0
 
 
 def _is_zero_float(lr: Any) -> bool:
@@ -759,7 +813,7 @@ def _is_zero_float(lr: Any) -> bool:
 
 def _is_reference(fn: Callable[..., None]) -> bool:
     """Whether ``fn`` is a reference op, which takes the table's tensors instead of its addresses."""
-    return fn is reference.sgd_step_ or fn is reference.adam_step_
+    return fn is reference.step_
 
 
 _WARNED_DIFFERENTIABLE = False

@@ -168,7 +168,8 @@ class Bucket:
     """
 
     def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype,
-                 master: bool = False, sr_seed: int | None = None) -> None:
+                 master: bool = False, sr_seed: int | None = None, state_init: dict[str, float] | None = None,
+                 seg_scalar: tuple[str, float] | None = None) -> None:
         self.params = list(params)
         # The tensors the kernels walk: the parameters themselves, or their local shards
         # (ShardBucket), or a dense shadow of a parameter with gaps [note: shadowed parameters].
@@ -195,8 +196,17 @@ class Bucket:
 
         self.state_dtype = state_dtype
         self._slots = 0
-        self.states = {name: self._zeros(self.total, state_dtype) for name in state_names}
+        # What a state starts from (Adagrad's initial_accumulator_value; 0 unless named).
+        self.state_init = dict(state_init or {})
+        self.states = {}
+        for name in state_names:
+            self.add_state(name)
         self.seg_steps = torch.zeros(len(self.params), dtype=torch.int64, device=self.device)
+        # A per-segment float64 state of the optimizer (NAdam's mu_product): its name and start, or None.
+        self.seg_scalar = seg_scalar
+        self.seg_scalars = (None if seg_scalar is None else
+                            torch.full((len(self.params),), float(seg_scalar[1]), dtype=torch.float64,
+                                       device=self.device))
         self.master = None
         if master:
             self.master = self._zeros(self.total, torch.float32)
@@ -273,6 +283,16 @@ class Bucket:
     def add_state(self, name: str) -> None:
         if name not in self.states:
             self.states[name] = self._zeros(self.total, self.state_dtype)
+            if self.state_init.get(name, 0.0) != 0.0:
+                self.states[name].fill_(self.state_init[name])
+
+    def reset_state(self, index: int) -> None:
+        """Parameter ``index`` starts afresh: every state at its initial value, step 0."""
+        for name in self.states:
+            self.state_view(name, index).fill_(self.state_init.get(name, 0.0))
+        if self.seg_scalar is not None:
+            self.seg_scalars[index] = self.seg_scalar[1]
+        self.seg_steps[index] = 0
 
     # -- the segment table -------------------------------------------------------
 
@@ -442,14 +462,15 @@ class ShardBucket(Bucket):
     """
 
     def __init__(self, params: Sequence[Tensor], state_names: Sequence[str], state_dtype: torch.dtype,
-                 master: bool = False, sr_seed: int | None = None) -> None:
+                 master: bool = False, sr_seed: int | None = None, state_init: dict[str, float] | None = None,
+                 seg_scalar: tuple[str, float] | None = None) -> None:
         from torch.distributed.tensor import Partial, Replicate
 
         first = params[0]
         self.mesh = first.device_mesh
         # Shard(d) or _StridedShard placements contribute partial sums of squares; replicas do not.
         self.norm_placements = [Partial() if pl.is_shard() else Replicate() for pl in first.placements]
-        super().__init__(params, state_names, state_dtype, master, sr_seed)
+        super().__init__(params, state_names, state_dtype, master, sr_seed, state_init, seg_scalar)
 
     def _locals(self) -> list[Tensor]:
         with torch.no_grad():  # under no_grad, to_local() is the shard itself, not an autograd alias

@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
@@ -118,9 +119,7 @@ class ParamState(MutableMapping):
             return
         # torch starts a deleted entry afresh at the next step: zero states, step 0.
         b, i = loc
-        for name in b.states:
-            b.state_view(name, i).zero_()
-        b.seg_steps[i].zero_()
+        b.reset_state(i)
         self._shown[b][i] = False
         self._read_at.pop(b, None)
 
@@ -160,6 +159,8 @@ class StateEntry(MutableMapping):
     def _names(self) -> list[str]:
         b = self._bucket
         names = (["step"] if self._owner._step_in_state else []) + list(b.states)
+        if b.seg_scalar is not None:
+            names.append(b.seg_scalar[0])
         if b.master is not None:
             names.append("master_param")
         return names
@@ -177,7 +178,7 @@ class StateEntry(MutableMapping):
                     f"{key!r}: a fusedclr optimizer keeps only {names} for this parameter"
                     + ("" if names else " (SGD keeps no state without momentum)")
                 )
-            if key != "step":
+            if key != "step" and (b.seg_scalar is None or key != b.seg_scalar[0]):
                 shape = b.locals[i].shape
                 if not isinstance(value, Tensor) or value.numel() != b.locals[i].numel():
                     got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -190,6 +191,8 @@ class StateEntry(MutableMapping):
         b, i = self._bucket, self._index
         if key == "step":
             return b.seg_steps[i].to(_get_scalar_dtype())
+        if b.seg_scalar is not None and key == b.seg_scalar[0]:
+            return b.seg_scalars[i].to(_get_scalar_dtype())
         if key == "master_param":
             return b.master_tensor(i)
         return b.state_tensor(key, i)
@@ -198,15 +201,15 @@ class StateEntry(MutableMapping):
         self.check({key: value})
         b, i = self._bucket, self._index
         if not self._live():
-            for name in b.states:
-                b.state_view(name, i).zero_()
-            b.seg_steps[i].zero_()
+            b.reset_state(i)
             self._owner._shown[b][i] = True
         if key == "step":
             if isinstance(value, Tensor) and value.device.type != "cpu":
                 b.seg_steps[i].copy_(value.reshape(()))  # no sync: the device casts it
             else:
                 b.seg_steps[i].fill_(step_value(value))
+        elif b.seg_scalar is not None and key == b.seg_scalar[0]:
+            b.seg_scalars[i].copy_(torch.as_tensor(value, dtype=torch.float64).reshape(()))
         elif key == "master_param":
             b.master_view(i).copy_(b.local_value(value, i))
         else:

@@ -9,14 +9,13 @@ import torch
 from torch import Tensor
 
 from fusedclr.optim._base import FlatOptimizerMixin
-from fusedclr.optim._flat import Bucket
-from fusedclr.optim._state import step_value
 
 _ADAM_TAKES_DECOUPLED = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam.__init__).parameters
 
 
 class _AdamFlat(FlatOptimizerMixin):
-    _OP = "adam_step_"
+    _KERNEL = "adam"  # csrc/include/fusedclr/optimizers/adam.h
+    _KERNEL_STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _STEP_IN_STATE = True
     _DECOUPLED: bool
 
@@ -24,44 +23,15 @@ class _AdamFlat(FlatOptimizerMixin):
         return bool(group.get("decoupled_weight_decay", self._DECOUPLED))
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        names = ("exp_avg", "exp_avg_sq")
-        return names + ("max_exp_avg_sq",) if group["amsgrad"] else names
-
-    def _state_keys(self) -> set[str]:
-        return {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        return self._KERNEL_STATES if group["amsgrad"] else self._KERNEL_STATES[:2]
 
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
-        beta1 = group["betas"][0]
-        return float(beta1)
+        return float(group["betas"][0])
 
-    def _launch_args(self, b: Bucket, group: dict[str, Any]) -> tuple[Any, ...]:
-        beta2 = group["betas"][1]
-        return (
-            b.states["exp_avg"], b.states["exp_avg_sq"], b.states.get("max_exp_avg_sq"),
-            b.seg_steps, b.chunks, b.hyper, b.schedule, b.schedule_step,
-            float(beta2), float(group["eps"]), float(group["weight_decay"]), self._decoupled(group),
-            bool(group["maximize"]),
-        )
-
-    def _export_state(self, group, bucket: Bucket, index: int, step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"step": self._step_tensor(step)}
-        for name in self._state_names(group):
-            out[name] = bucket.state_tensor(name, index)
-        return out
-
-    def _import_state(self, group, bucket: Bucket, index: int, state: dict[str, Any]) -> int:
-        if not state:
-            for name in bucket.states:
-                bucket.state_view(name, index).zero_()
-            return 0
-        for name in bucket.states:
-            view = bucket.state_view(name, index)
-            if name in state:
-                view.copy_(bucket.local_value(state[name], index))
-            else:  # e.g. amsgrad turned on when resuming: torch starts max_exp_avg_sq at zero
-                view.zero_()
-        return step_value(state["step"])
+    def _options(self, group: dict[str, Any]) -> list[float]:
+        return [float(group["betas"][1]), float(group["eps"]), float(group["weight_decay"]),
+                float(self._decoupled(group))]
 
 
 class Adam(_AdamFlat, torch.optim.Adam):

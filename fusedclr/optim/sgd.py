@@ -24,7 +24,8 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     runs torch.optim.SGD's own implementation, with a one-time warning.
     """
 
-    _OP = "sgd_step_"
+    _KERNEL = "sgd"  # csrc/include/fusedclr/optimizers/sgd.h
+    _KERNEL_STATES = ("momentum_buffer",)
     _STEP_IN_STATE = False
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -39,34 +40,22 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
                          foreach=foreach, differentiable=differentiable, fused=fused)
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
-    def _state_keys(self) -> set[str]:
-        return {"momentum_buffer"}
+        return self._KERNEL_STATES if group["momentum"] != 0 else ()
 
     @staticmethod
     def _momentum(group: dict[str, Any]) -> float:
         return float(group["momentum"])
 
-    def _ensure_buffer(self, b: Bucket) -> None:
-        if "momentum_buffer" not in b.states:
-            b.add_state("momentum_buffer")
-            # The buffer starts like torch's None: the next step of each segment copies the grad.
-            b.seg_steps.zero_()
-            self.state.forget(b)
+    def _options(self, group: dict[str, Any]) -> list[float]:
+        return [float(group["dampening"]), float(group["weight_decay"]), float(group["nesterov"])]
 
     def _on_schedule(self, bucket: Bucket, desc: list[float] | None) -> None:
-        if desc is not None and _schedules_momentum(desc):
-            self._ensure_buffer(bucket)
+        if desc is not None and schedules_momentum(desc):
+            ensure_momentum_buffer(self, bucket)
 
-    def _launch_args(self, b: Bucket, group: dict[str, Any]) -> tuple[Any, ...]:
-        if group["momentum"] != 0 and "momentum_buffer" not in b.states:
-            self._ensure_buffer(b)
-        return (
-            b.states.get("momentum_buffer"), b.seg_steps, b.chunks, b.hyper,
-            b.schedule, b.schedule_step, float(group["dampening"]), float(group["weight_decay"]),
-            bool(group["nesterov"]), bool(group["maximize"]),
-        )
+    def _before_launch(self, b: Bucket, group: dict[str, Any]) -> None:
+        if group["momentum"] != 0:
+            ensure_momentum_buffer(self, b)
 
     def _export_state(self, group, bucket: Bucket, index: int, step: int) -> dict[str, Any]:
         # A DTensor's placeholder buffer (step 0) loads as a stepped one: exact unless
@@ -78,16 +67,24 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     def _import_state(self, group, bucket: Bucket, index: int, state: dict[str, Any]) -> int:
         buf = state.get("momentum_buffer")
         if buf is None:
-            if "momentum_buffer" in bucket.states:
-                bucket.state_view("momentum_buffer", index).zero_()
+            bucket.reset_state(index)
             return 0
-        self._ensure_buffer(bucket)
-        view = bucket.state_view("momentum_buffer", index)
-        view.copy_(bucket.local_value(buf, index))
+        ensure_momentum_buffer(self, bucket)
+        bucket.state_view("momentum_buffer", index).copy_(bucket.local_value(buf, index))
         return 1
 
 
-def _schedules_momentum(desc: list[float]) -> bool:
+def ensure_momentum_buffer(opt: FlatOptimizerMixin, b: Bucket) -> None:
+    """Allocates a bucket's momentum buffer when momentum appears (a group's, or a cycled one)."""
+    if "momentum_buffer" not in b.states:
+        b.add_state("momentum_buffer")
+        # The buffer starts like torch's None: the next step of each segment copies the grad.
+        b.seg_steps.zero_()
+        opt.state.forget(b)
+
+
+def schedules_momentum(desc: list[float]) -> bool:
+    """Whether a schedule descriptor cycles the momentum (or beta1) in any stage."""
     n = int(desc[0])
     return any(
         desc[reference.HEADER_WORDS + i * reference.STAGE_WORDS + reference.S_HAS_MOM] for i in range(n)

@@ -20,13 +20,14 @@ clear error rather than a crash.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from types import ModuleType
 
 from torch import Tensor
 
-__all__ = ["adam_step_", "available", "for_buckets", "load", "sgd_step_", "why_unavailable"]
+__all__ = ["adam_step_", "available", "for_buckets", "load", "sgd_step_", "step_", "why_unavailable"]
 
 _impl: ModuleType | None = None
 _import_error: str | None = None
@@ -90,14 +91,37 @@ def _load() -> ModuleType:
     return _impl
 
 
-def for_buckets(op: str) -> Callable[..., None]:
-    """The implementation of ``op`` (``"sgd_step_"`` / ``"adam_step_"``) that fusedclr's
-    optimizers call: the same signature and kernels, but a bucket's buffers are checked on
-    their first step and again only when one of them is replaced, not on every step
-    (the arguments that change per step are checked every time)."""
-    if op not in ("sgd_step_", "adam_step_"):
-        raise ValueError(f"op must be 'sgd_step_' or 'adam_step_', got {op!r}")
-    return getattr(_load(), f"{op}for_bucket_")
+def for_buckets(op: str = "step_") -> Callable[..., None]:
+    """The implementation of ``fusedclr::step_`` that fusedclr's optimizers call: the same
+    signature, but a bucket's buffers are checked on their first step and again only when one
+    of them is replaced, not on every step (the arguments that change per step are checked
+    every time)."""
+    if op != "step_":
+        raise ValueError(f"op must be 'step_', got {op!r}")
+    impl = _load()
+    return functools.partial(_step, impl.sgd_step_for_bucket_, impl.adam_step_for_bucket_)
+
+
+def step_(*args, **kwargs) -> None:
+    """Triton ``fusedclr::step_`` (see csrc/ops.cpp [note: step contract])."""
+    impl = _load()
+    _step(impl.sgd_step_, impl.adam_step_, *args, **kwargs)
+
+
+def _step(sgd, adam, optimizer, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
+          schedule_step, options, maximize=False, grad_scale=None, found_inf=None, master_param=None,
+          sr_seed=None) -> None:
+    if optimizer == "sgd":
+        dampening, weight_decay, nesterov = options
+        sgd(segments, param_dtype, states[0], seg_steps, chunks, hyper, schedule, schedule_step, dampening,
+            weight_decay, bool(nesterov), maximize, grad_scale, found_inf, master_param, sr_seed)
+    elif optimizer == "adam":
+        beta2, eps, weight_decay, decoupled = options
+        adam(segments, param_dtype, states[0], states[1], states[2], seg_steps, chunks, hyper, schedule,
+             schedule_step, beta2, eps, weight_decay, bool(decoupled), maximize, grad_scale, found_inf, master_param,
+             sr_seed)
+    else:
+        raise NotImplementedError(f"fusedclr.triton: no Triton kernel for {optimizer!r} yet")
 
 
 def sgd_step_(

@@ -7,11 +7,16 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/core/List.h>
+#include <c10/util/ArrayRef.h>
+
+#include <fusedclr/policy.h>
 #include <fusedclr/schedule.h>
 #include <fusedclr/segments.h>
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <utility>
 
 namespace fusedclr {
@@ -57,28 +62,7 @@ inline void check_flat(const at::Tensor& t, const char* name, const at::Device& 
 // States are kept in the math type (float for fp32/bf16/fp16 parameters,
 // double for fp64); bf16 parameters may also keep bf16 states [note: precision
 // opt-ins]. All states of one call share one dtype and one length, which the
-// chunk rows must stay within; returns the dtype.
-inline at::ScalarType check_states(at::ScalarType param_dtype, const at::Device& device,
-                                   std::initializer_list<std::pair<const at::Tensor*, const char*>> states) {
-  const at::ScalarType math = math_type(param_dtype);
-  const at::Tensor& first = *states.begin()->first;
-  for (const auto& [t, name] : states) {
-    check_flat(*t, name, device, first.numel());
-    const at::ScalarType dt = t->scalar_type();
-    TORCH_CHECK(dt == math || (dt == at::kBFloat16 && param_dtype == at::kBFloat16), "fusedclr: ", name, " must be ",
-                math, param_dtype == at::kBFloat16 ? " or BFloat16" : "", " for ", param_dtype, " parameters, got ",
-                dt);
-    TORCH_CHECK(dt == first.scalar_type(), "fusedclr: ", name, " is ", dt, " but ", states.begin()->second, " is ",
-                first.scalar_type(), "; keep every state of a bucket in one dtype");
-  }
-  return first.scalar_type();
-}
-
-// The length of a call's flat buffers from its optional ones (SGD: the momentum
-// buffer, else the master), or -1 when it has none.
-inline int64_t state_length(const std::optional<at::Tensor>& first, const std::optional<at::Tensor>& second) {
-  return first.has_value() ? first->numel() : second.has_value() ? second->numel() : -1;
-}
+// chunk rows must stay within (check_step_call below).
 
 // master_param and sr_seed [note: precision opt-ins].
 // `numel`: the length of the call's state buffers, or -1 without states.
@@ -132,6 +116,78 @@ inline void check_step(const at::Tensor& segments, const at::Tensor& seg_steps, 
                   (*t)->scalar_type(), " of shape ", (*t)->sizes());
     }
   }
+}
+
+// What check_step_call learned about a valid call.
+struct StepCall {
+  at::ScalarType state_dtype;  // of every given state (the parameter dtype when there is none)
+  int64_t state_numel;         // length of the flat buffers; -1 when the call has none
+  bool has_state[kMaxStates];
+  int variant;  // the policy's compile-time variant [note: math policies]
+};
+
+// Every argument of an update op (csrc/ops.cpp [note: step contract]), for
+// optimizer `Policy`: one check that the CPU op, the CUDA op and the CUDA
+// host emulation share, so every backend rejects the same inputs with the
+// same messages before anything moves.
+template <typename Policy>
+StepCall check_step_call(const char* optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
+                         const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+                         const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks,
+                         const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
+                         c10::ArrayRef<double> options, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& master_param,
+                         const std::optional<int64_t>& sr_seed) {
+  check_segments(segments, param_dtype, chunks);
+  check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
+  const at::Device dev = segments.device();
+  TORCH_CHECK(static_cast<int>(states.size()) == Policy::kStates, "fusedclr: ", optimizer, " takes ", Policy::kStates,
+              " state buffers (None for an absent one), got ", states.size());
+  TORCH_CHECK(static_cast<int>(options.size()) == Policy::kOptions, "fusedclr: ", optimizer, " takes ",
+              Policy::kOptions, " options, got ", options.size());
+  StepCall call{};
+  call.state_dtype = param_dtype;
+  call.state_numel = -1;
+  const at::Tensor* first = nullptr;
+  std::string first_name;
+  const at::ScalarType math = math_type(param_dtype);
+  for (int i = 0; i < Policy::kStates; ++i) {
+    const std::optional<at::Tensor> t = states.get(i);
+    call.has_state[i] = t.has_value();
+    if (!t.has_value()) {
+      continue;
+    }
+    const std::string name = "states[" + std::to_string(i) + "]";
+    check_flat(*t, name.c_str(), dev, first == nullptr ? t->numel() : first->numel());
+    const at::ScalarType dt = t->scalar_type();
+    TORCH_CHECK(dt == math || (dt == at::kBFloat16 && param_dtype == at::kBFloat16), "fusedclr: ", name, " must be ",
+                math, param_dtype == at::kBFloat16 ? " or BFloat16" : "", " for ", param_dtype, " parameters, got ",
+                dt);
+    if (first == nullptr) {
+      first = &*t;  // the List holds the tensor; its storage outlives the call
+      first_name = name;
+      call.state_dtype = dt;
+      call.state_numel = t->numel();
+    }
+    TORCH_CHECK(dt == call.state_dtype, "fusedclr: ", name, " is ", dt, " but ", first_name, " is ", call.state_dtype,
+                "; keep every state of a bucket in one dtype");
+  }
+  if (call.state_numel < 0 && master_param.has_value()) {
+    call.state_numel = master_param->numel();
+  }
+  check_precision(param_dtype, dev, call.state_numel, master_param, sr_seed);
+  if constexpr (Policy::kSegmentScalar) {
+    TORCH_CHECK(seg_scalars.has_value(), "fusedclr: ", optimizer, " keeps a per-segment scalar: pass seg_scalars");
+    check_on(*seg_scalars, "seg_scalars", dev);
+    TORCH_CHECK(seg_scalars->scalar_type() == at::kDouble && seg_scalars->dim() == 1 &&
+                    seg_scalars->is_contiguous() && seg_scalars->numel() == segments.size(0),
+                "fusedclr: seg_scalars must be a contiguous float64 1-D tensor with one value per segment (",
+                segments.size(0), "), got ", seg_scalars->scalar_type(), " of shape ", seg_scalars->sizes());
+  } else {
+    TORCH_CHECK(!seg_scalars.has_value(), "fusedclr: ", optimizer, " keeps no per-segment scalar: pass seg_scalars=None");
+  }
+  call.variant = Policy::variant(options.data(), call.has_state);
+  return call;
 }
 
 }  // namespace fusedclr
