@@ -20,11 +20,11 @@ Nesterov, centered) is a constexpr branch here; the values only the schedule
 knows (SGD's and RMSprop's momentum reaching 0, RAdam's rectification) are
 per-program scalars selected with ``tl.where``.
 
-The shared arithmetic is :func:`mul_add`, :func:`lerp` and
-:func:`decay_add_square`, in torch's order with the fused steps explicit
-[note: rounding as torch] (``tl.fma``: fused on GPUs, as the CUDA kernels'
-``FMA = true``; the interpreter rounds its product and sum separately, as
-the C++ loops without FMA instructions do).
+The shared arithmetic is torch's order with the fused steps explicit [note:
+rounding as torch]: ``tl.fma`` where the C++ calls ``mul_add`` (fused on GPUs,
+as the CUDA kernels' ``FMA = true``; the interpreter rounds its product and
+sum separately, as the C++ loops without FMA instructions do), and
+:func:`lerp` and :func:`decay_add_square` as in update.h.
 
 Adding an optimizer: its row in :data:`POLICIES` (the id is the ``OPTIMIZER``
 constexpr), its two functions here and a branch for each in _walk.py's
@@ -84,12 +84,6 @@ MAX_OPTIONS = 5
 
 
 @triton.jit
-def mul_add(a, b, c):
-    """``a * b + c`` as one fused multiply-add (``fusedclr::mul_add<true>``)."""
-    return tl.fma(a, b, c)
-
-
-@triton.jit
 def lerp_weight(weight, T: tl.constexpr):
     """``fusedclr::lerp_weight``: the float64 ``weight`` in the math type ``T``, as (coeff, small)."""
     t = weight.to(T)
@@ -146,18 +140,18 @@ def sgd_update(p, g, s0, s1, s2, s3, k, WEIGHT_DECAY: tl.constexpr, NESTEROV: tl
                HAS_BUFFER: tl.constexpr):
     lr, momentum, one_minus_dampening, weight_decay, first, use_momentum = k
     if WEIGHT_DECAY != 0.0:
-        g = mul_add(p, weight_decay, g)  # grad.add(param, alpha=weight_decay)
+        g = tl.fma(p, weight_decay, g)  # grad.add(param, alpha=weight_decay)
     if HAS_BUFFER:
         # buf.mul_(momentum).add_(grad, alpha=1 - dampening); grad.add(buf, alpha=momentum)
-        buf = tl.where(first, g, mul_add(g, one_minus_dampening, s0 * momentum))
+        buf = tl.where(first, g, tl.fma(g, one_minus_dampening, s0 * momentum))
         if NESTEROV != 0.0:
-            stepped = mul_add(buf, momentum, g)
+            stepped = tl.fma(buf, momentum, g)
         else:
             stepped = buf
         # A zero momentum runs without the buffer (the C++ refine()), leaving it as it was.
         g = tl.where(use_momentum, stepped, g)
         s0 = tl.where(use_momentum, buf, s0)
-    p = mul_add(g, -lr, p)  # param.add_(grad, alpha=-lr)
+    p = tl.fma(g, -lr, p)  # param.add_(grad, alpha=-lr)
     return p, s0, s1, s2, s3
 
 
@@ -190,7 +184,7 @@ def _weight_decay(p, g, weight_decay, decay, WEIGHT_DECAY: tl.constexpr, DECOUPL
         if DECOUPLED != 0.0:
             p = p * decay
         else:
-            g = mul_add(p, weight_decay, g)
+            g = tl.fma(p, weight_decay, g)
     return p, g
 
 
@@ -237,11 +231,11 @@ def rmsprop_update(p, g, s0, s1, s2, s3, k, WEIGHT_DECAY: tl.constexpr, CENTERED
                    HAS_BUFFER: tl.constexpr, MATH_F64: tl.constexpr):
     lr, alpha, one_minus_alpha, alpha_weight, eps, weight_decay, momentum, use_momentum = k
     if WEIGHT_DECAY != 0.0:
-        g = mul_add(p, weight_decay, g)
+        g = tl.fma(p, weight_decay, g)
     s0 = decay_add_square(s0, alpha, one_minus_alpha, g)  # square_avg
     if CENTERED:
         s1 = lerp(s1, g, alpha_weight)
-        avg = sqrt(mul_add(-s1, s1, s0), MATH_F64)  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
+        avg = sqrt(tl.fma(-s1, s1, s0), MATH_F64)  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
     else:
         avg = sqrt(s0, MATH_F64)
     avg = avg + eps
@@ -249,7 +243,7 @@ def rmsprop_update(p, g, s0, s1, s2, s3, k, WEIGHT_DECAY: tl.constexpr, CENTERED
     if HAS_BUFFER:
         buf = s2 * momentum + div(g, avg, MATH_F64)  # buf.mul_(momentum).addcdiv_(grad, avg)
         # A momentum that is not positive runs without the buffer (the C++ refine()).
-        p = tl.where(use_momentum, mul_add(buf, -lr, p), plain)  # param.add_(buf, alpha=-lr)
+        p = tl.where(use_momentum, tl.fma(buf, -lr, p), plain)  # param.add_(buf, alpha=-lr)
         s2 = tl.where(use_momentum, buf, s2)
     else:
         p = plain
@@ -276,8 +270,8 @@ def adagrad_scalars(lr, step, LR_DECAY: tl.constexpr, WEIGHT_DECAY: tl.constexpr
 def adagrad_update(p, g, s0, s1, s2, s3, k, WEIGHT_DECAY: tl.constexpr, MATH_F64: tl.constexpr):
     clr, weight_decay, eps = k
     if WEIGHT_DECAY != 0.0:
-        g = mul_add(p, weight_decay, g)
-    s0 = mul_add(g, g, s0)  # state_sum.addcmul_(grad, grad, value=1)
+        g = tl.fma(p, weight_decay, g)
+    s0 = tl.fma(g, g, s0)  # state_sum.addcmul_(grad, grad, value=1)
     std = sqrt(s0, MATH_F64) + eps
     p = p + div(-clr * g, std, MATH_F64)  # param.addcdiv_(grad, std, value=-clr)
     return p, s0, s1, s2, s3
@@ -406,7 +400,7 @@ def lion_update(p, g, s0, s1, s2, s3, k, WEIGHT_DECAY: tl.constexpr):
     c = lerp(s0, g, beta1_weight)
     if WEIGHT_DECAY != 0.0:
         p = p * decay
-    p = mul_add(sign(c), -lr, p)
+    p = tl.fma(sign(c), -lr, p)
     s0 = lerp(s0, g, beta2_weight)
     return p, s0, s1, s2, s3
 
@@ -435,6 +429,6 @@ def lookahead_sync(k):
 @triton.jit
 def lookahead_update(p, g, s0, s1, s2, s3, k):
     alpha = k[0]
-    s0 = mul_add(alpha, p - s0, s0)  # slow += alpha * (fast - slow)
+    s0 = tl.fma(alpha, p - s0, s0)  # slow += alpha * (fast - slow)
     p = s0  # fast = slow
     return p, s0, s1, s2, s3

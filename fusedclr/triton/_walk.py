@@ -287,5 +287,5 @@ def _advance_kernel(
         lr, momentum = _lr_and_momentum(hyper_ptr, schedule_ptr, schedule_step_ptr)
         moved = tl.where(inc != 0, mask, False)
         scalar = tl.load(seg_scalars_ptr + offs, mask=moved, other=0.0)
-        tl.store(seg_scalars_ptr + offs, _advance_scalar(scalar, tl.maximum(steps, 1), momentum, OPTIMIZER, OPT4),
+        tl.store(seg_scalars_ptr + offs, _advance_scalar(scalar, steps, momentum, OPTIMIZER, OPT4),
                  mask=moved)
