@@ -358,6 +358,31 @@ def _placeholder(t: Optional[Tensor], segments: Tensor) -> Tensor:
 # --------------------------------------------------------------------------
 
 
+# BLOCK and num_warps of the update launch, fixed when the kernels were built (interpreted or compiled).
+_UPDATE_LAUNCH = _common.update_launch()
+# The constexprs of both launches by what decides them (the policy, its options, the given states, the
+# flags): a step's host time is a target of its own (DESIGN.md section 4), and rebuilding these two
+# dicts of ~25 entries every step cost more than the argument checks the memo saves.
+_FLAGS: dict[tuple, tuple[dict, dict]] = {}
+
+
+def _flags(info: PolicyInfo, options: list[float], has: tuple[bool, ...], maximize: bool, grad_scale: bool,
+           found_inf: bool, param_dtype: torch.dtype, write: int) -> tuple[dict, dict]:
+    """The constexprs of the step-counter launch and of the update launch."""
+    key = (info.id, *options, *has, maximize, grad_scale, found_inf, param_dtype, write)
+    got = _FLAGS.get(key)
+    if got is None:
+        opts = {f"OPT{i}": float(options[i]) if i < len(options) else 0.0 for i in range(MAX_OPTIONS)}
+        advance = {"OPTIMIZER": info.id, "OPT4": opts["OPT4"], "SEG_SCALAR": info.seg_scalar,
+                   "HAS_FOUND_INF": found_inf, "BLOCK": ADVANCE_BLOCK}
+        update = {"OPTIMIZER": info.id, **{f"HAS_STATE{i}": i < len(has) and has[i] for i in range(4)}, **opts,
+                  "USES_GRAD": info.uses_grad, "SEG_SCALAR": info.seg_scalar, "MAXIMIZE": bool(maximize),
+                  "HAS_GRAD_SCALE": grad_scale, "HAS_FOUND_INF": found_inf, "PARAM_DTYPE": _tl_dtype(param_dtype),
+                  "MATH_F64": param_dtype == torch.float64, "WRITE": write, **_UPDATE_LAUNCH}
+        got = _FLAGS[key] = (advance, update)
+    return got
+
+
 def _launch_step(launch, info: PolicyInfo, segments: Tensor, param_dtype: torch.dtype,
                  states: list[Optional[Tensor]], seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor,
                  hyper: Tensor, schedule: Tensor, schedule_step: Tensor, options: list[float], maximize: bool,
@@ -367,25 +392,20 @@ def _launch_step(launch, info: PolicyInfo, segments: Tensor, param_dtype: torch.
     the chunk table [note: triton step counters]."""
     if _skip_launch(segments):
         return
-    opts = {f"OPT{i}": float(options[i]) if i < len(options) else 0.0 for i in range(MAX_OPTIONS)}
-    scalars = _placeholder(seg_scalars, segments)
+    has = tuple(t is not None for t in states)
+    advance, update = _flags(info, options, has, maximize, grad_scale is not None, found_inf is not None,
+                             param_dtype, _write_mode(master_param, sr_seed))
+    stand_in = _placeholder(None, segments)
+    scalars = stand_in if seg_scalars is None else seg_scalars
     n = seg_steps.numel()
     if info.advances and n > 0:
         launch(_advance_kernel)[((n + ADVANCE_BLOCK - 1) // ADVANCE_BLOCK,)](
-            seg_steps, segments, found_inf, scalars, hyper, schedule, schedule_step, n, OPTIMIZER=info.id,
-            OPT4=opts["OPT4"], SEG_SCALAR=info.seg_scalar, HAS_FOUND_INF=found_inf is not None, BLOCK=ADVANCE_BLOCK,
-        )
+            seg_steps, segments, found_inf, scalars, hyper, schedule, schedule_step, n, **advance)
     if chunks.shape[0] > 0:
-        s = [_placeholder(states[i] if i < len(states) else None, segments) for i in range(4)]
-        has = {f"HAS_STATE{i}": i < len(states) and states[i] is not None for i in range(4)}
+        s = [t if t is not None else stand_in for t in states] + [stand_in] * (4 - len(states))
         launch(_step_kernel)[(chunks.shape[0],)](
             segments, s[0], s[1], s[2], s[3], seg_steps, scalars, chunks, hyper, schedule, schedule_step, grad_scale,
-            found_inf, _placeholder(master_param, segments), _seed_bits(sr_seed),
-            OPTIMIZER=info.id, **has, **opts, USES_GRAD=info.uses_grad, SEG_SCALAR=info.seg_scalar,
-            MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-            PARAM_DTYPE=_tl_dtype(param_dtype), MATH_F64=param_dtype == torch.float64,
-            WRITE=_write_mode(master_param, sr_seed), **_common.update_launch(),
-        )
+            found_inf, stand_in if master_param is None else master_param, _seed_bits(sr_seed), **update)
 
 
 def _body(launch, optimizer: str, segments: Tensor, param_dtype: torch.dtype, states: list[Optional[Tensor]],
