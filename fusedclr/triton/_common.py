@@ -1,5 +1,5 @@
-"""Pieces shared by the Triton update kernels: math-type helpers, the chunk walk,
-the step-counter kernel and the autotuning configs.
+"""Pieces of the Triton walk (fusedclr/triton/_walk.py): math-type helpers, the
+chunk walk, the precision opt-ins' loads and stores, and the launch config.
 
 [note: triton launch layout]
 One program per row of the chunk table (segment, begin, end). A program reads
@@ -20,24 +20,15 @@ machine), a loop over ``range(begin, end, BLOCK)`` emits ``ld.global.b32`` and
 the aligned loop ``ld.global.v4.b32`` / ``st.global.v4.b32``
 (tests/test_triton.py::test_kernels_compile_for_sm90 keeps it so).
 
-[note: triton step counters]
-A step first increments every active segment's count and then uses the new
-value [note: flat-buffer step contract]. Several programs share a segment, so
-the update kernel must not write the count another program may still read: it
-uses ``seg_steps[s] + 1`` and leaves the buffer alone, and a second, tiny
-launch (``_advance_steps_kernel``, one lane per segment) adds one afterwards on
-the same stream. That is two launches per op call, and it keeps ``seg_steps``
-out of the update kernel's ``restore_value`` set. With ``found_inf`` non-zero
-both kernels change nothing.
-
 [note: triton host scalars]
-The schema's float arguments (beta2, eps, weight_decay, dampening) are
-``tl.constexpr``. As runtime arguments they would be typed fp32 (by Triton's
-launcher and by Inductor for user kernels) while the interpreter keeps a Python
-double, and torch uses them in double (``1 - beta2 ** step``): three answers.
-As constexprs they are exact doubles on every path and fold into the kernel; a
-kernel is compiled per distinct value, which a param group rarely changes (a
-sweep compiles one per point). lr and momentum / beta1, which schedules move
+The op's float ``options`` (beta2, eps, weight_decay, dampening, ...) are
+``tl.constexpr``: the walk's ``OPT0`` to ``OPT4``. As runtime arguments they
+would be typed fp32 (by Triton's launcher and by Inductor for user kernels)
+while the interpreter keeps a Python double, and torch uses them in double
+(``1 - beta2 ** step``): three answers. As constexprs they are exact doubles on
+every path and fold into the kernel (the policies compute with them in float64,
+then cast, as the C++ ``scalars`` do); a kernel is compiled per distinct value,
+which a param group rarely changes (a sweep compiles one per point). lr and momentum / beta1, which schedules move
 every step, stay on the device (``hyper``, ``schedule``), so they never
 recompile anything.
 """
@@ -55,7 +46,7 @@ ALIGN: tl.constexpr = tl.constexpr(16)
 # one only adds masked work to small test buffers.
 INTERPRET_BLOCK = 256
 GPU_BLOCK = 1024
-# Lanes per program of the step-counter kernel (a bucket has one segment per parameter).
+# Lanes per program of the step-counter kernel, _walk._advance_kernel (a bucket has one segment per parameter).
 ADVANCE_BLOCK = 256
 
 
@@ -252,25 +243,6 @@ def edge_lanes(begin, end, lo, hi):
     idx = tl.where(head, begin + lane, tl.maximum(hi, lo) + lane - ALIGN)
     mask = tl.where(head, idx < tl.minimum(lo, end), idx < end)
     return idx, mask
-
-
-@triton.jit
-def _advance_steps_kernel(
-    seg_steps_ptr,
-    segments_ptr,
-    found_inf_ptr,
-    n_segments,
-    HAS_FOUND_INF: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """``seg_steps += has_grad & !found_inf`` [note: triton step counters]."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_segments
-    inc = (tl.load(segments_ptr + offs * 4 + 1, mask=mask, other=0) != 0).to(tl.int64)
-    if HAS_FOUND_INF:
-        inc = tl.where(tl.load(found_inf_ptr) == 0, inc, 0)
-    steps = tl.load(seg_steps_ptr + offs, mask=mask)
-    tl.store(seg_steps_ptr + offs, steps + inc, mask=mask)
 
 
 @triton.jit

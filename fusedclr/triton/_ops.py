@@ -1,20 +1,21 @@
 """Launchers of the Triton kernels and their ``torch.library.triton_op`` registration.
 
 Importing this module imports Triton, builds the kernels (interpreted when
-TRITON_INTERPRET is set) and registers ``fusedclr::triton_sgd_step_`` and
-``fusedclr::triton_adam_step_``; ``fusedclr.triton`` imports it on first use.
+TRITON_INTERPRET is set) and registers ``fusedclr::triton_step_``, the Triton
+twin of ``fusedclr::step_`` (csrc/ops.cpp [note: step contract]) with the same
+schema; ``fusedclr.triton`` imports it on first use.
 
 [note: triton op dispatch]
-The ops are ``triton_op``s whose bodies launch through ``wrap_triton``, so
+The op is a ``triton_op`` whose body launches through ``wrap_triton``, so
 ``torch.compile`` traces into the kernels (and Inductor can schedule them with
-the rest of the graph). Outside of compilation ``sgd_step_`` / ``adam_step_``
-call the same body directly with plain tensors, which skips the dispatcher
-round trip that a custom op costs on every eager call (the step's host time is
-a target of its own, see DESIGN.md section 4).
+the rest of the graph). Outside of compilation :data:`step_` calls the same
+body directly with plain tensors, which skips the dispatcher round trip that a
+custom op costs on every eager call (the step's host time is a target of its
+own, see DESIGN.md section 4).
 
 Under TRITON_INTERPRET=1 ``wrap_triton`` hands back the interpreted kernel
 itself, which cannot run on fake tensors, so the body returns early on fake
-tensors (the ops return nothing, so there is nothing to fake). Graph capture
+tensors (the op returns nothing, so there is nothing to fake). Graph capture
 with ``torch.compile(backend="eager")`` works there; backends that
 functionalize (``aot_eager``, ``inductor``) would have to trace the interpreted
 kernel, and get a clear error instead of a silently empty graph.
@@ -30,13 +31,12 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op, wrap_triton
 
-from fusedclr import reference
 from fusedclr.triton import _common
-from fusedclr.triton._adam import _adam_kernel
-from fusedclr.triton._common import ADVANCE_BLOCK, _advance_steps_kernel
-from fusedclr.triton._sgd import _sgd_kernel
+from fusedclr.triton._common import ADVANCE_BLOCK
+from fusedclr.triton._policies import MAX_OPTIONS, POLICIES, PolicyInfo
+from fusedclr.triton._walk import _advance_kernel, _step_kernel
 
-__all__ = ["INTERPRETED", "adam_step_", "adam_step_for_bucket_", "sgd_step_", "sgd_step_for_bucket_"]
+__all__ = ["INTERPRETED", "step_", "step_for_bucket_"]
 
 
 def _is_interpreted(kernel: object) -> bool:
@@ -47,7 +47,7 @@ def _is_interpreted(kernel: object) -> bool:
 
 # Whether the kernels were built for Triton's interpreter: decided once, when
 # @triton.jit ran at this module's import.
-INTERPRETED = _is_interpreted(_sgd_kernel)
+INTERPRETED = _is_interpreted(_step_kernel)
 # Why the interpreter cannot run the kernels here ("" when it can): probed once, on real
 # tensors even when the first use happens while tracing.
 if INTERPRETED:
@@ -56,15 +56,37 @@ if INTERPRETED:
 else:
     INTERPRETER_PROBLEM = ""
 
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
 
 # --------------------------------------------------------------------------
-# Argument checks (metadata only: no sync, no device reads)
+# Argument checks: csrc/include/fusedclr/checks.h's check_step_call, condition
+# for condition and with its messages (metadata only: no sync, no device reads)
 # --------------------------------------------------------------------------
+
+_PARAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_SEGMENT_WORDS = 4
+_SCHEDULE_HEADER_WORDS = 4
+# How c10 prints a ScalarType, so that the messages read as the C++ ops' do.
+_SCALAR_TYPE = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def _st(dtype) -> str:
+    return _SCALAR_TYPE.get(dtype, str(dtype))
+
+
+def _sizes(t: Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _fail(*parts) -> None:
+    raise RuntimeError("fusedclr: " + "".join(str(p) for p in parts))
 
 
 def _check_device(segments: Tensor) -> None:
+    """CPU tensors need the interpreter (Triton-only: the C++ ops dispatch by device)."""
     if segments.device.type == "cpu" and INTERPRETER_PROBLEM:
         raise RuntimeError(f"fusedclr.triton: backend='triton' on CPU tensors: {INTERPRETER_PROBLEM}.")
     if segments.device.type == "cpu" and not INTERPRETED:
@@ -81,119 +103,182 @@ def _check_device(segments: Tensor) -> None:
         )
 
 
-def _check_flat(name: str, t: Tensor, segments: Tensor, numel: int, dtypes: tuple[torch.dtype, ...]) -> None:
-    if t.dim() != 1 or not t.is_contiguous():
-        raise ValueError(f"fusedclr.triton: {name} must be a contiguous 1-D flat buffer, got shape "
-                         f"{tuple(t.shape)} with strides {t.stride()}")
-    if t.numel() != numel:
-        raise ValueError(f"fusedclr.triton: {name} has {t.numel()} elements, the bucket's other flat buffers "
-                         f"{numel}; every flat buffer of a bucket has the same length")
-    if t.device != segments.device:
-        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but segments is on {segments.device}; "
-                         "keep a bucket's buffers on one device")
-    if t.dtype not in dtypes:
-        raise TypeError(f"fusedclr.triton: {name} has dtype {t.dtype}; expected one of {list(dtypes)}")
+def _policy(optimizer: str) -> PolicyInfo:
+    info = POLICIES.get(optimizer)
+    if info is None:
+        _fail(f"unknown optimizer '{optimizer}'; the kernels know sgd, adam, rmsprop, adagrad, radam, nadam, lion "
+              "and lookahead")
+    return info
 
 
-def _check_small(name: str, t: Optional[Tensor], segments: Tensor, dtypes: tuple[torch.dtype, ...],
-                 numel: Optional[int] = None) -> None:
-    if t is None:
-        return
-    if t.device != segments.device:
-        raise ValueError(f"fusedclr.triton: {name} is on {t.device} but segments is on {segments.device}; "
-                         f"move {name} to the parameters' device")
-    if t.dtype not in dtypes:
-        raise TypeError(f"fusedclr.triton: {name} has dtype {t.dtype}; expected one of {list(dtypes)}")
-    if not t.is_contiguous():
-        raise ValueError(f"fusedclr.triton: {name} must be contiguous")
-    if numel is not None and t.numel() != numel:
-        raise ValueError(f"fusedclr.triton: {name} must have {numel} element(s), got shape {tuple(t.shape)}")
+def _check_on(t: Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        _fail(name, " must be on ", device, " with the bucket's segment table, got ", t.device, "; move it with .to(",
+              device, ")")
 
 
-def _check_common(segments: Tensor, param_dtype: torch.dtype, seg_steps: Tensor, chunks: Tensor, hyper: Tensor,
-                  schedule: Tensor, schedule_step: Tensor, grad_scale: Optional[Tensor],
-                  found_inf: Optional[Tensor]) -> tuple[torch.dtype, ...]:
-    """Checks what both ops share, as csrc/include/fusedclr/checks.h; returns the allowed state dtypes."""
+def _check_segments(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    """``check_segments``; the parameter dtype first, as there."""
     if param_dtype not in _PARAM_DTYPES:
-        raise TypeError(f"fusedclr.triton: param_dtype is {param_dtype}; the Triton kernels update "
-                        f"{list(_PARAM_DTYPES)} parameters")
-    if segments.dim() != 2 or segments.shape[1] != 4:
-        raise ValueError("fusedclr.triton: segments must be an int64 [n, 4] table (param address, grad address, "
-                         f"state offset, numel), got shape {tuple(segments.shape)}")
-    _check_small("segments", segments, segments, (torch.int64,))
+        _fail("param_dtype is ", _st(param_dtype), "; the kernels update Float, Double, Half and BFloat16 parameters "
+              "(complex ones as their real view)")
+    if not (segments.dtype == torch.int64 and segments.dim() == 2 and segments.shape[1] == _SEGMENT_WORDS
+            and segments.is_contiguous()):
+        _fail("segments must be a contiguous int64 [n, ", _SEGMENT_WORDS, "] table (param address, grad address, "
+              "state offset, numel), got ", _st(segments.dtype), " of shape ", _sizes(segments))
     _check_device(segments)
-    if seg_steps.dim() != 1 or seg_steps.numel() != segments.shape[0]:
-        raise ValueError(f"fusedclr.triton: seg_steps must be 1-D with one step per segment ({segments.shape[0]}), "
-                         f"got shape {tuple(seg_steps.shape)}")
-    _check_small("seg_steps", seg_steps, segments, (torch.int64,))
-    if chunks.dim() != 2 or chunks.shape[1] != 3:
-        raise ValueError(f"fusedclr.triton: chunks must be an int64 [n, 3] table of (segment, begin, end), "
-                         f"got shape {tuple(chunks.shape)}")
-    _check_small("chunks", chunks, segments, (torch.int64,))
-    _check_per_call(segments, grad_scale, found_inf)
-    if hyper.numel() < 2:
-        raise ValueError(f"fusedclr.triton: hyper must hold [lr, momentum-or-beta1], got shape {tuple(hyper.shape)}")
-    _check_small("hyper", hyper, segments, (torch.float64,))
-    _check_small("schedule", schedule, segments, (torch.float64,))
-    _check_small("schedule_step", schedule_step, segments, (torch.int64,), 1)
-    if param_dtype == torch.float64:
-        return (torch.float64,)
-    # bf16 parameters may keep bf16 states [note: precision opt-ins].
-    return (torch.float32, torch.bfloat16) if param_dtype == torch.bfloat16 else (torch.float32,)
+    _check_on(chunks, "chunks", segments.device)
+    if not (chunks.dtype == torch.int64 and chunks.dim() == 2 and chunks.shape[1] == 3 and chunks.is_contiguous()):
+        _fail("chunks must be a contiguous int64 [n, 3] table (segment, begin, end), got ", _st(chunks.dtype),
+              " of shape ", _sizes(chunks))
 
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+def _check_amp(segments: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """The per-step arguments (both ``None`` in most steps): checked on every call."""
+    for t, name in ((grad_scale, "grad_scale"), (found_inf, "found_inf")):
+        if t is not None:
+            _check_on(t, name, segments.device)
+            if t.dtype not in (torch.float32, torch.float64) or t.numel() != 1:
+                _fail(name, " must be a float32 or float64 tensor with one element (GradScaler's), got ",
+                      _st(t.dtype), " of shape ", _sizes(t))
 
 
-def _check_per_call(segments: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    """The checks of the arguments that change from step to step (both ``None`` in most steps)."""
-    _check_small("grad_scale", grad_scale, segments, _FLOATS, 1)
-    _check_small("found_inf", found_inf, segments, _FLOATS, 1)
+def _check_step(segments: Tensor, seg_steps: Tensor, hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
+                grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """``check_step``."""
+    dev = segments.device
+    _check_on(seg_steps, "seg_steps", dev)
+    if not (seg_steps.dtype == torch.int64 and seg_steps.dim() == 1 and seg_steps.is_contiguous()
+            and seg_steps.numel() == segments.shape[0]):
+        _fail("seg_steps must be a contiguous int64 1-D tensor with one step per segment (", segments.shape[0],
+              "), got ", _st(seg_steps.dtype), " of shape ", _sizes(seg_steps))
+    _check_on(hyper, "hyper", dev)
+    if not (hyper.dtype == torch.float64 and hyper.numel() == 2 and hyper.is_contiguous()):
+        _fail("hyper must be a contiguous float64 [2] tensor (lr, momentum-or-beta1), got ", _st(hyper.dtype),
+              " of shape ", _sizes(hyper))
+    _check_on(schedule, "schedule", dev)
+    if not (schedule.dtype == torch.float64 and schedule.is_contiguous()
+            and schedule.numel() >= _SCHEDULE_HEADER_WORDS):
+        _fail("schedule must be a contiguous float64 descriptor of at least ", _SCHEDULE_HEADER_WORDS,
+              " words, got ", _st(schedule.dtype), " of shape ", _sizes(schedule))
+    _check_on(schedule_step, "schedule_step", dev)
+    if not (schedule_step.dtype == torch.int64 and schedule_step.numel() == 1):
+        _fail("schedule_step must be an int64 scalar tensor, got ", _st(schedule_step.dtype), " of shape ",
+              _sizes(schedule_step))
+    _check_amp(segments, grad_scale, found_inf)
 
 
-def _check_states(segments: Tensor, dtypes: tuple[torch.dtype, ...], **states: Optional[Tensor]) -> int:
-    """Every given state is a flat buffer of an allowed dtype, all of one dtype and length;
-    returns the length (-1 without states)."""
-    given = {name: t for name, t in states.items() if t is not None}
-    if not given:
-        return -1
-    numel = next(iter(given.values())).numel()
-    for name, t in given.items():
-        _check_flat(name, t, segments, numel, dtypes)
-    if len({t.dtype for t in given.values()}) > 1:
-        raise TypeError("fusedclr.triton: the states have dtypes "
-                        f"{ {name: t.dtype for name, t in given.items()} }; keep every state of a bucket in one dtype")
-    return numel
+def _check_flat(t: Tensor, name: str, device: torch.device, numel: int) -> None:
+    """``check_flat``: a flat buffer of the bucket."""
+    _check_on(t, name, device)
+    if not (t.dim() == 1 and t.is_contiguous()):
+        _fail(name, " must be a contiguous 1-D flat buffer, got shape ", _sizes(t), " with strides ", list(t.stride()))
+    if t.numel() != numel:
+        _fail(name, " has ", t.numel(), " elements, the bucket's other flat buffers ", numel)
 
 
-def _check_precision(segments: Tensor, param_dtype: torch.dtype, numel: int, master_param: Optional[Tensor],
+def _check_precision(param_dtype: torch.dtype, device: torch.device, numel: int, master_param: Optional[Tensor],
                      sr_seed: Optional[int]) -> None:
-    """The reference's checks of the precision opt-ins."""
+    """``check_precision`` [note: precision opt-ins]."""
     if master_param is not None:
-        _check_flat("master_param", master_param, segments, master_param.numel() if numel < 0 else numel,
-                    (torch.float32,))
-    reference.check_precision(torch.empty(0, dtype=param_dtype), None if master_param is None else
-                              master_param[:0], sr_seed)
-
-
-def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
-    """The kernels' WRITE constexpr."""
+        if param_dtype not in (torch.bfloat16, torch.float16):
+            _fail("master_param is for BFloat16 or Half parameters, got ", _st(param_dtype),
+                  " parameters; pass master_param=None")
+        _check_flat(master_param, "master_param", device, master_param.numel() if numel < 0 else numel)
+        if master_param.dtype != torch.float32:
+            _fail("master_param must be Float, got ", _st(master_param.dtype))
     if sr_seed is not None:
-        return _common.WRITE_STOCHASTIC
-    return _common.WRITE_ROUND if master_param is None else _common.WRITE_MASTER
+        if param_dtype != torch.bfloat16:
+            _fail("sr_seed (stochastic rounding) is for BFloat16 parameters, got ", _st(param_dtype),
+                  " parameters; pass sr_seed=None")
+        if master_param is not None:
+            _fail("pass master_param or sr_seed, not both: with master weights the parameter is the master rounded "
+                  "to nearest")
+
+
+def _check_call(optimizer: str, info: PolicyInfo, segments: Tensor, param_dtype: torch.dtype,
+                states: list[Optional[Tensor]], seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor,
+                hyper: Tensor, schedule: Tensor, schedule_step: Tensor, options: list[float],
+                grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor],
+                sr_seed: Optional[int]) -> None:
+    """``check_step_call``, and what only the Triton kernels need: the policy's required states given, and on
+    CPU tensors the chunk rows (``check_chunk_rows``, which a GPU tensor could only be read for with a sync)."""
+    _check_segments(segments, param_dtype, chunks)
+    _check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf)
+    dev = segments.device
+    if len(states) != info.n_states:
+        _fail(optimizer, " takes ", info.n_states, " state buffers (None for an absent one), got ", len(states))
+    if len(options) != info.n_options:
+        _fail(optimizer, " takes ", info.n_options, " options, got ", len(options))
+    math = torch.float64 if param_dtype == torch.float64 else torch.float32
+    state_dtype, numel, first_name = param_dtype, -1, ""
+    for i, t in enumerate(states):
+        if t is None:
+            continue
+        name = f"states[{i}]"
+        _check_flat(t, name, dev, t.numel() if numel < 0 else numel)
+        if not (t.dtype == math or (t.dtype == torch.bfloat16 and param_dtype == torch.bfloat16)):
+            _fail(name, " must be ", _st(math), " or BFloat16" if param_dtype == torch.bfloat16 else "", " for ",
+                  _st(param_dtype), " parameters, got ", _st(t.dtype))
+        if numel < 0:
+            state_dtype, numel, first_name = t.dtype, t.numel(), name
+        if t.dtype != state_dtype:
+            _fail(name, " is ", _st(t.dtype), " but ", first_name, " is ", _st(state_dtype),
+                  "; keep every state of a bucket in one dtype")
+    for i in info.required:
+        if states[i] is None:
+            _fail(optimizer, " needs states[", i, "]: only its optional states may be None")
+    if numel < 0 and master_param is not None:
+        numel = master_param.numel()
+    _check_precision(param_dtype, dev, numel, master_param, sr_seed)
+    if info.seg_scalar:
+        if seg_scalars is None:
+            _fail(optimizer, " keeps a per-segment scalar: pass seg_scalars")
+        _check_on(seg_scalars, "seg_scalars", dev)
+        if not (seg_scalars.dtype == torch.float64 and seg_scalars.dim() == 1 and seg_scalars.is_contiguous()
+                and seg_scalars.numel() == segments.shape[0]):
+            _fail("seg_scalars must be a contiguous float64 1-D tensor with one value per segment (",
+                  segments.shape[0], "), got ", _st(seg_scalars.dtype), " of shape ", _sizes(seg_scalars))
+    elif seg_scalars is not None:
+        _fail(optimizer, " keeps no per-segment scalar: pass seg_scalars=None")
+    if dev.type == "cpu" and type(chunks) is Tensor and type(segments) is Tensor:
+        _check_chunk_rows(segments, chunks, numel)
+
+
+def _check_chunk_rows(segments: Tensor, chunks: Tensor, state_numel: int) -> None:
+    """``check_chunk_rows`` (csrc/cpu/optim_cpu.cpp): every row inside its segment and the state buffers."""
+    if chunks.shape[0] == 0:
+        return
+    seg, begin, end = chunks.unbind(1)
+    n_segments = segments.shape[0]
+    bad = (seg < 0) | (seg >= n_segments)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        _fail("chunk ", i, " names segment ", int(seg[i]), " of ", n_segments)
+    offset, count = segments[seg, 2], segments[seg, 3]
+    bad = (begin < offset) | (begin > end) | (end > offset + count)
+    if state_numel >= 0:
+        bad |= end > state_numel
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        s = int(seg[i])
+        _fail("chunk ", i, " [", int(begin[i]), ", ", int(end[i]), ") lies outside segment ", s, " [",
+              int(segments[s, 2]), ", ", int(segments[s, 2] + segments[s, 3]), ") or the state buffers (",
+              state_numel, " elements)")
 
 
 # [note: triton checks per bucket]
-# fusedclr's optimizers call the ops with the same bucket buffers every step, and
+# fusedclr's optimizers call the op with the same bucket buffers every step, and
 # checking them in Python costs microseconds of a step whose whole host budget
-# is 30 us (docs/DESIGN.md). Their entry points (`*_step_for_bucket_`) check
-# the buffers once and remember them, by identity, keyed by the bucket's chunk
+# is 30 us (docs/DESIGN.md). Their entry point (`step_for_bucket_`) checks the
+# buffers once and remembers them, by identity, keyed by the bucket's chunk
 # table; any buffer replaced (a new schedule descriptor, a master copy) is
-# checked again. What changes from step to step (grad_scale, found_inf) is
-# checked on every call. The public `sgd_step_` / `adam_step_` check everything
-# on every call. The memo lives here, not on the chunk table (a tensor attribute
-# would travel with the optimizer into torch.save): id(chunks) -> [weak
-# reference to chunks, checked buffers], dropped when the chunk table is freed.
+# checked again. What changes from step to step (grad_scale, found_inf, the
+# number of options, which a new list carries every step) is checked on every
+# call. The public `step_` checks everything on every call. The memo lives
+# here, not on the chunk table (a tensor attribute would travel with the
+# optimizer into torch.save): id(chunks) -> [weak reference to chunks, checked
+# buffers], dropped when the chunk table is freed.
 _MEMO: dict[int, list] = {}
 
 
@@ -231,38 +316,28 @@ def _skip_launch(segments: Tensor) -> bool:
     return isinstance(segments, FakeTensor)
 
 
-_TL_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
-    return {"fp32": tl.float32, "fp64": tl.float64, "fp16": tl.float16, "bf16": tl.bfloat16}[_TL_DTYPES[dtype]]
+    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+            torch.bfloat16: tl.bfloat16}[dtype]
 
 
-# --------------------------------------------------------------------------
-# Op bodies (shared by the eager fast path and the triton_op)
-# --------------------------------------------------------------------------
-
-
-def _advance(launch, seg_steps: Tensor, segments: Tensor, found_inf: Optional[Tensor]) -> None:
-    n = seg_steps.numel()
-    if n == 0:
-        return
-    grid = ((n + ADVANCE_BLOCK - 1) // ADVANCE_BLOCK,)
-    launch(_advance_steps_kernel)[grid](
-        seg_steps, segments, found_inf, n, HAS_FOUND_INF=found_inf is not None, BLOCK=ADVANCE_BLOCK,
-    )
+def _write_mode(master_param: Optional[Tensor], sr_seed: Optional[int]) -> int:
+    """The kernels' WRITE constexpr."""
+    if sr_seed is not None:
+        return _common.WRITE_STOCHASTIC
+    return _common.WRITE_ROUND if master_param is None else _common.WRITE_MASTER
 
 
 # [note: triton absent buffers]
-# A step may lack buffers the kernels' signatures name (no momentum buffer, no
-# amsgrad maximum, no master copy: the kernel's constexprs then never touch
-# them). No launch passes None for them: Inductor, which may autotune user
-# kernels under torch.compile, clones tensor arguments and asserts each is a
-# tensor. A launch on real tensors gets a cached one-element placeholder on the
-# table's device; while torch.compile traces the op it gets a fresh one-element
-# `torch.empty` (an allocation in the graph, no kernel).
+# A step may lack buffers the kernels' signatures name (an optimizer's optional
+# states, the per-segment scalars, the master copy: the kernel's constexprs then
+# never touch them). No launch passes None for them: Inductor, which may
+# autotune user kernels under torch.compile, clones tensor arguments and asserts
+# each is a tensor. A launch on real tensors gets a cached one-element
+# placeholder on the table's device; while torch.compile traces the op it gets a
+# fresh one-element `torch.empty` (an allocation in the graph, no kernel).
 _PLACEHOLDERS: dict[torch.device, Tensor] = {}
 
 
@@ -278,70 +353,80 @@ def _placeholder(t: Optional[Tensor], segments: Tensor) -> Tensor:
     return got
 
 
-def _launch_step(launch, kernel, buffers: tuple, consts: dict, segments: Tensor, param_dtype: torch.dtype,
-                 seg_steps: Tensor, chunks: Tensor, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                 master_param: Optional[Tensor], sr_seed: Optional[int]) -> None:
-    """What both ops do once their buffers are checked: one update launch over the chunk
-    table (``buffers``: the kernel's arguments up to ``schedule_step_ptr``, absent written
-    buffers already replaced by placeholders), then the step counters
-    [note: triton step counters]."""
+# --------------------------------------------------------------------------
+# The op body (shared by the eager fast path and the triton_op)
+# --------------------------------------------------------------------------
+
+
+# BLOCK and num_warps of the update launch, fixed when the kernels were built (interpreted or compiled).
+_UPDATE_LAUNCH = _common.update_launch()
+# The constexprs of both launches by what decides them (the policy, its options, the given states, the
+# flags): a step's host time is a target of its own (DESIGN.md section 4), and rebuilding these two
+# dicts of ~25 entries every step cost more than the argument checks the memo saves.
+_FLAGS: dict[tuple, tuple[dict, dict]] = {}
+
+
+def _flags(info: PolicyInfo, options: list[float], has: tuple[bool, ...], maximize: bool, grad_scale: bool,
+           found_inf: bool, param_dtype: torch.dtype, write: int) -> tuple[dict, dict]:
+    """The constexprs of the step-counter launch and of the update launch."""
+    key = (info.id, *options, *has, maximize, grad_scale, found_inf, param_dtype, write)
+    got = _FLAGS.get(key)
+    if got is None:
+        opts = {f"OPT{i}": float(options[i]) if i < len(options) else 0.0 for i in range(MAX_OPTIONS)}
+        advance = {"OPTIMIZER": info.id, "OPT4": opts["OPT4"], "SEG_SCALAR": info.seg_scalar,
+                   "HAS_FOUND_INF": found_inf, "BLOCK": ADVANCE_BLOCK}
+        update = {"OPTIMIZER": info.id, **{f"HAS_STATE{i}": i < len(has) and has[i] for i in range(4)}, **opts,
+                  "USES_GRAD": info.uses_grad, "SEG_SCALAR": info.seg_scalar, "MAXIMIZE": bool(maximize),
+                  "HAS_GRAD_SCALE": grad_scale, "HAS_FOUND_INF": found_inf, "PARAM_DTYPE": _tl_dtype(param_dtype),
+                  "MATH_F64": param_dtype == torch.float64, "WRITE": write, **_UPDATE_LAUNCH}
+        got = _FLAGS[key] = (advance, update)
+    return got
+
+
+def _launch_step(launch, info: PolicyInfo, segments: Tensor, param_dtype: torch.dtype,
+                 states: list[Optional[Tensor]], seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor,
+                 hyper: Tensor, schedule: Tensor, schedule_step: Tensor, options: list[float], maximize: bool,
+                 grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor],
+                 sr_seed: Optional[int]) -> None:
+    """What the op does once its arguments are checked: the step counters' launch, then one update launch over
+    the chunk table [note: triton step counters]."""
     if _skip_launch(segments):
         return
+    has = tuple(t is not None for t in states)
+    advance, update = _flags(info, options, has, maximize, grad_scale is not None, found_inf is not None,
+                             param_dtype, _write_mode(master_param, sr_seed))
+    stand_in = _placeholder(None, segments)
+    scalars = stand_in if seg_scalars is None else seg_scalars
+    n = seg_steps.numel()
+    if info.advances and n > 0:
+        launch(_advance_kernel)[((n + ADVANCE_BLOCK - 1) // ADVANCE_BLOCK,)](
+            seg_steps, segments, found_inf, scalars, hyper, schedule, schedule_step, n, **advance)
     if chunks.shape[0] > 0:
-        args = (*buffers, grad_scale, found_inf, _placeholder(master_param, segments), _seed_bits(sr_seed))
-        flags = {**consts, "HAS_GRAD_SCALE": grad_scale is not None, "HAS_FOUND_INF": found_inf is not None,
-                 "PARAM_DTYPE": _tl_dtype(param_dtype), "MATH_F64": param_dtype == torch.float64,
-                 "WRITE": _write_mode(master_param, sr_seed), **_common.update_launch()}
-        launch(kernel)[(chunks.shape[0],)](*args, **flags)
-    _advance(launch, seg_steps, segments, found_inf)
+        s = [t if t is not None else stand_in for t in states] + [stand_in] * (4 - len(states))
+        launch(_step_kernel)[(chunks.shape[0],)](
+            segments, s[0], s[1], s[2], s[3], seg_steps, scalars, chunks, hyper, schedule, schedule_step, grad_scale,
+            found_inf, stand_in if master_param is None else master_param, _seed_bits(sr_seed), **update)
 
 
-def _sgd_body(launch, segments: Tensor, param_dtype: torch.dtype, momentum_buffer: Optional[Tensor],
-              seg_steps: Tensor, chunks: Tensor, hyper: Tensor, schedule: Tensor, schedule_step: Tensor,
-              dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-              grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
-              sr_seed: Optional[int] = None, remember: bool = False) -> None:
-    static = (segments, param_dtype, momentum_buffer, seg_steps, hyper, schedule, schedule_step, master_param,
-              sr_seed)
+def _body(launch, optimizer: str, segments: Tensor, param_dtype: torch.dtype, states: list[Optional[Tensor]],
+          seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor, hyper: Tensor, schedule: Tensor,
+          schedule_step: Tensor, options: list[float], maximize: bool = False, grad_scale: Optional[Tensor] = None,
+          found_inf: Optional[Tensor] = None, master_param: Optional[Tensor] = None, sr_seed: Optional[int] = None,
+          remember: bool = False) -> None:
+    info = _policy(optimizer)
+    static = (optimizer, segments, param_dtype, seg_steps, seg_scalars, hyper, schedule, schedule_step, master_param,
+              sr_seed, *states)
     if remember and _checked_before(chunks, static):
-        _check_per_call(segments, grad_scale, found_inf)
+        _check_amp(segments, grad_scale, found_inf)
+        if len(options) != info.n_options:
+            _fail(optimizer, " takes ", info.n_options, " options, got ", len(options))
     else:
-        state_dtypes = _check_common(segments, param_dtype, seg_steps, chunks, hyper, schedule, schedule_step,
-                                     grad_scale, found_inf)
-        numel = _check_states(segments, state_dtypes, momentum_buffer=momentum_buffer)
-        _check_precision(segments, param_dtype, numel, master_param, sr_seed)
+        _check_call(optimizer, info, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
+                    schedule_step, options, grad_scale, found_inf, master_param, sr_seed)
         if remember:
             _remember(chunks, static)
-    buffers = (segments, _placeholder(momentum_buffer, segments), seg_steps, chunks, hyper, schedule, schedule_step)
-    consts = {"DAMPENING": float(dampening), "WEIGHT_DECAY": float(weight_decay), "NESTEROV": bool(nesterov),
-              "MAXIMIZE": bool(maximize), "HAS_MOMENTUM_BUFFER": momentum_buffer is not None}
-    _launch_step(launch, _sgd_kernel, buffers, consts, segments, param_dtype, seg_steps, chunks, grad_scale,
-                 found_inf, master_param, sr_seed)
-
-
-def _adam_body(launch, segments: Tensor, param_dtype: torch.dtype, exp_avg: Tensor, exp_avg_sq: Tensor,
-               max_exp_avg_sq: Optional[Tensor], seg_steps: Tensor, chunks: Tensor, hyper: Tensor,
-               schedule: Tensor, schedule_step: Tensor, beta2: float, eps: float, weight_decay: float,
-               decoupled: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-               master_param: Optional[Tensor] = None, sr_seed: Optional[int] = None, remember: bool = False) -> None:
-    static = (segments, param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, hyper, schedule,
-              schedule_step, master_param, sr_seed)
-    if remember and _checked_before(chunks, static):
-        _check_per_call(segments, grad_scale, found_inf)
-    else:
-        state_dtypes = _check_common(segments, param_dtype, seg_steps, chunks, hyper, schedule, schedule_step,
-                                     grad_scale, found_inf)
-        numel = _check_states(segments, state_dtypes, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                              max_exp_avg_sq=max_exp_avg_sq)
-        _check_precision(segments, param_dtype, numel, master_param, sr_seed)
-        if remember:
-            _remember(chunks, static)
-    buffers = (segments, exp_avg, exp_avg_sq, _placeholder(max_exp_avg_sq, segments), seg_steps, chunks, hyper,
-               schedule, schedule_step)
-    consts = {"BETA2": float(beta2), "EPS": float(eps), "WEIGHT_DECAY": float(weight_decay),
-              "DECOUPLED": bool(decoupled), "AMSGRAD": max_exp_avg_sq is not None, "MAXIMIZE": bool(maximize)}
-    _launch_step(launch, _adam_kernel, buffers, consts, segments, param_dtype, seg_steps, chunks, grad_scale,
-                 found_inf, master_param, sr_seed)
+    _launch_step(launch, info, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
+                 schedule_step, options, maximize, grad_scale, found_inf, master_param, sr_seed)
 
 
 # --------------------------------------------------------------------------
@@ -351,25 +436,14 @@ def _adam_body(launch, segments: Tensor, param_dtype: torch.dtype, exp_avg: Tens
 
 # The parameters are written through the table's addresses, which the schema
 # cannot name; the states and counters it does name keep the ops in order.
-@triton_op("fusedclr::triton_sgd_step_", mutates_args={"momentum_buffer", "seg_steps", "master_param"})
-def _sgd_op(segments: Tensor, param_dtype: torch.dtype, momentum_buffer: Optional[Tensor], seg_steps: Tensor,
-            chunks: Tensor, hyper: Tensor, schedule: Tensor, schedule_step: Tensor, dampening: float,
-            weight_decay: float, nesterov: bool, maximize: bool, grad_scale: Optional[Tensor],
-            found_inf: Optional[Tensor], master_param: Optional[Tensor] = None, sr_seed: Optional[int] = None) -> None:
-    _sgd_body(wrap_triton, segments, param_dtype, momentum_buffer, seg_steps, chunks, hyper, schedule, schedule_step,
-              dampening, weight_decay, nesterov, maximize, grad_scale, found_inf, master_param, sr_seed)
-
-
-@triton_op("fusedclr::triton_adam_step_",
-           mutates_args={"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "seg_steps", "master_param"})
-def _adam_op(segments: Tensor, param_dtype: torch.dtype, exp_avg: Tensor, exp_avg_sq: Tensor,
-             max_exp_avg_sq: Optional[Tensor], seg_steps: Tensor, chunks: Tensor, hyper: Tensor, schedule: Tensor,
-             schedule_step: Tensor, beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool,
-             grad_scale: Optional[Tensor], found_inf: Optional[Tensor], master_param: Optional[Tensor] = None,
+@triton_op("fusedclr::triton_step_", mutates_args={"states", "seg_steps", "seg_scalars", "master_param"})
+def _step_op(optimizer: str, segments: Tensor, param_dtype: torch.dtype, states: list[Optional[Tensor]],
+             seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor, hyper: Tensor, schedule: Tensor,
+             schedule_step: Tensor, options: list[float], maximize: bool = False, grad_scale: Optional[Tensor] = None,
+             found_inf: Optional[Tensor] = None, master_param: Optional[Tensor] = None,
              sr_seed: Optional[int] = None) -> None:
-    _adam_body(wrap_triton, segments, param_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, seg_steps, chunks, hyper,
-               schedule, schedule_step, beta2, eps, weight_decay, decoupled, maximize, grad_scale, found_inf,
-               master_param, sr_seed)
+    _body(wrap_triton, optimizer, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
+          schedule_step, options, maximize, grad_scale, found_inf, master_param, sr_seed)
 
 
 def _direct(kernel):
@@ -381,13 +455,15 @@ def _eager(segments: Tensor) -> bool:
     return not torch.compiler.is_compiling() and type(segments) is Tensor
 
 
-def _entry(body, op, remember: bool, doc: str):
-    """An op's Python entry point: plain tensors outside of compilation call ``body``
-    directly, everything else goes through the registered op [note: triton op dispatch]."""
+def _entry(remember: bool, doc: str):
+    """The op's Python entry point: plain tensors outside of compilation call the body directly,
+    everything else goes through the registered op [note: triton op dispatch]."""
+    op = torch.ops.fusedclr.triton_step_
 
     def entry(*args, **kwargs) -> None:
-        if _eager(args[0] if args else kwargs["segments"]):
-            body(_direct, *args, **kwargs, **({"remember": True} if remember else {}))
+        segments = args[1] if len(args) > 1 else kwargs["segments"]
+        if _eager(segments):
+            _body(_direct, *args, **kwargs, remember=remember)
         else:
             op(*args, **kwargs)
 
@@ -395,9 +471,5 @@ def _entry(body, op, remember: bool, doc: str):
     return entry
 
 
-sgd_step_ = _entry(_sgd_body, torch.ops.fusedclr.triton_sgd_step_, False, "Triton ``fusedclr::sgd_step_``.")
-adam_step_ = _entry(_adam_body, torch.ops.fusedclr.triton_adam_step_, False, "Triton ``fusedclr::adam_step_``.")
-sgd_step_for_bucket_ = _entry(_sgd_body, torch.ops.fusedclr.triton_sgd_step_, True,
-                              "``sgd_step_`` for fusedclr's optimizers [note: triton checks per bucket].")
-adam_step_for_bucket_ = _entry(_adam_body, torch.ops.fusedclr.triton_adam_step_, True,
-                               "``adam_step_`` for fusedclr's optimizers [note: triton checks per bucket].")
+step_ = _entry(False, "Triton ``fusedclr::step_`` (csrc/ops.cpp [note: step contract]).")
+step_for_bucket_ = _entry(True, "``step_`` for fusedclr's optimizers [note: triton checks per bucket].")
