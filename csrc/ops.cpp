@@ -10,9 +10,11 @@
 // (csrc/include/fusedclr/segments.h): per segment the addresses of its
 // parameter and gradient (0: no gradient, the segment is inactive), its offset
 // into the flat state buffers and its element count; `param_dtype` is the
-// parameters' (real) dtype. `states` are the optimizer's flat state buffers
-// in its policy's order (fusedclr/optim/_spec.py names them), None where the
-// options leave one out (amsgrad's maximum, RMSprop's grad_avg); `options`
+// parameters' (real) dtype. `state0`..`state3` are the optimizer's flat state
+// buffers in its policy's order (its class's _KERNEL_STATES names them), None
+// where the options leave one out (amsgrad's maximum, RMSprop's grad_avg) or
+// the optimizer has fewer (four optional tensors, not a list: torch's
+// functionalization cannot handle a None in a mutable tensor list); `options`
 // are its float options in the same table's order. `seg_scalars` (float64
 // [n_segments]) is a per-segment scalar state of optimizers that keep one
 // (NAdam's mu_product), else None. States and master_param are 1-D flat
@@ -34,10 +36,10 @@
 
 TORCH_LIBRARY(fusedclr, m) {
   m.def(
-      "step_(str optimizer, Tensor segments, ScalarType param_dtype, Tensor(a!)?[] states, Tensor(b!) seg_steps, "
-      "Tensor(c!)? seg_scalars, Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
-      "float[] options, bool maximize=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor(d!)? master_param=None, int? sr_seed=None) -> ()");
+      "step_(str optimizer, Tensor segments, ScalarType param_dtype, Tensor(a!)? state0, Tensor(b!)? state1, "
+      "Tensor(c!)? state2, Tensor(d!)? state3, Tensor(e!) seg_steps, Tensor(f!)? seg_scalars, Tensor chunks, "
+      "Tensor hyper, Tensor schedule, Tensor schedule_step, float[] options, bool maximize=False, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(g!)? master_param=None, int? sr_seed=None) -> ()");
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
   // Sum of squares of the active segments' gradients (float64, 0-dim): the
   // bucket's share of the global gradient norm [note: fused clipping].

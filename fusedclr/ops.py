@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ __all__ = [
     "grad_sumsq",
     "schedule_eval",
     "segment_tracker",
+    "state_args",
     "step_",
 ]
 
@@ -145,9 +146,9 @@ def cuda_kernels_registered() -> bool:
 if extension_available():
 
     @torch.library.register_fake("fusedclr::step_")
-    def _step_fake(optimizer, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
-                   schedule_step, options, maximize=False, grad_scale=None, found_inf=None, master_param=None,
-                   sr_seed=None):
+    def _step_fake(optimizer, segments, param_dtype, state0, state1, state2, state3, seg_steps, seg_scalars, chunks,
+                   hyper, schedule, schedule_step, options, maximize=False, grad_scale=None, found_inf=None,
+                   master_param=None, sr_seed=None):
         return None
 
     @torch.library.register_fake("fusedclr::grad_sumsq")
@@ -159,9 +160,29 @@ if extension_available():
         return schedule.new_empty(4)
 
 
-def step_(*args, **kwargs) -> None:
-    """``torch.ops.fusedclr.step_``: one optimizer step of one bucket; see csrc/ops.cpp [note: step contract]."""
-    torch.ops.fusedclr.step_(*args, **kwargs)
+MAX_STATES = 4  # the op's state0..state3 (csrc/include/fusedclr/policy.h kMaxStates)
+
+
+def state_args(optimizer: str, states: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """A ``states`` list as the op's four optional state arguments (csrc/ops.cpp [note: step contract])."""
+    if len(states) > MAX_STATES:
+        raise RuntimeError(f"fusedclr: {optimizer} passes {len(states)} state buffers; the op takes at most {MAX_STATES}")
+    return [*states, *([None] * (MAX_STATES - len(states)))]
+
+
+def step_(optimizer: str, segments: Tensor, param_dtype: torch.dtype, states: Sequence[Tensor | None],
+          seg_steps: Tensor, seg_scalars: Tensor | None, chunks: Tensor, hyper: Tensor, schedule: Tensor,
+          schedule_step: Tensor, options: Sequence[float], maximize: bool = False, grad_scale: Tensor | None = None,
+          found_inf: Tensor | None = None, master_param: Tensor | None = None, sr_seed: int | None = None) -> None:
+    """One optimizer step of one bucket, ``torch.ops.fusedclr.step_`` (csrc/ops.cpp [note: step contract]).
+
+    ``states`` is the optimizer's list of flat state buffers (None where
+    absent), as ``fusedclr.reference.step_`` and ``fusedclr.triton.step_``
+    take it; the op itself takes them as four optional arguments.
+    """
+    torch.ops.fusedclr.step_(optimizer, segments, param_dtype, *state_args(optimizer, states), seg_steps, seg_scalars,
+                             chunks, hyper, schedule, schedule_step, list(options), maximize, grad_scale, found_inf,
+                             master_param, sr_seed)
 
 
 def schedule_eval(schedule: Tensor, schedule_step: Tensor) -> Tensor:

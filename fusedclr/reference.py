@@ -643,15 +643,17 @@ class Policy:
     """A reference policy and its shape: states, options, whether it advances the step counts and keeps a
     per-segment scalar (``advance_scalar``: how that scalar moves when a segment steps)."""
 
-    def __init__(self, update, n_states: int, n_options: int, advances: bool = True, advance_scalar=None) -> None:
+    def __init__(self, update, n_states: int, n_options: int, advances: bool = True, advance_scalar=None,
+                 optional: tuple[int, ...] = ()) -> None:
         self.update, self.n_states, self.n_options = update, n_states, n_options
+        self.required = tuple(i for i in range(n_states) if i not in optional)  # the others may be None
         self.advances, self.advance_scalar = advances, advance_scalar
 
 
 POLICIES = {
-    "sgd": Policy(_sgd, 1, 3),
-    "adam": Policy(_adam, 3, 4),
-    "rmsprop": Policy(_rmsprop, 3, 3),
+    "sgd": Policy(_sgd, 1, 3, optional=(0,)),
+    "adam": Policy(_adam, 3, 4, optional=(2,)),
+    "rmsprop": Policy(_rmsprop, 3, 3, optional=(1, 2)),
     "adagrad": Policy(_adagrad, 1, 3),
     "radam": Policy(_radam, 2, 4),
     "nadam": Policy(_nadam, 2, 5, advance_scalar=_nadam_advance),
@@ -681,10 +683,21 @@ def step_(
     """Reference of ``fusedclr::step_`` (csrc/ops.cpp [note: step contract]), on :class:`Segments`."""
     policy = POLICIES.get(optimizer)
     if policy is None:
-        raise RuntimeError(f"fusedclr: unknown optimizer '{optimizer}'; the kernels know {', '.join(POLICIES)}")
-    if len(states) != policy.n_states or len(options) != policy.n_options:
-        raise RuntimeError(f"fusedclr: {optimizer} takes {policy.n_states} state buffers and {policy.n_options} "
-                           f"options, got {len(states)} and {len(options)}")
+        raise RuntimeError(f"fusedclr: unknown optimizer '{optimizer}'; the kernels know: {' '.join(POLICIES)}")
+    # The checks of check_step_call (csrc/include/fusedclr/checks.h), with its messages.
+    for i in range(policy.n_states, len(states)):
+        if states[i] is not None:
+            raise RuntimeError(f"fusedclr: {optimizer} takes {policy.n_states} state buffers, got state{i}")
+    if len(options) != policy.n_options:
+        raise RuntimeError(f"fusedclr: {optimizer} takes {policy.n_options} options, got {len(options)}")
+    if optimizer == "lookahead" and not (options[0] >= 1 and float(options[0]).is_integer()):
+        raise RuntimeError(f"fusedclr: lookahead synchronises every k >= 1 steps (an integer), got k={options[0]}")
+    if optimizer == "lookahead" and not 0 <= options[1] <= 1:
+        raise RuntimeError(f"fusedclr: lookahead's alpha must be in [0, 1], got {options[1]}")
+    states = list(states[: policy.n_states]) + [None] * (policy.n_states - len(states))
+    for i in policy.required:
+        if states[i] is None:
+            raise RuntimeError(f"fusedclr: {optimizer} needs state{i} with these options; pass its flat buffer")
     if (seg_scalars is not None) != (policy.advance_scalar is not None):
         raise RuntimeError(f"fusedclr: {optimizer} " + ("keeps a per-segment scalar: pass seg_scalars"
                                                         if seg_scalars is None else

@@ -61,11 +61,14 @@ void run_grid(int64_t blocks, Kernel kernel, const Args&... args) {
 
 // optim_cuda.cu's launches, with `resident` in place of the occupancy query.
 void step(c10::string_view optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
-          const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
-          const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+          const std::optional<at::Tensor>& state0, const std::optional<at::Tensor>& state1,
+          const std::optional<at::Tensor>& state2, const std::optional<at::Tensor>& state3,
+          const at::Tensor& seg_steps, const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks,
+          const at::Tensor& hyper,
           const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options, bool maximize,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
           const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed, int64_t resident) {
+  const StateArgs states{state0, state1, state2, state3};
   const std::string name(optimizer.data(), optimizer.size());
   with_policy(name, [&](auto policy) {
     dispatch_step<decltype(policy)>(
@@ -108,10 +111,11 @@ at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_
 
 TORCH_LIBRARY(fusedclr_emulated, m) {
   m.def(
-      "step_(str optimizer, Tensor segments, ScalarType param_dtype, Tensor(a!)?[] states, Tensor(b!) seg_steps, "
-      "Tensor(c!)? seg_scalars, Tensor chunks, Tensor hyper, Tensor schedule, Tensor schedule_step, "
-      "float[] options, bool maximize=False, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor(d!)? master_param=None, int? sr_seed=None, int resident=4) -> ()");
+      "step_(str optimizer, Tensor segments, ScalarType param_dtype, Tensor(a!)? state0, Tensor(b!)? state1, "
+      "Tensor(c!)? state2, Tensor(d!)? state3, Tensor(e!) seg_steps, Tensor(f!)? seg_scalars, Tensor chunks, "
+      "Tensor hyper, Tensor schedule, Tensor schedule_step, float[] options, bool maximize=False, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(g!)? master_param=None, int? sr_seed=None, "
+      "int resident=4) -> ()");
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
   m.def("grad_sumsq(Tensor segments, ScalarType param_dtype, Tensor chunks, int resident=4) -> Tensor");
 }

@@ -263,7 +263,7 @@ struct PolicyLoop {
 // fusedclr::step_ on the CPU for optimizer `Policy` (csrc/ops.cpp [note: step contract]).
 template <typename Policy>
 void step_policy(const char* name, const at::Tensor& segments, at::ScalarType param_dtype,
-                 const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+                 const StateArgs& states, const at::Tensor& seg_steps,
                  const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
                  const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
                  bool maximize, const std::optional<at::Tensor>& grad_scale,
@@ -286,7 +286,7 @@ void step_policy(const char* name, const at::Tensor& segments, at::ScalarType pa
   void* state_ptr[kMaxStates] = {nullptr, nullptr, nullptr, nullptr};
   for (int j = 0; j < Policy::kStates; ++j) {
     if (call.has_state[j]) {
-      state_ptr[j] = states.get(j)->data_ptr();
+      state_ptr[j] = states[j]->data_ptr();
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::step_", [&] {
@@ -340,11 +340,14 @@ void step_policy(const char* name, const at::Tensor& segments, at::ScalarType pa
 }
 
 void step_cpu(c10::string_view optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
-              const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
-              const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+              const std::optional<at::Tensor>& state0, const std::optional<at::Tensor>& state1,
+              const std::optional<at::Tensor>& state2, const std::optional<at::Tensor>& state3,
+              const at::Tensor& seg_steps, const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks,
+              const at::Tensor& hyper,
               const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
               bool maximize, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
               const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
+  const StateArgs states{state0, state1, state2, state3};
   TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
               segments.device());
   const std::string name(optimizer.data(), optimizer.size());

@@ -84,11 +84,14 @@ void require_cuda(const at::Tensor& segments) {
 // fusedclr::step_ on CUDA (csrc/ops.cpp [note: step contract]): the step
 // counters' launch, then one update launch over the chunk table.
 void step_cuda(c10::string_view optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
-               const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
-               const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
+               const std::optional<at::Tensor>& state0, const std::optional<at::Tensor>& state1,
+               const std::optional<at::Tensor>& state2, const std::optional<at::Tensor>& state3,
+               const at::Tensor& seg_steps, const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks,
+               const at::Tensor& hyper,
                const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
                bool maximize, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                const std::optional<at::Tensor>& master_param, std::optional<int64_t> sr_seed) {
+  const StateArgs states{state0, state1, state2, state3};
   require_cuda(segments);
   const c10::cuda::CUDAGuard guard(segments.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -79,7 +79,7 @@ inline AdvanceArgs make_advance_args(const at::Tensor& seg_steps, const StepArgs
 // and the policy's variant [note: math policies].
 template <typename Policy, typename Advance, typename Launch>
 void dispatch_step(const char* name, const at::Tensor& segments, at::ScalarType param_dtype,
-                   const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+                   const StateArgs& states, const at::Tensor& seg_steps,
                    const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks, const at::Tensor& hyper,
                    const at::Tensor& schedule, const at::Tensor& schedule_step, c10::ArrayRef<double> options,
                    bool maximize, const std::optional<at::Tensor>& grad_scale,
@@ -100,7 +100,7 @@ void dispatch_step(const char* name, const at::Tensor& segments, at::ScalarType 
       UpdateArgs<state_t> a{};
       a.step = step;
       for (int j = 0; j < Policy::kStates; ++j) {
-        a.states[j] = call.has_state[j] ? static_cast<state_t*>(states.get(j)->data_ptr()) : nullptr;
+        a.states[j] = call.has_state[j] ? static_cast<state_t*>(states[j]->data_ptr()) : nullptr;
       }
       a.master = master_param.has_value() ? master_param->data_ptr<float>() : nullptr;
       a.sr_seed = sr_seed.value_or(0);

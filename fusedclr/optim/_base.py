@@ -804,14 +804,20 @@ class FlatOptimizerMixin:
 
     def _import_state(self, group: dict[str, Any], bucket: Bucket, index: int, state: dict[str, Any]) -> int:
         """Loads one parameter's torch-layout state into the buckets; returns its step count."""
-        bucket.reset_state(index)
         if not state:
+            bucket.reset_state(index)
             return 0
+        # The saved values may be live views of these very buffers (opt.load_state_dict(opt.state_dict())):
+        # each state is copied in or started afresh, never cleared before it is read.
         for name in bucket.states:
-            if name in state:  # else, e.g. amsgrad turned on when resuming, the state starts afresh as in torch
-                bucket.state_view(name, index).copy_(bucket.local_value(state[name], index))
-        if bucket.seg_scalar is not None and bucket.seg_scalar[0] in state:
-            bucket.seg_scalars[index] = float(state[bucket.seg_scalar[0]])
+            view = bucket.state_view(name, index)
+            if name in state:
+                view.copy_(bucket.local_value(state[name], index))
+            else:  # e.g. amsgrad turned on when resuming: the state starts afresh, as in torch
+                view.fill_(bucket.state_init.get(name, 0.0))
+        if bucket.seg_scalar is not None:
+            name, start = bucket.seg_scalar
+            bucket.seg_scalars[index] = float(state[name]) if name in state else start
         return step_value(state["step"]) if "step" in state else 0
 
 

@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op, wrap_triton
 
+from fusedclr.ops import MAX_STATES, state_args
 from fusedclr.triton import _common
 from fusedclr.triton._common import ADVANCE_BLOCK
 from fusedclr.triton._policies import MAX_OPTIONS, POLICIES, PolicyInfo
@@ -106,8 +107,7 @@ def _check_device(segments: Tensor) -> None:
 def _policy(optimizer: str) -> PolicyInfo:
     info = POLICIES.get(optimizer)
     if info is None:
-        _fail(f"unknown optimizer '{optimizer}'; the kernels know sgd, adam, rmsprop, adagrad, radam, nadam, lion "
-              "and lookahead")
+        _fail(f"unknown optimizer '{optimizer}'; the kernels know: {' '.join(POLICIES)}")
     return info
 
 
@@ -196,6 +196,11 @@ def _check_precision(param_dtype: torch.dtype, device: torch.device, numel: int,
                   "to nearest")
 
 
+def _padded(states: list[Optional[Tensor]], n: int) -> list[Optional[Tensor]]:
+    """A states list of a policy with ``n`` states: shorter ones end with absent (None) states."""
+    return list(states[:n]) + [None] * (n - len(states))
+
+
 def _check_call(optimizer: str, info: PolicyInfo, segments: Tensor, param_dtype: torch.dtype,
                 states: list[Optional[Tensor]], seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor,
                 hyper: Tensor, schedule: Tensor, schedule_step: Tensor, options: list[float],
@@ -206,16 +211,24 @@ def _check_call(optimizer: str, info: PolicyInfo, segments: Tensor, param_dtype:
     _check_segments(segments, param_dtype, chunks)
     _check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf)
     dev = segments.device
-    if len(states) != info.n_states:
-        _fail(optimizer, " takes ", info.n_states, " state buffers (None for an absent one), got ", len(states))
+    if len(states) > MAX_STATES:
+        _fail(optimizer, " passes ", len(states), " state buffers; the op takes at most ", MAX_STATES)
+    for i in range(info.n_states, len(states)):
+        if states[i] is not None:
+            _fail(optimizer, " takes ", info.n_states, " state buffers, got state", i)
+    states = _padded(states, info.n_states)
     if len(options) != info.n_options:
         _fail(optimizer, " takes ", info.n_options, " options, got ", len(options))
+    if optimizer == "lookahead" and not (options[0] >= 1 and float(options[0]).is_integer()):
+        _fail("lookahead synchronises every k >= 1 steps (an integer), got k=", options[0])
+    if optimizer == "lookahead" and not 0 <= options[1] <= 1:
+        _fail("lookahead's alpha must be in [0, 1], got ", options[1])
     math = torch.float64 if param_dtype == torch.float64 else torch.float32
     state_dtype, numel, first_name = param_dtype, -1, ""
     for i, t in enumerate(states):
         if t is None:
             continue
-        name = f"states[{i}]"
+        name = f"state{i}"
         _check_flat(t, name, dev, t.numel() if numel < 0 else numel)
         if not (t.dtype == math or (t.dtype == torch.bfloat16 and param_dtype == torch.bfloat16)):
             _fail(name, " must be ", _st(math), " or BFloat16" if param_dtype == torch.bfloat16 else "", " for ",
@@ -227,7 +240,7 @@ def _check_call(optimizer: str, info: PolicyInfo, segments: Tensor, param_dtype:
                   "; keep every state of a bucket in one dtype")
     for i in info.required:
         if states[i] is None:
-            _fail(optimizer, " needs states[", i, "]: only its optional states may be None")
+            _fail(optimizer, " needs state", i, " with these options; pass its flat buffer")
     if numel < 0 and master_param is not None:
         numel = master_param.numel()
     _check_precision(param_dtype, dev, numel, master_param, sr_seed)
@@ -436,14 +449,17 @@ def _body(launch, optimizer: str, segments: Tensor, param_dtype: torch.dtype, st
 
 # The parameters are written through the table's addresses, which the schema
 # cannot name; the states and counters it does name keep the ops in order.
-@triton_op("fusedclr::triton_step_", mutates_args={"states", "seg_steps", "seg_scalars", "master_param"})
-def _step_op(optimizer: str, segments: Tensor, param_dtype: torch.dtype, states: list[Optional[Tensor]],
-             seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor, hyper: Tensor, schedule: Tensor,
+# The states are four optional arguments, not a list: torch's functionalization cannot handle a None in a
+# mutable tensor list (csrc/ops.cpp [note: step contract]).
+@triton_op("fusedclr::triton_step_",
+           mutates_args={"state0", "state1", "state2", "state3", "seg_steps", "seg_scalars", "master_param"})
+def _step_op(optimizer: str, segments: Tensor, param_dtype: torch.dtype, state0: Optional[Tensor],
+             state1: Optional[Tensor], state2: Optional[Tensor], state3: Optional[Tensor], seg_steps: Tensor, seg_scalars: Optional[Tensor], chunks: Tensor, hyper: Tensor, schedule: Tensor,
              schedule_step: Tensor, options: list[float], maximize: bool = False, grad_scale: Optional[Tensor] = None,
              found_inf: Optional[Tensor] = None, master_param: Optional[Tensor] = None,
              sr_seed: Optional[int] = None) -> None:
-    _body(wrap_triton, optimizer, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
-          schedule_step, options, maximize, grad_scale, found_inf, master_param, sr_seed)
+    _body(wrap_triton, optimizer, segments, param_dtype, [state0, state1, state2, state3], seg_steps, seg_scalars,
+          chunks, hyper, schedule, schedule_step, options, maximize, grad_scale, found_inf, master_param, sr_seed)
 
 
 def _direct(kernel):
@@ -460,12 +476,12 @@ def _entry(remember: bool, doc: str):
     everything else goes through the registered op [note: triton op dispatch]."""
     op = torch.ops.fusedclr.triton_step_
 
-    def entry(*args, **kwargs) -> None:
-        segments = args[1] if len(args) > 1 else kwargs["segments"]
+    def entry(optimizer: str, segments: Tensor, param_dtype: torch.dtype, states: list[Optional[Tensor]],
+              *args, **kwargs) -> None:
         if _eager(segments):
-            _body(_direct, *args, **kwargs, remember=remember)
+            _body(_direct, optimizer, segments, param_dtype, states, *args, **kwargs, remember=remember)
         else:
-            op(*args, **kwargs)
+            op(optimizer, segments, param_dtype, *state_args(optimizer, states), *args, **kwargs)
 
     entry.__doc__ = doc
     return entry

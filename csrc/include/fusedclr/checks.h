@@ -7,13 +7,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <ATen/core/List.h>
 #include <c10/util/ArrayRef.h>
 
 #include <fusedclr/policy.h>
 #include <fusedclr/schedule.h>
 #include <fusedclr/segments.h>
 
+#include <array>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -118,6 +118,13 @@ inline void check_step(const at::Tensor& segments, const at::Tensor& seg_steps, 
   }
 }
 
+// An update op's state buffers: the schema's state0..state3, each None where
+// the optimizer's options leave it out (csrc/ops.cpp [note: step contract]).
+// Four optional arguments rather than one list of optional tensors: torch's
+// functionalization (torch.compile with aot_eager or inductor) does not handle
+// a None inside a mutable tensor list.
+using StateArgs = std::array<std::optional<at::Tensor>, kMaxStates>;
+
 // What check_step_call learned about a valid call.
 struct StepCall {
   at::ScalarType state_dtype;  // of every given state (the parameter dtype when there is none)
@@ -132,7 +139,7 @@ struct StepCall {
 // same messages before anything moves.
 template <typename Policy>
 StepCall check_step_call(const char* optimizer, const at::Tensor& segments, at::ScalarType param_dtype,
-                         const c10::List<std::optional<at::Tensor>>& states, const at::Tensor& seg_steps,
+                         const StateArgs& states, const at::Tensor& seg_steps,
                          const std::optional<at::Tensor>& seg_scalars, const at::Tensor& chunks,
                          const at::Tensor& hyper, const at::Tensor& schedule, const at::Tensor& schedule_step,
                          c10::ArrayRef<double> options, const std::optional<at::Tensor>& grad_scale,
@@ -141,35 +148,36 @@ StepCall check_step_call(const char* optimizer, const at::Tensor& segments, at::
   check_segments(segments, param_dtype, chunks);
   check_step(segments, seg_steps, hyper, schedule, schedule_step, grad_scale, found_inf);
   const at::Device dev = segments.device();
-  TORCH_CHECK(static_cast<int>(states.size()) == Policy::kStates, "fusedclr: ", optimizer, " takes ", Policy::kStates,
-              " state buffers (None for an absent one), got ", states.size());
+  for (int i = Policy::kStates; i < kMaxStates; ++i) {
+    TORCH_CHECK(!states[i].has_value(), "fusedclr: ", optimizer, " takes ", Policy::kStates,
+                " state buffers, got state", i);
+  }
   TORCH_CHECK(static_cast<int>(options.size()) == Policy::kOptions, "fusedclr: ", optimizer, " takes ",
               Policy::kOptions, " options, got ", options.size());
+  Policy::check_options(optimizer, options.data());
   StepCall call{};
   call.state_dtype = param_dtype;
   call.state_numel = -1;
-  const at::Tensor* first = nullptr;
-  std::string first_name;
+  int first = -1;
   const at::ScalarType math = math_type(param_dtype);
   for (int i = 0; i < Policy::kStates; ++i) {
-    const std::optional<at::Tensor> t = states.get(i);
+    const std::optional<at::Tensor>& t = states[i];
     call.has_state[i] = t.has_value();
     if (!t.has_value()) {
       continue;
     }
-    const std::string name = "states[" + std::to_string(i) + "]";
-    check_flat(*t, name.c_str(), dev, first == nullptr ? t->numel() : first->numel());
+    const std::string name = "state" + std::to_string(i);
+    check_flat(*t, name.c_str(), dev, first < 0 ? t->numel() : call.state_numel);
     const at::ScalarType dt = t->scalar_type();
     TORCH_CHECK(dt == math || (dt == at::kBFloat16 && param_dtype == at::kBFloat16), "fusedclr: ", name, " must be ",
                 math, param_dtype == at::kBFloat16 ? " or BFloat16" : "", " for ", param_dtype, " parameters, got ",
                 dt);
-    if (first == nullptr) {
-      first = &*t;  // the List holds the tensor; its storage outlives the call
-      first_name = name;
+    if (first < 0) {
+      first = i;
       call.state_dtype = dt;
       call.state_numel = t->numel();
     }
-    TORCH_CHECK(dt == call.state_dtype, "fusedclr: ", name, " is ", dt, " but ", first_name, " is ", call.state_dtype,
+    TORCH_CHECK(dt == call.state_dtype, "fusedclr: ", name, " is ", dt, " but state", first, " is ", call.state_dtype,
                 "; keep every state of a bucket in one dtype");
   }
   if (call.state_numel < 0 && master_param.has_value()) {
@@ -184,9 +192,18 @@ StepCall check_step_call(const char* optimizer, const at::Tensor& segments, at::
                 "fusedclr: seg_scalars must be a contiguous float64 1-D tensor with one value per segment (",
                 segments.size(0), "), got ", seg_scalars->scalar_type(), " of shape ", seg_scalars->sizes());
   } else {
-    TORCH_CHECK(!seg_scalars.has_value(), "fusedclr: ", optimizer, " keeps no per-segment scalar: pass seg_scalars=None");
+    TORCH_CHECK(!seg_scalars.has_value(), "fusedclr: ", optimizer,
+                " keeps no per-segment scalar: pass seg_scalars=None");
   }
   call.variant = Policy::variant(options.data(), call.has_state);
+  // The states this variant reads and writes must be there (the options decide which may be None).
+  switch_variant<Policy::kVariants>(call.variant, [&](auto variant) {
+    constexpr int V = decltype(variant)::value;
+    for (int i = 0; i < Policy::kStates; ++i) {
+      TORCH_CHECK(!Policy::template uses_state<V>(i) || call.has_state[i], "fusedclr: ", optimizer, " needs state",
+                  i, " with these options; pass its flat buffer");
+    }
+  });
   return call;
 }
 

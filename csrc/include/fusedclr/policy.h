@@ -14,9 +14,10 @@
 //
 // A policy is a struct with:
 //
-//   kStates            the number of flat state buffers, in the order of the
-//                      op's `states` list (csrc/ops.cpp) and of the Python
-//                      table (fusedclr/optim/_spec.py)
+//   kStates            the number of flat state buffers (at most 4), in the
+//                      order of the op's state0..state3 (csrc/ops.cpp) and
+//                      of the Python class (_KERNEL_STATES, [note:
+//                      optimizer entry])
 //   kOptions           the number of float options (the op's `options`)
 //   kVariants          compile-time variants: each flag that must not cost a
 //                      branch in the inner loop is a bit of the variant
@@ -40,6 +41,9 @@
 //   kSegmentScalar     a float64 per-segment scalar state (NAdam's
 //                      mu_product), updated by advance() when the segment's
 //                      step advances, before scalars() reads it
+//   check_options(name, opt)
+//                      host: rejects options the update cannot honour
+//                      (Lookahead's k < 1), with an error naming them
 //
 // PolicyBase holds the defaults. Everything is C10_HOST_DEVICE: the CPU loops,
 // the CUDA kernels and their host emulation instantiate the same code.
@@ -82,6 +86,8 @@ struct PolicyBase {
   }
 
   C10_HOST_DEVICE static C10_ALWAYS_INLINE void advance(double&, int64_t, const double*, const GroupValues&) {}
+
+  static void check_options(const char*, const double*) {}
 };
 
 // Runs fn(Variant<v>{}) for a runtime v in [0, N).

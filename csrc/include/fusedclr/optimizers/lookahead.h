@@ -8,6 +8,8 @@
 // alpha. State: slow (the slow weights, in the math type).
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <fusedclr/policy.h>
 #include <fusedclr/update.h>
 
@@ -22,6 +24,11 @@ struct Lookahead : PolicyBase {
 
   static int variant(const double*, const bool*) {
     return 0;
+  }
+  static void check_options(const char* name, const double* opt) {
+    TORCH_CHECK(opt[0] >= 1.0 && opt[0] == static_cast<double>(static_cast<int64_t>(opt[0])), "fusedclr: ", name,
+                " synchronises every k >= 1 steps (an integer), got k=", opt[0]);
+    TORCH_CHECK(opt[1] >= 0.0 && opt[1] <= 1.0, "fusedclr: ", name, "'s alpha must be in [0, 1], got ", opt[1]);
   }
   template <int V>
   static constexpr bool uses_state(int) {
@@ -39,7 +46,7 @@ struct Lookahead : PolicyBase {
     const int64_t k = static_cast<int64_t>(opt[0]);
     Scalars<T> s;
     s.alpha = static_cast<T>(opt[1]);
-    s.sync = k > 0 && step > 0 && step % k == 0;  // k < 1 is rejected on the host; never divide by 0
+    s.sync = k > 0 && step > 0 && step % k == 0;  // k < 1 is rejected on the host (check_options)
     return s;
   }
 

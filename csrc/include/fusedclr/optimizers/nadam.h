@@ -38,7 +38,8 @@ struct Nadam : PolicyBase {
   // mu_product *= mu_step, in float32 as torch's state tensor holds it.
   C10_HOST_DEVICE static C10_ALWAYS_INLINE void advance(double& mu_product, int64_t step, const double* opt,
                                                         const GroupValues& gv) {
-    mu_product = static_cast<double>(static_cast<float>(mu_product) * static_cast<float>(mu(gv.momentum, step, opt[4])));
+    const float mu_step = static_cast<float>(mu(gv.momentum, step, opt[4]));
+    mu_product = static_cast<double>(static_cast<float>(mu_product) * mu_step);
   }
 
   template <typename T>

@@ -58,9 +58,8 @@ struct Radam : PolicyBase {
     k.lr = static_cast<T>(gv.lr);
     k.bc2_sqrt = static_cast<T>(::sqrt(bc2));
     k.rectified = rho_t > 5.0;
-    k.rect = k.rectified
-                 ? static_cast<T>(::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)))
-                 : T(0);
+    const double rect_sq = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t);
+    k.rect = k.rectified ? static_cast<T>(::sqrt(rect_sq)) : T(0);
     return k;
   }
 
