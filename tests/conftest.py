@@ -27,6 +27,17 @@ TOL = {
 # they inherit the parameters' rounding (weight decay reads the stored parameter).
 TOL_LOWP = {dt: {"rtol": 2 * torch.finfo(dt).eps, "atol": 1e-5} for dt in (torch.bfloat16, torch.float16)}
 
+
+def tol_lowp(dtype: torch.dtype, want: torch.Tensor) -> dict:
+    """TOL_LOWP[dtype] for a buffer that steps went through: a store rounded the other way
+    leaves an absolute difference of an ulp of the magnitude it had then, which a value
+    that later moved towards zero keeps (cancellation), so the absolute term is two ulps
+    at the buffer's root-mean-square magnitude."""
+    rms = want.double().square().mean().sqrt().item() if want.numel() else 0.0
+    tol = dict(TOL_LOWP[dtype])
+    tol["atol"] = max(tol["atol"], tol["rtol"] * rms)
+    return tol
+
 CPU_BACKENDS = ["cpu", "reference"] if ops.extension_available() else ["reference"]
 
 
@@ -128,4 +139,4 @@ def available_op_backends(request) -> list[OpBackend]:
     return out
 
 
-__all__ = ["CPU_BACKENDS", "OP_BACKENDS", "TOL", "TOL_LOWP", "OpBackend", "fusedclr", "requires_extension"]
+__all__ = ["CPU_BACKENDS", "OP_BACKENDS", "TOL", "TOL_LOWP", "tol_lowp", "OpBackend", "fusedclr", "requires_extension"]

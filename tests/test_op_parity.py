@@ -19,15 +19,15 @@ scalars. The rows:
 * chunk splitting and alignment (long and short chunks, buffers off any
   alignment: the CUDA kernels' vector and scalar paths), many small segments.
 
-Tolerances: conftest.TOL for fp32 and fp64, conftest.TOL_LOWP (two units in the
-last place) for fp16 and bf16 buffers against the reference in the same dtype.
+Tolerances: conftest.TOL for fp32 and fp64, two units in the last place for fp16
+and bf16 buckets against the reference in the same dtype (conftest.tol_lowp).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOL, TOL_LOWP
+from conftest import TOL, TOL_LOWP, tol_lowp
 from op_table import (NAMES, RAGGED, TABLE, VARIANTS, Bucket, bucket, gradients, inner_step, padding, run,
                       segment_ids)
 
@@ -70,35 +70,45 @@ def _unchanged_where_inactive(step, kw, before, b: Bucket) -> None:
             assert torch.equal(after[key][part], value[part]), f"{key} of inactive segment {i} at step {step}"
 
 
-def _tolerances(b: Bucket) -> tuple[dict, dict]:
-    """(parameter, state) tolerances for a bucket of this kind."""
+def _tolerances(b: Bucket) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """The low-precision dtypes whose rounding the (parameters, states) of this bucket carry;
+    None: the dtype's own TOL."""
     dtype = b.dtype
-    if dtype in TOL:
-        return TOL[dtype], TOL[dtype]
+    if dtype not in TOL_LOWP:
+        return None, None
     states = [s for s in b.states.values() if s is not None]
     if b.master is not None:
-        return TOL_LOWP[dtype], TOL[torch.float32]
+        return dtype, None
     if states and states[0].dtype == torch.bfloat16:
-        return TOL_LOWP[dtype], TOL_LOWP[torch.bfloat16]
-    return TOL_LOWP[dtype], TOL_LOWP[dtype]
+        return dtype, torch.bfloat16
+    return dtype, dtype
 
 
-def assert_matches_reference(ours: Bucket, ref: Bucket, param_tol: dict | None = None) -> None:
+def assert_matches_reference(ours: Bucket, ref: Bucket) -> None:
     """Every buffer of the op's bucket against the reference's: step counts exactly, per-segment
-    scalars at float64 tolerance, masters at float32's, parameters and states at the dtypes'."""
+    scalars at float64 tolerance, masters at float32's, parameters and states at their dtype's
+    (conftest.TOL, or conftest.tol_lowp for the buffers of a bf16 or fp16 bucket)."""
     o, r = ours.clone("cpu").buffers(), ref.buffers()
     assert set(o) == set(r)
     for p, q in zip(ours.params, ref.params):
         assert p.stride() == q.stride()
-    ptol, stol = _tolerances(ours)
-    ptol = param_tol or ptol
+    lowp = dict(zip(("param", "state"), _tolerances(ours)))
     for key, value in o.items():
+        want = r[key]
+        assert value.dtype == want.dtype, key
         if key == "seg_steps":
-            assert torch.equal(value, r[key]), (value, r[key])
+            assert torch.equal(value, want), (value, want)
             continue
-        tol = {"param": ptol, "master": TOL[torch.float32], "seg_scalars": TOL[torch.float64]}.get(key, stol)
-        assert value.dtype == r[key].dtype, key
-        torch.testing.assert_close(value, r[key], **tol, msg=lambda m, key=key: f"{key}: {m}")
+        kind = {"master": "master", "seg_scalars": "seg_scalars", "param": "param"}.get(key, "state")
+        if kind == "master":
+            tol = TOL[torch.float32]
+        elif kind == "seg_scalars":
+            tol = TOL[torch.float64]
+        elif lowp[kind] is not None:
+            tol = tol_lowp(lowp[kind], want)
+        else:
+            tol = TOL[value.dtype]
+        torch.testing.assert_close(value, want, **tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def _parity(backend, name, cfg, b: Bucket, grads, *, plan=_default_plan, before=None, **kw) -> Bucket:
@@ -283,7 +293,7 @@ def test_stochastic_rounding_matches_reference(op_backend, name, seed):
     one_ulp = torch.maximum(torch.maximum(_bf16_ulp(ours), _bf16_ulp(want)), torch.tensor(2.0**-7))
     assert (diff <= one_ulp).all()
     assert (diff > 0).float().mean().item() < 1e-3
-    assert_matches_reference(b, ref, param_tol=TOL_LOWP[torch.bfloat16])
+    assert_matches_reference(b, ref)
 
 
 # -- chunking and alignment ---------------------------------------------------------------------
