@@ -25,6 +25,8 @@ and bf16 buckets against the reference in the same dtype (conftest.tol_lowp).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import TOL, TOL_LOWP, tol_lowp
@@ -111,15 +113,46 @@ def assert_matches_reference(ours: Bucket, ref: Bucket) -> None:
         torch.testing.assert_close(value, want, **tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
-def _parity(backend, name, cfg, b: Bucket, grads, *, plan=_default_plan, before=None, **kw) -> Bucket:
-    """Runs the backend on ``b`` and the reference on a CPU copy; checks every step's skipped
-    parts and the end result. Returns the reference's bucket."""
-    opt = TABLE[name]
+# The default intra-op thread count; the tests run on one thread (below) except where the
+# CPU op's parallel walk is the point (test_chunking_and_alignment).
+THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The buckets are small (~40k elements, one task of the CPU op's parallel walk) and the
+    reference and the checks are many small ops, which intra-op threads only slow down; on a
+    busy machine, where the threads wait on each other, by an order of magnitude."""
+    with _threads(1):
+        yield
+
+
+def run_reference(name, cfg, ref: Bucket, grads, *, plan=_default_plan, **kw) -> None:
+    run(reference.step_, TABLE[name], cfg, ref, grads, fused=False, plan=lambda step: _on(plan(step), "cpu"), **kw)
+
+
+def _parity(backend, name, cfg, b: Bucket, grads, *, plan=_default_plan, before=None, op_threads=1, **kw) -> Bucket:
+    """Runs the backend on ``b`` (on ``op_threads`` intra-op threads) and the reference on a CPU
+    copy; checks every step's skipped parts and the end result. Returns the reference's bucket."""
     ref = b.clone("cpu")
-    run(backend.step_, opt, cfg, b, grads, fused=True, plan=plan, before=before, each=_unchanged_where_inactive,
+    step_fn = backend.step_
+    if op_threads != 1:
+        def step_fn(*args):
+            with _threads(op_threads):
+                backend.step_(*args)
+    run(step_fn, TABLE[name], cfg, b, grads, fused=True, plan=plan, before=before, each=_unchanged_where_inactive,
         **kw)
-    run(reference.step_, opt, cfg, ref, grads, fused=False, plan=lambda step: _on(plan(step), "cpu"), before=before,
-        **kw)
+    run_reference(name, cfg, ref, grads, plan=plan, before=before, **kw)
     assert_matches_reference(b, ref)
     return ref
 
@@ -287,7 +320,7 @@ def test_stochastic_rounding_matches_reference(op_backend, name, seed):
             assert torch.equal(got, before)
         b.schedule_step.add_(1)
 
-    run(reference.step_, opt, cfg, ref, grads, fused=False, plan=lambda s: _on(plan(s), "cpu"), sr_seed=seed)
+    run_reference(name, cfg, ref, grads, plan=plan, sr_seed=seed)
     ours, want = b.flat_params().cpu().float(), ref.flat_params().float()
     diff = (ours - want).abs()
     one_ulp = torch.maximum(torch.maximum(_bf16_ulp(ours), _bf16_ulp(want)), torch.tensor(2.0**-7))
@@ -311,12 +344,13 @@ CHUNKING = {  # parameter dtype, offset of every tensor and buffer in its storag
 def test_chunking_and_alignment(op_backend, name, layout):
     """Long chunks (a 100003-element segment spans two of 65536; the CUDA launch splits each
     into work items) and short ones; buffers at their storage's start (128-bit paths where the
-    segment start allows) and one element off (scalar paths everywhere)."""
+    segment start allows) and one element off (scalar paths everywhere). The CPU op walks the
+    chunks on every intra-op thread (several tasks, each with its own cache of scalars)."""
     opt = TABLE[name]
     cfg = opt.config(opt.full)
     dtype, offset, chunk = CHUNKING[layout]
     b = bucket(opt, cfg, [100_003, *RAGGED[1:]], dtype=dtype, device=op_backend.device, chunk=chunk, offset=offset)
-    _parity(op_backend, name, cfg, b, gradients(b, 4), plan=lambda step: {})
+    _parity(op_backend, name, cfg, b, gradients(b, 4), plan=lambda step: {}, op_threads=max(THREADS, 2))
 
 
 @pytest.mark.parametrize("name", ["sgd", "nadam"])
