@@ -134,6 +134,14 @@ CASES: list[Case] = [
          r"^fusedclr: unknown optimizer 'adamw'; the kernels know sgd, adam, rmsprop, adagrad, radam, nadam, lion "
          r"and lookahead$", ref=r"unknown optimizer 'adamw'"),
     *_per_optimizer(),
+    # States live in the math type; only bf16 parameters may keep bf16 ones.
+    Case("bf16_state_for_fp16", "sgd", lambda a, b: _state(a, 0, _flat(b, torch.bfloat16)),
+         r"^fusedclr: states\[0\] must be Float for Half parameters, got BFloat16$", dtype=torch.float16),
+    Case("fp32_state_for_fp64", "adagrad", lambda a, b: _state(a, 0, _flat(b)),
+         r"^fusedclr: states\[0\] must be Double for Double parameters, got Float$", dtype=torch.float64),
+    Case("fp16_state_for_bf16", "lion", lambda a, b: _state(a, 0, _flat(b, torch.float16)),
+         r"^fusedclr: states\[0\] must be Float or BFloat16 for BFloat16 parameters, got Half$",
+         dtype=torch.bfloat16),
     # The precision opt-ins [note: precision opt-ins].
     Case("master_for_fp32", "adam", lambda a, b: a.update(master_param=_flat(b)),
          r"^fusedclr: master_param is for BFloat16 or Half parameters, got Float parameters; pass master_param=None$",
