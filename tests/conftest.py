@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -75,18 +77,29 @@ def has_cuda_kernels() -> bool:
     return torch.cuda.is_available() and ops.cuda_kernels_registered()
 
 
+def _emulation_build_dir(config) -> str:
+    """Where the emulation is built: pytest's cache directory, or without the cache plugin
+    (scripts/test.sh) a directory of this checkout's own under the system's temporary one.
+    Kept between sessions: ninja rebuilds only when the source or a header it includes
+    changed (a few minutes on 2 cores), and concurrent sessions share it under torch's lock."""
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        return str(cache.mkdir("cuda_emulation"))
+    key = hashlib.sha1(ROOT.encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"fusedclr-cuda-emulation-{key}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
-def emulated_ops(request, tmp_path_factory) -> OpBackend:
+def emulated_ops(request) -> OpBackend:
     """The CUDA kernels' device code compiled as host C++ (tests/cuda_emulation.cpp), as an
-    OpBackend on CPU tensors. Built once per checkout into pytest's cache directory (ninja
-    rebuilds it when the source or a header it includes changes), or per session without
-    the cache plugin."""
+    OpBackend on CPU tensors (built once per checkout: _emulation_build_dir)."""
     if not os.path.isdir(os.path.join(ROOT, "csrc", "cuda")):
         pytest.skip("needs the source checkout (csrc/cuda)")
     from torch.utils.cpp_extension import load
 
-    cache = getattr(request.config, "cache", None)
-    build = cache.mkdir("cuda_emulation") if cache is not None else tmp_path_factory.mktemp("cuda_emulation")
+    build = _emulation_build_dir(request.config)
     load(
         name="fusedclr_cuda_emulation",
         sources=[os.path.join(ROOT, "tests", "cuda_emulation.cpp")],
