@@ -373,7 +373,8 @@ def run(step_fn: Callable[..., None], opt: Optimizer, cfg: Mapping[str, Any], b:
     """Steps ``b`` through ``grads`` with ``step_fn``: a compiled op (``fused``: it gets the
     segment table) or reference.step_ (the Segments). ``plan(step)`` may give the step's
     "active" segments (the others get None grads), "grad_scale" and "found_inf". Lookahead
-    runs after its inner step (:func:`inner_step`). ``before(step, b)`` runs first at every
+    runs after its inner step (:func:`inner_step`), with NaN gradients, as every policy that
+    reads none (``uses_grad``). ``before(step, b)`` runs first at every
     step (a write from outside the optimizer); ``each(step, plan, snapshot, b)`` sees every
     step's buffers from before the call and the bucket after it."""
     for step, g in enumerate(grads):
@@ -384,6 +385,8 @@ def run(step_fn: Callable[..., None], opt: Optimizer, cfg: Mapping[str, Any], b:
         active = kw.pop("active", None)
         if opt.name == "lookahead":
             inner_step(b, active, kw.get("found_inf"), step)
+        if not opt.uses_grad:  # the policy must not read them: NaN would show
+            b.set_grads(torch.full((b.total,), float("nan"), dtype=torch.float64))
         snapshot = b.snapshot() if each is not None else None
         seg = b.table(active) if fused else b.segments(active)
         step_fn(*opt.args(b, cfg, seg, maximize=maximize, sr_seed=sr_seed, **kw))
