@@ -8,7 +8,7 @@ against another copy of the evaluator, so a mistake the copies share still shows
 
 * C++ ``fusedclr::sched::evaluate`` (``torch.ops.fusedclr.schedule_eval``), which the
   CPU kernels use;
-* the CUDA kernel's evaluation, compiled as host C++ (conftest.py's ``emulated``);
+* the CUDA kernel's evaluation, compiled as host C++ (conftest.py's ``emulated_ops``);
 * ``fusedclr.reference.schedule_value``, which the schedulers' host values use;
 * the schedulers' host side: ``get_last_lr()``, ``group["lr"]`` and the momentum a
   fusedclr.lr_scheduler class writes, on a fusedclr optimizer (kernel mode) and on a
@@ -130,8 +130,8 @@ def test_cpp_evaluator(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_cuda_evaluator_under_host_emulation(case, emulated):
-    check_op("CUDA schedule_eval_kernel (host emulation)", case, emulated.schedule_eval)
+def test_cuda_evaluator_under_host_emulation(case, emulated_ops):
+    check_op("CUDA schedule_eval_kernel (host emulation)", case, emulated_ops.schedule_eval)
 
 
 # --------------------------------------------------------------------------

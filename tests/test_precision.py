@@ -1,6 +1,7 @@
 """The precision opt-ins [note: precision opt-ins]: bf16 states, fp32 master weights
-and stochastic rounding, on the C++ CPU kernel and the reference, op by op (the
-checks of tests/test_cuda.py) and through the optimizers."""
+and stochastic rounding: the reference's rounding, its statistics on the C++ CPU
+kernel, and the opt-ins through the optimizers. Op by op against the reference,
+for every optimizer and backend: tests/test_op_parity.py."""
 
 from __future__ import annotations
 
@@ -14,41 +15,18 @@ from conftest import CPU_BACKENDS, TOL, requires_extension
 import fusedclr
 from fusedclr import reference
 
-# -- the ops on CPU: the GPU suite's checks with the CPU kernel -----------------
+# -- the ops on CPU: the GPU suite's check of the rounding statistics with the CPU kernel ------
 
 
 @pytest.fixture
 def on_cpu_kernel(monkeypatch):
-    monkeypatch.setattr(checks, "OPS", torch.ops.fusedclr)
-    monkeypatch.setattr(checks, "DEVICE", "cpu")
+    monkeypatch.setattr(checks, "DEVICE", "cpu")  # checks.OPS: the compiled ops, which take CPU tensors too
 
 
 @requires_extension()
 @pytest.mark.usefixtures("on_cpu_kernel")
-class TestCpuKernel:
-    @pytest.mark.parametrize("kind", ["adam", "sgd"])
-    def test_bf16_states(self, kind):
-        checks.test_bf16_states(kind)
-
-    @pytest.mark.parametrize("dtype", checks.LOW_PRECISION, ids=str)
-    @pytest.mark.parametrize("kind", ["adam", "sgd"])
-    def test_master_weights(self, kind, dtype):
-        checks.test_master_weights_match_reference(kind, dtype)
-
-    @pytest.mark.parametrize("seed", [1234, 2**40 + 7, -5])
-    @pytest.mark.parametrize("kind", ["adam", "sgd"])
-    def test_stochastic_rounding(self, kind, seed):
-        checks.test_stochastic_rounding_matches_reference(kind, seed)
-
-    def test_stochastic_rounding_is_unbiased(self):
-        checks.test_stochastic_rounding_is_unbiased()
-
-    @pytest.mark.parametrize("kind", ["adam", "sgd"])
-    def test_skipped_step(self, kind):
-        checks.test_skipped_step_leaves_masters_and_rounding_alone(kind)
-
-    def test_arguments_are_checked(self):
-        checks.test_precision_arguments_are_checked()
+def test_cpu_kernel_stochastic_rounding_is_unbiased():
+    checks.test_stochastic_rounding_is_unbiased()
 
 
 def test_reference_rounding_is_unbiased_and_exact_where_representable():
