@@ -28,7 +28,10 @@ class Lookahead(torch.optim.Optimizer):
     synchronises, as for the wrapped optimizer; a step skipped by a GradScaler
     or ``skip_nonfinite`` skips the synchronisation too. The slow weights start
     from the parameters at the first ``step()`` (so loading model weights after
-    building the optimizer is safe).
+    building the optimizer is safe). A group whose parameters change dtype or
+    device after that (``model.to(...)``, which the wrapped optimizer follows by
+    rebuilding its buckets) restarts its slow weights from the converted
+    parameters at its next step.
 
     ``Lookahead`` is a ``torch.optim.Optimizer``: its ``param_groups`` are the
     wrapped optimizer's (one list), and hooks, ``zero_grad``, GradScaler and
