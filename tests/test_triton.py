@@ -414,17 +414,8 @@ if DEVICE is not None:
         tl.store(out_ptr + 2 * i + 1, mom)
 
 
-# Binary powering loses ~log2(t) bits at huge t (the error of the first squaring doubles
-# with every one after it): gamma ** (2**32 + 5) is 7.7e-9 off torch's (C's pow).
-_POWERING_AT_HUGE_STEPS = {"exponential_huge", "cyclic_exp_range_huge"}
-
-
 @needs_kernels
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="_ipow's error at huge steps"))
-    if c["id"] in _POWERING_AT_HUGE_STEPS else c
-    for c in golden.CASES
-], ids=golden.IDS)
+@pytest.mark.parametrize("case", golden.CASES, ids=golden.IDS)
 def test_schedule_evaluator_matches_golden_table(case):
     """``_lr_and_momentum``, as the update kernels call it, gives torch's lr and momentum at every
     step of every case of the golden table (see tests/test_golden_schedules.py)."""

@@ -15,16 +15,15 @@ the kinds live on the device, and reading them on the host would be a sync per
 step (or a cache keyed on a tensor's address, which goes stale silently). A
 SequentialLR chain is handled the same way, for any number of stages.
 
-Powers are taken by binary powering: every exponent in the descriptor's
-formulas but one is a non-negative integer (steps, cycle counts, milestones
-passed), so ``pow`` (not in Triton's portable math, and not in the
-interpreter's libdevice) is never needed. The result stays within a few ulp of
-double ``pow`` for the exponents of ordinary runs, but not at huge ones: each
-squaring doubles the rounding error of those before it, so the relative error
-grows with the exponent (about ``t * 2**-53`` at worst; ExponentialLR's
-``gamma ** t`` is 7.7e-9 off C's ``pow`` at t = 2**32 + 5, CyclicLR exp_range's
-2.4e-11 at 2**31 - 1: tests/test_triton.py's golden-table cases marked xfail).
-The exception, PolynomialLR's real ``power``, is taken as ``exp(power * log(x))``.
+Every exponent in the descriptor's formulas but one is a non-negative integer
+(steps, cycle counts, milestones passed), so ``pow`` (not in Triton's portable
+math, and not in the interpreter's libdevice) is never needed: ``_ipow`` powers
+by squaring up to 2**20 and takes ``exp(t * log(base))`` beyond. Squaring
+alone doubled the rounding error with every squaring, so at huge exponents it
+drifted from C's ``pow`` (ExponentialLR's ``gamma ** t`` was 7.7e-9 off at
+t = 2**32 + 5, CyclicLR exp_range's 2.4e-11 at 2**31 - 1); the golden table's
+huge-step cases now hold to its 1e-13. The exception, PolynomialLR's real
+``power``, is taken as ``exp(power * log(x))``.
 Cosine and floor use ``tl.cos`` / ``tl.floor``, which Triton lowers for fp64 on
 NVIDIA and AMD GPUs and which the interpreter maps to numpy.
 """
@@ -74,20 +73,30 @@ _K_POLYNOMIAL: tl.constexpr = tl.constexpr(Kind.POLYNOMIAL)
 _MODE_TRIANGULAR2: tl.constexpr = tl.constexpr(CYCLIC_MODES["triangular2"])
 _MODE_EXP_RANGE: tl.constexpr = tl.constexpr(CYCLIC_MODES["exp_range"])
 _ANNEAL_LINEAR: tl.constexpr = tl.constexpr(ANNEAL["linear"])
+_EXP_LOG_FROM: tl.constexpr = tl.constexpr(1 << 20)
 _PI: tl.constexpr = tl.constexpr(math.pi)
 
 
 @triton.jit
 def _ipow(base, n):
-    """``base ** n`` for a float64 ``base`` and an int64 ``n >= 0`` (``0 ** 0 == 1``)."""
+    """``base ** n`` for a float64 ``base`` and an int64 ``n >= 0`` (``0 ** 0 == 1``).
+
+    Binary powering below ``_EXP_LOG_FROM``, whose relative error grows like ``n``
+    ulps (each squaring doubles the error before it); above, for a positive base,
+    ``exp(n * log(base))``, whose error grows like ``|n * log(base)|`` ulps, which
+    is smaller wherever the result is not 0 or infinite anyway (a base near 1,
+    as an ExponentialLR gamma at a huge step)."""
     result = tl.full([], 1.0, tl.float64)
-    b = base
-    e = n
-    while e > 0:
-        if (e % 2) == 1:
-            result = result * b
-        b = b * b
-        e = e // 2
+    if n >= _EXP_LOG_FROM and base > 0.0:
+        result = tl.exp(n.to(tl.float64) * tl.log(base))
+    else:
+        b = base
+        e = n
+        while e > 0:
+            if (e % 2) == 1:
+                result = result * b
+            b = b * b
+            e = e // 2
     return result
 
 
