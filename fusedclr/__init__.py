@@ -1,8 +1,10 @@
 """fusedclr: fused single-launch optimizer steps with in-kernel LR/momentum schedules.
 
 Drop-in ``torch.optim`` replacements (:class:`SGD`, :class:`Adam`,
-:class:`AdamW`) that keep each param group's parameters, gradients and states
-in flat buffers and update them in one kernel launch per (group, device, dtype),
+:class:`AdamW`, :class:`RMSprop`, :class:`Adagrad`, :class:`RAdam`,
+:class:`NAdam`), plus :class:`Lion` and the :class:`Lookahead` wrapper, that
+keep each param group's optimizer states in flat buffers and update them in
+one kernel launch per (group, device, dtype),
 with the learning rate and momentum evaluated inside the kernel from
 :mod:`fusedclr.lr_scheduler` schedules.
 """
@@ -14,7 +16,7 @@ from typing import Any
 
 from fusedclr import reference
 from fusedclr.ops import extension_available
-from fusedclr.optim import SGD, Adam, AdamW
+from fusedclr.optim import SGD, Adagrad, Adam, AdamW, Lion, Lookahead, NAdam, RAdam, RMSprop
 
 __version__ = "0.1.0"
 
@@ -28,8 +30,14 @@ _LAZY = {
 
 __all__ = [
     "SGD",
+    "Adagrad",
     "Adam",
     "AdamW",
+    "Lion",
+    "Lookahead",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
     "extension_available",
     "lr_scheduler",
     "reference",

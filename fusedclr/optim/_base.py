@@ -321,6 +321,7 @@ class FlatOptimizerMixin:
         # calls for its warnings) stays behind, as torch's own __getstate__ leaves it.
         state = dict(self.__dict__)
         state["_impl"] = {}
+        state.pop("_last_found_inf", None)
         state["_scheduler_ref"] = self._scheduler
         state.pop("step", None)
         return state
@@ -525,6 +526,8 @@ class FlatOptimizerMixin:
             found_inf = getattr(self, "found_inf", None)
         launches = self._prepare_step()
         grad_scale, found_inf = self._guard_grads(grad_scale, found_inf)
+        # What decided whether this step was skipped, for a wrapper that acts after it (Lookahead).
+        self._last_found_inf = found_inf
         for fn, bucket, args in launches:
             fn(*args, _on(grad_scale, bucket.device), _on(found_inf, bucket.device), bucket.master, bucket.sr_seed)
             bucket.finish_step()
