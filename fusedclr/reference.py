@@ -56,6 +56,7 @@ __all__ = [
 HEADER_WORDS = 4
 STAGE_WORDS = 16
 S_KIND, S_T_BEGIN, S_P0, S_HAS_MOM = 0, 1, 2, 14
+STAGE_PARAMS = S_HAS_MOM - S_P0  # P0..P11: a kind's parameters
 H_COMBINE = 1  # header word: how stages combine
 SEQUENCE, PRODUCT = 0, 1
 
@@ -88,7 +89,7 @@ def _anneal(how: int, start: float, end: float, pct: float) -> float:
 
 def _stage_value(st: Sequence[float], d: Sequence[float], t: int) -> tuple[float | None, float | None]:
     kind = int(st[S_KIND])
-    p = st[S_P0 : S_P0 + 12]
+    p = st[S_P0 : S_P0 + STAGE_PARAMS]
     mom: float | None = None
     if kind == Kind.CONSTANT:
         lr = p[0]
@@ -192,9 +193,9 @@ def no_schedule() -> list[float]:
 
 
 def stage(kind: int, params: Sequence[float], *, t_begin: int = 0, has_momentum: bool = False) -> list[float]:
-    """One STAGE_WORDS record; ``params`` are P0.. of the kind (at most 12)."""
-    if len(params) > 12:
-        raise ValueError(f"a schedule stage takes at most 12 parameters, got {len(params)}")
+    """One STAGE_WORDS record; ``params`` are P0.. of the kind (at most STAGE_PARAMS, 12)."""
+    if len(params) > STAGE_PARAMS:
+        raise ValueError(f"a schedule stage takes at most {STAGE_PARAMS} parameters, got {len(params)}")
     rec = [0.0] * STAGE_WORDS
     rec[S_KIND] = float(kind)
     rec[S_T_BEGIN] = float(t_begin)

@@ -8,47 +8,18 @@ reference through it: indexing, 128-bit and scalar paths, chunk splitting,
 per-segment scalars, segments without a gradient, found_inf, the step counters
 and the gradients' sum of squares. What it cannot see:
 real concurrency, the memory model, nvcc's code generation and speed.
+
+The build is conftest.py's session fixture ``emulated`` (one build and load per
+session: tests/test_golden_schedules.py evaluates schedules through it too).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import types
 
 import pytest
 import test_cuda as checks
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "tests", "cuda_emulation.cpp")
-# Small enough to keep the emulation quick, large enough that the chunk split
-# (plan_launch) cuts the long chunks of test_chunking_and_alignment.
-RESIDENT_BLOCKS = 4
-
-
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    if not os.path.isdir(os.path.join(ROOT, "csrc", "cuda")):
-        pytest.skip("needs the source checkout (csrc/cuda)")
-    from torch.utils.cpp_extension import load
-
-    load(
-        name="fusedclr_cuda_emulation",
-        sources=[SOURCE],
-        extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "cuda")],
-        extra_cflags=["-O1"],
-        build_directory=str(tmp_path_factory.mktemp("cuda_emulation")),
-        is_python_module=False,
-    )
-    lib = torch.ops.fusedclr_emulated
-    return types.SimpleNamespace(
-        sgd_step_=lambda *args: lib.sgd_step_(*args, resident=RESIDENT_BLOCKS),
-        adam_step_=lambda *args: lib.adam_step_(*args, resident=RESIDENT_BLOCKS),
-        schedule_eval=lib.schedule_eval,
-        grad_sumsq=lambda *args: lib.grad_sumsq(*args, resident=RESIDENT_BLOCKS),
-    )
-
 
 @pytest.fixture(autouse=True)
 def _on_emulator(emulated, monkeypatch):

@@ -2,7 +2,8 @@
 
 A re-expression of ``fusedclr::sched::evaluate`` (csrc/include/fusedclr/schedule.h)
 and ``fusedclr.reference.schedule_value``; tests compare it with the latter at
-every step of every schedule family.
+every step of every schedule family, and with torch's own values
+(tests/golden_schedules.json).
 
 [note: triton schedule evaluation]
 Each program of an update kernel evaluates the descriptor itself, in float64,
@@ -17,21 +18,40 @@ SequentialLR chain is handled the same way, for any number of stages.
 Powers are taken by binary powering: every exponent in the descriptor's
 formulas but one is a non-negative integer (steps, cycle counts, milestones
 passed), so ``pow`` (not in Triton's portable math, and not in the
-interpreter's libdevice) is never needed, and the result stays within a few ulp
-of double ``pow``. The exception, PolynomialLR's real ``power``, is taken as
-``exp(power * log(x))``.
+interpreter's libdevice) is never needed. The result stays within a few ulp of
+double ``pow`` for the exponents of ordinary runs, but not at huge ones: each
+squaring doubles the rounding error of those before it, so the relative error
+grows with the exponent (about ``t * 2**-53`` at worst; ExponentialLR's
+``gamma ** t`` is 7.7e-9 off C's ``pow`` at t = 2**32 + 5, CyclicLR exp_range's
+2.4e-11 at 2**31 - 1: tests/test_triton.py's golden-table cases marked xfail).
+The exception, PolynomialLR's real ``power``, is taken as ``exp(power * log(x))``.
 Cosine and floor use ``tl.cos`` / ``tl.floor``, which Triton lowers for fp64 on
 NVIDIA and AMD GPUs and which the interpreter maps to numpy.
 """
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
-from fusedclr.reference import H_COMBINE, HEADER_WORDS, PRODUCT, S_HAS_MOM, S_KIND, S_P0, S_T_BEGIN, STAGE_WORDS, Kind
+from fusedclr.reference import (
+    ANNEAL,
+    CYCLIC_MODES,
+    H_COMBINE,
+    HEADER_WORDS,
+    PRODUCT,
+    S_HAS_MOM,
+    S_KIND,
+    S_P0,
+    S_T_BEGIN,
+    STAGE_WORDS,
+    Kind,
+)
 
-# Descriptor layout and kinds, shared with reference.py so the two never drift.
+# Descriptor layout, kinds and modes, shared with reference.py so the two never drift
+# (tests/test_golden_schedules.py checks reference.py's against schedule.h's).
 _HEADER: tl.constexpr = tl.constexpr(HEADER_WORDS)
 _STAGE: tl.constexpr = tl.constexpr(STAGE_WORDS)
 _H_COMBINE: tl.constexpr = tl.constexpr(H_COMBINE)
@@ -51,10 +71,10 @@ _K_COSINE_RESTARTS: tl.constexpr = tl.constexpr(Kind.COSINE_RESTARTS)
 _K_CYCLIC: tl.constexpr = tl.constexpr(Kind.CYCLIC)
 _K_ONE_CYCLE: tl.constexpr = tl.constexpr(Kind.ONE_CYCLE)
 _K_POLYNOMIAL: tl.constexpr = tl.constexpr(Kind.POLYNOMIAL)
-_MODE_TRIANGULAR2: tl.constexpr = tl.constexpr(1)
-_MODE_EXP_RANGE: tl.constexpr = tl.constexpr(2)
-_ANNEAL_LINEAR: tl.constexpr = tl.constexpr(1)
-_PI: tl.constexpr = tl.constexpr(3.141592653589793)
+_MODE_TRIANGULAR2: tl.constexpr = tl.constexpr(CYCLIC_MODES["triangular2"])
+_MODE_EXP_RANGE: tl.constexpr = tl.constexpr(CYCLIC_MODES["exp_range"])
+_ANNEAL_LINEAR: tl.constexpr = tl.constexpr(ANNEAL["linear"])
+_PI: tl.constexpr = tl.constexpr(math.pi)
 
 
 @triton.jit
