@@ -11,6 +11,7 @@ The package, in the order a run uses it:
 * :mod:`.cases`: optimizers, dtypes, schedules, bytes per parameter, :class:`Case`;
 * :mod:`.providers`: torch.optim's implementations and fusedclr's backends;
 * :mod:`.foreach_impls`: foreach Lion and Lookahead, for what torch.optim lacks;
+* :mod:`.check`: whether each provider steps, and to torch's parameters, before it is timed;
 * :mod:`.timing`: warm-up, samples, statistics, the copy yardstick, launch counts;
 * :mod:`.steadiness`: whether multi-threaded CPU steps are steady here now;
 * :mod:`.runner`: every provider of a case in turns, and a whole run's report;
@@ -37,6 +38,9 @@ What is measured [note: bench method]
   together, else each one paired with torch-fused (the 200 x 1M fp32 AdamW
   case holds ~3.4 GB per provider), its ratio then taken against the
   torch-fused samples of its own pairing (see :func:`measure`).
+* Before it is timed, every provider steps a small version of the case, and
+  must change the parameters and agree with torch's (:func:`~.check.wrong`);
+  one that does not is reported as an error, not timed.
 * Ratios are ``baseline time / provider time`` in the same process, so
   > 1 means faster than the baseline: ``torch.optim.X(fused=True)``, or
   ``foreach=True`` where torch has no fused step for the optimizer (RMSprop,
@@ -65,6 +69,7 @@ What is measured [note: bench method]
 from __future__ import annotations
 
 from .cases import BYTES_TABLE, DTYPES, ONECYCLE_TOTAL_STEPS, OPTIMS, SCHEDULES, Case, OptimSpec, bytes_per_param
+from .check import wrong
 from .cli import main, parser
 from .foreach_impls import ForeachLion, ForeachLookahead
 from .machine import git_commit, machine_info
@@ -156,4 +161,5 @@ __all__ = [
     "time_step",
     "torch_optimizer",
     "unavailable",
+    "wrong",
 ]

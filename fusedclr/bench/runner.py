@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .cases import DTYPES, ONECYCLE_TOTAL_STEPS, OPTIMS, Case, bytes_per_param
+from .check import wrong
 from .machine import _loadavg, git_commit, machine_info
 from .providers import BASELINE, TORCH_PROVIDERS, Stepper, baseline, build, unavailable
 from .report import format_table
@@ -93,6 +94,10 @@ def measure(
       taken against the baseline samples of its own pairing;
     * ``sequential``: not even two fit; one provider after another.
 
+    First every provider is checked on a small version of the case
+    (:func:`~.check.wrong`): one that does not step, or steps elsewhere than
+    torch, is not timed and its row is an ``error`` with the reason.
+
     The rows of fusedclr's providers also get ``vs_torch``: for every torch
     provider (for-loop, foreach, fused) that sampled in turns with it, the
     median and quartiles of the per-round ratios torch time / fusedclr time.
@@ -106,6 +111,10 @@ def measure(
             runnable.append(name)
         else:
             rows[name] = {"provider": name, "status": "skipped", "reason": reason}
+    for name, reason in wrong(case, runnable).items():
+        rows[name] = {"provider": name, "status": "error", "reason": f"wrong result: {reason}"}
+        log(f"  {name}: {rows[name]['reason']}")
+        runnable.remove(name)
     sync = synchronizer(case.device)
     per, room = _state_footprint(case), _memory_room(case.device)
     if per * len(runnable) <= min(INTERLEAVE_BYTES, room):
