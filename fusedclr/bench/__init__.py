@@ -88,7 +88,18 @@ from .providers import (
 )
 from .report import format_table, markdown_report, markdown_table, markdown_vs_torch, plot
 from .runner import INTERLEAVE_BYTES, free, measure, run
-from .shapes import BIG_SHAPES, EXTRA_SHAPES, QUICK_SHAPES, SHAPES, SHAPES_NXM, Shape, numel_of, shape_list
+from .shapes import (
+    BIG_SHAPES,
+    EXTRA_SHAPES,
+    QUICK_SHAPES,
+    SHAPES,
+    SHAPES_NXM,
+    Shape,
+    gpt2_small_shapes,
+    numel_of,
+    resnet50_shapes,
+    shape_list,
+)
 from .timing import (
     FULL,
     QUICK,
@@ -144,6 +155,7 @@ __all__ = [
     "free",
     "fusedclr_optimizer",
     "git_commit",
+    "gpt2_small_shapes",
     "machine_info",
     "main",
     "markdown_report",
@@ -155,6 +167,7 @@ __all__ = [
     "plot",
     "prepare",
     "ratio_quartiles",
+    "resnet50_shapes",
     "run",
     "shape_list",
     "synchronizer",
