@@ -25,7 +25,9 @@ range of the rounds, against every torch provider.
 Check: every provider starts from the same seeded model (or parameters and
 gradient pools) and runs the same number of iterations, so their parameters
 must end equal up to rounding; ``check`` in each result says whether they
-changed and how far each ended from the first torch provider's.
+changed and how far each ended from the first torch provider's (L2 distance
+over the reference's L2 update, at most :data:`CHECK_REL`; the largest
+elementwise difference is kept too).
 
 Run ``python -m fusedclr.bench.iteration --help``.
 """
@@ -203,9 +205,12 @@ def providers_for(optim: str, device: str, asked: Sequence[str] | None = None) -
     return run, left_out
 
 
-# Parameters of every provider must end within this much of the reference's, relative to its update.
-CHECK_RTOL = 0.05
-CHECK_ATOL = 1e-6
+# Every provider's parameters must end within this fraction of the reference's update, in L2 norm
+# over all parameters (a provider that does not step reads 1.0). Not elementwise: on a real model
+# Adam-type steps of elements whose gradients are about zero (embedding rows of tokens not in the
+# batch) amplify rounding to a sizable part of the step, and torch's own fused AdamW ends 0.3 x the
+# largest update away from its for-loop AdamW there, in some elements, after 30 iterations.
+CHECK_REL = 0.1
 
 
 def _check(fns: dict[str, Callable[[], None]], initial: list[torch.Tensor]) -> dict[str, Any]:
@@ -213,13 +218,16 @@ def _check(fns: dict[str, Callable[[], None]], initial: list[torch.Tensor]) -> d
     ref_name = next((p for p in fns if p in TORCH_PROVIDERS), next(iter(fns)))
     ref = [p.detach() for p in fns[ref_name].params]  # type: ignore[attr-defined]
     update = max(float((r - i).abs().max()) for r, i in zip(ref, initial))
-    out: dict[str, Any] = {"reference": ref_name, "update": update, "providers": {}}
+    update_l2 = math.sqrt(sum(float((r.double() - i.double()).square().sum()) for r, i in zip(ref, initial)))
+    out: dict[str, Any] = {"reference": ref_name, "update": update, "update_l2": update_l2, "providers": {}}
     for name, fn in fns.items():
         mine = [p.detach() for p in fn.params]  # type: ignore[attr-defined]
         moved = max(float((m - i).abs().max()) for m, i in zip(mine, initial))
         diff = max(float((m - r).abs().max()) for m, r in zip(mine, ref))
-        ok = moved > 0 and diff <= CHECK_RTOL * update + CHECK_ATOL
-        out["providers"][name] = {"moved": moved, "max_diff": diff, "ok": ok}
+        rel = math.sqrt(sum(float((m.double() - r.double()).square().sum()) for m, r in zip(mine, ref)))
+        rel = rel / update_l2 if update_l2 > 0 else math.inf
+        ok = moved > 0 and rel <= CHECK_REL
+        out["providers"][name] = {"moved": moved, "max_diff": diff, "rel_l2": rel, "ok": ok}
     out["ok"] = all(v["ok"] for v in out["providers"].values())
     return out
 
