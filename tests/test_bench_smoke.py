@@ -381,6 +381,7 @@ def test_iteration_cli_takes_an_optimizer(tmp_path, capsys):
                            "--steps", "none", "--rounds", "2", "--inner", "1", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert report["providers"] == ["torch-foreach", "fusedclr"] and report["baseline"] == "torch-foreach"
+    assert report["date"] and "git_commit" in report and "loadavg_before" in report and "loadavg_after" in report
     assert "bench foreach Lion" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         iteration.main(["--providers", "torch-fused"])  # fusedclr must be one of them

@@ -35,6 +35,7 @@ Run ``python -m fusedclr.bench.iteration --help``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import statistics
@@ -47,6 +48,7 @@ import torch
 from torch import nn
 
 from fusedclr.bench.cases import OPTIMS, Case
+from fusedclr.bench.machine import _loadavg, git_commit
 from fusedclr.bench.providers import TORCH_PROVIDERS, baseline, fusedclr_optimizer, torch_optimizer, unavailable
 from fusedclr.bench.shapes import K, M, resnet50_shapes
 from fusedclr.bench.timing import ratio_quartiles, synchronizer
@@ -303,6 +305,8 @@ def run(device: str, workloads: Sequence[str], steps: Sequence[str], rounds: int
     names, left_out = providers_for(optim, device, providers)
     base = baseline(Case(optim, "128x64", "fp32", "onecycle", "cuda" if device.startswith("cuda") else "cpu"))
     report: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "git_commit": git_commit(), "loadavg_before": _loadavg(),
                               "optimizer": optim, "providers": names, "baseline": base, "left_out": left_out,
                               "iteration": {}, "step_replaced_grads": {}}
     for name, reason in left_out.items():
@@ -317,6 +321,7 @@ def run(device: str, workloads: Sequence[str], steps: Sequence[str], rounds: int
         report["step_replaced_grads"][name] = compare(lambda p, name=name: step_runner(name, p, device, optim),
                                                       device, rounds, inner, warmup, names, base)
         progress(_line(name, report["step_replaced_grads"][name]))
+    report["loadavg_after"] = _loadavg()
     return report
 
 
