@@ -240,8 +240,8 @@ def _probe(prov: Provider, case: Case) -> str | None:
 
 def baseline(case: Case) -> str:
     """The provider every ratio of ``case`` is taken against: ``torch-fused`` where torch has a
-    fused step for it (SGD, Adam, AdamW; Adagrad on a CPU), else ``torch-foreach`` (for Lion,
-    the bench's foreach Lion)."""
+    fused step for it (SGD, Adam, AdamW, Adagrad in torch 2.14: probed, not listed), else
+    ``torch-foreach`` (for Lion, the bench's foreach Lion)."""
     return BASELINE if unavailable(BASELINE, case) is None else "torch-foreach"
 
 
