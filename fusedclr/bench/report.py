@@ -233,7 +233,7 @@ def plot(report: dict[str, Any], path: str) -> None:
             ax.set_yscale("log")
             ax.margins(x=0.12)
             _label_shapes(ax, sorted((r[xkey], r["median_s"] * 1e3, r["shape"]) for r in mine
-                                     if r["provider"] == BASELINE))
+                                     if r["provider"] == r.get("baseline", BASELINE)))
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("ms per step (median)", fontsize=9)
             sched = "constant lr" if schedule == "constant" else "OneCycleLR (torch's / fusedclr's in-kernel)"
