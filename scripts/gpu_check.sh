@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: builds fusedclr in place with its CUDA kernels,
 # runs the GPU tests and the GPU benchmark inside one time budget, and writes
-# the results into one folder (nine files at most):
+# the results into one folder (eleven files at most):
 #   summary.json    machine, versions, every stage's status and seconds, test
 #                   counts and the names of failed tests
 #   build.log       the in-place build
@@ -10,6 +10,8 @@
 #   iteration_cuda.json / .md  the headline: whole training iterations and the step
 #                   with replaced gradients, torch fused AdamW against fusedclr's
 #                   (`python -m fusedclr.bench.iteration --device cuda`)
+#   bench_new_cuda.json / .md  the new optimizers' step rows (RMSprop, Adagrad, RAdam,
+#                   NAdam, Lion, Lookahead) against torch's for-loop / foreach / fused
 #   bench_cuda.json `fusedclr bench --device cuda`, rewritten after every case
 #   bench_cuda.md   its tables (constant lr and OneCycleLR)
 #   bench_cuda.png  its plot
@@ -20,7 +22,11 @@
 #   3. triton     tests/test_triton.py with compiled kernels (TRITON_INTERPRET=0, a
 #                 process of its own: Triton picks the interpreter per process)
 #   4. iteration  the whole-iteration benchmark (capped at 150 s)
-#   5. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, docs/DESIGN.md's
+#   5. new optims `fusedclr bench` for rmsprop, adagrad, radam, nadam, lion, lookahead: fp32,
+#                 constant lr, 2000x1024 then 200x1M, torch for-loop / foreach / fused
+#                 (where torch has one) against fusedclr's CUDA kernels; capped at 100 s,
+#                 keeping 100 s for stage 6 (cases not reached are listed as not run)
+#   6. bench      AdamW, fp32 and bf16, constant lr and OneCycleLR, docs/DESIGN.md's
 #                 shapes (the issues' target shapes first); torch for-loop / foreach /
 #                 fused against fusedclr's CUDA and Triton kernels; fp32 tables
 #                 first. It gets the rest of the budget, and no case starts once
@@ -66,6 +72,7 @@ if [ "$BUDGET_S" -lt 180 ]; then
 fi
 # Results of an earlier run must not pass for this one's.
 rm -f "$OUT_DIR"/iteration_cuda.json "$OUT_DIR"/iteration_cuda.md "$OUT_DIR"/bench_cuda.json "$OUT_DIR"/bench_cuda.md "$OUT_DIR"/bench_cuda.png "$OUT_DIR"/*.tmp \
+  "$OUT_DIR"/bench_new_cuda.json "$OUT_DIR"/bench_new_cuda.md \
   "$OUT_DIR"/summary.json "$OUT_DIR"/junit.xml
 START=$(date +%s)
 WORK=$(mktemp -d)
@@ -187,7 +194,20 @@ else
   run_stage iteration "$(cap 150 220)" bash -c '"$0" -m fusedclr.bench.iteration --device cuda --rounds 5 \
     --json "$1/iteration_cuda.json" > "$1/iteration_cuda.md"' "$PY" "$OUT_DIR" || true
 
-  # 5. the step benchmark gets what is left: no case starts after its time limit, and the
+  # 5. the new optimizers' step rows: no case starts after 40 s before the stage's cap, so the
+  #    case under way (a 200x1M case takes seconds on a GPU) ends inside it.
+  new_s=$(cap 100 100)
+  if [ "$new_s" -lt 60 ]; then
+    record "bench new optimizers" "not run: $(left) s of the ${BUDGET_S} s budget left" 0
+  else
+    run_stage "bench new optimizers" "$new_s" "$PY" -m fusedclr bench --device cuda \
+      --optimizer rmsprop,adagrad,radam,nadam,lion,lookahead --dtypes fp32 --schedules constant \
+      --shapes 2000x1024,200x1M --providers torch-forloop,torch-foreach,torch-fused,fusedclr-cuda --seconds 0.2 \
+      --time-limit "$((new_s - 40))" --json "$OUT_DIR/bench_new_cuda.json" \
+      --markdown "$OUT_DIR/bench_new_cuda.md" || true
+  fi
+
+  # 6. the step benchmark gets what is left: no case starts after its time limit, and the
   #    case under way when it passes may run on for up to 50 s (then the summary).
   bench_s=$(($(left) - 70))
   if [ "$bench_s" -lt 30 ]; then
@@ -229,15 +249,17 @@ for path in sorted(glob.glob(os.path.join(work, "junit_*.xml"))):
         merged.append(s)
 summary["tests"] = tests
 ET.ElementTree(merged).write(os.path.join(out_dir, "junit.xml"), encoding="utf-8", xml_declaration=True)
-bench = os.path.join(out_dir, "bench_cuda.json")
-if os.path.exists(bench):
+for key, name in (("bench", "bench_cuda.json"), ("bench_new_optimizers", "bench_new_cuda.json")):
+    bench = os.path.join(out_dir, name)
+    if not os.path.exists(bench):
+        continue
     report = json.load(open(bench))
     rows = [r for r in report["results"] if r["status"] == "ok"]
-    summary["bench"] = {"cases": len({(r["shape"], r["dtype"], r["schedule"]) for r in rows}),
-                        "complete": report.get("complete"),
-                        "not_run": len(report.get("not_run", [])),
-                        "errors": [f"{r['provider']} {r['shape']} {r['dtype']}: {r['reason']}"
-                                   for r in report["results"] if r["status"] == "error"]}
+    summary[key] = {"cases": len({(r["optim"], r["shape"], r["dtype"], r["schedule"]) for r in rows}),
+                    "complete": report.get("complete"),
+                    "not_run": len(report.get("not_run", [])),
+                    "errors": [f"{r['optim']} {r['provider']} {r['shape']} {r['dtype']}: {r['reason']}"
+                               for r in report["results"] if r["status"] == "error"]}
 json.dump(summary, open(os.path.join(out_dir, "summary.json"), "w"), indent=2)
 print(json.dumps({k: v for k, v in summary.items() if k != "env"}, indent=1))
 PY

@@ -1,7 +1,9 @@
 """CI smoke test of ``fusedclr bench --quick``: it runs and writes its report and plot.
 
 It asserts that the benchmark works, never how fast anything is (CI machines
-are shared and noisy; the timings are for people, see docs/benchmarks.md).
+are shared and noisy; the timings are for people, see docs/benchmarks.md):
+every optimizer's rows run, and a provider that does not step (or steps to
+other parameters than torch) is caught, not timed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import pytest
 import torch
 
 from fusedclr import bench, ops
+from fusedclr.bench import check as bench_check
 from fusedclr.bench import cli as bench_cli
-from fusedclr.bench import steadiness
+from fusedclr.bench import iteration, steadiness
+from fusedclr.bench import providers as bench_providers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
@@ -71,6 +75,7 @@ def test_writes_the_report(quick_run):
         assert r["bytes_per_step"] == r["bytes_per_param"] * r["numel"]
         assert r["gbps"] > 0 and r["pct_copy"] > 0 and r["cpu_s"] >= 0
         assert r["ratio_vs_fused"] > 0
+        assert r["baseline"] == bench.BASELINE  # AdamW: torch has a fused step
         if r["provider"] == bench.BASELINE:
             assert r["ratio_vs_fused"] == 1.0 and r.get("ratio_q1") is None
         else:  # every ratio comes with its spread
@@ -96,6 +101,21 @@ def test_bytes_match_the_design_table():
     assert bench.bytes_per_param("adamw-amsgrad", f32, f32) == 36
     assert bench.bytes_per_param("adamw", bf16, f32) == 22
     assert bench.bytes_per_param("adamw", bf16, bf16) == 14
+
+
+def test_bytes_of_the_new_optimizers_follow_their_state_counts():
+    """2 p + g + 2 s x states; Lookahead adds (2 p + 2 s) / k for its slow weights every k steps."""
+    f32, bf16 = bench.DTYPES["fp32"], bench.DTYPES["bf16"]
+    expected = {"rmsprop": 20, "adagrad": 20, "radam": 28, "nadam": 28, "lion": 20, "lookahead": 28 + 16 / 5}
+    for optim, fp32_bytes in expected.items():
+        assert bench.bytes_per_param(optim, f32, f32) == pytest.approx(fp32_bytes), optim
+        assert bench.BYTES_TABLE[optim]["fp32"] == pytest.approx(fp32_bytes)
+    assert bench.bytes_per_param("lion", bf16, f32) == 14 and bench.bytes_per_param("lion", bf16, bf16) == 10
+    assert bench.bytes_per_param("lookahead", bf16, f32) == pytest.approx(22 + 12 / 5)
+    assert bench.BYTES_TABLE["lookahead"]["states"] == 3 and bench.BYTES_TABLE["adagrad"]["states"] == 1
+    for optim, row in bench.BYTES_TABLE.items():
+        spec = bench.OPTIMS[optim]
+        assert row["states"] == spec.states + (spec.lookahead is not None)
 
 
 def test_model_shape_lists_match_the_architectures():
@@ -271,3 +291,204 @@ def test_the_table_flags_a_noisy_case():
     assert "1.90-2.10x" in table and "noisy" not in table
     noisy = [steady[0], dict(steady[1], ratio_q1=0.9, ratio_q3=6.0, noisy=True)]
     assert "  noisy: fusedclr-cpu (a wide IQR" in bench.format_table(noisy, "cpu")
+
+
+# --------------------------------------------------------------------------
+# The new optimizers' rows, and the check that catches a provider that does not step
+# --------------------------------------------------------------------------
+
+needs_extension = pytest.mark.skipif(not ops.extension_available(), reason="fusedclr's C++ extension is not built")
+
+# The torch providers each optimizer has on a CPU (the others are skipped with a reason).
+TORCH_ON_CPU = {
+    "rmsprop": ("torch-forloop", "torch-foreach"),
+    "adagrad": ("torch-forloop", "torch-foreach", "torch-fused"),
+    "radam": ("torch-forloop", "torch-foreach"),
+    "nadam": ("torch-forloop", "torch-foreach"),
+    "lion": ("torch-foreach",),  # the bench's foreach Lion
+    "lookahead": ("torch-forloop", "torch-foreach", "torch-fused"),  # torch AdamW + foreach sync
+}
+NEW_OPTIMS = list(TORCH_ON_CPU)
+ALL_CPU = [*TORCH_PROVIDERS, "fusedclr-cpu"]
+
+
+def test_optimizer_is_an_alias_of_optim():
+    assert bench.parser().parse_args(["--optimizer", "lion,lookahead"]).optim == ["lion", "lookahead"]
+    assert bench.parser().parse_args(["--optim", "radam"]).optim == ["radam"]
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args(["--optimizer", "adamax"])
+
+
+@needs_extension
+@pytest.mark.parametrize("optim", NEW_OPTIMS)
+def test_new_optimizer_step_rows(optim):
+    out = bench.run(device="cpu", optims=[optim], shapes=["128x64"], dtypes=["fp32"],
+                    schedules=["constant", "onecycle"], providers=ALL_CPU, budget=bench.QUICK, log=lambda s: None)
+    expected_base = "torch-fused" if "torch-fused" in TORCH_ON_CPU[optim] else "torch-foreach"
+    assert out["config"]["baselines"] == {optim: expected_base}
+    assert len(out["results"]) == 2 * len(ALL_CPU)
+    for r in out["results"]:
+        assert r["optim"] == optim and r["baseline"] == expected_base
+        if r["provider"] not in (*TORCH_ON_CPU[optim], "fusedclr-cpu"):
+            assert r["status"] == "skipped" and r["reason"], r
+            continue
+        assert r["status"] == "ok", r
+        assert r["mode"] == "interleaved"
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["bytes_per_param"] == pytest.approx(bench.bytes_per_param(optim, torch.float32, torch.float32))
+        assert r["gbps"] > 0 and r["ratio_vs_fused"] > 0
+        if r["provider"] == expected_base:
+            assert r["ratio_vs_fused"] == 1.0
+        else:
+            assert 0 < r["ratio_q1"] <= r["ratio_q3"]
+        if r["provider"] == "fusedclr-cpu":
+            assert set(r["vs_torch"]) == set(TORCH_ON_CPU[optim])
+            for v in r["vs_torch"].values():
+                assert 0 < v["min"] <= v["q1"] <= v["ratio"] <= v["q3"] <= v["max"] and v["rounds"] >= 3
+    md = bench.markdown_report(out)
+    assert f"**{optim}, constant lr**" in md and "fusedclr against each torch implementation" in md
+    assert f"| {optim} | 128x64 | fp32 | onecycle |" in md
+    table = bench.format_table([r for r in out["results"] if r["schedule"] == "constant"], "cpu")
+    assert f"x {expected_base.removeprefix('torch-')}" in table
+
+
+@needs_extension
+@pytest.mark.parametrize("optim", NEW_OPTIMS)
+def test_new_optimizer_iteration_rows(optim):
+    report = iteration.run("cpu", ["128x64"], ["128x64"], 2, 1, None, lambda s: None, optim,
+                           list(iteration.ALL_PROVIDERS), warmup=3)
+    assert report["optimizer"] == optim
+    assert report["providers"] == [*TORCH_ON_CPU[optim], "fusedclr"]
+    assert set(report["left_out"]) == set(TORCH_PROVIDERS) - set(TORCH_ON_CPU[optim])
+    for kind in ("iteration", "step_replaced_grads"):
+        r = report[kind]["128x64"]
+        assert r["numel"] == 128 * 64 and set(r["ms"]) == set(report["providers"])
+        assert set(r["ratios"]) == set(TORCH_ON_CPU[optim])
+        assert all(v["q1"] <= v["q3"] and v["ratio"] > 0 for v in r["ratios"].values())
+        assert r["ratio"] == r["ratios"][report["baseline"]]["ratio"]
+        # 5 iterations from the same seeded start: everyone moved, and to the same place.
+        assert r["check"]["ok"], r["check"]
+        assert all(v["moved"] > 0 for v in r["check"]["providers"].values())
+    md = iteration.markdown(report)
+    assert md.count("\n") == 3 and "fusedclr." in md
+
+
+def test_iteration_cli_takes_an_optimizer(tmp_path, capsys):
+    if not ops.extension_available():
+        pytest.skip("fusedclr's C++ extension is not built")
+    path = tmp_path / "it.json"
+    assert iteration.main(["--device", "cpu", "--optimizer", "lion", "--providers", "all", "--workloads", "128x64",
+                           "--steps", "none", "--rounds", "2", "--inner", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["providers"] == ["torch-foreach", "fusedclr"] and report["baseline"] == "torch-foreach"
+    assert report["date"] and "git_commit" in report and "loadavg_before" in report and "loadavg_after" in report
+    assert "bench foreach Lion" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        iteration.main(["--providers", "torch-fused"])  # fusedclr must be one of them
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """No provider check or probe remembered from other tests."""
+    monkeypatch.setattr(bench_check, "_CHECKED", {})
+    monkeypatch.setattr(bench_providers, "_PROBED", {})
+
+
+def _fake_provider(monkeypatch, build):
+    """Replaces fusedclr-cpu by ``build`` (it runs on a CPU and is probed like the real one)."""
+    monkeypatch.setitem(bench.PROVIDERS, "fusedclr-cpu",
+                        bench.Provider("fusedclr-cpu", "a fake under test", build, ("cpu",)))
+
+
+def test_a_provider_that_does_not_step_is_caught_and_not_timed(monkeypatch, fresh_checks):
+    def build_noop(params, case):
+        opt = torch.optim.SGD(params, lr=0.0)
+        return bench.Stepper(opt, None, case.torch_dtype, lambda: None)
+
+    _fake_provider(monkeypatch, build_noop)
+    out = bench.run(device="cpu", optims=["adamw"], shapes=["128x64"], dtypes=["fp32"], schedules=["constant"],
+                    providers=["torch-foreach", "torch-fused", "fusedclr-cpu"], budget=bench.QUICK,
+                    log=lambda s: None)
+    rows = {r["provider"]: r for r in out["results"]}
+    assert rows["torch-fused"]["status"] == rows["torch-foreach"]["status"] == "ok"
+    assert rows["fusedclr-cpu"]["status"] == "error"
+    assert "did not change the parameters" in rows["fusedclr-cpu"]["reason"]
+    assert "median_s" not in rows["fusedclr-cpu"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_provider_that_steps_to_other_parameters_is_caught(monkeypatch, fresh_checks, dtype):
+    """torch's AdamW with twice the lr steps, but not where torch's AdamW goes."""
+    def build_wrong(params, case):
+        opt = torch.optim.AdamW(params, lr=2 * bench.OPTIMS["adamw"].lr, weight_decay=1e-2)
+        return bench.Stepper(opt, None, case.torch_dtype, opt.step)
+
+    _fake_provider(monkeypatch, build_wrong)
+    case = bench.Case("adamw", "4x256K", dtype, "constant")
+    reasons = bench.wrong(case, ["torch-forloop", "torch-fused", "fusedclr-cpu"])
+    assert list(reasons) == ["fusedclr-cpu"]
+    assert "differ from torch-forloop's" in reasons["fusedclr-cpu"]
+
+
+def test_a_bf16_provider_that_does_not_step_in_bf16_is_caught(monkeypatch, fresh_checks):
+    def build_fp32_only(params, case):
+        opt = torch.optim.AdamW(params, lr=bench.OPTIMS["adamw"].lr, weight_decay=1e-2)
+        step = opt.step if case.torch_dtype == torch.float32 else (lambda: None)
+        return bench.Stepper(opt, None, case.torch_dtype, step)
+
+    _fake_provider(monkeypatch, build_fp32_only)
+    reasons = bench.wrong(bench.Case("adamw", "128x64", "bf16", "constant"), ["torch-foreach", "fusedclr-cpu"])
+    assert list(reasons) == ["fusedclr-cpu"] and "(128x64 bf16)" in reasons["fusedclr-cpu"]
+
+
+@needs_extension
+@pytest.mark.parametrize("optim", [*NEW_OPTIMS, "adamw", "sgd"])
+def test_every_provider_agrees_with_torch(optim, fresh_checks):
+    for schedule in bench.SCHEDULES:
+        assert bench.wrong(bench.Case(optim, "128x64", "fp32", schedule), ALL_CPU) == {}
+
+
+def test_the_iteration_check_catches_a_provider_that_did_not_move():
+    start = [torch.zeros(4)]
+
+    def fn(values):
+        f = lambda: None  # noqa: E731
+        f.params = [torch.tensor(values)]
+        return f
+
+    good = iteration._check({"torch-fused": fn([1.0, 0, 0, 0]), "fusedclr": fn([1.0, 0, 0, 0])}, start)
+    assert good["ok"] and good["reference"] == "torch-fused"
+    still = iteration._check({"torch-fused": fn([1.0, 0, 0, 0]), "fusedclr": fn([0.0, 0, 0, 0])}, start)
+    assert not still["ok"] and not still["providers"]["fusedclr"]["ok"]
+    elsewhere = iteration._check({"torch-fused": fn([1.0, 0, 0, 0]), "fusedclr": fn([1.0, 0.5, 0, 0])}, start)
+    assert not elsewhere["ok"]
+
+
+def test_foreach_lion_is_the_papers_update():
+    torch.manual_seed(0)
+    p0, g = torch.randn(100), torch.randn(100)
+    p = torch.nn.Parameter(p0.clone())
+    p.grad = g.clone()
+    lr, (b1, b2), wd = 1e-2, (0.9, 0.99), 0.1
+    opt = bench.ForeachLion([p], lr=lr, betas=(b1, b2), weight_decay=wd)
+    opt.step()
+    opt.step()
+    m1 = (1 - b2) * g
+    p1 = p0 * (1 - lr * wd) - lr * torch.sign((1 - b1) * g)
+    p2 = p1 * (1 - lr * wd) - lr * torch.sign(b1 * m1 + (1 - b1) * g)
+    torch.testing.assert_close(p.detach(), p2)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], b2 * m1 + (1 - b2) * g)
+
+
+def test_foreach_lookahead_syncs_every_k_steps():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), -1.0)
+    la = bench.ForeachLookahead(torch.optim.SGD([p], lr=1.0), k=2, alpha=0.5)
+    la.step()
+    assert torch.equal(p.detach(), torch.full((3,), 1.0))  # fast weights only
+    la.step()
+    assert torch.equal(p.detach(), torch.full((3,), 1.0))  # at 2: slow 0 + 0.5 (2 - 0) = 1, fast = slow
+    la.step()
+    la.step()
+    assert torch.equal(p.detach(), torch.full((3,), 2.0))  # slow 1 + 0.5 (3 - 1)
+    assert la.param_groups is la.optimizer.param_groups

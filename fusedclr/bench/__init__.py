@@ -10,6 +10,8 @@ The package, in the order a run uses it:
 * :mod:`.shapes`: the shape lists;
 * :mod:`.cases`: optimizers, dtypes, schedules, bytes per parameter, :class:`Case`;
 * :mod:`.providers`: torch.optim's implementations and fusedclr's backends;
+* :mod:`.foreach_impls`: foreach Lion and Lookahead, for what torch.optim lacks;
+* :mod:`.check`: whether each provider steps, and to torch's parameters, before it is timed;
 * :mod:`.timing`: warm-up, samples, statistics, the copy yardstick, launch counts;
 * :mod:`.steadiness`: whether multi-threaded CPU steps are steady here now;
 * :mod:`.runner`: every provider of a case in turns, and a whole run's report;
@@ -36,8 +38,14 @@ What is measured [note: bench method]
   together, else each one paired with torch-fused (the 200 x 1M fp32 AdamW
   case holds ~3.4 GB per provider), its ratio then taken against the
   torch-fused samples of its own pairing (see :func:`measure`).
-* Ratios are ``torch-fused time / provider time`` in the same process, so
-  > 1 means faster than ``torch.optim.X(fused=True)``.
+* Before it is timed, every provider steps a small version of the case, and
+  must change the parameters and agree with torch's (:func:`~.check.wrong`);
+  one that does not is reported as an error, not timed.
+* Ratios are ``baseline time / provider time`` in the same process, so
+  > 1 means faster than the baseline: ``torch.optim.X(fused=True)``, or
+  ``foreach=True`` where torch has no fused step for the optimizer (RMSprop,
+  RAdam, NAdam; Lion's is the bench's foreach Lion). fusedclr's rows also
+  carry ``vs_torch``: the per-round ratio against each torch implementation.
 * Effective GB/s = bytes moved per step / median time, with the bytes of
   :func:`bytes_per_param` (the roofline table of docs/DESIGN.md section 4). It is divided
   by the bandwidth of ``dst.copy_(src)`` measured in the same run, on the
@@ -60,21 +68,38 @@ What is measured [note: bench method]
 
 from __future__ import annotations
 
-from .cases import DTYPES, ONECYCLE_TOTAL_STEPS, OPTIMS, SCHEDULES, Case, OptimSpec, bytes_per_param
+from .cases import BYTES_TABLE, DTYPES, ONECYCLE_TOTAL_STEPS, OPTIMS, SCHEDULES, Case, OptimSpec, bytes_per_param
+from .check import wrong
 from .cli import main, parser
+from .foreach_impls import ForeachLion, ForeachLookahead
 from .machine import git_commit, machine_info
 from .providers import (
     BASELINE,
     COMPILE_MAX_TENSORS,
     PROVIDERS,
+    TORCH_PROVIDERS,
     Provider,
     Stepper,
+    baseline,
     build,
+    fusedclr_optimizer,
+    torch_optimizer,
     unavailable,
 )
-from .report import format_table, markdown_report, markdown_table, plot
+from .report import format_table, markdown_report, markdown_table, markdown_vs_torch, plot
 from .runner import INTERLEAVE_BYTES, free, measure, run
-from .shapes import BIG_SHAPES, QUICK_SHAPES, SHAPES, SHAPES_NXM, Shape, numel_of, shape_list
+from .shapes import (
+    BIG_SHAPES,
+    EXTRA_SHAPES,
+    QUICK_SHAPES,
+    SHAPES,
+    SHAPES_NXM,
+    Shape,
+    gpt2_small_shapes,
+    numel_of,
+    resnet50_shapes,
+    shape_list,
+)
 from .timing import (
     FULL,
     QUICK,
@@ -95,8 +120,10 @@ from .timing import (
 __all__ = [
     "BASELINE",
     "BIG_SHAPES",
+    "BYTES_TABLE",
     "COMPILE_MAX_TENSORS",
     "DTYPES",
+    "EXTRA_SHAPES",
     "FULL",
     "INTERLEAVE_BYTES",
     "ONECYCLE_TOTAL_STEPS",
@@ -107,13 +134,17 @@ __all__ = [
     "SCHEDULES",
     "SHAPES",
     "SHAPES_NXM",
+    "TORCH_PROVIDERS",
     "Budget",
     "Case",
+    "ForeachLion",
+    "ForeachLookahead",
     "OptimSpec",
     "Provider",
     "Shape",
     "Stepper",
     "Timing",
+    "baseline",
     "build",
     "bytes_per_param",
     "copy_bandwidth",
@@ -122,20 +153,26 @@ __all__ = [
     "deadline",
     "format_table",
     "free",
+    "fusedclr_optimizer",
     "git_commit",
+    "gpt2_small_shapes",
     "machine_info",
     "main",
     "markdown_report",
     "markdown_table",
+    "markdown_vs_torch",
     "measure",
     "numel_of",
     "parser",
     "plot",
     "prepare",
     "ratio_quartiles",
+    "resnet50_shapes",
     "run",
     "shape_list",
     "synchronizer",
     "time_step",
+    "torch_optimizer",
     "unavailable",
+    "wrong",
 ]

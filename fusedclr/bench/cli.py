@@ -19,7 +19,7 @@ from .cases import DTYPES, OPTIMS, SCHEDULES
 from .providers import PROVIDERS
 from .report import format_table, markdown_report, plot
 from .runner import run
-from .shapes import BIG_SHAPES, QUICK_SHAPES, SHAPES
+from .shapes import BIG_SHAPES, EXTRA_SHAPES, QUICK_SHAPES, SHAPES
 from .steadiness import check_threads, describe
 from .timing import FULL, QUICK
 
@@ -47,10 +47,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a log-log plot (PNG) of time per step")
     ap.add_argument("--markdown", metavar="PATH", help="write markdown tables (constant lr and OneCycleLR)")
-    ap.add_argument("--optim", default="adamw", type=lambda v: _names(v, list(OPTIMS), "optimizer"),
-                    help=f"comma-separated, from {', '.join(OPTIMS)} (default adamw)")
-    ap.add_argument("--shapes", type=lambda v: _names(v, [*SHAPES, *QUICK_SHAPES], "shape"),
-                    help=f"comma-separated, from {', '.join([*SHAPES, *QUICK_SHAPES])} "
+    ap.add_argument("--optim", "--optimizer", dest="optim", default="adamw",
+                    type=lambda v: _names(v, list(OPTIMS), "optimizer"),
+                    help=f"comma-separated, from {', '.join(OPTIMS)} (default adamw). Lion's torch side is the "
+                    "bench's foreach Lion; lookahead is Lookahead(k=5, alpha=0.5) around AdamW, against torch's "
+                    "AdamW with a foreach synchronisation")
+    ap.add_argument("--shapes", type=lambda v: _names(v, [*SHAPES, *QUICK_SHAPES, *EXTRA_SHAPES], "shape"),
+                    help=f"comma-separated, from {', '.join([*SHAPES, *QUICK_SHAPES, *EXTRA_SHAPES])} "
                     "(default: all of docs/DESIGN.md's, or the quick ones with --quick)")
     ap.add_argument("--dtypes", default="fp32,bf16", type=lambda v: _names(v, list(DTYPES), "dtype"),
                     help="parameter and gradient dtypes, comma-separated, from "

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .cases import ONECYCLE_TOTAL_STEPS, OPTIMS, Case
+from .foreach_impls import ForeachLion, ForeachLookahead
 
 
 @dataclasses.dataclass
@@ -22,6 +23,7 @@ class Stepper:
     run_step: Callable[[], Any]
     note: str = ""
     on_close: Callable[[], None] | None = None
+    params: list[Tensor] | None = None  # the parameters it steps (set by :func:`build`)
 
     def step(self) -> None:
         self.run_step()
@@ -31,7 +33,7 @@ class Stepper:
     def close(self) -> None:
         if self.on_close is not None:
             self.on_close()
-        self.optimizer = self.scheduler = self.run_step = None  # type: ignore[assignment]
+        self.optimizer = self.scheduler = self.run_step = self.params = None  # type: ignore[assignment]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +73,53 @@ def _scheduler(module: Any, opt: torch.optim.Optimizer, case: Case, cycle_moment
     )
 
 
+# Optimizers torch.optim does not have: the bench's foreach implementation stands in (torch-foreach only).
+BENCH_IMPLS: dict[str, type[torch.optim.Optimizer]] = {"Lion": ForeachLion}
+
+
+def torch_optimizer(optim: str, params: Any, impl: dict[str, bool],
+                    lr: float | Tensor | None = None) -> tuple[torch.optim.Optimizer, Any, str]:
+    """torch's ``optim`` (``impl``: ``{"foreach": False}``, ``{"foreach": True}`` or ``{"fused": True}``).
+
+    Returns the optimizer a torch scheduler attaches to, the object whose
+    ``step()`` is the training step (the same optimizer, or a
+    :class:`~.foreach_impls.ForeachLookahead` around it) and a note for the
+    results. Lion is the bench's :class:`~.foreach_impls.ForeachLion` (foreach
+    only: torch has no Lion).
+    """
+    spec = OPTIMS[optim]
+    lr = spec.lr if lr is None else lr
+    if spec.torch_class in BENCH_IMPLS:
+        if impl != {"foreach": True}:
+            raise ValueError(f"torch has no {spec.torch_class}: only the bench's foreach implementation runs it")
+        opt = BENCH_IMPLS[spec.torch_class](params, lr=lr, **spec.kwargs)
+        return opt, opt, f"the bench's foreach {spec.torch_class} (fusedclr/bench/foreach_impls.py)"
+    opt = getattr(torch.optim, spec.torch_class)(params, lr=lr, **spec.kwargs, **impl)
+    if spec.lookahead is not None:
+        k, alpha = spec.lookahead
+        return (opt, ForeachLookahead(opt, k, alpha),
+                f"torch {spec.torch_class} + the bench's foreach Lookahead(k={k}, alpha={alpha})")
+    return opt, opt, ""
+
+
+def fusedclr_optimizer(optim: str, params: Any, backend: str | None = None,
+                       lr: float | Tensor | None = None) -> torch.optim.Optimizer:
+    """fusedclr's ``optim`` (``backend`` None: fusedclr's default), wrapped in ``fusedclr.Lookahead`` for lookahead."""
+    import fusedclr
+
+    spec = OPTIMS[optim]
+    kw = {} if backend is None else {"backend": backend}
+    opt = getattr(fusedclr, spec.torch_class)(params, lr=spec.lr if lr is None else lr, **spec.kwargs, **kw)
+    if spec.lookahead is not None:
+        opt = fusedclr.Lookahead(opt, *spec.lookahead)
+    return opt
+
+
 def _torch_builder(impl: dict[str, bool]) -> Callable[[list[Tensor], Case], Stepper]:
     def build_torch(params: list[Tensor], case: Case) -> Stepper:
-        spec = OPTIMS[case.optim]
-        opt = getattr(torch.optim, spec.torch_class)(params, lr=spec.lr, **spec.kwargs, **impl)
+        opt, stepped, note = torch_optimizer(case.optim, params, impl)
         sched = _scheduler(torch.optim.lr_scheduler, opt, case)
-        return Stepper(opt, sched, case.torch_dtype, opt.step)
+        return Stepper(opt, sched, case.torch_dtype, stepped.step, note)
 
     return build_torch
 
@@ -108,11 +151,9 @@ def _build_compiled(params: list[Tensor], case: Case) -> Stepper:
 
 def _fusedclr_builder(backend: str) -> Callable[[list[Tensor], Case], Stepper]:
     def build_fusedclr(params: list[Tensor], case: Case) -> Stepper:
-        import fusedclr
         import fusedclr.lr_scheduler
 
-        spec = OPTIMS[case.optim]
-        opt = getattr(fusedclr, spec.torch_class)(params, lr=spec.lr, **spec.kwargs, backend=backend)
+        opt = fusedclr_optimizer(case.optim, params, backend)
         sched = _scheduler(fusedclr.lr_scheduler, opt, case)
         # fp32 moments for bf16/fp16 parameters (docs/DESIGN.md section 3).
         state_dtype = torch.float64 if case.torch_dtype == torch.float64 else torch.float32
@@ -134,6 +175,8 @@ PROVIDERS: dict[str, Provider] = {
     )
 }
 BASELINE = "torch-fused"
+# Torch's three implementations of an optimizer (for-loop, foreach, fused).
+TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
 
 # Compiling the optimizer step takes time that grows with the number of
 # tensors (the graph unrolls over them): 100 x 1K AdamW took ~50 s on the
@@ -156,14 +199,27 @@ def unavailable(provider: str, case: Case, *, compile_timeout: float | None = No
         return f"runs on {' or '.join(prov.devices)} only"
     if case.device == "cuda" and not torch.cuda.is_available():
         return "needs a CUDA GPU"
+    spec = OPTIMS[case.optim]
     if provider == "torch-compile":
+        if spec.torch_class in BENCH_IMPLS or spec.lookahead is not None:
+            return f"not wired for {case.optim} (the bench's own foreach code, not a torch.optim step)"
         if compile_timeout is not None and compile_timeout <= 0:
             return "not compiled (--quick, or --compile-timeout 0): compiling takes tens of seconds on a CPU"
         if len(case.shapes) > COMPILE_MAX_TENSORS:
             return f"compiling {len(case.shapes)} tensors takes too long here (limit {COMPILE_MAX_TENSORS})"
         return None
+    if provider in TORCH_PROVIDERS and spec.torch_class in BENCH_IMPLS and provider != "torch-foreach":
+        return (f"torch has no {spec.torch_class}; torch-foreach is the bench's foreach {spec.torch_class} "
+                "(fusedclr/bench/foreach_impls.py)")
+    if provider in TORCH_PROVIDERS:
+        key = (provider, case.optim, case.device, case.dtype)
+        if key not in _PROBED:
+            _PROBED[key] = _probe(prov, case)
+            if _PROBED[key] and provider == "torch-fused" and "fused" in _PROBED[key]:
+                _PROBED[key] = f"torch.optim.{spec.torch_class} has no fused step here ({_PROBED[key]})"
+        return _PROBED[key]
     if provider.startswith("fusedclr-"):
-        key = (provider, case.device, case.dtype)
+        key = (provider, case.optim, case.device, case.dtype)
         if key not in _PROBED:
             _PROBED[key] = _probe(prov, case)
         return _PROBED[key]
@@ -182,9 +238,17 @@ def _probe(prov: Provider, case: Case) -> str | None:
     return None
 
 
+def baseline(case: Case) -> str:
+    """The provider every ratio of ``case`` is taken against: ``torch-fused`` where torch has a
+    fused step for it (SGD, Adam, AdamW, Adagrad in torch 2.14: probed, not listed), else
+    ``torch-foreach`` (for Lion, the bench's foreach Lion)."""
+    return BASELINE if unavailable(BASELINE, case) is None else "torch-foreach"
+
+
 def build(provider: str, case: Case, *, seed: int = 0) -> Stepper:
     """Fresh parameters, gradients and optimizer (+ scheduler) of ``provider`` for ``case``."""
     params = _make_params(case, seed)
     stepper = PROVIDERS[provider].build(params, case)
     _fill_grads(params, seed + 1)
+    stepper.params = params
     return stepper

@@ -34,9 +34,12 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
     if not rows:
         return ""
     r0 = rows[0]
+    base = r0.get("baseline", BASELINE)
     head = (f"{r0['optim']} {r0['shape']} ({r0['tensors']} tensors, {r0['numel'] / 1e6:.3g}M params) "
-            f"{r0['dtype']} {r0['schedule']} on {device}; copy {r0.get('copy_gbps', float('nan')):.1f} GB/s")
-    cols = ["provider", "median ms", "IQR", "min..max ms", "x fused", "(IQR)", "(min)", "GB/s", "% copy", "cpu ms"]
+            f"{r0['dtype']} {r0['schedule']} on {device}; copy {r0.get('copy_gbps', float('nan')):.1f} GB/s"
+            + ("" if base == BASELINE else f"; ratios vs {base} (torch has no fused step for it)"))
+    cols = ["provider", "median ms", "IQR", "min..max ms", f"x {base.removeprefix('torch-')}", "(IQR)", "(min)",
+            "GB/s", "% copy", "cpu ms"]
     if device.startswith("cuda"):
         cols.append("launches")
     lines = []
@@ -80,10 +83,12 @@ def format_table(rows: Sequence[dict[str, Any]], device: str) -> str:
 
 
 def markdown_table(report: dict[str, Any], optim: str, schedule: str = "constant") -> str:
-    """Median ms per step, ratio vs torch-fused and IQR for one optimizer and schedule, as markdown.
+    """Median ms per step, ratio vs the baseline and IQR for one optimizer and schedule, as markdown.
 
-    A ratio marked with a dagger was taken against the torch-fused samples of
-    its own pairing (``mode == "paired"``), not against the torch-fused cell.
+    The baseline is torch-fused, or torch-foreach where torch has no fused
+    step (the rows' ``baseline``). A ratio marked with a dagger was taken
+    against the baseline samples of its own pairing (``mode == "paired"``), not
+    against the baseline's cell.
     """
     rows = [r for r in report["results"] if r["schedule"] == schedule and r["optim"] == optim]
     providers = [p for p in report["config"]["providers"] if any(r["provider"] == p and r["status"] == "ok"
@@ -117,19 +122,26 @@ def markdown_report(report: dict[str, Any]) -> str:
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
     parts = [f"Measured {report['date'][:10]} on {where}; torch {m['torch']}, commit "
              f"{(report['git_commit'] or '?')[:12]}, load average {m.get('loadavg_before')} before and "
-             f"{m.get('loadavg_after')} after. Cells: median time per step, ratio torch-fused time / this "
-             "time (> 1 is faster) with its inter-quartile range in brackets (per round of samples taken in "
+             f"{m.get('loadavg_after')} after. Cells: median time per step, ratio baseline time / this "
+             "time (> 1 is faster; the baseline is torch-fused, or torch-foreach where torch has no fused "
+             "step) with its inter-quartile range in brackets (per round of samples taken in "
              "turns), the time's inter-quartile range as % of the median, and 'noisy' where either is wide; "
-             "†: ratio against the torch-fused "
-             "samples taken in turns with this provider (big shapes), which can differ from the torch-fused "
+             "†: ratio against the baseline "
+             "samples taken in turns with this provider (big shapes), which can differ from the baseline's "
              "cell (all its samples). Last column: the first fusedclr provider's GB/s and % of the same run's "
              "copy bandwidth."]
     for optim in report["config"]["optims"]:
         for schedule in report["config"]["schedules"]:
             if not any(r["optim"] == optim and r["schedule"] == schedule for r in report["results"]):
                 continue  # not reached (time limit, or a run still going)
-            parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**\n\n"
-                         + markdown_table(report, optim, schedule))
+            base = next((r["baseline"] for r in report["results"] if r["optim"] == optim and "baseline" in r),
+                        BASELINE)
+            parts.append(f"**{optim}, {'constant lr' if schedule == 'constant' else 'OneCycleLR'}**"
+                         + ("" if base == BASELINE else f" (ratios vs {base}: torch has no fused step for it)")
+                         + "\n\n" + markdown_table(report, optim, schedule))
+    if any(r.get("vs_torch") for r in report["results"]):
+        parts.append("**fusedclr against each torch implementation** (median of the per-round ratios torch "
+                     "time / fusedclr time, > 1: fusedclr is faster; IQR in brackets)\n\n" + markdown_vs_torch(report))
     check = m.get("thread_check")
     if check and not check["steady"]:
         parts.insert(1, f"Thread check: torch at {check['threads']} threads was unsteady here "
@@ -140,6 +152,30 @@ def markdown_report(report: dict[str, Any]) -> str:
     for reason, cases in by_reason.items():
         parts.append(f"Not run ({reason}): {', '.join(cases)}.")
     return "\n\n".join(parts) + "\n"
+
+
+def markdown_vs_torch(report: dict[str, Any]) -> str:
+    """One row per (case, fusedclr provider): its time, GB/s, % copy and its ratio against every torch
+    provider it sampled in turns with (``vs_torch``), each with the IQR of the per-round ratios."""
+    torch_names = [p for p in ("torch-forloop", "torch-foreach", "torch-fused")
+                   if any(p in r.get("vs_torch", {}) for r in report["results"])]
+    m = report["machine"]
+    out = ["| optimizer | shape | dtype | schedule | threads | provider | ms per step (IQR) | GB/s (% copy) | "
+           + " | ".join(f"vs {t}" for t in torch_names) + " |",
+           "|---|---|---|---|---|---|---|---|" + "---|" * len(torch_names)]
+    for r in report["results"]:
+        if r["status"] != "ok" or not r["provider"].startswith("fusedclr-"):
+            continue
+        cells = []
+        for t in torch_names:
+            v = r.get("vs_torch", {}).get(t)
+            cells.append("-" if v is None else f"{_ratio(v['ratio'])} [{_ratio(v['q1']).removesuffix('x')}-"
+                         f"{_ratio(v['q3'])}]")
+        out.append(f"| {r['optim']} | {r['shape']} | {r['dtype']} | {r['schedule']} | "
+                   f"{m.get('torch_threads', '?')} | {r['provider']} | {_ms(r['median_s'])} "
+                   f"({100 * r['iqr_rel']:.0f}%) | {r['gbps']:.1f} ({r['pct_copy']:.0f}%) | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _label_shapes(ax: Any, points: Sequence[tuple[float, float, str]]) -> None:
@@ -197,7 +233,7 @@ def plot(report: dict[str, Any], path: str) -> None:
             ax.set_yscale("log")
             ax.margins(x=0.12)
             _label_shapes(ax, sorted((r[xkey], r["median_s"] * 1e3, r["shape"]) for r in mine
-                                     if r["provider"] == BASELINE))
+                                     if r["provider"] == r.get("baseline", BASELINE)))
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel("ms per step (median)", fontsize=9)
             sched = "constant lr" if schedule == "constant" else "OneCycleLR (torch's / fusedclr's in-kernel)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,8 +13,9 @@ from typing import Any
 import torch
 
 from .cases import DTYPES, ONECYCLE_TOTAL_STEPS, OPTIMS, Case, bytes_per_param
+from .check import wrong
 from .machine import _loadavg, git_commit, machine_info
-from .providers import BASELINE, Stepper, build, unavailable
+from .providers import BASELINE, TORCH_PROVIDERS, Stepper, baseline, build, unavailable
 from .report import format_table
 from .shapes import numel_of, shape_list
 from .steadiness import NOISY_IQR, NOISY_RATIO_SPREAD
@@ -36,7 +38,8 @@ def free(case: Case) -> None:
 def _state_footprint(case: Case) -> int:
     """Bytes one provider holds for ``case`` (parameters, grads, fp32 states)."""
     p = case.torch_dtype.itemsize
-    return case.numel * (2 * p + 4 * OPTIMS[case.optim].states)
+    spec = OPTIMS[case.optim]
+    return case.numel * (2 * p + 4 * (spec.states + (spec.lookahead is not None)))
 
 
 # Providers of a case sample round-robin when together they hold at most this much.
@@ -85,11 +88,21 @@ def measure(
     Three ways to share the machine's time fairly, by memory [note: bench method]:
 
     * ``interleaved``: all providers live at once and sample in turns;
-    * ``paired``: too big for that, so torch-fused (the baseline) stays live and
+    * ``paired``: too big for that, so the baseline (:func:`~.providers.baseline`:
+      torch-fused, or torch-foreach where torch has no fused step) stays live and
       each other provider samples in turns with it, then is freed; its ratio is
       taken against the baseline samples of its own pairing;
     * ``sequential``: not even two fit; one provider after another.
+
+    First every provider is checked on a small version of the case
+    (:func:`~.check.wrong`): one that does not step, or steps elsewhere than
+    torch, is not timed and its row is an ``error`` with the reason.
+
+    The rows of fusedclr's providers also get ``vs_torch``: for every torch
+    provider (for-loop, foreach, fused) that sampled in turns with it, the
+    median and quartiles of the per-round ratios torch time / fusedclr time.
     """
+    base_name = baseline(case)  # torch-fused, or torch-foreach where torch has no fused step
     rows: dict[str, dict[str, Any]] = {}
     runnable = []
     for name in providers:
@@ -98,11 +111,15 @@ def measure(
             runnable.append(name)
         else:
             rows[name] = {"provider": name, "status": "skipped", "reason": reason}
+    for name, reason in wrong(case, runnable).items():
+        rows[name] = {"provider": name, "status": "error", "reason": f"wrong result: {reason}"}
+        log(f"  {name}: {rows[name]['reason']}")
+        runnable.remove(name)
     sync = synchronizer(case.device)
     per, room = _state_footprint(case), _memory_room(case.device)
     if per * len(runnable) <= min(INTERLEAVE_BYTES, room):
         mode = "interleaved"
-    elif BASELINE in runnable and len(runnable) > 1 and 2 * per <= room:
+    elif base_name in runnable and len(runnable) > 1 and 2 * per <= room:
         mode = "paired"
     else:
         mode = "sequential"
@@ -147,32 +164,39 @@ def measure(
 
     # Per-round ratio spreads: (baseline samples, provider samples) taken in turns.
     turns: dict[str, tuple[list[float], list[float]]] = {}
+    # fusedclr provider -> torch provider -> (torch samples, fusedclr samples) taken in turns.
+    vs_torch: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
 
-    base = start(BASELINE) if mode == "paired" else None
+    base = start(base_name) if mode == "paired" else None
     if mode == "paired" and base is None:
-        mode, runnable = "sequential", [n for n in runnable if n != BASELINE]
+        mode, runnable = "sequential", [n for n in runnable if n != base_name]
     if mode == "interleaved":
         live = {name: got for name in runnable if (got := start(name)) is not None}
         _lockstep([s for _, s in live.values()])
-        if BASELINE in live:
-            turns = {name: (live[BASELINE][1].wall, s.wall) for name, (_, s) in live.items() if name != BASELINE}
+        if base_name in live:
+            turns = {name: (live[base_name][1].wall, s.wall) for name, (_, s) in live.items() if name != base_name}
+        for name, (_, s) in live.items():
+            if name.startswith("fusedclr-"):
+                vs_torch[name] = {t: (live[t][1].wall, s.wall) for t in TORCH_PROVIDERS if t in live}
         for name, (stepper, sampler) in live.items():
             finish(name, stepper, [sampler])
     elif mode == "paired" and base is not None:
         base_runs: list[_Sampler] = []
         for name in runnable:
-            got = None if name == BASELINE else start(name)
+            got = None if name == base_name else start(name)
             if got is None:
                 continue
             with_base = base[1].fork()
             _lockstep([with_base, got[1]])
             base_runs.append(with_base)
             turns[name] = (with_base.wall, got[1].wall)
+            if name.startswith("fusedclr-"):
+                vs_torch[name] = {base_name: turns[name]}
             finish(name, got[0], [got[1]], pair=with_base.timing())
         if not base_runs:
             _lockstep([base[1]])
             base_runs.append(base[1])
-        finish(BASELINE, base[0], base_runs)
+        finish(base_name, base[0], base_runs)
     else:
         for name in runnable:
             got = start(name)
@@ -184,17 +208,35 @@ def measure(
         if rows[name]["status"] == "ok":
             rows[name]["ratio_q1"], rows[name]["ratio_q3"] = ratio_quartiles(base_wall, wall)
             rows[name]["ratio_spread_from"] = "turns"
+    for name, pairs in vs_torch.items():
+        if rows[name]["status"] == "ok":
+            rows[name]["vs_torch"] = {t: _ratio_stats(*pair) for t, pair in pairs.items()
+                                      if rows[t]["status"] == "ok"}
     out = []
     for name in providers:
         row = {**dataclasses.asdict(case), "tensors": len(case.shapes), "numel": case.numel, **rows[name]}
         row["mode"] = mode
+        row["baseline"] = base_name
         out.append(row)
     return out
 
 
+def _ratio_stats(base: Sequence[float], other: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and range of the per-round ratios ``base[i] / other[i]``."""
+    ratios = [b / o for b, o in zip(base, other) if o > 0]
+    q1, q3 = ratio_quartiles(base, other)
+    return {"ratio": statistics.median(ratios), "q1": q1, "q3": q3, "min": min(ratios), "max": max(ratios),
+            "rounds": len(ratios)}
+
+
 def _annotate(rows: list[dict[str, Any]], copy_gbps: float) -> None:
-    """Adds bytes, GB/s, % of copy bandwidth and the ratio against torch-fused to a case's rows."""
-    base_row = next((r for r in rows if r["provider"] == BASELINE and r["status"] == "ok"), None)
+    """Adds bytes, GB/s, % of copy bandwidth and the ratio against the case's baseline to its rows.
+
+    The ratio fields keep their historical names (``ratio_vs_fused``, ...): they
+    are against ``row["baseline"]``, torch-fused unless torch has no fused step.
+    """
+    name = rows[0].get("baseline", BASELINE) if rows else BASELINE
+    base_row = next((r for r in rows if r["provider"] == name and r["status"] == "ok"), None)
     for r in rows:
         r["copy_gbps"] = copy_gbps
         if r["status"] != "ok":
@@ -206,7 +248,7 @@ def _annotate(rows: list[dict[str, Any]], copy_gbps: float) -> None:
         r["gbps"] = r["bytes_per_step"] / r["median_s"] / 1e9
         r["pct_copy"] = 100.0 * r["gbps"] / copy_gbps
         r["ratio_vs_fused"] = base["median_s"] / r["median_s"] if base else None
-        if base and "ratio_q1" not in r and r["provider"] != BASELINE and "q3_s" in base:
+        if base and "ratio_q1" not in r and r["provider"] != name and "q3_s" in base:
             # Not sampled in turns (sequential mode): the widest ratios the two spreads allow.
             r["ratio_q1"], r["ratio_q3"] = base["q1_s"] / r["q3_s"], base["q3_s"] / r["q1_s"]
             r["ratio_spread_from"] = "quartiles"
@@ -281,9 +323,13 @@ def run(
                 "schedules": list(schedules),
                 "providers": list(providers),
                 "baseline": BASELINE,
+                # Per optimizer: torch-fused, or torch-foreach where torch has no fused step here.
+                "baselines": {o: baseline(Case(o, shapes[0], dtypes[0], schedules[0], device)) for o in optims}
+                if shapes and dtypes and schedules else {},
                 "budget": dataclasses.asdict(budget),
                 "time_limit_s": time_limit_s,
-                "bytes_per_param": "2*param + grad + 2*state*states (docs/DESIGN.md section 4)",
+                "bytes_per_param": "2*param + grad + 2*state*states, + (2*param + 2*state)/k for Lookahead "
+                "(docs/benchmarks.md)",
                 "onecycle_total_steps": ONECYCLE_TOTAL_STEPS,
             },
             "copy": copies,

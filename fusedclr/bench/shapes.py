@@ -56,8 +56,13 @@ SHAPES: dict[str, list[Shape]] = {
     "resnet50": resnet50_shapes(),
     "gpt2-small": gpt2_small_shapes(),
 }
+# Not in a default run, named with --shapes: a mid-size list (26.2M elements, 100 MiB per fp32 buffer:
+# far beyond the CPU's caches) small enough that all four providers of a case sample in turns (2 GiB).
+EXTRA_SHAPES: dict[str, list[Shape]] = {
+    "100x256K": [(256 * K,)] * 100,
+}
 # The "n tensors x numel" lists (docs/DESIGN.md's and the quick ones), as opposed to model-shaped lists.
-SHAPES_NXM = frozenset({"10000x64", "2000x1024", "200x1M", "10x16M", "128x64", "4x256K"})
+SHAPES_NXM = frozenset({"10000x64", "2000x1024", "200x1M", "10x16M", "128x64", "4x256K", "100x256K"})
 # Over 100M elements: seconds per step and gigabytes per provider on a laptop-class CPU.
 BIG_SHAPES = frozenset({"200x1M", "10x16M", "gpt2-small"})
 # `--quick`: the same two regimes (many small tensors, few large ones), scaled
@@ -69,12 +74,12 @@ QUICK_SHAPES: dict[str, list[Shape]] = {
 
 
 def shape_list(name: str) -> list[Shape]:
-    """The shape list called ``name`` in :data:`SHAPES` or :data:`QUICK_SHAPES`."""
-    if name in SHAPES:
-        return SHAPES[name]
-    if name in QUICK_SHAPES:
-        return QUICK_SHAPES[name]
-    raise ValueError(f"unknown shape {name!r}; choose from {sorted(SHAPES) + sorted(QUICK_SHAPES)}")
+    """The shape list called ``name`` in :data:`SHAPES`, :data:`QUICK_SHAPES` or :data:`EXTRA_SHAPES`."""
+    for table in (SHAPES, QUICK_SHAPES, EXTRA_SHAPES):
+        if name in table:
+            return table[name]
+    raise ValueError(f"unknown shape {name!r}; choose from "
+                     f"{sorted(SHAPES) + sorted(QUICK_SHAPES) + sorted(EXTRA_SHAPES)}")
 
 
 def numel_of(shapes: Sequence[Shape]) -> int:
