@@ -1,7 +1,9 @@
 // RAdam (L2 or decoupled weight decay), as torch.optim.RAdam [note: math
 // policies]. Options: beta2, eps, weight_decay, decoupled. States: exp_avg,
 // exp_avg_sq. beta1 is the group momentum (a schedule may cycle it). Whether
-// the variance is rectified (rho_t > 5) is a per-segment scalar.
+// the variance is rectified (rho_t > 5) depends on the segment's step, so it
+// is a variant that refine() picks per segment: a branch in the inner loop kept
+// the CPU loop from vectorizing (3x slower than Adam once rectified).
 #pragma once
 
 #include <fusedclr/policy.h>
@@ -14,8 +16,8 @@ namespace fusedclr {
 struct Radam : PolicyBase {
   static constexpr int kStates = 2;
   static constexpr int kOptions = 4;
-  enum : int { kWd = 1, kDecoupled = 2 };
-  static constexpr int kVariants = 4;
+  enum : int { kWd = 1, kDecoupled = 2, kRectified = 4 };
+  static constexpr int kVariants = 4;  // kRectified is added per segment by refine()
 
   static int variant(const double* opt, const bool*) {
     const bool wd = opt[2] != 0.0;
@@ -63,6 +65,15 @@ struct Radam : PolicyBase {
     return k;
   }
 
+  template <int V, typename K, typename Fn>
+  C10_HOST_DEVICE static C10_ALWAYS_INLINE void refine(const K& k, Fn&& fn) {
+    if (k.rectified) {
+      fn(Variant<V | kRectified>{});
+    } else {
+      fn(Variant<V & ~kRectified>{});
+    }
+  }
+
   template <int V, bool FMA, typename T>
   C10_HOST_DEVICE static C10_ALWAYS_INLINE void update(T& p, T g, T (&s)[kStates], const Scalars<T>& k) {
     if constexpr ((V & kWd) != 0) {
@@ -75,7 +86,7 @@ struct Radam : PolicyBase {
     s[0] = lerp<FMA>(s[0], g, k.beta1_weight);
     s[1] = decay_add_square<FMA>(s[1], k.beta2, k.one_minus_beta2, g);
     const T step = s[0] / k.bias_correction1 * k.lr;  // bias_corrected_exp_avg * lr
-    if (k.rectified) {
+    if constexpr ((V & kRectified) != 0) {
       // * (sqrt(bc2) / (exp_avg_sq.sqrt() + eps)) * rect
       p = p - step * (k.bc2_sqrt / (sqrt_t(s[1]) + k.eps)) * k.rect;
     } else {
