@@ -1,0 +1,72 @@
+"""fusedclr.Lookahead beyond the table's parity: skipped steps, the slow weights' start, misuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+
+import fusedclr
+
+
+def _run(p0: torch.Tensor, grads: list[torch.Tensor], *, k: int, alpha: float, lr: float) -> torch.Tensor:
+    """Lookahead over plain SGD in float64, the paper's algorithm (slow weights from ``p0``)."""
+    fast = p0.double().clone()
+    slow = fast.clone()
+    for t, g in enumerate(grads, 1):
+        fast = fast - lr * g.double()
+        if t % k == 0:
+            slow = slow + alpha * (fast - slow)
+            fast = slow.clone()
+    return fast
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_slow_weights_start_from_the_weights_at_the_first_step(backend):
+    """Weights loaded after the optimizer is built (a checkpoint, an init) are where the slow
+    weights start, not the values the parameters had at construction."""
+    p = torch.nn.Parameter(torch.zeros(33))
+    opt = fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1, backend=backend), k=3, alpha=0.5)
+    loaded = torch.randn(33)
+    with torch.no_grad():
+        p.copy_(loaded)
+    grads = [torch.randn(33) for _ in range(7)]
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach().double(), _run(loaded, grads, k=3, alpha=0.5, lr=0.1),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("how", ["found_inf", "skip_nonfinite"])
+def test_a_skipped_step_skips_the_synchronisation(backend, how):
+    """A step that GradScaler's found_inf (or skip_nonfinite's NaN check) skips right after a
+    synchronisation leaves the step count at a multiple of k; the synchronisation must not run
+    again. With fp32 parameters running it again changes nothing (fast == slow); with bf16
+    ones it would pull the fp32 slow weights towards their bf16 rounding, so this runs in bf16."""
+    p = torch.nn.Parameter(torch.randn(40).bfloat16())
+    opt = fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1, backend=backend, skip_nonfinite=how == "skip_nonfinite"),
+                             k=2, alpha=0.5)
+    for _ in range(2):  # the second step synchronises
+        p.grad = torch.randn(40).bfloat16()
+        opt.step()
+    before = p.detach().clone()
+    slow = opt.state_dict()["lookahead"]["slow"][0].clone()
+    assert not torch.equal(slow, before.float()), "the test needs slow weights that bf16 does not hold exactly"
+    p.grad = torch.full((40,), float("nan")).bfloat16() if how == "skip_nonfinite" else torch.randn(40).bfloat16()
+    opt.step(found_inf=torch.ones(()) if how == "found_inf" else None)
+    assert torch.equal(p.detach(), before)
+    assert torch.equal(opt.state_dict()["lookahead"]["slow"][0], slow)
+
+
+def test_misuse_raises_naming_the_argument():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match="wraps a fusedclr optimizer"):
+        fusedclr.Lookahead(torch.optim.SGD([p], lr=0.1))
+    with pytest.raises(ValueError, match="Invalid k"):
+        fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1), k=0)
+    with pytest.raises(ValueError, match="Invalid alpha"):
+        fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1), alpha=1.5)
+    with pytest.raises(TypeError, match="wraps a fusedclr optimizer"):
+        fusedclr.Lookahead(fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1)))
