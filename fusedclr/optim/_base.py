@@ -529,13 +529,14 @@ class FlatOptimizerMixin:
         # What decided whether this step was skipped, for a wrapper that acts after it (Lookahead).
         self._last_found_inf = found_inf
         for fn, bucket, args in launches:
-            fn(*args, _on(grad_scale, bucket.device), _on(found_inf, bucket.device), bucket.master, bucket.sr_seed)
+            fn(**args, grad_scale=_on(grad_scale, bucket.device), found_inf=_on(found_inf, bucket.device),
+               master_param=bucket.master, sr_seed=bucket.sr_seed)
             bucket.finish_step()
         return loss
 
     # torch.optim's own lazy torch.compiler.disable: imports torch._dynamo on first call, not at import.
     @torch._disable_dynamo
-    def _prepare_step(self) -> list[tuple[Callable[..., None], Bucket, tuple[Any, ...]]]:
+    def _prepare_step(self) -> list[tuple[Callable[..., None], Bucket, dict[str, Any]]]:
         """The host-side half of a step [note: step anatomy]: ``(implementation, bucket, op args)`` per bucket.
 
         Refreshes every bucket's segment table (and validates every gradient)
@@ -568,11 +569,12 @@ class FlatOptimizerMixin:
                 schedule, counter = _no_schedule(b.device) if zero_lr else (b.schedule, b.schedule_step)
                 fn = self._impl_for(b.device)
                 segments = b.reference_segments() if _is_reference(fn) else b.table
-                # step_'s arguments up to, not including, grad_scale (csrc/ops.cpp [note: step contract]).
-                launches.append((fn, b, (
-                    self._KERNEL, segments, b.dtype, [b.states.get(n) for n in self._KERNEL_STATES], b.seg_steps,
-                    b.seg_scalars, b.chunks, b.hyper, schedule, counter, self._options(group),
-                    bool(group.get("maximize", False)),
+                # step_'s arguments but the AMP and precision ones (csrc/ops.cpp [note: step contract]).
+                launches.append((fn, b, dict(
+                    optimizer=self._KERNEL, segments=segments, param_dtype=b.dtype,
+                    states=[b.states.get(n) for n in self._KERNEL_STATES], seg_steps=b.seg_steps,
+                    seg_scalars=b.seg_scalars, chunks=b.chunks, hyper=b.hyper, schedule=schedule,
+                    schedule_step=counter, options=self._options(group), maximize=bool(group.get("maximize", False)),
                 )))
         return launches
 

@@ -132,8 +132,10 @@ class Lookahead(torch.optim.Optimizer):
         for b in self._buckets():
             fn = inner._impl_for(b.device)
             segments = b.reference_segments() if _is_reference(fn) else b.table
-            fn(self._KERNEL, segments, b.dtype, [self._ensure_slow(b)], b.seg_steps, None, b.chunks, b.hyper,
-               b.schedule, b.schedule_step, options, False, None, _on(skipped, b.device), b.master, b.sr_seed)
+            fn(optimizer=self._KERNEL, segments=segments, param_dtype=b.dtype, states=[self._ensure_slow(b)],
+               seg_steps=b.seg_steps, seg_scalars=None, chunks=b.chunks, hyper=b.hyper, schedule=b.schedule,
+               schedule_step=b.schedule_step, options=options, found_inf=_on(skipped, b.device),
+               master_param=b.master, sr_seed=b.sr_seed)
             for i in b._shadowed:  # parameters with gaps are stepped through dense shadows [note: shadowed parameters]
                 b.params[i].copy_(b.locals[i])
         return loss
