@@ -11,6 +11,44 @@
 
 namespace fusedclr {
 
+// What the Adam family (Adam/AdamW, RAdam, NAdam) shares: the weight decay
+// (L2 or decoupled) and the two moments, in torch's order, and their scalars.
+template <typename T>
+struct AdamMoments {
+  LerpWeight<T> beta1_weight;  // 1 - beta1, in double as torch passes it
+  T beta2;
+  T one_minus_beta2;
+  T weight_decay;
+  T decay;  // 1 - lr * weight_decay (decoupled only)
+};
+
+template <typename T>
+C10_HOST_DEVICE inline AdamMoments<T> adam_moments(double lr, double beta1, double beta2, double weight_decay) {
+  AdamMoments<T> k;
+  k.beta1_weight = lerp_weight<T>(1.0 - beta1);
+  k.beta2 = static_cast<T>(beta2);
+  k.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+  k.weight_decay = static_cast<T>(weight_decay);
+  k.decay = static_cast<T>(1.0 - lr * weight_decay);
+  return k;
+}
+
+// Weight decay (WD: on; DECOUPLED: param.mul_(1 - lr * wd), else
+// grad.add(param, alpha=wd)), then exp_avg.lerp_(grad, 1 - beta1) and
+// exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).
+template <bool WD, bool DECOUPLED, bool FMA, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void adam_moments_update(T& p, T& g, T& m, T& v, const AdamMoments<T>& k) {
+  if constexpr (WD) {
+    if constexpr (DECOUPLED) {
+      p = p * k.decay;
+    } else {
+      g = mul_add<FMA>(p, k.weight_decay, g);
+    }
+  }
+  m = lerp<FMA>(m, g, k.beta1_weight);
+  v = decay_add_square<FMA>(v, k.beta2, k.one_minus_beta2, g);
+}
+
 struct Adam : PolicyBase {
   static constexpr int kStates = 3;
   static constexpr int kOptions = 4;
@@ -29,12 +67,8 @@ struct Adam : PolicyBase {
 
   template <typename T>
   struct Scalars {
-    LerpWeight<T> beta1_weight;  // 1 - beta1, in double as torch passes it
-    T beta2;
-    T one_minus_beta2;
+    AdamMoments<T> moments;
     T eps;
-    T weight_decay;
-    T decay;      // 1 - lr * weight_decay (decoupled only)
     T step_size;  // lr / (1 - beta1^step)
     T bc2_sqrt;   // sqrt(1 - beta2^step)
   };
@@ -43,12 +77,8 @@ struct Adam : PolicyBase {
   C10_HOST_DEVICE static Scalars<T> scalars(const double* opt, const GroupValues& gv, int64_t step, double) {
     const double beta1 = gv.momentum, beta2 = opt[0], s = static_cast<double>(step);
     Scalars<T> k;
-    k.beta1_weight = lerp_weight<T>(1.0 - beta1);
-    k.beta2 = static_cast<T>(beta2);
-    k.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+    k.moments = adam_moments<T>(gv.lr, beta1, beta2, opt[2]);
     k.eps = static_cast<T>(opt[1]);
-    k.weight_decay = static_cast<T>(opt[2]);
-    k.decay = static_cast<T>(1.0 - gv.lr * opt[2]);
     k.step_size = static_cast<T>(gv.lr / (1.0 - ::pow(beta1, s)));
     k.bc2_sqrt = static_cast<T>(::sqrt(1.0 - ::pow(beta2, s)));
     return k;
@@ -56,15 +86,7 @@ struct Adam : PolicyBase {
 
   template <int V, bool FMA, typename T>
   C10_HOST_DEVICE static C10_ALWAYS_INLINE void update(T& p, T g, T (&s)[kStates], const Scalars<T>& k) {
-    if constexpr ((V & kWd) != 0) {
-      if constexpr ((V & kDecoupled) != 0) {
-        p = p * k.decay;
-      } else {
-        g = mul_add<FMA>(p, k.weight_decay, g);  // grad.add(param, alpha=weight_decay)
-      }
-    }
-    s[0] = lerp<FMA>(s[0], g, k.beta1_weight);                    // exp_avg.lerp_(grad, 1 - beta1)
-    s[1] = decay_add_square<FMA>(s[1], k.beta2, k.one_minus_beta2, g);  // exp_avg_sq
+    adam_moments_update<(V & kWd) != 0, (V & kDecoupled) != 0, FMA>(p, g, s[0], s[1], k.moments);
     T second = s[1];
     if constexpr ((V & kAmsgrad) != 0) {
       s[2] = s[2] > s[1] ? s[2] : s[1];

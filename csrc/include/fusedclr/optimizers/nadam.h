@@ -7,6 +7,7 @@
 // dtype); it is rounded to float32 after each product as there.
 #pragma once
 
+#include <fusedclr/optimizers/adam.h>
 #include <fusedclr/policy.h>
 #include <fusedclr/update.h>
 
@@ -44,12 +45,8 @@ struct Nadam : PolicyBase {
 
   template <typename T>
   struct Scalars {
-    LerpWeight<T> beta1_weight;
-    T beta2;
-    T one_minus_beta2;
+    AdamMoments<T> moments;
     T eps;
-    T weight_decay;
-    T decay;
     T bias_correction2;
     T grad_coeff;     // -lr * (1 - mu) / (1 - mu_product)
     T exp_avg_coeff;  // -lr * mu_next / (1 - mu_product * mu_next)
@@ -62,12 +59,8 @@ struct Nadam : PolicyBase {
     const double mu_t = mu(beta1, step, opt[4]);
     const double mu_next = mu(beta1, step + 1, opt[4]);
     Scalars<T> k;
-    k.beta1_weight = lerp_weight<T>(1.0 - beta1);
-    k.beta2 = static_cast<T>(beta2);
-    k.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+    k.moments = adam_moments<T>(gv.lr, beta1, beta2, opt[2]);
     k.eps = static_cast<T>(opt[1]);
-    k.weight_decay = static_cast<T>(opt[2]);
-    k.decay = static_cast<T>(1.0 - gv.lr * opt[2]);
     k.bias_correction2 = static_cast<T>(1.0 - ::pow(beta2, static_cast<double>(step)));
     k.grad_coeff = static_cast<T>(-gv.lr * (1.0 - mu_t) / (1.0 - mu_product));
     k.exp_avg_coeff = static_cast<T>(-gv.lr * mu_next / (1.0 - mu_product * mu_next));
@@ -76,15 +69,7 @@ struct Nadam : PolicyBase {
 
   template <int V, bool FMA, typename T>
   C10_HOST_DEVICE static C10_ALWAYS_INLINE void update(T& p, T g, T (&s)[kStates], const Scalars<T>& k) {
-    if constexpr ((V & kWd) != 0) {
-      if constexpr ((V & kDecoupled) != 0) {
-        p = p * k.decay;
-      } else {
-        g = mul_add<FMA>(p, k.weight_decay, g);
-      }
-    }
-    s[0] = lerp<FMA>(s[0], g, k.beta1_weight);
-    s[1] = decay_add_square<FMA>(s[1], k.beta2, k.one_minus_beta2, g);
+    adam_moments_update<(V & kWd) != 0, (V & kDecoupled) != 0, FMA>(p, g, s[0], s[1], k.moments);
     const T denom = sqrt_t(s[1] / k.bias_correction2) + k.eps;
     p = p + k.grad_coeff * g / denom;     // param.addcdiv_(grad, denom, value=...)
     p = p + k.exp_avg_coeff * s[0] / denom;  // param.addcdiv_(exp_avg, denom, value=...)

@@ -6,6 +6,7 @@
 // the CPU loop from vectorizing (3x slower than Adam once rectified).
 #pragma once
 
+#include <fusedclr/optimizers/adam.h>
 #include <fusedclr/policy.h>
 #include <fusedclr/update.h>
 
@@ -30,12 +31,8 @@ struct Radam : PolicyBase {
 
   template <typename T>
   struct Scalars {
-    LerpWeight<T> beta1_weight;
-    T beta2;
-    T one_minus_beta2;
+    AdamMoments<T> moments;
     T eps;
-    T weight_decay;
-    T decay;  // 1 - lr * weight_decay (decoupled only)
     T bias_correction1;
     T lr;
     T bc2_sqrt;  // sqrt(1 - beta2^step)
@@ -50,12 +47,8 @@ struct Radam : PolicyBase {
     const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
     const double rho_t = rho_inf - 2.0 * s * ::pow(beta2, s) / bc2;
     Scalars<T> k;
-    k.beta1_weight = lerp_weight<T>(1.0 - beta1);
-    k.beta2 = static_cast<T>(beta2);
-    k.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+    k.moments = adam_moments<T>(gv.lr, beta1, beta2, opt[2]);
     k.eps = static_cast<T>(opt[1]);
-    k.weight_decay = static_cast<T>(opt[2]);
-    k.decay = static_cast<T>(1.0 - gv.lr * opt[2]);
     k.bias_correction1 = static_cast<T>(1.0 - ::pow(beta1, s));
     k.lr = static_cast<T>(gv.lr);
     k.bc2_sqrt = static_cast<T>(::sqrt(bc2));
@@ -76,15 +69,7 @@ struct Radam : PolicyBase {
 
   template <int V, bool FMA, typename T>
   C10_HOST_DEVICE static C10_ALWAYS_INLINE void update(T& p, T g, T (&s)[kStates], const Scalars<T>& k) {
-    if constexpr ((V & kWd) != 0) {
-      if constexpr ((V & kDecoupled) != 0) {
-        p = p * k.decay;
-      } else {
-        g = mul_add<FMA>(p, k.weight_decay, g);
-      }
-    }
-    s[0] = lerp<FMA>(s[0], g, k.beta1_weight);
-    s[1] = decay_add_square<FMA>(s[1], k.beta2, k.one_minus_beta2, g);
+    adam_moments_update<(V & kWd) != 0, (V & kDecoupled) != 0, FMA>(p, g, s[0], s[1], k.moments);
     const T step = s[0] / k.bias_correction1 * k.lr;  // bias_corrected_exp_avg * lr
     if constexpr ((V & kRectified) != 0) {
       // * (sqrt(bc2) / (exp_avg_sq.sqrt() + eps)) * rect
