@@ -70,3 +70,23 @@ def test_misuse_raises_naming_the_argument():
         fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1), alpha=1.5)
     with pytest.raises(TypeError, match="wraps a fusedclr optimizer"):
         fusedclr.Lookahead(fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1)))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_slow_weights_follow_a_conversion_of_the_model(backend):
+    """``model.double()`` between two synchronisations: the wrapped optimizer re-buckets the group
+    and converts its states, and the slow weights move with them (not restarted from the converted
+    fast weights, which would lose the step back)."""
+    model = torch.nn.Linear(5, 3, bias=False)
+    p0 = model.weight.detach().clone()
+    opt = fusedclr.Lookahead(fusedclr.SGD(model.parameters(), lr=0.1, backend=backend), k=4, alpha=0.5)
+    grads = [torch.randn(3, 5) for _ in range(6)]
+    for g in grads[:2]:
+        model.weight.grad = g.clone()
+        opt.step()
+    model.double()
+    for g in grads[2:]:
+        model.weight.grad = g.double()
+        opt.step()
+    assert model.weight.dtype == torch.float64
+    torch.testing.assert_close(model.weight.detach(), _run(p0, grads, k=4, alpha=0.5, lr=0.1), rtol=1e-6, atol=1e-6)

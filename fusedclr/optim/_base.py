@@ -589,11 +589,13 @@ class FlatOptimizerMixin:
         """
         group = self.param_groups[group_index]
         saved: dict[Tensor, dict[str, Any]] = {}
+        counts: dict[Tensor, int] = {}  # exact step counts (SGD's state_dict keeps none)
         for b in self._buckets[group_index]:
             if b.device.type == "meta":
                 continue
             steps = b.seg_steps.cpu().tolist()  # host sync: a conversion, not a step
             for i, p in enumerate(b.params):
+                counts[p] = steps[i]
                 entry = self._export_state(group, b, i, steps[i]) if steps[i] > 0 else {}
                 entry = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in entry.items()}
                 if entry and b.master is not None:
@@ -605,7 +607,8 @@ class FlatOptimizerMixin:
             for i, p in enumerate(b.params):
                 state = {k: (v.to(b.device) if isinstance(v, Tensor) and k != "step" else v)
                          for k, v in saved.get(p, {}).items()}
-                steps.append(self._import_state(group, b, i, state))
+                imported = self._import_state(group, b, i, state)
+                steps.append(counts.get(p, imported))
                 if b.master is not None and "master_param" in state:
                     b.master_view(i).copy_(state["master_param"].reshape(b.master_view(i).shape))
             b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from typing import Any
 
@@ -30,8 +31,7 @@ class Lookahead(torch.optim.Optimizer):
     from the parameters at the first ``step()`` (so loading model weights after
     building the optimizer is safe). A group whose parameters change dtype or
     device after that (``model.to(...)``, which the wrapped optimizer follows by
-    rebuilding its buckets) restarts its slow weights from the converted
-    parameters at its next step.
+    rebuilding its buckets) keeps its slow weights, converted as its states are.
 
     ``Lookahead`` is a ``torch.optim.Optimizer``: its ``param_groups`` are the
     wrapped optimizer's (one list), and hooks, ``zero_grad``, GradScaler and
@@ -111,6 +111,20 @@ class Lookahead(torch.optim.Optimizer):
                 b._copy_params_to(slow)
         return slow
 
+    def _carry_slow(self, old_buckets: list[Bucket]) -> None:
+        """Moves the slow weights of re-built buckets' parameters over from their old buckets, converted
+        to the new state dtype and device, as the wrapped optimizer moves its own states."""
+        where = {p: (b, i) for b in old_buckets for i, p in enumerate(b.params)}
+        for b in self._buckets():
+            if getattr(b, "lookahead_slow", None) is not None:
+                continue
+            slow = self._ensure_slow(b)
+            for i, p in enumerate(b.params):
+                if p in where:
+                    ob, oi = where[p]
+                    slow[b.offsets[i] : b.offsets[i] + b.numels[i]].copy_(
+                        ob.lookahead_slow[ob.offsets[oi] : ob.offsets[oi] + ob.numels[oi]])
+
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> Any:
         """The wrapped optimizer's step, then the synchronisation of the parameters at a multiple of ``k`` steps.
@@ -124,9 +138,12 @@ class Lookahead(torch.optim.Optimizer):
             found_inf = getattr(self, "found_inf", None)
         inner = self.optimizer
         # Before the inner step, so that a bucket's first slow weights are the weights it starts from.
-        for b in self._buckets():
+        before = self._buckets()
+        for b in before:
             self._ensure_slow(b)
         loss = inner.step(closure, grad_scale=grad_scale, found_inf=found_inf)
+        if len(before) != len(self._buckets()) or any(map(operator.is_not, before, self._buckets())):
+            self._carry_slow(before)  # the inner step re-bucketed a group (model.to(...)): no host work otherwise
         skipped = inner._last_found_inf
         options = [float(self.k), self.alpha]
         for b in self._buckets():
