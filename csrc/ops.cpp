@@ -55,6 +55,10 @@ TORCH_LIBRARY(fusedclr, m) {
 
 #include <fusedclr/segments.h>
 
+#include <ATen/Parallel.h>
+#include <c10/core/impl/COW.h>
+
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -76,7 +80,10 @@ namespace {
 // result says whether anything did, so an unchanged table is never uploaded
 // again (and a CUDA-graph-captured step stays valid).
 // DTensor parameters (FSDP2) are refreshed from their local shards: the
-// `_local_tensor` of the parameter and of its gradient.
+// `_local_tensor` of the parameter and of its gradient. The loop over plain
+// tensors is prefetched and, for many parameters, multi-threaded [note:
+// refresh prefetch]; it may then report several flags at once (one for each
+// thread's first problem), which the Python side handles as it would one.
 constexpr long kTableChanged = 1;
 constexpr long kSlowPath = 2;      // a gradient the kernels cannot read as it is
 constexpr long kParamChanged = 4;  // a parameter changed dtype, device, size or layout
@@ -98,12 +105,9 @@ bool is_tensor(PyObject* obj) {
   return tensor_type != nullptr && PyObject_TypeCheck(obj, tensor_type);
 }
 
-// The tensor whose memory the kernels walk: the object itself, or its local
-// shard (a new reference in `hold`, released by the caller).
-const at::Tensor* walked(PyObject* obj, bool local, PyObject** hold) {
-  if (!local) {
-    return &THPVariable_Unpack(obj);
-  }
+// The local shard of a DTensor, the tensor whose memory the kernels walk (a
+// new reference in `hold`, released by the caller), or null.
+const at::Tensor* local_shard(PyObject* obj, PyObject** hold) {
   *hold = PyObject_GetAttrString(obj, "_local_tensor");
   if (*hold == nullptr) {
     PyErr_Clear();
@@ -164,8 +168,194 @@ inline bool walkable_grad(const at::Tensor& grad, const at::Tensor& param) {
 // address would read as "no gradient"; a segment without elements is never
 // dereferenced).
 inline int64_t grad_address(const at::Tensor& grad) {
-  const int64_t addr = reinterpret_cast<int64_t>(grad.data_ptr());
+  const int64_t addr = reinterpret_cast<int64_t>(grad.const_data_ptr());  // read only: never materializes
   return addr == 0 ? 1 : addr;
+}
+
+// [note: refresh prefetch]
+// Between two refreshes the step's kernel (or a forward and backward) has
+// streamed far more memory than the caches hold, so each parameter's metadata
+// is cold, and it is a chain of dependent loads: the PyObject, its TensorImpl,
+// that impl's StorageImpl and AutogradMeta, the gradient's TensorImpl and its
+// StorageImpl. Walked one parameter at a time, every link costs a full memory
+// latency. So the loop is software-pipelined: at parameter i it prefetches
+// link k of parameter i + k * kDistance (link 5, the PyObject, furthest
+// ahead), following the pointers that earlier iterations brought into the
+// cache, and the checks at parameter i find their lines there. Prefetches
+// never fault, and every pointer is read again by the checks. From
+// kParallelParams parameters the walk is also split between threads, each
+// with its own pipeline. Measured on the 2-vCPU development machine, 10000
+// parameters with every gradient replaced and the caches flushed: 1.9-2.0 ms
+// one parameter at a time, 1.1-1.2 ms pipelined, 0.66-0.74 ms on two threads.
+// DTensor buckets (whose local shards come from Python attributes) are
+// neither prefetched nor split.
+class Prefetcher {
+ public:
+  // Prefetches for a walk over parameters [lo, hi).
+  Prefetcher(const std::vector<PyObject*>& params, size_t lo, size_t hi) : params_(params), hi_(hi) {
+    for (size_t back = kLinks * kDistance; back >= 1; --back) {
+      advance(lo, back);  // the links that the iterations before the first would have fetched
+    }
+  }
+
+  // Called at parameter i, before its checks (`back` > 0: the iteration `back` before i).
+  void advance(size_t i, size_t back = 0) {
+    for (size_t k = kLinks; k >= 1; --k) {
+      const size_t ahead = k * kDistance;
+      if (ahead >= back && i + ahead - back < hi_) {
+        fetch(i + ahead - back, k);
+      }
+    }
+  }
+
+ private:
+  static constexpr size_t kDistance = 2;  // parameters between two links
+  static constexpr size_t kLinks = 5;
+  static constexpr size_t kRing = 16;  // > 2 * kDistance (link 4 to link 2), a power of two
+
+  static void lines(const void* p, size_t bytes) {
+    auto a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+    for (const auto end = reinterpret_cast<uintptr_t>(p) + bytes; a < end; a += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(a));
+    }
+  }
+  static void storage_of(const c10::TensorImpl* t) {
+    if (const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl()) {
+      lines(s, sizeof(c10::StorageImpl));
+    }
+  }
+
+  // Link `k` of parameter j: 5 its PyObject, 4 its TensorImpl, 3 that impl's
+  // StorageImpl and AutogradMeta, 2 the gradient's TensorImpl, 1 its StorageImpl.
+  void fetch(size_t j, size_t k) {
+    const size_t r = j % kRing;
+    switch (k) {
+      case 5:
+        lines(params_[j], sizeof(THPVariable));
+        break;
+      case 4:
+        param_[r] = THPVariable_Unpack(params_[j]).unsafeGetTensorImpl();
+        lines(param_[r], sizeof(c10::TensorImpl));
+        break;
+      case 3:
+        storage_of(param_[r]);
+        if (const auto* meta = param_[r]->autograd_meta()) {
+          lines(meta, 128);  // its vtable pointer and grad_
+        }
+        break;
+      case 2: {
+        const at::Tensor& g = param_[r]->grad();
+        grad_[r] = g.defined() ? g.unsafeGetTensorImpl() : nullptr;
+        if (grad_[r] != nullptr) {
+          lines(grad_[r], sizeof(c10::TensorImpl));
+        }
+        break;
+      }
+      default:
+        if (grad_[r] != nullptr) {
+          storage_of(grad_[r]);
+        }
+    }
+  }
+
+  const std::vector<PyObject*>& params_;
+  size_t hi_;
+  const c10::TensorImpl* param_[kRing] = {};
+  const c10::TensorImpl* grad_[kRing] = {};
+};
+
+// Whether `p` still has the dtype, device, element count and density the
+// bucket was built for (its table row's NUMEL).
+inline bool param_fits(const at::Tensor& p, const Tracker& t, const int64_t* row) {
+  return real_type(p) == t.dtype && p.device() == t.device &&
+         p.numel() * (p.is_complex() ? 2 : 1) == row[fusedclr::seg::NUMEL] && p.is_non_overlapping_and_dense();
+}
+
+// Writes a row's addresses where they changed; TABLE_CHANGED if they did.
+inline long write_row(int64_t* row, int64_t paddr, int64_t gaddr) {
+  if (row[fusedclr::seg::PARAM] == paddr && row[fusedclr::seg::GRAD] == gaddr) {
+    return 0;
+  }
+  row[fusedclr::seg::PARAM] = paddr;
+  row[fusedclr::seg::GRAD] = gaddr;
+  return kTableChanged;
+}
+
+// Parameters from which the refresh is split between at::parallel_for's
+// threads (cold, a parameter costs ~100 ns, a parallel region a few µs).
+constexpr size_t kParallelParams = 1024;
+
+// Refreshes rows [lo, hi) of a bucket of plain tensors, stopping at the first
+// parameter that needs the Python side. It calls nothing of Python's and
+// writes only its own rows, so it runs on at::parallel_for's workers. A
+// copy-on-write parameter (whose data_ptr() would materialize a storage that
+// others share, and not from two threads at once) takes the Python path.
+long refresh_rows(const Tracker& t, int64_t* rows, size_t lo, size_t hi) {
+  long flags = 0;
+  Prefetcher ahead(t.params, lo, hi);
+  for (size_t i = lo; i < hi; ++i) {
+    ahead.advance(i);
+    const at::Tensor& p = THPVariable_Unpack(t.params[i]);
+    int64_t* row = rows + i * fusedclr::seg::WORDS;
+    if (!param_fits(p, t, row)) {
+      return flags | kParamChanged;
+    }
+    if (c10::impl::cow::is_cow_data_ptr(p.unsafeGetTensorImpl()->unsafe_storage().data_ptr())) {
+      return flags | kSlowPath;
+    }
+    int64_t gaddr = 0;
+    const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
+    if (g.defined()) {
+      if (!walkable_grad(g, p)) {
+        return flags | kSlowPath;
+      }
+      gaddr = grad_address(g);
+    }
+    flags |= write_row(row, reinterpret_cast<int64_t>(p.data_ptr()), gaddr);
+  }
+  return flags;
+}
+
+// The refresh of a DTensor bucket (FSDP2), through the local shards of the
+// parameters and their gradients: Python attributes, so one thread. Returns -1
+// with a Python error set when reading an attribute failed.
+long refresh_local(const Tracker& t, int64_t* rows) {
+  long flags = 0;
+  for (size_t i = 0; i < t.params.size(); ++i) {
+    PyObject* param = t.params[i];
+    int64_t* row = rows + i * fusedclr::seg::WORDS;
+    PyObject* hold_p = nullptr;
+    const at::Tensor* p = local_shard(param, &hold_p);
+    if (p == nullptr || !param_fits(*p, t, row)) {
+      Py_XDECREF(hold_p);
+      return flags | kParamChanged;
+    }
+    const int64_t paddr = reinterpret_cast<int64_t>(p->data_ptr());
+    int64_t gaddr = 0;
+    PyObject* gobj = PyObject_GetAttrString(param, "grad");
+    if (gobj == nullptr) {
+      Py_XDECREF(hold_p);
+      return -1;
+    }
+    if (gobj != Py_None) {
+      PyObject* hold_g = nullptr;
+      const at::Tensor* g = is_tensor(gobj) ? local_shard(gobj, &hold_g) : nullptr;
+      const bool ok = g != nullptr && walkable_grad(*g, *p);
+      if (ok) {
+        gaddr = grad_address(*g);
+      }
+      Py_XDECREF(hold_g);
+      if (!ok) {
+        Py_DECREF(gobj);
+        Py_XDECREF(hold_p);
+        return flags | kSlowPath;
+      }
+    }
+    Py_DECREF(gobj);
+    Py_XDECREF(hold_p);
+    flags |= write_row(row, paddr, gaddr);
+  }
+  return flags;
 }
 
 // segment_refresh(capsule, params: tuple, table: Tensor) -> int flags: refreshes
@@ -195,59 +385,21 @@ PyObject* segment_refresh(PyObject* /*self*/, PyObject* args) {
     return nullptr;
   }
   int64_t* rows = table.data_ptr<int64_t>();
-  long flags = 0;
   HANDLE_TH_ERRORS
-  for (size_t i = 0; i < n; ++i) {
-    PyObject* param = tracker->params[i];
-    int64_t* row = rows + i * fusedclr::seg::WORDS;
-    PyObject* hold_p = nullptr;
-    const at::Tensor* p = walked(param, tracker->local, &hold_p);
-    if (p == nullptr || real_type(*p) != tracker->dtype || p->device() != tracker->device ||
-        p->numel() * (p->is_complex() ? 2 : 1) != row[fusedclr::seg::NUMEL] || !p->is_non_overlapping_and_dense()) {
-      Py_XDECREF(hold_p);
-      flags |= kParamChanged;
-      break;
+  long flags = 0;
+  if (tracker->local) {
+    flags = refresh_local(*tracker, rows);
+    if (flags < 0) {
+      return nullptr;
     }
-    const int64_t paddr = reinterpret_cast<int64_t>(p->data_ptr());
-    int64_t gaddr = 0;
-    if (!tracker->local) {
-      const at::Tensor& g = p->unsafeGetTensorImpl()->grad();
-      if (g.defined()) {
-        if (!walkable_grad(g, *p)) {
-          flags |= kSlowPath;
-          break;
-        }
-        gaddr = grad_address(g);
-      }
-    } else {
-      PyObject* gobj = PyObject_GetAttrString(param, "grad");
-      if (gobj == nullptr) {
-        Py_XDECREF(hold_p);
-        return nullptr;
-      }
-      if (gobj != Py_None) {
-        PyObject* hold_g = nullptr;
-        const at::Tensor* g = is_tensor(gobj) ? walked(gobj, true, &hold_g) : nullptr;
-        const bool ok = g != nullptr && walkable_grad(*g, *p);
-        if (ok) {
-          gaddr = grad_address(*g);
-        }
-        Py_XDECREF(hold_g);
-        if (!ok) {
-          Py_DECREF(gobj);
-          Py_XDECREF(hold_p);
-          flags |= kSlowPath;
-          break;
-        }
-      }
-      Py_DECREF(gobj);
-    }
-    Py_XDECREF(hold_p);
-    if (row[fusedclr::seg::PARAM] != paddr || row[fusedclr::seg::GRAD] != gaddr) {
-      row[fusedclr::seg::PARAM] = paddr;
-      row[fusedclr::seg::GRAD] = gaddr;
-      flags |= kTableChanged;
-    }
+  } else if (n < kParallelParams || at::get_num_threads() == 1) {
+    flags = refresh_rows(*tracker, rows, 0, n);
+  } else {
+    std::atomic<long> all{0};
+    at::parallel_for(0, static_cast<int64_t>(n), kParallelParams / 2, [&](int64_t lo, int64_t hi) {
+      all.fetch_or(refresh_rows(*tracker, rows, static_cast<size_t>(lo), static_cast<size_t>(hi)));
+    });
+    flags = all.load();
   }
   return PyLong_FromLong(flags);
   END_HANDLE_TH_ERRORS

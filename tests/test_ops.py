@@ -4,6 +4,7 @@ every backend: tests/test_op_parity.py; bad calls: tests/test_op_errors.py."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -232,3 +233,62 @@ def test_segment_tracker_refreshes_the_table_like_the_python_fallback(monkeypatc
 
     with pytest.raises(TypeError, match="parameter 1 is not a tensor"):
         ops.segment_tracker([ps[0], "not a tensor"], torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_segment_refresh_of_many_parameters_matches_the_python_fallback(monkeypatch, threads):
+    """The C refresh prefetches its parameters' metadata ahead [note: refresh prefetch] and, from
+    1024 parameters, splits them between threads: with 3000 parameters of mixed sizes (empty
+    ones and None, replaced and unwalkable gradients placed in either thread's half and within
+    the prefetch distance of both ends) it writes the table and returns the flags the Python
+    fallback does."""
+    n = 3000
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(0, 5, (n,), generator=gen).tolist()
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
+    trackers = {"c": ops.segment_tracker(ps, torch.float32, torch.device("cpu"))}
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_C", None)
+        trackers["python"] = ops.segment_tracker(ps, torch.float32, torch.device("cpu"))
+    offsets = [0, *itertools.accumulate(sizes)][:-1]
+    tables = {}
+    for name in trackers:
+        tables[name] = torch.zeros(n, 4, dtype=torch.int64)
+        tables[name][:, 2] = torch.tensor(offsets)
+        tables[name][:, 3] = torch.tensor(sizes)
+
+    def refresh():
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            flags = {name: fn(tables[name]) for name, fn in trackers.items()}
+        finally:
+            torch.set_num_threads(previous)
+        assert flags["c"] == flags["python"], flags
+        assert torch.equal(tables["c"], tables["python"])
+        return flags["c"]
+
+    for i, p in enumerate(ps):
+        if i % 7 != 3:  # some stay None
+            p.grad = torch.randn(p.shape, generator=gen)
+    assert refresh() == ops.TABLE_CHANGED
+    t = tables["c"]
+    assert t[:, 0].tolist() == [p.data_ptr() for p in ps]
+    assert t[:, 1].tolist() == [0 if p.grad is None else (p.grad.data_ptr() or 1) for p in ps]
+    assert refresh() == 0
+    kept = [p.grad for p in ps]  # alive, so that no new gradient reuses an old address
+    for i in (0, 1, 5, 21, 1499, 1500, 1501, 2990, n - 1):
+        ps[i].grad = torch.randn(ps[i].shape, generator=gen)
+    assert refresh() == ops.TABLE_CHANGED
+    assert t[:, 1].tolist() == [0 if p.grad is None else (p.grad.data_ptr() or 1) for p in ps]
+    assert refresh() == 0
+    for i in (2, 2999, 1600):  # a gradient the kernels cannot walk, at either end and in the second half
+        good = ps[i].grad
+        ps[i].grad_dtype = None
+        ps[i].grad = torch.randn(ps[i].shape, dtype=torch.float64, generator=gen)
+        assert refresh() == ops.SLOW_PATH
+        ps[i].grad = good
+        assert refresh() == 0
+    ps[2500].data = torch.randn(sizes[2500] + 1)  # resized: the bucket must be rebuilt
+    assert refresh() == ops.PARAM_CHANGED
+    assert len(kept) == n
