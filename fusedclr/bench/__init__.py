@@ -10,6 +10,7 @@ The package, in the order a run uses it:
 * :mod:`.shapes`: the shape lists;
 * :mod:`.cases`: optimizers, dtypes, schedules, bytes per parameter, :class:`Case`;
 * :mod:`.providers`: torch.optim's implementations and fusedclr's backends;
+* :mod:`.deepspeed_cpu_adam`: DeepSpeed's CPU Adam, a provider where deepspeed is installed;
 * :mod:`.foreach_impls`: foreach Lion and Lookahead, for what torch.optim lacks;
 * :mod:`.check`: whether each provider steps, and to torch's parameters, before it is timed;
 * :mod:`.timing`: warm-up, samples, statistics, the copy yardstick, launch counts;
@@ -75,6 +76,7 @@ from .foreach_impls import ForeachLion, ForeachLookahead
 from .machine import git_commit, machine_info
 from .providers import (
     BASELINE,
+    COMPARED_PROVIDERS,
     COMPILE_MAX_TENSORS,
     PROVIDERS,
     TORCH_PROVIDERS,
@@ -121,6 +123,7 @@ __all__ = [
     "BASELINE",
     "BIG_SHAPES",
     "BYTES_TABLE",
+    "COMPARED_PROVIDERS",
     "COMPILE_MAX_TENSORS",
     "DTYPES",
     "EXTRA_SHAPES",

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     ap = UsageParser(
         prog="fusedclr bench",
         description="Time fusedclr's optimizer step against torch.optim (for-loop, foreach, fused, compiled) "
-        "and report ratios vs torch fused, GB/s and % of copy bandwidth.",
+        "and, where deepspeed is installed, DeepSpeed's CPU Adam, and report ratios vs torch fused, GB/s and "
+        "% of copy bandwidth.",
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the parameters live and the steps run (default: cuda when a GPU is visible, "

@@ -14,13 +14,17 @@ Hugging Face Trainer and accelerate included).
 configuration as ``fusedclr bench``; the torch side is then torch's fused
 step where torch has one, else its foreach step (Lion: the bench's foreach
 Lion; lookahead: torch's AdamW with a foreach Lookahead sync).
-``--providers all`` adds torch's for-loop and foreach steps.
+``--providers all`` adds torch's for-loop and foreach steps and, for Adam
+and AdamW on a CPU where deepspeed is installed, DeepSpeed's
+``DeepSpeedCPUAdam`` (``deepspeed-cpu-adam``, driven by torch's OneCycleLR;
+see :mod:`fusedclr.bench.deepspeed_cpu_adam`). A provider that cannot run is
+left out with its reason (printed, and under ``left_out`` in the report).
 
 Timing: the providers take turns (one sample of each per round, in alternating
 order), in one process, after a warm-up; a sample is several iterations ended
 by a device synchronization. Ratios are per round (torch time / fusedclr time,
 > 1 means fusedclr is faster), reported as the median with the inter-quartile
-range of the rounds, against every torch provider.
+range of the rounds, against every other provider (torch's and DeepSpeed's).
 
 Check: every provider starts from the same seeded model (or parameters and
 gradient pools) and runs the same number of iterations, so their parameters
@@ -47,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusedclr.bench import deepspeed_cpu_adam
 from fusedclr.bench.cases import OPTIMS, Case
 from fusedclr.bench.machine import _loadavg, git_commit
 from fusedclr.bench.providers import TORCH_PROVIDERS, baseline, fusedclr_optimizer, torch_optimizer, unavailable
@@ -126,7 +131,7 @@ ITERATION_WORKLOADS = ("transformer", "resnet50", "50x1M", "100x256K", "2000x102
 DEFAULT_WORKLOADS = ("transformer", "resnet50", "50x1M", "2000x1024", "10000x64")
 STEP_WORKLOADS = ("200x1M", "2000x1024", "10000x64")
 PROVIDERS = ("torch-fused", "fusedclr")  # the default for AdamW: torch's fastest against fusedclr's defaults
-ALL_PROVIDERS = (*TORCH_PROVIDERS, "fusedclr")
+ALL_PROVIDERS = (*TORCH_PROVIDERS, deepspeed_cpu_adam.NAME, "fusedclr")
 LR, TOTAL = 1e-3, 10**6
 
 
@@ -140,6 +145,11 @@ def _optimizer(provider: str, params, optim: str = "adamw") -> tuple[Any, Any]:
         opt, stepped, _ = torch_optimizer(optim, params, impl)
         return stepped, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=TOTAL,
                                                             cycle_momentum=spec.momentum)
+    if provider == deepspeed_cpu_adam.NAME:
+        # Constructing it loads (first use: builds) its op; every runner is made before any timing.
+        opt = deepspeed_cpu_adam.optimizer(optim, params)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=TOTAL,
+                                                        cycle_momentum=spec.momentum)
     import fusedclr.lr_scheduler
 
     opt = fusedclr_optimizer(optim, params)
@@ -192,14 +202,15 @@ def providers_for(optim: str, device: str, asked: Sequence[str] | None = None) -
     """The providers to run for ``optim`` on ``device`` and the reasons of those left out.
 
     ``asked`` None: the baseline (torch-fused, or torch-foreach where torch has
-    no fused step) and fusedclr. A torch provider that cannot run ``optim``
-    (no fused RMSprop, no for-loop Lion, ...) is left out with its reason.
+    no fused step) and fusedclr. A provider that cannot run ``optim`` here (no
+    fused RMSprop, no for-loop Lion, DeepSpeed's CPU Adam for anything but Adam
+    and AdamW on a CPU, or without deepspeed, ...) is left out with its reason.
     """
     probe = Case(optim, "128x64", "fp32", "onecycle", "cuda" if device.startswith("cuda") else "cpu")
     names = list(asked) if asked is not None else [baseline(probe), "fusedclr"]
     run, left_out = [], {}
     for name in names:
-        reason = unavailable(name, probe) if name in TORCH_PROVIDERS else None
+        reason = unavailable(name, probe) if name != "fusedclr" else None
         if reason is None:
             run.append(name)
         else:
@@ -309,6 +320,8 @@ def run(device: str, workloads: Sequence[str], steps: Sequence[str], rounds: int
                               "git_commit": git_commit(), "loadavg_before": _loadavg(),
                               "optimizer": optim, "providers": names, "baseline": base, "left_out": left_out,
                               "iteration": {}, "step_replaced_grads": {}}
+    if deepspeed_cpu_adam.NAME in names:
+        report["deepspeed"] = deepspeed_cpu_adam.version()
     for name, reason in left_out.items():
         progress(f"  {name}: left out ({reason})")
     for name in workloads:
@@ -343,6 +356,8 @@ def _label(provider: str, optim: str) -> str:
     cls = spec.torch_class
     if provider == "fusedclr":
         return f"fusedclr.Lookahead({cls})" if spec.lookahead else f"fusedclr.{cls}"
+    if provider == deepspeed_cpu_adam.NAME:
+        return f"DeepSpeedCPUAdam(adamw_mode={cls == 'AdamW'})"
     if cls == "Lion":
         return "bench foreach Lion"
     arg = {"torch-forloop": "foreach=False", "torch-foreach": "foreach=True", "torch-fused": "fused=True"}[provider]
@@ -377,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the optimizer, configured as in 'fusedclr bench' (default adamw)")
     ap.add_argument("--providers", default=None,
                     help=f"comma-separated, of {','.join(ALL_PROVIDERS)}, or 'all' (default: torch-fused, "
-                    "or torch-foreach where torch has no fused step, and fusedclr)")
+                    f"or torch-foreach where torch has no fused step, and fusedclr). {deepspeed_cpu_adam.NAME} "
+                    "runs Adam and AdamW on a CPU where deepspeed is installed (docs/benchmarks.md); elsewhere "
+                    "it is left out with the reason")
     ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                     help=f"whole-iteration workloads, comma-separated, of {','.join(ITERATION_WORKLOADS)}")
     ap.add_argument("--steps", default=",".join(STEP_WORKLOADS),
@@ -405,13 +422,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [p for p in providers if p not in ALL_PROVIDERS]
         if bad or "fusedclr" not in providers or len(providers) < 2:
             ap.error(f"--providers {args.providers}: choose fusedclr and at least one of "
-                     f"{', '.join(TORCH_PROVIDERS)} (or 'all')")
+                     f"{', '.join(p for p in ALL_PROVIDERS if p != 'fusedclr')} (or 'all')")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda, but no CUDA device is available")
     report = run(args.device, workloads, steps, args.rounds, args.inner, args.threads,
                  lambda s: print(s, file=sys.stderr, flush=True), args.optimizer, providers, args.warmup)
     if len(report["providers"]) < 2:
-        ap.error(f"--optimizer {args.optimizer}: no torch provider can run here ({report['left_out']})")
+        ap.error(f"--optimizer {args.optimizer}: no provider to compare fusedclr with can run here "
+                 f"({report['left_out']})")
     print(markdown(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,4 +1,4 @@
-"""The providers a case is timed with: torch.optim's implementations and fusedclr's backends."""
+"""The providers a case is timed with: torch.optim's implementations, DeepSpeed's CPU Adam and fusedclr's backends."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import deepspeed_cpu_adam
 from .cases import ONECYCLE_TOTAL_STEPS, OPTIMS, Case
 from .foreach_impls import ForeachLion, ForeachLookahead
 
@@ -149,6 +150,14 @@ def _build_compiled(params: list[Tensor], case: Case) -> Stepper:
     return Stepper(opt, sched, case.torch_dtype, compiled_step, note, on_close=torch._dynamo.reset)
 
 
+def _build_deepspeed(params: list[Tensor], case: Case) -> Stepper:
+    """DeepSpeed's CPU Adam(W), configured as torch's, with torch's scheduler (it reads lr and betas
+    from its param groups every step)."""
+    opt = deepspeed_cpu_adam.optimizer(case.optim, params)
+    sched = _scheduler(torch.optim.lr_scheduler, opt, case)
+    return Stepper(opt, sched, torch.float32, opt.step, f"deepspeed {deepspeed_cpu_adam.version()}")
+
+
 def _fusedclr_builder(backend: str) -> Callable[[list[Tensor], Case], Stepper]:
     def build_fusedclr(params: list[Tensor], case: Case) -> Stepper:
         import fusedclr.lr_scheduler
@@ -169,6 +178,8 @@ PROVIDERS: dict[str, Provider] = {
         Provider("torch-foreach", "torch.optim, foreach=True", _torch_builder({"foreach": True})),
         Provider("torch-fused", "torch.optim, fused=True", _torch_builder({"fused": True})),
         Provider("torch-compile", "torch.compile(optimizer.step), tensor lr", _build_compiled),
+        Provider(deepspeed_cpu_adam.NAME, "deepspeed.ops.adam.DeepSpeedCPUAdam (ZeRO-Offload's CPU Adam)",
+                 _build_deepspeed, ("cpu",)),
         Provider("fusedclr-cpu", "fusedclr, C++ CPU kernel", _fusedclr_builder("cpu"), ("cpu",)),
         Provider("fusedclr-cuda", "fusedclr, CUDA kernel", _fusedclr_builder("cuda"), ("cuda",)),
         Provider("fusedclr-triton", "fusedclr, Triton kernel", _fusedclr_builder("triton"), ("cuda",)),
@@ -177,6 +188,9 @@ PROVIDERS: dict[str, Provider] = {
 BASELINE = "torch-fused"
 # Torch's three implementations of an optimizer (for-loop, foreach, fused).
 TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
+# What fusedclr's rows are compared with, one ratio each (their ``vs_torch``, a name kept from
+# when torch's were the only ones): torch's three implementations and DeepSpeed's CPU Adam.
+COMPARED_PROVIDERS = (*TORCH_PROVIDERS, deepspeed_cpu_adam.NAME)
 
 # Compiling the optimizer step takes time that grows with the number of
 # tensors (the graph unrolls over them): 100 x 1K AdamW took ~50 s on the
@@ -190,9 +204,10 @@ _PROBED: dict[tuple[str, str, str], str | None] = {}
 def unavailable(provider: str, case: Case, *, compile_timeout: float | None = None) -> str | None:
     """Why ``provider`` cannot run ``case`` here (``None`` when it can).
 
-    fusedclr providers are probed once per (provider, device, dtype) with a
-    tiny optimizer, so a missing extension, kernel or Triton reads as a reason
-    instead of an error in the middle of a run.
+    fusedclr providers and DeepSpeed's CPU Adam are probed once per (provider,
+    optimizer, device, dtype) with a tiny optimizer, so a missing extension,
+    kernel, Triton or deepspeed, or a cpu_adam op that did not build, reads as a
+    reason instead of an error in the middle of a run.
     """
     prov = PROVIDERS[provider]
     if case.device not in prov.devices:
@@ -218,7 +233,11 @@ def unavailable(provider: str, case: Case, *, compile_timeout: float | None = No
             if _PROBED[key] and provider == "torch-fused" and "fused" in _PROBED[key]:
                 _PROBED[key] = f"torch.optim.{spec.torch_class} has no fused step here ({_PROBED[key]})"
         return _PROBED[key]
-    if provider.startswith("fusedclr-"):
+    if provider == deepspeed_cpu_adam.NAME:
+        why = deepspeed_cpu_adam.unsupported(case.optim)
+        if why is not None:
+            return why
+    if provider.startswith("fusedclr-") or provider == deepspeed_cpu_adam.NAME:
         key = (provider, case.optim, case.device, case.dtype)
         if key not in _PROBED:
             _PROBED[key] = _probe(prov, case)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .providers import BASELINE, PROVIDERS
+from .providers import BASELINE, COMPARED_PROVIDERS, PROVIDERS
 from .shapes import SHAPES_NXM
 
 
@@ -140,8 +140,9 @@ def markdown_report(report: dict[str, Any]) -> str:
                          + ("" if base == BASELINE else f" (ratios vs {base}: torch has no fused step for it)")
                          + "\n\n" + markdown_table(report, optim, schedule))
     if any(r.get("vs_torch") for r in report["results"]):
-        parts.append("**fusedclr against each torch implementation** (median of the per-round ratios torch "
-                     "time / fusedclr time, > 1: fusedclr is faster; IQR in brackets)\n\n" + markdown_vs_torch(report))
+        parts.append("**fusedclr against each torch implementation** (and DeepSpeed's CPU Adam where it ran; "
+                     "median of the per-round ratios their time / fusedclr time, > 1: fusedclr is faster; IQR in "
+                     "brackets)\n\n" + markdown_vs_torch(report))
     check = m.get("thread_check")
     if check and not check["steady"]:
         parts.insert(1, f"Thread check: torch at {check['threads']} threads was unsteady here "
@@ -156,9 +157,9 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def markdown_vs_torch(report: dict[str, Any]) -> str:
     """One row per (case, fusedclr provider): its time, GB/s, % copy and its ratio against every torch
-    provider it sampled in turns with (``vs_torch``), each with the IQR of the per-round ratios."""
-    torch_names = [p for p in ("torch-forloop", "torch-foreach", "torch-fused")
-                   if any(p in r.get("vs_torch", {}) for r in report["results"])]
+    provider (and DeepSpeed's CPU Adam) it sampled in turns with (``vs_torch``), each with the IQR of
+    the per-round ratios."""
+    torch_names = [p for p in COMPARED_PROVIDERS if any(p in r.get("vs_torch", {}) for r in report["results"])]
     m = report["machine"]
     out = ["| optimizer | shape | dtype | schedule | threads | provider | ms per step (IQR) | GB/s (% copy) | "
            + " | ".join(f"vs {t}" for t in torch_names) + " |",

@@ -15,7 +15,7 @@ import torch
 from .cases import DTYPES, ONECYCLE_TOTAL_STEPS, OPTIMS, Case, bytes_per_param
 from .check import wrong
 from .machine import _loadavg, git_commit, machine_info
-from .providers import BASELINE, TORCH_PROVIDERS, Stepper, baseline, build, unavailable
+from .providers import BASELINE, COMPARED_PROVIDERS, Stepper, baseline, build, unavailable
 from .report import format_table
 from .shapes import numel_of, shape_list
 from .steadiness import NOISY_IQR, NOISY_RATIO_SPREAD
@@ -99,8 +99,9 @@ def measure(
     torch, is not timed and its row is an ``error`` with the reason.
 
     The rows of fusedclr's providers also get ``vs_torch``: for every torch
-    provider (for-loop, foreach, fused) that sampled in turns with it, the
-    median and quartiles of the per-round ratios torch time / fusedclr time.
+    provider (for-loop, foreach, fused) and DeepSpeed's CPU Adam that sampled
+    in turns with it, the median and quartiles of the per-round ratios that
+    provider's time / fusedclr time.
     """
     base_name = baseline(case)  # torch-fused, or torch-foreach where torch has no fused step
     rows: dict[str, dict[str, Any]] = {}
@@ -164,7 +165,7 @@ def measure(
 
     # Per-round ratio spreads: (baseline samples, provider samples) taken in turns.
     turns: dict[str, tuple[list[float], list[float]]] = {}
-    # fusedclr provider -> torch provider -> (torch samples, fusedclr samples) taken in turns.
+    # fusedclr provider -> compared provider -> (its samples, fusedclr samples) taken in turns.
     vs_torch: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
 
     base = start(base_name) if mode == "paired" else None
@@ -177,7 +178,7 @@ def measure(
             turns = {name: (live[base_name][1].wall, s.wall) for name, (_, s) in live.items() if name != base_name}
         for name, (_, s) in live.items():
             if name.startswith("fusedclr-"):
-                vs_torch[name] = {t: (live[t][1].wall, s.wall) for t in TORCH_PROVIDERS if t in live}
+                vs_torch[name] = {t: (live[t][1].wall, s.wall) for t in COMPARED_PROVIDERS if t in live}
         for name, (stepper, sampler) in live.items():
             finish(name, stepper, [sampler])
     elif mode == "paired" and base is not None:
