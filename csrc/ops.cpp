@@ -44,7 +44,19 @@ TORCH_LIBRARY(fusedclr, m) {
   // Sum of squares of the active segments' gradients (float64, 0-dim): the
   // bucket's share of the global gradient norm [note: fused clipping].
   m.def("grad_sumsq(Tensor segments, ScalarType param_dtype, Tensor chunks) -> Tensor");
+  // Zeroes the active segments' gradients [note: zeroing through the table].
+  m.def("grad_zero_(Tensor segments, ScalarType param_dtype, Tensor chunks) -> ()");
 }
+
+// [note: zeroing through the table]
+// grad_zero_ writes +0 (all-zero bits, what zero_() writes) over the elements
+// that the chunk table covers of every active segment's gradient (GRAD != 0;
+// an empty gradient, entered as 1, has none): zero_grad(set_to_none=False)'s
+// zero_() of a whole bucket in one launch, with no Python loop over its
+// parameters. As step_ writes the parameters, it writes the gradients through
+// the table's addresses, which the schema cannot name: it marks nothing
+// mutated and bumps no version counter, so it is for eager calls on
+// gradients that nothing else may be reading through autograd.
 
 // `import fusedclr._C` loads this library, whose static initialisers register
 // the ops above. The module also carries the host half of the segment table:

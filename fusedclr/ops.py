@@ -21,6 +21,7 @@ __all__ = [
     "extension_available",
     "extension_error",
     "grad_sumsq",
+    "grad_zero_",
     "schedule_eval",
     "segment_tracker",
     "state_args",
@@ -155,6 +156,10 @@ if extension_available():
     def _grad_sumsq_fake(segments, param_dtype, chunks):
         return segments.new_empty((), dtype=torch.float64)
 
+    @torch.library.register_fake("fusedclr::grad_zero_")
+    def _grad_zero_fake(segments, param_dtype, chunks):
+        return None
+
     @torch.library.register_fake("fusedclr::schedule_eval")
     def _schedule_eval_fake(schedule, schedule_step):
         return schedule.new_empty(4)
@@ -193,3 +198,8 @@ def schedule_eval(schedule: Tensor, schedule_step: Tensor) -> Tensor:
 def grad_sumsq(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> Tensor:
     """The active gradients' sum of squares (float64, 0-dim) over a segment table [note: fused clipping]."""
     return torch.ops.fusedclr.grad_sumsq(segments, param_dtype, chunks)
+
+
+def grad_zero_(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    """Zeroes the active gradients of a segment table, in place (csrc/ops.cpp [note: zeroing through the table])."""
+    torch.ops.fusedclr.grad_zero_(segments, param_dtype, chunks)

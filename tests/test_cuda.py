@@ -352,6 +352,8 @@ def test_opcheck_cuda(name):
     _, _, low = _bucket(name, [40, 9, 0], torch.bfloat16, master=True)
     torch.library.opcheck(step, _op_args(opt.args(low, cfg, low.table())))
     torch.library.opcheck(torch.ops.fusedclr.grad_sumsq.default, (b.table(), torch.float32, b.chunks))
+    torch.library.opcheck(torch.ops.fusedclr.grad_zero_.default, (b.table([True, False, True]), torch.float32,
+                                                                  b.chunks))
     torch.library.opcheck(torch.ops.fusedclr.schedule_eval.default, (b.schedule, b.schedule_step))
 
 
@@ -406,7 +408,7 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip("fusedclr._C was not built")
     if not _built_with_cuda(path):
         pytest.skip("fusedclr._C was built without CUDA (no nvcc or FUSEDCLR_CUDA=0)")
-    for op in ("step_", "schedule_eval", "grad_sumsq"):
+    for op in ("step_", "schedule_eval", "grad_sumsq", "grad_zero_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CPU"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CUDA"), op
     assert ops.cuda_kernels_registered()

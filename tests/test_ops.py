@@ -1,5 +1,5 @@
 """The op registry: schemas, fake kernels (opcheck), the CPU op's own checks, grad_sumsq,
-schedule_eval and the segment refresh. The optimizers' updates against the reference, on
+schedule_eval and the segment refresh (grad_zero_'s parity: tests/test_op_parity.py). The optimizers' updates against the reference, on
 every backend: tests/test_op_parity.py; bad calls: tests/test_op_errors.py."""
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def test_opcheck_step(name):
 def test_opcheck_other_ops():
     _, _, b = _bucket([40, 9])
     torch.library.opcheck(torch.ops.fusedclr.grad_sumsq.default, (b.table(), torch.float32, b.chunks))
+    b.set_grads(op_table.gradients(b, 1)[0])
+    torch.library.opcheck(torch.ops.fusedclr.grad_zero_.default, (b.table([True, False]), torch.float32, b.chunks))
     torch.library.opcheck(torch.ops.fusedclr.schedule_eval.default,
                           (torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64), torch.tensor(3)))
 
@@ -126,6 +128,12 @@ def test_chunk_rows_are_checked(name):
     assert all(torch.equal(after[k], v) for k, v in before.items())
     with pytest.raises(RuntimeError, match="names segment 2 of 2"):
         ops.grad_sumsq(table, torch.float32, torch.tensor([(2, 0, 1)]))
+    b.set_grads(op_table.gradients(b, 1)[0])
+    grads = [g.clone() for g in b.grads]
+    for row, match in (((1, 15, 20), "lies outside segment 1"), ((2, 0, 1), "names segment 2 of 2")):
+        with pytest.raises(RuntimeError, match=match):  # checked before the first row is zeroed
+            ops.grad_zero_(table, torch.float32, torch.tensor([(0, 0, 10), row]))
+    assert all(torch.equal(g, h) for g, h in zip(b.grads, grads))
 
 
 def test_cuda_kernels_compiled_when_nvcc_present():
