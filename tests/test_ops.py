@@ -174,9 +174,10 @@ def test_segment_tracker_refreshes_the_table_like_the_python_fallback(monkeypatc
     """The per-step refresh of a bucket's host segment table [note: segment refresh]: the
     parameters' and gradients' addresses written (0 for a None grad, 1 for an empty one),
     flags 0 when nothing moved, TABLE_CHANGED when a grad was replaced, SLOW_PATH for a grad
-    the kernels cannot walk (dtype, shape, strides) and PARAM_CHANGED for a parameter that
-    changed dtype or size; the C loop and the Python fallback (what ops.segment_tracker
-    returns without the extension) agree at every stage."""
+    the kernels cannot walk (dtype, shape, strides), GRAD_READ_ONLY for one that requires grad
+    or is copy-on-write and PARAM_CHANGED for a parameter that changed dtype or size; the C
+    loop and the Python fallback (what ops.segment_tracker returns without the extension)
+    agree at every stage."""
     ps = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2)),
           torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.randn(4))]
     trackers = {"c": ops.segment_tracker(ps, torch.float32, torch.device("cpu"))}
@@ -229,6 +230,18 @@ def test_segment_tracker_refreshes_the_table_like_the_python_fallback(monkeypatc
     ps[3].grad.data = torch.randn(2, 2)  # another shape, past the setter's check
     assert refresh() == ops.SLOW_PATH
     ps[3].grad = torch.randn(4)
+    assert refresh() == ops.TABLE_CHANGED
+
+    # Gradients the step may read but grad_zero_ must leave to torch [note: zeroing through the
+    # table]: flagged, and the walk goes on (their rows are written).
+    ps[1].grad = torch.randn(2, 2, requires_grad=True)
+    assert refresh() == ops.TABLE_CHANGED | ops.GRAD_READ_ONLY and t[1, 1] == ps[1].grad.data_ptr()
+    assert refresh() == ops.GRAD_READ_ONLY
+    source = torch.randn(2, 2)
+    ps[1].grad = torch._lazy_clone(source)  # shares copy-on-write storage with `source`
+    assert refresh() == ops.TABLE_CHANGED | ops.GRAD_READ_ONLY and t[1, 1] == source.const_data_ptr()
+    assert torch._C._is_cow_tensor(ps[1].grad), "the refresh materialised a copy-on-write gradient"
+    ps[1].grad = good
     assert refresh() == ops.TABLE_CHANGED
 
     # A parameter moved to another dtype (model.double()) or size: the bucket must be rebuilt.
