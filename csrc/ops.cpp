@@ -106,8 +106,9 @@ namespace {
 // table], because autograd tracks it (it requires grad: backward with
 // create_graph=True) or its storage is copy-on-write (shared with another
 // tensor until one of them writes through torch). It is complete only when
-// neither SLOW_PATH nor PARAM_CHANGED stopped the walk, and plain tensors only
-// report it (DTensor buckets are never zeroed through the table).
+// neither SLOW_PATH nor PARAM_CHANGED stopped the walk. For a DTensor gradient
+// it says whether the DTensor or its local shard requires grad, or the shard
+// is copy-on-write.
 constexpr long kTableChanged = 1;
 constexpr long kSlowPath = 2;      // a gradient the kernels cannot read as it is
 constexpr long kParamChanged = 4;  // a parameter changed dtype, device, size or layout
@@ -375,6 +376,9 @@ long refresh_local(const Tracker& t, int64_t* rows) {
       const bool ok = g != nullptr && walkable_grad(*g, *p);
       if (ok) {
         gaddr = grad_address(*g);
+        if (THPVariable_Unpack(gobj).requires_grad() || g->requires_grad() || is_cow(*g)) {
+          flags |= kGradReadOnly;
+        }
       }
       Py_XDECREF(hold_g);
       if (!ok) {

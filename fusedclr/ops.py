@@ -137,7 +137,7 @@ def _refresh_in_python(params: list[Tensor], local: bool, expected: tuple, table
             # An empty gradient is not "no gradient" (reference.grad_address); const_data_ptr, as the C
             # loop reads it, does not materialise a copy-on-write gradient.
             gaddr = g.const_data_ptr() or 1
-            if not local and (g.requires_grad or torch._C._is_cow_tensor(g)):
+            if p.grad.requires_grad or g.requires_grad or torch._C._is_cow_tensor(g):
                 flags |= GRAD_READ_ONLY
         if rows[i][0] != t.data_ptr() or rows[i][1] != gaddr:
             table[i, 0], table[i, 1] = t.data_ptr(), gaddr

@@ -119,7 +119,7 @@ def _assert_params_match(expected: torch.nn.Module, model: torch.nn.Module) -> N
 
 
 def _no_torch_zero(params) -> None:
-    raise AssertionError("zero_grad(set_to_none=False) handed a bucket of DDP's gradients to torch's loop")
+    raise AssertionError("zero_grad(set_to_none=False) handed a bucket of gradients to torch's loop")
 
 
 def _ddp_worker(rank: int, cls: str, gradient_as_bucket_view: bool, set_to_none: bool) -> None:
@@ -199,6 +199,9 @@ def _fsdp_train(model, opt, steps: range, set_to_none: bool = True) -> None:
 def _fsdp_worker(rank: int, cls: str, set_to_none: bool) -> None:
     from torch.distributed.tensor import DTensor
 
+    import fusedclr.optim._base as base
+
+    base._zero_grads_as_torch = _no_torch_zero  # this worker process only: the local shards go through the table
     model = _fsdp_model()
     params = list(model.parameters())
     assert all(isinstance(p, DTensor) for p in params)
@@ -208,7 +211,7 @@ def _fsdp_worker(rank: int, cls: str, set_to_none: bool) -> None:
     # The last step updates FSDP's shards in place through the segment table: no copy in or out.
     grads = [p.grad for p in params]
     opt.zero_grad(set_to_none=set_to_none)
-    if not set_to_none:  # DTensor gradients: torch's loop zeroes them in place
+    if not set_to_none:  # zeroed in place, through the local shards
         assert all(p.grad is g and not g.to_local().any() for p, g in zip(params, grads))
     _loss(model, *_batch(STEPS - 1), dist.get_rank()).backward()
     with _CopyCounter() as copies:

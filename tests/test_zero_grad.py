@@ -266,6 +266,19 @@ def test_zero_grad_takes_whatever_gradients_torch_takes(backend, monkeypatch):
     assert ps[5].dtype == torch.float64 and opt._buckets[5][0].dtype == torch.float64
 
 
+def test_zero_grad_after_a_step_that_raised(backend):
+    """A step that raised after its refresh had read a gradient through a copy (other strides)
+    leaves no trace: zero_grad then zeroes the gradient the parameter has, not that copy."""
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = fusedclr.SGD([p], lr=0.1, backend=backend.name)
+    p.grad = torch.randn(4, 3).t()
+    with pytest.raises(RuntimeError):
+        opt.step(grad_scale=torch.ones(2))  # not GradScaler's one-element scale
+    p.grad = g = torch.randn(3, 4)
+    opt.zero_grad(set_to_none=False)
+    assert p.grad is g and not g.any()
+
+
 # --------------------------------------------------------------------------
 # Training with zero_grad(set_to_none=False)
 # --------------------------------------------------------------------------
@@ -339,6 +352,7 @@ def test_reference_op_zeroes_the_active_gradients():
 
 __all__ = [
     "test_one_launch_per_bucket", "test_training_with_zero_grad_in_place_matches_torch",
+    "test_zero_grad_after_a_step_that_raised",
     "test_zero_grad_in_place_is_torchs", "test_zero_grad_takes_whatever_gradients_torch_takes",
     "test_zero_grad_writes_only_the_gradients",
 ]

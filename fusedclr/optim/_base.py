@@ -599,16 +599,18 @@ class FlatOptimizerMixin:
         ``zero_grad(set_to_none=False)`` refreshes each bucket's segment table
         (``Bucket.prepare_zero``, the step's C refresh [note: segment
         refresh]) and hands it to ``grad_zero_`` (csrc/ops.cpp [note: zeroing
-        through the table]) on the step's backend. Where the table cannot
-        stand for the gradients themselves, the bucket goes to torch's loop
-        (the gradients would never be left unzeroed): a gradient the kernels
-        read through a temporary copy (other strides than its parameter, the
-        slow path), a parameter walked through a shadow [note: shadowed
-        parameters] or that changed, a gradient that requires grad (torch
-        detaches it first) or shares copy-on-write storage, DTensor buckets
-        and the meta device. No such case raises: zero_grad takes whatever
-        gradients torch's takes (sparse ones, other dtypes), and a parameter
-        that changed is re-bucketed by the next step, as before.
+        through the table]) on the step's backend. DTensor buckets (FSDP2)
+        are zeroed through their gradients' local shards, which zeroes the
+        gradients whatever their placements. Where the table cannot stand for
+        the gradients themselves, the bucket goes to torch's loop (so no
+        gradient is left unzeroed): a gradient the kernels read through a
+        temporary copy (other strides than its parameter, the slow path), a
+        parameter walked through a shadow [note: shadowed parameters] or that
+        changed, a gradient that requires grad (torch detaches it first) or
+        shares copy-on-write storage, and the meta device. No such case
+        raises: zero_grad takes whatever gradients torch's takes (sparse ones,
+        other dtypes), and a parameter that changed is re-bucketed by the next
+        step, as before.
         """
         if set_to_none or self._torch_impl:
             super().zero_grad(set_to_none)
