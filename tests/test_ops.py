@@ -1,6 +1,6 @@
 """The op registry: schemas, fake kernels (opcheck), the CPU op's own checks, grad_sumsq,
-schedule_eval and the segment refresh (grad_zero_'s parity: tests/test_op_parity.py). The optimizers' updates against the reference, on
-every backend: tests/test_op_parity.py; bad calls: tests/test_op_errors.py."""
+schedule_eval and the segment refresh. The optimizers' updates (and grad_zero_) against the
+reference, on every backend: tests/test_op_parity.py; bad calls: tests/test_op_errors.py."""
 
 from __future__ import annotations
 

@@ -129,10 +129,11 @@ void grad_zero_cuda(const at::Tensor& segments, at::ScalarType param_dtype, cons
   require_cuda(segments);
   const c10::cuda::CUDAGuard guard(segments.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  grad_zero_with(segments, param_dtype, chunks, resident_blocks, [&](auto kernel, int64_t blocks, const StepArgs& args) {
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  grad_zero_with(segments, param_dtype, chunks, resident_blocks,
+                 [&](auto kernel, int64_t blocks, const StepArgs& args) {
+                   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+                   C10_CUDA_KERNEL_LAUNCH_CHECK();
+                 });
 }
 
 at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& schedule_step) {
