@@ -507,12 +507,6 @@ class ShardBucket(Bucket):
     def _local_grad(self, g: Tensor) -> Tensor:
         return g.to_local()
 
-    def prepare_zero(self) -> bool:
-        """False: torch zeroes DTensor gradients. The refresh of their local shards does not
-        report GRAD_READ_ONLY, and FSDP2 hands few, large parameters, so torch's Python loop
-        over them costs little."""
-        return False
-
     def _refresh_slowly(self) -> None:
         self.locals = self._locals()
         super()._refresh_slowly()
