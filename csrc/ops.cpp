@@ -44,7 +44,24 @@ TORCH_LIBRARY(fusedclr, m) {
   // Sum of squares of the active segments' gradients (float64, 0-dim): the
   // bucket's share of the global gradient norm [note: fused clipping].
   m.def("grad_sumsq(Tensor segments, ScalarType param_dtype, Tensor chunks) -> Tensor");
+  // Zeroes the active segments' gradients [note: zeroing through the table].
+  m.def("grad_zero_(Tensor segments, ScalarType param_dtype, Tensor chunks) -> ()");
 }
+
+// [note: zeroing through the table]
+// grad_zero_ writes +0 (all-zero bits, what zero_() writes) over the elements
+// that the chunk table covers of every active segment's gradient (GRAD != 0;
+// an empty gradient, entered as 1, has none): zero_grad(set_to_none=False)'s
+// zero_() of a whole bucket in one launch, with no Python loop over its
+// parameters. As step_ writes the parameters, it writes the gradients through
+// the table's addresses, which the schema cannot name: it marks nothing
+// mutated, so it is called eagerly (the optimizers' zero_grad is disabled for
+// Dynamo, as torch's is), and it bumps no version counter, so autograd cannot
+// tell that a gradient some graph saved for its backward was zeroed (where
+// torch's zero_() makes that backward raise). The optimizers call it after a
+// refresh that found every gradient of the bucket walkable in place, not
+// requiring grad and not copy-on-write; torch zeroes the others
+// (fusedclr/optim/_base.py, [note: zero_grad through the table]).
 
 // `import fusedclr._C` loads this library, whose static initialisers register
 // the ops above. The module also carries the host half of the segment table:
@@ -84,9 +101,22 @@ namespace {
 // tensors is prefetched and, for many parameters, multi-threaded [note:
 // refresh prefetch]; it may then report several flags at once (one for each
 // thread's first problem), which the Python side handles as it would one.
+// One flag does not stop the loop: GRAD_READ_ONLY, a walkable gradient that
+// the step may read but grad_zero_ must not write [note: zeroing through the
+// table], because autograd tracks it (it requires grad: backward with
+// create_graph=True) or its storage is copy-on-write (shared with another
+// tensor until one of them writes through torch). It is complete only when
+// neither SLOW_PATH nor PARAM_CHANGED stopped the walk. For a DTensor gradient
+// it says whether the DTensor or its local shard requires grad, or the shard
+// is copy-on-write.
 constexpr long kTableChanged = 1;
 constexpr long kSlowPath = 2;      // a gradient the kernels cannot read as it is
 constexpr long kParamChanged = 4;  // a parameter changed dtype, device, size or layout
+constexpr long kGradReadOnly = 8;  // a gradient grad_zero_ must leave to torch
+
+inline bool is_cow(const at::Tensor& t) {
+  return c10::impl::cow::is_cow_data_ptr(t.unsafeGetTensorImpl()->unsafe_storage().data_ptr());
+}
 
 struct Tracker {
   std::vector<PyObject*> params;  // borrowed: the Python side keeps the parameters alive
@@ -300,7 +330,7 @@ long refresh_rows(const Tracker& t, int64_t* rows, size_t lo, size_t hi) {
     if (!param_fits(p, t, row)) {
       return flags | kParamChanged;
     }
-    if (c10::impl::cow::is_cow_data_ptr(p.unsafeGetTensorImpl()->unsafe_storage().data_ptr())) {
+    if (is_cow(p)) {
       return flags | kSlowPath;
     }
     int64_t gaddr = 0;
@@ -310,6 +340,9 @@ long refresh_rows(const Tracker& t, int64_t* rows, size_t lo, size_t hi) {
         return flags | kSlowPath;
       }
       gaddr = grad_address(g);
+      if (g.requires_grad() || is_cow(g)) {
+        flags |= kGradReadOnly;
+      }
     }
     flags |= write_row(row, reinterpret_cast<int64_t>(p.data_ptr()), gaddr);
   }
@@ -343,6 +376,9 @@ long refresh_local(const Tracker& t, int64_t* rows) {
       const bool ok = g != nullptr && walkable_grad(*g, *p);
       if (ok) {
         gaddr = grad_address(*g);
+        if (THPVariable_Unpack(gobj).requires_grad() || g->requires_grad() || is_cow(*g)) {
+          flags |= kGradReadOnly;
+        }
       }
       Py_XDECREF(hold_g);
       if (!ok) {
@@ -423,6 +459,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     PyModule_AddIntConstant(module, "TABLE_CHANGED", kTableChanged);
     PyModule_AddIntConstant(module, "SLOW_PATH", kSlowPath);
     PyModule_AddIntConstant(module, "PARAM_CHANGED", kParamChanged);
+    PyModule_AddIntConstant(module, "GRAD_READ_ONLY", kGradReadOnly);
   }
   return module;
 }

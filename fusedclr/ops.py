@@ -21,6 +21,7 @@ __all__ = [
     "extension_available",
     "extension_error",
     "grad_sumsq",
+    "grad_zero_",
     "schedule_eval",
     "segment_tracker",
     "state_args",
@@ -35,8 +36,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     _EXT_ERROR = str(exc)
 
 # Flags of the segment refresh [note: segment refresh] (csrc/ops.cpp).
-TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED = 1, 2, 4
-if _C is not None and (_C.TABLE_CHANGED, _C.SLOW_PATH, _C.PARAM_CHANGED) != (TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED):
+TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED, GRAD_READ_ONLY = 1, 2, 4, 8
+if _C is not None and (getattr(_C, "TABLE_CHANGED", None), getattr(_C, "SLOW_PATH", None),
+                       getattr(_C, "PARAM_CHANGED", None), getattr(_C, "GRAD_READ_ONLY", None)) != (
+        TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED, GRAD_READ_ONLY):
     raise ImportError("fusedclr._C was built from other sources than this fusedclr: rebuild it")
 
 
@@ -102,10 +105,10 @@ def segment_tracker(params: list[Tensor], dtype: torch.dtype, device: torch.devi
     Returns a function of the host table (CPU int64 ``[n, 4]``, its NUMEL column
     filled) that writes the current parameter and gradient addresses into its
     first two columns and returns the flags ``TABLE_CHANGED | SLOW_PATH |
-    PARAM_CHANGED``; ``dtype`` (real) and ``device`` are what the bucket was
-    built for. With the extension it is one C loop over the parameters; without
-    it, the same in Python. ``local``: the parameters are DTensors, walked
-    through their local shards.
+    PARAM_CHANGED | GRAD_READ_ONLY``; ``dtype`` (real) and ``device`` are what
+    the bucket was built for. With the extension it is one C loop over the
+    parameters; without it, the same in Python. ``local``: the parameters are
+    DTensors, walked through their local shards.
     """
     params = list(params)
     if _C is not None:
@@ -131,7 +134,11 @@ def _refresh_in_python(params: list[Tensor], local: bool, expected: tuple, table
             if (g.layout != torch.strided or g.dtype != t.dtype or g.device != t.device or g.shape != t.shape
                     or g.stride() != t.stride() or (local and g is p.grad)):
                 return flags | SLOW_PATH
-            gaddr = g.data_ptr() or 1  # an empty gradient is not "no gradient" (reference.grad_address)
+            # An empty gradient is not "no gradient" (reference.grad_address); const_data_ptr, as the C
+            # loop reads it, does not materialise a copy-on-write gradient.
+            gaddr = g.const_data_ptr() or 1
+            if p.grad.requires_grad or g.requires_grad or torch._C._is_cow_tensor(g):
+                flags |= GRAD_READ_ONLY
         if rows[i][0] != t.data_ptr() or rows[i][1] != gaddr:
             table[i, 0], table[i, 1] = t.data_ptr(), gaddr
             flags |= TABLE_CHANGED
@@ -154,6 +161,10 @@ if extension_available():
     @torch.library.register_fake("fusedclr::grad_sumsq")
     def _grad_sumsq_fake(segments, param_dtype, chunks):
         return segments.new_empty((), dtype=torch.float64)
+
+    @torch.library.register_fake("fusedclr::grad_zero_")
+    def _grad_zero_fake(segments, param_dtype, chunks):
+        return None
 
     @torch.library.register_fake("fusedclr::schedule_eval")
     def _schedule_eval_fake(schedule, schedule_step):
@@ -193,3 +204,8 @@ def schedule_eval(schedule: Tensor, schedule_step: Tensor) -> Tensor:
 def grad_sumsq(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> Tensor:
     """The active gradients' sum of squares (float64, 0-dim) over a segment table [note: fused clipping]."""
     return torch.ops.fusedclr.grad_sumsq(segments, param_dtype, chunks)
+
+
+def grad_zero_(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    """Zeroes the active gradients of a segment table, in place (csrc/ops.cpp [note: zeroing through the table])."""
+    torch.ops.fusedclr.grad_zero_(segments, param_dtype, chunks)

@@ -40,6 +40,7 @@ __all__ = [
     "check_precision",
     "grad_address",
     "grad_sumsq",
+    "grad_zero_",
     "memory_image",
     "mix32",
     "round_stochastic",
@@ -729,6 +730,14 @@ def grad_sumsq(segments: Segments, param_dtype: torch.dtype, chunks: Tensor) -> 
     """Reference of ``fusedclr::grad_sumsq``: the active gradients' sum of squares, float64."""
     g = _gather(segments.grads, segments, param_dtype).to(torch.float64)
     return g.square().sum()
+
+
+def grad_zero_(segments: Segments, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    """Reference of ``fusedclr::grad_zero_``: zeroes every active gradient in place (csrc/ops.cpp
+    [note: zeroing through the table])."""
+    active = [memory_image(g) for g in segments.grads if g is not None]
+    if active:
+        torch._foreach_zero_(active)
 
 
 def _store(state: Tensor, value: Tensor, go: Tensor) -> None:

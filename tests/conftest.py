@@ -64,11 +64,12 @@ RESIDENT_BLOCKS = 4
 
 @dataclasses.dataclass(frozen=True)
 class OpBackend:
-    """One implementation of the ops: ``step_`` and ``grad_sumsq`` (op signatures) on ``device``."""
+    """One implementation of the ops: ``step_``, ``grad_sumsq`` and ``grad_zero_`` (op signatures) on ``device``."""
 
     name: str
     step_: Callable[..., None]
     grad_sumsq: Callable[..., torch.Tensor]
+    grad_zero_: Callable[..., None]
     schedule_eval: Callable[..., torch.Tensor]
     device: str
 
@@ -110,7 +111,8 @@ def emulated_ops(request) -> OpBackend:
     )
     lib = torch.ops.fusedclr_emulated
     return OpBackend("emulated", _with_state_args(functools.partial(lib.step_, resident=RESIDENT_BLOCKS)),
-                     functools.partial(lib.grad_sumsq, resident=RESIDENT_BLOCKS), lib.schedule_eval, "cpu")
+                     functools.partial(lib.grad_sumsq, resident=RESIDENT_BLOCKS),
+                     functools.partial(lib.grad_zero_, resident=RESIDENT_BLOCKS), lib.schedule_eval, "cpu")
 
 
 def _with_state_args(op: Callable[..., None]) -> Callable[..., None]:
@@ -125,7 +127,7 @@ def _with_state_args(op: Callable[..., None]) -> Callable[..., None]:
 def _compiled(device: str) -> OpBackend:
     lib = torch.ops.fusedclr
     return OpBackend("cpu" if device == "cpu" else "cuda", _with_state_args(lib.step_), lib.grad_sumsq,
-                     lib.schedule_eval, device)
+                     lib.grad_zero_, lib.schedule_eval, device)
 
 
 # The backends a parity or error test runs on (see the `op_backend` fixture); a CUDA GPU's

@@ -98,6 +98,11 @@ at::Tensor grad_sumsq(const at::Tensor& segments, at::ScalarType param_dtype, co
                          });
 }
 
+void grad_zero(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks, int64_t resident) {
+  grad_zero_with(segments, param_dtype, chunks, [resident](const void*) { return resident; },
+                 [](auto kernel, int64_t blocks, const StepArgs& args) { run_grid(blocks, kernel, args); });
+}
+
 at::Tensor schedule_eval(const at::Tensor& schedule, const at::Tensor& schedule_step) {
   at::Tensor out = at::empty({4}, schedule.options());
   run_grid(1, schedule_eval_kernel, schedule.data_ptr<double>(), schedule_step.data_ptr<int64_t>(),
@@ -118,10 +123,12 @@ TORCH_LIBRARY(fusedclr_emulated, m) {
       "int resident=4) -> ()");
   m.def("schedule_eval(Tensor schedule, Tensor schedule_step) -> Tensor");
   m.def("grad_sumsq(Tensor segments, ScalarType param_dtype, Tensor chunks, int resident=4) -> Tensor");
+  m.def("grad_zero_(Tensor segments, ScalarType param_dtype, Tensor chunks, int resident=4) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusedclr_emulated, CPU, m) {
   m.impl("step_", &fusedclr::cuda::step);
   m.impl("schedule_eval", &fusedclr::cuda::schedule_eval);
   m.impl("grad_sumsq", &fusedclr::cuda::grad_sumsq);
+  m.impl("grad_zero_", &fusedclr::cuda::grad_zero);
 }

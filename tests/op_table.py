@@ -408,3 +408,69 @@ def padding(b: Bucket) -> Tensor:
     for p, o in zip(b.params, b.offsets):
         mask[o : o + p.numel()] = False
     return mask
+
+
+# -- the ops that only walk the gradients (grad_sumsq, grad_zero_) ----------------
+
+# Bad calls of those ops: (id, edit of their arguments by name, message). They share
+# check_segments (csrc/include/fusedclr/checks.h), so every backend refuses each alike,
+# before anything moves.
+GRAD_OP_BAD_CALLS: list[tuple[str, Callable[[dict], None], str]] = [
+    ("param_dtype_int", lambda a: a.update(param_dtype=torch.int32),
+     r"^fusedclr: param_dtype is Int; the kernels update Float, Double, Half and BFloat16 parameters"),
+    ("segments_int32", lambda a: a.update(segments=a["segments"].int()),
+     r"^fusedclr: segments must be a contiguous int64 \[n, 4\] table .* got Int of shape"),
+    ("segments_3_columns", lambda a: a.update(segments=a["segments"][:, :3].contiguous()),
+     r"^fusedclr: segments must be a contiguous int64 \[n, 4\] table .* got Long of shape \[\d+, 3\]"),
+    ("chunks_int32", lambda a: a.update(chunks=a["chunks"].int()),
+     r"^fusedclr: chunks must be a contiguous int64 \[n, 3\] table"),
+    ("chunks_2_columns", lambda a: a.update(chunks=a["chunks"][:, :2].contiguous()),
+     r"^fusedclr: chunks must be a contiguous int64 \[n, 3\] table"),
+]
+
+
+def grad_storages(b: Bucket) -> list[Tensor]:
+    """Every storage behind the bucket's gradients, once, as a flat tensor over all of it: what is
+    around and between the gradients too (views of one shared tensor, the elements before an
+    ``offset`` tensor)."""
+    out, seen = [], set()
+    for g in b.grads:
+        storage = g.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            n = storage.nbytes() // g.element_size()
+            out.append(torch.empty(0, dtype=g.dtype, device=g.device).set_(storage, 0, (n,), (1,)))
+    return out
+
+
+# What surrounds the gradients in their storages, which grad_zero_ must leave alone.
+AROUND = 1234.5
+
+
+def check_grad_zero(grad_zero_: Callable[[Tensor, torch.dtype, Tensor], None], device, dtype: torch.dtype, *,
+                    offset: int = 0, chunk: int = 1000) -> None:
+    """``grad_zero_(segments, param_dtype, chunks)`` against ``reference.grad_zero_`` on twin
+    buckets of RAGGED sizes, a segment in four without a gradient: every storage behind the
+    gradients ends as the reference leaves it, bit for bit (the active gradients zero, the
+    inactive ones and everything around the gradients untouched)."""
+    opt = TABLE["sgd"]
+    cfg = opt.config(opt.full)
+    active = [i % 4 != 2 for i in range(len(RAGGED))]
+
+    def twin(dev) -> Bucket:
+        b = bucket(opt, cfg, RAGGED, dtype, dev, chunk=chunk, offset=offset)
+        for s in grad_storages(b):
+            s.fill_(AROUND)
+        b.set_grads(gradients(b, 1)[0])
+        return b
+
+    ours, ref = twin(device), twin("cpu")
+    grad_zero_(ours.table(active), dtype, ours.chunks)
+    reference.grad_zero_(ref.segments(active), dtype, ref.chunks)
+    got, want = [s.cpu() for s in grad_storages(ours)], grad_storages(ref)
+    assert len(got) == len(want) and any(bool((s == AROUND).any()) for s in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    for g, on in zip(ref.grads, active):
+        assert not on or not g.any()
+    assert any(g.numel() and g.all() for g, on in zip(ref.grads, active) if not on)

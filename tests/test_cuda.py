@@ -310,6 +310,46 @@ def test_launches_per_step_and_no_sync(name, n_params):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_zero_grad_in_place_launches_once_per_bucket_without_sync(backend):
+    """``zero_grad(set_to_none=False)`` on CUDA: one grad_zero kernel per bucket (an fp32 and a bf16
+    one here), none of torch's per-tensor fills, and no host synchronisation once the table is
+    on the device; the gradients end zero, as the same tensors."""
+    import fusedclr
+
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(DEVICE)
+    model[2].to(torch.bfloat16)
+    opt = fusedclr.AdamW(model.parameters(), lr=0.01, backend=backend)
+
+    def backward():
+        h = model[1](model[0](torch.randn(16, 32, device=DEVICE)))
+        model[2](h.bfloat16()).float().square().mean().backward()
+
+    backward()
+    opt.zero_grad(set_to_none=False)  # warm-up: the table's upload, the kernels' first launch
+    backward()  # accumulates into the same gradients: the table stays as it is
+    grads = [p.grad for p in model.parameters()]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.zero_grad(set_to_none=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+    backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.zero_grad(set_to_none=False)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(names) == 2 and all("grad_zero_kernel" in n for n in names), names
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+
+
+@gpu
+@pytest.mark.gpu
 def test_buffers_on_another_device_are_named():
     """A buffer off the segment table's device is refused before anything moves (the other
     bad calls, shared by every backend: tests/test_op_errors.py)."""
@@ -352,6 +392,8 @@ def test_opcheck_cuda(name):
     _, _, low = _bucket(name, [40, 9, 0], torch.bfloat16, master=True)
     torch.library.opcheck(step, _op_args(opt.args(low, cfg, low.table())))
     torch.library.opcheck(torch.ops.fusedclr.grad_sumsq.default, (b.table(), torch.float32, b.chunks))
+    torch.library.opcheck(torch.ops.fusedclr.grad_zero_.default, (b.table([True, False, True]), torch.float32,
+                                                                  b.chunks))
     torch.library.opcheck(torch.ops.fusedclr.schedule_eval.default, (b.schedule, b.schedule_step))
 
 
@@ -406,7 +448,7 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip("fusedclr._C was not built")
     if not _built_with_cuda(path):
         pytest.skip("fusedclr._C was built without CUDA (no nvcc or FUSEDCLR_CUDA=0)")
-    for op in ("step_", "schedule_eval", "grad_sumsq"):
+    for op in ("step_", "schedule_eval", "grad_sumsq", "grad_zero_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CPU"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedclr::{op}", "CUDA"), op
     assert ops.cuda_kernels_registered()

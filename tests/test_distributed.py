@@ -118,16 +118,26 @@ def _assert_params_match(expected: torch.nn.Module, model: torch.nn.Module) -> N
 # --------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, cls: str, gradient_as_bucket_view: bool) -> None:
+def _no_torch_zero(params) -> None:
+    raise AssertionError("zero_grad(set_to_none=False) handed a bucket of gradients to torch's loop")
+
+
+def _ddp_worker(rank: int, cls: str, gradient_as_bucket_view: bool, set_to_none: bool) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import fusedclr.optim._base as base
+
+    base._zero_grads_as_torch = _no_torch_zero  # this worker process only: DDP's gradients go through the table
     ddp = DDP(_model(seed=rank), gradient_as_bucket_view=gradient_as_bucket_view)  # DDP broadcasts rank 0's
     opt = getattr(fusedclr, cls)(_groups(ddp.module, cls), **OPTIONS[cls], max_grad_norm=CLIP)
     bucket = opt._buckets[0][0]
     weight = ddp.module[0].weight
     assert bucket.params[0] is weight
     for step in range(STEPS):
-        opt.zero_grad()
+        grad = weight.grad
+        opt.zero_grad(set_to_none=set_to_none)
+        if grad is not None and not set_to_none:  # zeroed in place, through the table
+            assert weight.grad is grad and not grad.any()
         _loss(ddp, *_batch(step), rank).backward()
         opt.step()
         # The kernel read DDP's gradient where it is (a bucket view or not): no gather copy.
@@ -135,11 +145,13 @@ def _ddp_worker(rank: int, cls: str, gradient_as_bucket_view: bool) -> None:
     _assert_params_match(_single_process(cls), ddp.module)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["set_to_none", "zero_in_place"])
 @pytest.mark.parametrize("gradient_as_bucket_view", [False, True])
 @pytest.mark.parametrize("cls", ["AdamW", "SGD"])
-def test_ddp_matches_single_process(cls, gradient_as_bucket_view):
-    """DDP (both gradient modes) + fused clipping over all-reduced grads == one process."""
-    _run(_ddp_worker, cls, gradient_as_bucket_view)
+def test_ddp_matches_single_process(cls, gradient_as_bucket_view, set_to_none):
+    """DDP (both gradient modes, gradients set to None or zeroed in place between steps) + fused
+    clipping over all-reduced grads == one process."""
+    _run(_ddp_worker, cls, gradient_as_bucket_view, set_to_none)
 
 
 # --------------------------------------------------------------------------
@@ -177,24 +189,30 @@ class _CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _fsdp_train(model, opt, steps: range) -> None:
+def _fsdp_train(model, opt, steps: range, set_to_none: bool = True) -> None:
     for step in steps:
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         _loss(model, *_batch(step), dist.get_rank()).backward()
         opt.step()
 
 
-def _fsdp_worker(rank: int, cls: str) -> None:
+def _fsdp_worker(rank: int, cls: str, set_to_none: bool) -> None:
     from torch.distributed.tensor import DTensor
 
+    import fusedclr.optim._base as base
+
+    base._zero_grads_as_torch = _no_torch_zero  # this worker process only: the local shards go through the table
     model = _fsdp_model()
     params = list(model.parameters())
     assert all(isinstance(p, DTensor) for p in params)
     shards = [p.to_local().data_ptr() for p in params]
     opt = getattr(fusedclr, cls)(_groups(model, cls), **OPTIONS[cls], max_grad_norm=CLIP)
-    _fsdp_train(model, opt, range(STEPS - 1))
+    _fsdp_train(model, opt, range(STEPS - 1), set_to_none)
     # The last step updates FSDP's shards in place through the segment table: no copy in or out.
-    opt.zero_grad()
+    grads = [p.grad for p in params]
+    opt.zero_grad(set_to_none=set_to_none)
+    if not set_to_none:  # zeroed in place, through the local shards
+        assert all(p.grad is g and not g.to_local().any() for p, g in zip(params, grads))
     _loss(model, *_batch(STEPS - 1), dist.get_rank()).backward()
     with _CopyCounter() as copies:
         opt.step()
@@ -213,11 +231,13 @@ def _fsdp_worker(rank: int, cls: str) -> None:
                 assert value.to_local().shape == p.to_local().shape
 
 
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["set_to_none", "zero_in_place"])
 @pytest.mark.parametrize("cls", ["AdamW", "SGD"])
-def test_fsdp2_matches_single_process(cls):
-    """fully_shard + fused clipping (norm reduced over the shards) == one process; DTensor
-    shards never re-pointed; states are DTensors placed like their parameters."""
-    _run(_fsdp_worker, cls)
+def test_fsdp2_matches_single_process(cls, set_to_none):
+    """fully_shard + fused clipping (norm reduced over the shards) == one process, with the
+    gradients set to None or zeroed in place between steps; DTensor shards never re-pointed;
+    states are DTensors placed like their parameters."""
+    _run(_fsdp_worker, cls, set_to_none)
 
 
 def _dcp_worker(rank: int, cls: str, path: str) -> None:

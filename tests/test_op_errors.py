@@ -1,5 +1,6 @@
-"""Bad calls of fusedclr::step_: every op backend refuses the same ones with the same message,
-before anything changes.
+"""Bad calls of fusedclr::step_ (and of the ops that only walk the gradients, grad_sumsq and
+grad_zero_): every op backend refuses the same ones with the same message, before anything
+changes.
 
 The compiled CPU op, the CUDA op and the CUDA kernels' host emulation share one
 argument check (check_step_call, csrc/include/fusedclr/checks.h). Each case
@@ -24,7 +25,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import available_op_backends
-from op_table import NAMES, TABLE, bucket
+from op_table import GRAD_OP_BAD_CALLS, NAMES, TABLE, bucket, gradients
 
 from fusedclr import reference
 
@@ -209,3 +210,22 @@ def test_every_backend_refuses_alike(request, case):
     if case.ref is not None:
         b, a = _call(case, "cpu")
         _refuses(reference.step_, b, a, case.ref, segments=b.segments())
+
+
+@pytest.mark.parametrize("op", ["grad_sumsq", "grad_zero_"])
+@pytest.mark.parametrize(("edit", "match"), [pytest.param(e, m, id=i) for i, e, m in GRAD_OP_BAD_CALLS])
+def test_every_backend_refuses_gradient_op_calls_alike(request, op, edit, match):
+    """grad_sumsq and grad_zero_ share check_segments: every backend refuses the same bad
+    table, chunk table or dtype with the same message, and grad_zero_ zeroes nothing first."""
+    messages = {}
+    for backend in available_op_backends(request):
+        b = bucket(TABLE["sgd"], TABLE["sgd"].config("plain"), SIZES, device=backend.device, chunk=64)
+        b.set_grads(gradients(b, 1)[0])
+        before = [g.clone() for g in b.grads]
+        a = {"segments": b.table(), "param_dtype": b.dtype, "chunks": b.chunks}
+        edit(a)
+        with pytest.raises(RuntimeError, match=match) as err:
+            getattr(backend, op)(a["segments"], a["param_dtype"], a["chunks"])
+        assert all(torch.equal(g, h) for g, h in zip(b.grads, before)), f"{backend.name} changed a gradient"
+        messages[backend.name] = str(err.value)
+    assert len(set(messages.values())) == 1, messages

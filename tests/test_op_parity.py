@@ -1,4 +1,4 @@
-"""fusedclr::step_ against the reference, for every optimizer of the table, on every op backend.
+"""fusedclr::step_ (and grad_zero_) against the reference, for every optimizer of the table, on every op backend.
 
 Each row builds one bucket (tests/op_table.py: ragged separate tensors, views at
 odd offsets, a transposed one, an empty one, segments without a gradient on
@@ -19,6 +19,9 @@ scalars. The rows:
 * chunk splitting and alignment (long and short chunks, buffers off any
   alignment: the CUDA kernels' vector and scalar paths), many small segments.
 
+Last, ``grad_zero_`` zeroes the active gradients of a bucket and nothing else, in every
+parameter dtype, at and off 16-byte alignment, as the reference does.
+
 Tolerances: conftest.TOL for fp32 and fp64, two units in the last place for fp16
 and bf16 buckets against the reference in the same dtype (conftest.tol_lowp).
 """
@@ -30,8 +33,8 @@ import contextlib
 import pytest
 import torch
 from conftest import TOL, TOL_LOWP, tol_lowp
-from op_table import (NAMES, RAGGED, TABLE, VARIANTS, Bucket, bucket, gradients, inner_step, padding, run,
-                      segment_ids)
+from op_table import (NAMES, RAGGED, TABLE, VARIANTS, Bucket, bucket, check_grad_zero, gradients, inner_step,
+                      padding, run, segment_ids)
 
 from fusedclr import reference
 from fusedclr.reference import Kind, descriptor, stage
@@ -360,3 +363,19 @@ def test_many_small_segments(op_backend, name):
     cfg = opt.config(opt.full)
     b = bucket(opt, cfg, [64, 1, 17, 200] * 750, device=op_backend.device)
     _parity(op_backend, name, cfg, b, gradients(b, 3), plan=lambda step: {})
+
+
+# -- grad_zero_ --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_grad_zero_matches_reference(op_backend, dtype, offset):
+    """fusedclr::grad_zero_ (csrc/ops.cpp [note: zeroing through the table]): the active segments'
+    gradients zero, the others and everything around them in their storages untouched, bit for bit
+    as the reference leaves them (op_table.check_grad_zero). Gradients at their storage's start
+    (128-bit stores on CUDA where the segment start allows) and one element off (scalar stores),
+    chunks of 1000 elements (the CUDA launch splits the longer segments into work items) walked
+    by two intra-op threads on the CPU."""
+    with _threads(2):
+        check_grad_zero(op_backend.grad_zero_, op_backend.device, dtype, offset=offset)

@@ -1,6 +1,6 @@
 """The op registry: schemas, fake kernels (opcheck), the CPU op's own checks, grad_sumsq,
-schedule_eval and the segment refresh. The optimizers' updates against the reference, on
-every backend: tests/test_op_parity.py; bad calls: tests/test_op_errors.py."""
+schedule_eval and the segment refresh. The optimizers' updates (and grad_zero_) against the
+reference, on every backend: tests/test_op_parity.py; bad calls: tests/test_op_errors.py."""
 
 from __future__ import annotations
 
@@ -104,6 +104,8 @@ def test_opcheck_step(name):
 def test_opcheck_other_ops():
     _, _, b = _bucket([40, 9])
     torch.library.opcheck(torch.ops.fusedclr.grad_sumsq.default, (b.table(), torch.float32, b.chunks))
+    b.set_grads(op_table.gradients(b, 1)[0])
+    torch.library.opcheck(torch.ops.fusedclr.grad_zero_.default, (b.table([True, False]), torch.float32, b.chunks))
     torch.library.opcheck(torch.ops.fusedclr.schedule_eval.default,
                           (torch.tensor(SCHEDULES["onecycle"], dtype=torch.float64), torch.tensor(3)))
 
@@ -126,6 +128,12 @@ def test_chunk_rows_are_checked(name):
     assert all(torch.equal(after[k], v) for k, v in before.items())
     with pytest.raises(RuntimeError, match="names segment 2 of 2"):
         ops.grad_sumsq(table, torch.float32, torch.tensor([(2, 0, 1)]))
+    b.set_grads(op_table.gradients(b, 1)[0])
+    grads = [g.clone() for g in b.grads]
+    for row, match in (((1, 15, 20), "lies outside segment 1"), ((2, 0, 1), "names segment 2 of 2")):
+        with pytest.raises(RuntimeError, match=match):  # checked before the first row is zeroed
+            ops.grad_zero_(table, torch.float32, torch.tensor([(0, 0, 10), row]))
+    assert all(torch.equal(g, h) for g, h in zip(b.grads, grads))
 
 
 def test_cuda_kernels_compiled_when_nvcc_present():
@@ -166,9 +174,10 @@ def test_segment_tracker_refreshes_the_table_like_the_python_fallback(monkeypatc
     """The per-step refresh of a bucket's host segment table [note: segment refresh]: the
     parameters' and gradients' addresses written (0 for a None grad, 1 for an empty one),
     flags 0 when nothing moved, TABLE_CHANGED when a grad was replaced, SLOW_PATH for a grad
-    the kernels cannot walk (dtype, shape, strides) and PARAM_CHANGED for a parameter that
-    changed dtype or size; the C loop and the Python fallback (what ops.segment_tracker
-    returns without the extension) agree at every stage."""
+    the kernels cannot walk (dtype, shape, strides), GRAD_READ_ONLY for one that requires grad
+    or is copy-on-write and PARAM_CHANGED for a parameter that changed dtype or size; the C
+    loop and the Python fallback (what ops.segment_tracker returns without the extension)
+    agree at every stage."""
     ps = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2)),
           torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.randn(4))]
     trackers = {"c": ops.segment_tracker(ps, torch.float32, torch.device("cpu"))}
@@ -221,6 +230,18 @@ def test_segment_tracker_refreshes_the_table_like_the_python_fallback(monkeypatc
     ps[3].grad.data = torch.randn(2, 2)  # another shape, past the setter's check
     assert refresh() == ops.SLOW_PATH
     ps[3].grad = torch.randn(4)
+    assert refresh() == ops.TABLE_CHANGED
+
+    # Gradients the step may read but grad_zero_ must leave to torch [note: zeroing through the
+    # table]: flagged, and the walk goes on (their rows are written).
+    ps[1].grad = torch.randn(2, 2, requires_grad=True)
+    assert refresh() == ops.TABLE_CHANGED | ops.GRAD_READ_ONLY and t[1, 1] == ps[1].grad.data_ptr()
+    assert refresh() == ops.GRAD_READ_ONLY
+    source = torch.randn(2, 2)
+    ps[1].grad = torch._lazy_clone(source)  # shares copy-on-write storage with `source`
+    assert refresh() == ops.TABLE_CHANGED | ops.GRAD_READ_ONLY and t[1, 1] == source.const_data_ptr()
+    assert torch._C._is_cow_tensor(ps[1].grad), "the refresh materialised a copy-on-write gradient"
+    ps[1].grad = good
     assert refresh() == ops.TABLE_CHANGED
 
     # A parameter moved to another dtype (model.double()) or size: the bucket must be rebuilt.

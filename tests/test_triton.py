@@ -23,6 +23,7 @@ import sys  # noqa: E402
 import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import op_table  # noqa: E402
 import pytest  # noqa: E402
 import test_golden_schedules as golden  # noqa: E402
 import torch  # noqa: E402
@@ -918,6 +919,56 @@ def test_opcheck(op):
         utils += ("test_aot_dispatch_dynamic",)
     args = (*args[:3], *fc_ops.state_args(op, args[3]), *args[4:])  # the op takes state0..state3
     torch.library.opcheck(torch.ops.fusedclr.triton_step_.default, args, test_utils=utils)
+
+
+# --------------------------------------------------------------------------
+# grad_zero_ (csrc/ops.cpp [note: zeroing through the table])
+# --------------------------------------------------------------------------
+
+
+def _grad_bucket(dtype=torch.float32, sizes=(100, 7, 0, 33)) -> op_table.Bucket:
+    opt = op_table.TABLE["sgd"]
+    b = op_table.bucket(opt, opt.config("plain"), list(sizes), dtype, DEVICE, chunk=64)
+    b.set_grads(op_table.gradients(b, 1)[0])
+    return b
+
+
+@needs_kernels
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_grad_zero_matches_reference(dtype, offset):
+    """The active gradients zero, everything else in their storages untouched, as the reference
+    leaves them (op_table.check_grad_zero); chunks of BLOCK + 17 elements, so that chunks start off
+    the ALIGN grid (the kernel's unaligned head and tail lanes)."""
+    op_table.check_grad_zero(ft.grad_zero_, DEVICE, dtype, offset=offset, chunk=BLOCK + 17)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("edit", "match"), [pytest.param(e, m, id=i) for i, e, m in op_table.GRAD_OP_BAD_CALLS])
+def test_grad_zero_refuses_as_the_cpu_op(edit, match):
+    """check_segments' refusals, with the C++ ops' messages word for word, before any gradient moves."""
+    b = _grad_bucket()
+    before = [g.clone() for g in b.grads]
+    a = {"segments": b.table(), "param_dtype": b.dtype, "chunks": b.chunks}
+    edit(a)
+    with pytest.raises(RuntimeError, match=match) as err:
+        ft.grad_zero_(a["segments"], a["param_dtype"], a["chunks"])
+    assert all(torch.equal(g, h) for g, h in zip(b.grads, before))
+    if DEVICE == "cpu" and hasattr(torch.ops.fusedclr, "grad_zero_"):
+        with pytest.raises(RuntimeError) as cpp:
+            fc_ops.grad_zero_(a["segments"], a["param_dtype"], a["chunks"])
+        assert str(err.value) == str(cpp.value).splitlines()[0]
+
+
+@needs_kernels
+def test_opcheck_grad_zero():
+    ft.load()
+    b = _grad_bucket()
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if DEVICE == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(torch.ops.fusedclr.triton_grad_zero_.default,
+                          (b.table([True, False, True, True]), torch.float32, b.chunks), test_utils=utils)
 
 
 # --------------------------------------------------------------------------

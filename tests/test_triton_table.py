@@ -1,4 +1,5 @@
-"""The table-driven optimizer tests (tests/test_optim_table.py) on ``backend="triton"``.
+"""The table-driven optimizer tests (tests/test_optim_table.py, and tests/test_zero_grad.py's
+``zero_grad``) on ``backend="triton"``.
 
 Like tests/test_triton.py, this module sets TRITON_INTERPRET=1 before anything imports
 triton or fusedclr and runs in a pytest process of its own (scripts/test.sh), so the
@@ -16,6 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from optim_harness import SMALL_SHAPES  # noqa: E402
 from test_optim_table import *  # noqa: E402,F403 - the tests and the hook that parametrizes them
 from test_optim_table import Backend  # noqa: E402
+from test_zero_grad import *  # noqa: E402,F403 - zero_grad(set_to_none=False) through the table
 
 
 def _why_not_here() -> str:

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -358,36 +359,56 @@ void step_cpu(c10::string_view optimizer, const at::Tensor& segments, at::Scalar
   });
 }
 
+// Runs fn(chunk, grad, begin, end) over every chunk of an active segment, in
+// parallel, with `grad` the segment's gradient as a scalar_t pointer shifted
+// to state coordinates [note: segment table]: the walk of the ops that only
+// touch the gradients (grad_sumsq, grad_zero_), after their checks (which
+// leave no dtype for the dispatch to refuse).
+template <typename Fn>
+void for_each_grad_chunk(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks, Fn fn) {
+  TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
+              segments.device());
+  check_segments(segments, param_dtype, chunks);
+  check_chunk_rows(segments, chunks, -1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::for_each_grad_chunk", [&] {
+    struct NoCache {};
+    for_each_chunk<NoCache>(segments, chunks,
+                            [&](int64_t chunk, int64_t, int64_t begin, int64_t end, const int64_t* row, NoCache&) {
+      fn(chunk, seg::segment_base<scalar_t>(row[seg::GRAD], row[seg::OFFSET]), begin, end);
+    });
+  });
+}
+
 // Sum of squares of every active segment's gradient, in float64: the global
 // gradient norm's share of one bucket [note: fused clipping] (a reduction over
 // the table, no copy). Per-chunk partial sums added in chunk order, so the
 // result does not depend on the number of threads.
 at::Tensor grad_sumsq_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
-  TORCH_CHECK(segments.device().is_cpu(), "fusedclr: segments must be a CPU tensor for the CPU kernel, got ",
-              segments.device());
-  check_segments(segments, param_dtype, chunks);
-  check_chunk_rows(segments, chunks, -1);
   std::vector<double> partial(chunks.size(0), 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::grad_sumsq", [&] {
-    using P = scalar_t;
-    using T = at::opmath_type<P>;
-    struct NoCache {};
-    for_each_chunk<NoCache>(segments, chunks,
-                            [&](int64_t chunk, int64_t, int64_t begin, int64_t end, const int64_t* row, NoCache&) {
-      const P* g = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
-      double acc = 0;
-      for (int64_t i = begin; i < end; ++i) {
-        const double x = static_cast<double>(static_cast<T>(g[i]));
-        acc += x * x;
-      }
-      partial[chunk] = acc;
-    });
+  for_each_grad_chunk(segments, param_dtype, chunks,
+                      [&](int64_t chunk, const auto* g, int64_t begin, int64_t end) {
+    using T = at::opmath_type<std::remove_cv_t<std::remove_pointer_t<decltype(g)>>>;
+    double acc = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const double x = static_cast<double>(static_cast<T>(g[i]));
+      acc += x * x;
+    }
+    partial[chunk] = acc;
   });
   double total = 0.0;
   for (double x : partial) {
     total += x;
   }
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+}
+
+// Zeroes every active segment's gradient [note: zeroing through the table]:
+// all-zero bytes are +0 in every float format, as zero_() writes.
+void grad_zero_cpu(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
+  for_each_grad_chunk(segments, param_dtype, chunks,
+                      [](int64_t, auto* g, int64_t begin, int64_t end) {
+    std::memset(static_cast<void*>(g + begin), 0, static_cast<size_t>(end - begin) * sizeof(*g));
+  });
 }
 
 at::Tensor schedule_eval_cpu(const at::Tensor& schedule, const at::Tensor& schedule_step) {
@@ -411,6 +432,7 @@ TORCH_LIBRARY_IMPL(fusedclr, CPU, m) {
   m.impl("step_", &step_cpu);
   m.impl("schedule_eval", &schedule_eval_cpu);
   m.impl("grad_sumsq", &grad_sumsq_cpu);
+  m.impl("grad_zero_", &grad_zero_cpu);
 }
 
 }  // namespace fusedclr

@@ -123,6 +123,19 @@ at::Tensor grad_sumsq_cuda(const at::Tensor& segments, at::ScalarType param_dtyp
                          });
 }
 
+// fusedclr::grad_zero_ on CUDA: one launch over the bucket's chunk table,
+// reading the device segment table [note: zeroing through the table].
+void grad_zero_cuda(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
+  require_cuda(segments);
+  const c10::cuda::CUDAGuard guard(segments.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  grad_zero_with(segments, param_dtype, chunks, resident_blocks,
+                 [&](auto kernel, int64_t blocks, const StepArgs& args) {
+                   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+                   C10_CUDA_KERNEL_LAUNCH_CHECK();
+                 });
+}
+
 at::Tensor schedule_eval_cuda(const at::Tensor& schedule, const at::Tensor& schedule_step) {
   TORCH_CHECK(schedule.is_cuda(), "fusedclr: schedule must be a CUDA tensor for the CUDA kernel, got ",
               schedule.device());
@@ -149,6 +162,7 @@ TORCH_LIBRARY_IMPL(fusedclr, CUDA, m) {
   m.impl("step_", &cuda::step_cuda);
   m.impl("schedule_eval", &cuda::schedule_eval_cuda);
   m.impl("grad_sumsq", &cuda::grad_sumsq_cuda);
+  m.impl("grad_zero_", &cuda::grad_zero_cuda);
 }
 
 }  // namespace fusedclr

@@ -126,12 +126,9 @@ namespace fusedclr {
 namespace cuda {
 namespace {
 
-// grad_sumsq [note: fused clipping]: one launch of per-thread partials, summed
-// by one deterministic reduction. `resident(kernel)` gives the blocks the
-// device holds at once; `launch(kernel, blocks, args, partials)` runs it.
-template <typename Resident, typename Launch>
-at::Tensor grad_sumsq_with(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
-                           Resident&& resident, Launch&& launch) {
+// The argument block of the ops that only walk the gradients (grad_sumsq,
+// grad_zero_), checked as every backend checks them (check_segments).
+inline StepArgs grad_walk_args(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks) {
   check_segments(segments, param_dtype, chunks);
   StepArgs s{};
   s.segments = segments.data_ptr<int64_t>();
@@ -140,6 +137,16 @@ at::Tensor grad_sumsq_with(const at::Tensor& segments, at::ScalarType param_dtyp
   s.n_chunks = chunks.size(0);
   s.numel = s.n_chunks * kNominalChunk;
   s.state_numel = -1;
+  return s;
+}
+
+// grad_sumsq [note: fused clipping]: one launch of per-thread partials, summed
+// by one deterministic reduction. `resident(kernel)` gives the blocks the
+// device holds at once; `launch(kernel, blocks, args, partials)` runs it.
+template <typename Resident, typename Launch>
+at::Tensor grad_sumsq_with(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
+                           Resident&& resident, Launch&& launch) {
+  StepArgs s = grad_walk_args(segments, param_dtype, chunks);
   at::Tensor partials;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::grad_sumsq", [&] {
     const auto kernel = grad_sumsq_kernel<scalar_t>;
@@ -150,6 +157,24 @@ at::Tensor grad_sumsq_with(const at::Tensor& segments, at::ScalarType param_dtyp
     launch(kernel, plan.blocks, s, partials.data_ptr<double>());
   });
   return partials.sum();
+}
+
+// grad_zero_ [note: zeroing through the table]: one launch over the chunk
+// table, none when it is empty. `launch(kernel, blocks, args)` runs it.
+template <typename Resident, typename Launch>
+void grad_zero_with(const at::Tensor& segments, at::ScalarType param_dtype, const at::Tensor& chunks,
+                    Resident&& resident, Launch&& launch) {
+  StepArgs s = grad_walk_args(segments, param_dtype, chunks);
+  if (s.n_chunks == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::grad_zero_", [&] {
+    const auto kernel = grad_zero_kernel<scalar_t>;
+    constexpr int vec = kPackBytes / sizeof(scalar_t);
+    const LaunchPlan plan = plan_launch(s.n_chunks, s.numel, vec, resident(reinterpret_cast<const void*>(kernel)));
+    s.parts = plan.parts;
+    launch(kernel, plan.blocks, s);
+  });
 }
 
 }  // namespace

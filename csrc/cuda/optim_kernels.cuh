@@ -74,7 +74,7 @@ struct StepArgs {
   int64_t parts;  // work items per chunk
   int64_t numel;  // elements the chunks cover, at most (sizes the split)
   int64_t state_numel;  // length of the state buffers; -1 without states
-  const int64_t* seg_steps;  // already advanced for this step
+  const int64_t* seg_steps;  // already advanced for this step; null for grad_sumsq and grad_zero_
   const double* hyper;    // [lr, momentum-or-beta1]
   const double* schedule;
   const int64_t* schedule_step;
@@ -109,10 +109,11 @@ C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Runs fn(seg, step, lo, hi, row) for each work item of this warp whose
-// segment is active (`row`: the segment's table row).
+// Runs fn(seg, lo, hi, row) for each work item of this warp whose segment is
+// active (`row`: the segment's table row). Reads no step count: the ops that
+// only walk the gradients (grad_sumsq, grad_zero_) pass no seg_steps.
 template <int VEC, typename Fn>
-C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
+C10_DEVICE C10_ALWAYS_INLINE void for_each_range(const StepArgs& a, Fn&& fn) {
   const int64_t worker = blockIdx.x + static_cast<int64_t>(gridDim.x) * (threadIdx.x / kWarp);
   const int64_t n_workers = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   const int64_t n_items = a.n_chunks * a.parts;
@@ -133,8 +134,17 @@ C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
     if (lo >= hi || row[seg::GRAD] == 0) {
       continue;
     }
-    fn(seg, a.seg_steps[seg], lo, hi, row);
+    fn(seg, lo, hi, row);
   }
+}
+
+// for_each_range with the segment's (already advanced) step count:
+// fn(seg, step, lo, hi, row).
+template <int VEC, typename Fn>
+C10_DEVICE C10_ALWAYS_INLINE void for_each_item(const StepArgs& a, Fn&& fn) {
+  for_each_range<VEC>(a, [&](int64_t seg, int64_t lo, int64_t hi, const int64_t* row) {
+    fn(seg, a.seg_steps[seg], lo, hi, row);
+  });
 }
 
 // N parameters from `param` (and, under kMaster, their masters) as math values
@@ -221,7 +231,7 @@ template <typename P>
 __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(const StepArgs a, double* partials) {
   using T = at::opmath_type<P>;
   double acc = 0.0;
-  for_each_item<1>(a, [&](int64_t, int64_t, int64_t lo, int64_t hi, const int64_t* row) {
+  for_each_range<1>(a, [&](int64_t, int64_t lo, int64_t hi, const int64_t* row) {
     const P* grad = seg::segment_base<const P>(row[seg::GRAD], row[seg::OFFSET]);
     walk_range<1>(lo, hi, false, [&](int64_t i, auto, auto) {
       const double x = static_cast<double>(static_cast<T>(grad[i]));
@@ -229,6 +239,23 @@ __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(const StepArgs a, 
     });
   });
   partials[blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x] = acc;
+}
+
+// Zeroes the active gradients [note: zeroing through the table]: a 128-bit
+// store of zeros per lane where the gradient is 16-byte aligned at the item's
+// start, else one element per lane. All-zero bits are +0 in every float
+// format, as torch's zero_() writes.
+template <typename P>
+__global__ void __launch_bounds__(kThreads) grad_zero_kernel(const StepArgs a) {
+  constexpr int VEC = kPackBytes / sizeof(P);
+  for_each_range<VEC>(a, [&](int64_t, int64_t lo, int64_t hi, const int64_t* row) {
+    P* grad = seg::segment_base<P>(row[seg::GRAD], row[seg::OFFSET]);
+    walk_range<VEC>(lo, hi, aligned16(grad + lo), [&](int64_t i, auto width, auto vectorized) {
+      constexpr int N = decltype(width)::value;
+      const float zeros[N] = {};
+      store<N, decltype(vectorized)::value>(grad + i, zeros);
+    });
+  });
 }
 
 // Everything an update kernel reads besides StepArgs: the state buffers in

@@ -260,7 +260,7 @@ class FlatOptimizerMixin:
         self.skip_nonfinite = skip_nonfinite
         self.last_grad_norm: Tensor | None = None
         self._buckets: list[list[Bucket]] = []
-        self._impl: dict[torch.device, Callable[..., None]] = {}
+        self._impl: dict[tuple[str, torch.device], Callable[..., None]] = {}
         self._scheduler_ref: weakref.ref | None = None
 
     def _init_torch_impl(self, backend: str, max_grad_norm: float | None, skip_nonfinite: bool,
@@ -427,10 +427,11 @@ class FlatOptimizerMixin:
         self._sr_buckets += 1
         return (torch.initial_seed() + 0x9E3779B97F4A7C15 * self._sr_buckets) % 2**63
 
-    def _impl_for(self, device: torch.device) -> Callable[..., None]:
-        fn = self._impl.get(device)
+    def _impl_for(self, device: torch.device, op: str = "step_") -> Callable[..., None]:
+        key = (op, device)
+        fn = self._impl.get(key)
         if fn is None:
-            fn = self._impl[device] = resolve_backend(self.backend, device)
+            fn = self._impl[key] = resolve_backend(self.backend, device, op)
         return fn
 
     # -- schedules -------------------------------------------------------------
@@ -577,6 +578,57 @@ class FlatOptimizerMixin:
                     schedule_step=counter, options=self._options(group), maximize=bool(group.get("maximize", False)),
                 )))
         return launches
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Resets the gradients of every parameter, as torch.optim's ``zero_grad``.
+
+        ``set_to_none=True`` (the default) is torch's own: every ``.grad``
+        becomes ``None``. With ``set_to_none=False`` the gradients stay the same
+        tensors and are zeroed in place, with torch's semantics: ``None`` stays
+        ``None``, a gradient with a ``grad_fn`` (``backward(create_graph=True)``)
+        is detached, any other stops requiring grad. Each bucket's gradients are
+        zeroed by one ``grad_zero_`` launch over its segment table, with no
+        Python loop over its parameters and no host sync; the gradients of a
+        bucket the table cannot zero in place are zeroed by torch's loop
+        [note: zero_grad through the table]. Like the step, the kernels write
+        the gradients without bumping their version counters. The profiler
+        scope is torch's, ``Optimizer.zero_grad#<class>.zero_grad``.
+
+        [note: zero_grad through the table]
+        ``zero_grad(set_to_none=False)`` refreshes each bucket's segment table
+        (``Bucket.prepare_zero``, the step's C refresh [note: segment
+        refresh]) and hands it to ``grad_zero_`` (csrc/ops.cpp [note: zeroing
+        through the table]) on the step's backend. DTensor buckets (FSDP2)
+        are zeroed through their gradients' local shards, which zeroes the
+        gradients whatever their placements. Where the table cannot stand for
+        the gradients themselves, the bucket goes to torch's loop (so no
+        gradient is left unzeroed): a gradient the kernels read through a
+        temporary copy (other strides than its parameter, the slow path), a
+        parameter walked through a shadow [note: shadowed parameters] or that
+        changed, a gradient that requires grad (torch detaches it first) or
+        shares copy-on-write storage, and the meta device. No such case
+        raises: zero_grad takes whatever gradients torch's takes (sparse ones,
+        other dtypes), and a parameter that changed is re-bucketed by the next
+        step, as before.
+        """
+        if set_to_none or self._torch_impl:
+            super().zero_grad(set_to_none)
+            return
+        if not hasattr(self, "_zero_grad_profile_name"):
+            self._patch_step_function()
+        # torch's scope, through the direct bindings that the step wrapper uses [note: step wrapper].
+        scope = torch._C._autograd._record_function_with_args_enter(self._zero_grad_profile_name)
+        try:
+            for buckets in self._buckets:
+                for b in buckets:
+                    if b.prepare_zero():
+                        fn = self._impl_for(b.device, "grad_zero_")
+                        fn(b.reference_segments() if _is_reference(fn) else b.table, b.dtype, b.chunks)
+                    else:
+                        _zero_grads_as_torch(b.params)
+        finally:
+            torch._C._autograd._record_function_with_args_exit(scope)
 
     def _rebucket(self, group_index: int) -> None:
         """Rebuilds a group's buckets after parameters changed dtype or device [note: flat buckets].
@@ -833,7 +885,21 @@ def _is_zero_float(lr: Any) -> bool:
 
 def _is_reference(fn: Callable[..., None]) -> bool:
     """Whether ``fn`` is a reference op, which takes the table's tensors instead of its addresses."""
-    return fn is reference.step_
+    return fn is reference.step_ or fn is reference.grad_zero_
+
+
+def _zero_grads_as_torch(params: list[Tensor]) -> None:
+    """torch.optim's ``zero_grad(set_to_none=False)`` for ``params``: a gradient with a grad_fn is
+    detached in place, any other stops requiring grad; then it is zeroed."""
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.grad_fn is not None:
+            g.detach_()
+        else:
+            g.requires_grad_(False)
+        g.zero_()
 
 
 _WARNED_DIFFERENTIABLE = False

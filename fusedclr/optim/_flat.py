@@ -314,6 +314,28 @@ class Bucket:
         if flags & ops.SLOW_PATH:
             self._refresh_slowly()
             flags |= ops.TABLE_CHANGED
+        self._sync_table(flags)
+
+    def prepare_zero(self) -> bool:
+        """Refreshes the table for ``grad_zero_``; whether it may zero this bucket's gradients.
+
+        True when the table points at every gradient where it is and none of
+        them is tracked by autograd or copy-on-write [note: zero_grad through
+        the table]. False when torch must zero them: a gradient the kernels
+        cannot walk as it is (it would be a temporary copy), one that requires
+        grad or shares copy-on-write storage, a parameter with gaps (walked
+        through its shadow) or that changed dtype, device or size. Raises
+        nothing: zero_grad takes whatever gradients torch's takes.
+        """
+        self._walked_grads = None  # the table stands for no slow path's copies any more
+        if self._shadowed or self.device.type == "meta":
+            return False
+        flags = self._refresh()
+        self._sync_table(flags)  # rows written before a stop must reach the device table too
+        return not flags & (ops.SLOW_PATH | ops.PARAM_CHANGED | ops.GRAD_READ_ONLY)
+
+    def _sync_table(self, flags: int) -> None:
+        """Uploads the host table when the refresh changed it (off the CPU)."""
         if flags & ops.TABLE_CHANGED and self.table is not self.host_table:
             self._upload()
 

@@ -29,7 +29,7 @@ from types import ModuleType
 
 from torch import Tensor
 
-__all__ = ["available", "for_buckets", "load", "step_", "why_unavailable"]
+__all__ = ["available", "for_buckets", "grad_zero_", "load", "step_", "why_unavailable"]
 
 _impl: ModuleType | None = None
 _import_error: str | None = None
@@ -94,13 +94,16 @@ def _load() -> ModuleType:
 
 
 def for_buckets(op: str = "step_") -> Callable[..., None]:
-    """The implementation of ``fusedclr::step_`` that fusedclr's optimizers call: the same
-    signature, but a bucket's buffers are checked on their first step and again only when one
-    of them is replaced, not on every step (the arguments that change per step are checked
-    every time) [note: triton checks per bucket]."""
-    if op != "step_":
-        raise ValueError(f"op must be 'step_', got {op!r}")
-    return _load().step_for_bucket_
+    """The implementation of op ``op`` that fusedclr's optimizers call. ``"step_"``: the
+    signature of ``fusedclr::step_``, but a bucket's buffers are checked on their first step
+    and again only when one of them is replaced, not on every step (the arguments that change
+    per step are checked every time) [note: triton checks per bucket]. ``"grad_zero_"``:
+    :func:`grad_zero_`."""
+    if op == "step_":
+        return _load().step_for_bucket_
+    if op == "grad_zero_":
+        return _load().grad_zero_
+    raise ValueError(f"op must be 'step_' or 'grad_zero_', got {op!r}")
 
 
 def step_(
@@ -124,3 +127,9 @@ def step_(
     """Triton ``fusedclr::step_`` (see csrc/ops.cpp [note: step contract])."""
     _load().step_(optimizer, segments, param_dtype, states, seg_steps, seg_scalars, chunks, hyper, schedule,
                   schedule_step, options, maximize, grad_scale, found_inf, master_param, sr_seed)
+
+
+def grad_zero_(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    """Triton ``fusedclr::grad_zero_``: zeroes the active gradients of a segment table in place
+    (csrc/ops.cpp [note: zeroing through the table])."""
+    _load().grad_zero_(segments, param_dtype, chunks)

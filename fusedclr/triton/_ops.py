@@ -3,7 +3,8 @@
 Importing this module imports Triton, builds the kernels (interpreted when
 TRITON_INTERPRET is set) and registers ``fusedclr::triton_step_``, the Triton
 twin of ``fusedclr::step_`` (csrc/ops.cpp [note: step contract]) with the same
-schema; ``fusedclr.triton`` imports it on first use.
+schema, and ``fusedclr::triton_grad_zero_``, the twin of ``fusedclr::grad_zero_``;
+``fusedclr.triton`` imports it on first use.
 
 [note: triton op dispatch]
 The op is a ``triton_op`` whose body launches through ``wrap_triton``, so
@@ -35,9 +36,9 @@ from fusedclr.ops import MAX_STATES, state_args
 from fusedclr.triton import _common
 from fusedclr.triton._common import ADVANCE_BLOCK
 from fusedclr.triton._policies import MAX_OPTIONS, POLICIES, PolicyInfo
-from fusedclr.triton._walk import _advance_kernel, _step_kernel
+from fusedclr.triton._walk import _advance_kernel, _grad_zero_kernel, _step_kernel
 
-__all__ = ["INTERPRETED", "step_", "step_for_bucket_"]
+__all__ = ["INTERPRETED", "grad_zero_", "step_", "step_for_bucket_"]
 
 
 def _is_interpreted(kernel: object) -> bool:
@@ -489,3 +490,35 @@ def _entry(remember: bool, doc: str):
 
 step_ = _entry(False, "Triton ``fusedclr::step_`` (csrc/ops.cpp [note: step contract]).")
 step_for_bucket_ = _entry(True, "``step_`` for fusedclr's optimizers [note: triton checks per bucket].")
+
+
+# --------------------------------------------------------------------------
+# grad_zero_ (csrc/ops.cpp [note: zeroing through the table])
+# --------------------------------------------------------------------------
+
+
+def _grad_zero_body(launch, segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    """The checks of the C++ op (``check_segments``, and on CPU tensors ``check_chunk_rows``), then one launch
+    over the chunk table."""
+    _check_segments(segments, param_dtype, chunks)
+    if segments.device.type == "cpu" and type(chunks) is Tensor and type(segments) is Tensor:
+        _check_chunk_rows(segments, chunks, -1)
+    if _skip_launch(segments) or chunks.shape[0] == 0:
+        return
+    launch(_grad_zero_kernel)[(chunks.shape[0],)](segments, chunks, PARAM_DTYPE=_tl_dtype(param_dtype),
+                                                  **_UPDATE_LAUNCH)
+
+
+# The gradients are written through the table's addresses, which the schema cannot name.
+@triton_op("fusedclr::triton_grad_zero_", mutates_args=())
+def _grad_zero_op(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    _grad_zero_body(wrap_triton, segments, param_dtype, chunks)
+
+
+def grad_zero_(segments: Tensor, param_dtype: torch.dtype, chunks: Tensor) -> None:
+    """Triton ``fusedclr::grad_zero_``: plain tensors outside of compilation call the body directly, everything
+    else goes through the registered op [note: triton op dispatch]."""
+    if _eager(segments):
+        _grad_zero_body(_direct, segments, param_dtype, chunks)
+    else:
+        torch.ops.fusedclr.triton_grad_zero_(segments, param_dtype, chunks)

@@ -27,6 +27,10 @@ from the schedule), and the update launch that follows on the same stream
 reads the settled values, as on CUDA ([note: step counters on CUDA]). That
 is two launches per op call; Lookahead, which advances nothing, makes one.
 With ``found_inf`` non-zero both kernels change nothing.
+
+:func:`_grad_zero_kernel` is ``fusedclr::grad_zero_`` (csrc/ops.cpp [note:
+zeroing through the table]): the same layout, one program per chunk, storing
+zeros over the chunk's range of an active segment's gradient.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import triton
 import triton.language as tl
 
 from fusedclr.triton._common import (
+    ALIGN,
     aligned_bounds,
     chunk_row,
     div,
@@ -289,3 +294,16 @@ def _advance_kernel(
         scalar = tl.load(seg_scalars_ptr + offs, mask=moved, other=0.0)
         tl.store(seg_scalars_ptr + offs, _advance_scalar(scalar, steps, momentum, OPTIMIZER, OPT4),
                  mask=moved)
+
+
+@triton.jit
+def _grad_zero_kernel(segments_ptr, chunks_ptr, PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per chunk of the chunk table: zeros over its range of the segment's gradient, nothing for a
+    segment without one (``chunk_row`` empties its range)."""
+    _, begin, end, _, grad_ptr = chunk_row(chunks_ptr, segments_ptr, segments_ptr, PARAM_DTYPE, False)
+    lo, hi = aligned_bounds(begin, end)
+    for off in range(lo, hi, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        tl.store(grad_ptr + idx, tl.zeros([BLOCK], PARAM_DTYPE), mask=idx < hi)
+    idx, mask = edge_lanes(begin, end, lo, hi)
+    tl.store(grad_ptr + idx, tl.zeros([2 * ALIGN], PARAM_DTYPE), mask=mask)
