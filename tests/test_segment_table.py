@@ -305,3 +305,60 @@ def test_checkpoint_state_initialisation_step_changes_nothing_like_torch(name):
             s.step()
     for a, b in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("change", ["append", "new list", "shorter list"])
+def test_group_params_changed_in_place_are_followed_like_torch(backend, name, change):
+    """torch's step reads group["params"] afresh, so a parameter appended to a group (how some
+    unfreezing code adds layers) trains from the next step, and one dropped stops; fusedclr
+    re-buckets such a group [note: followed groups], keeping the kept parameters' states."""
+    torch_cls, ours_cls, kw = PAIRS[name]
+    models, opts = {}, {}
+    for lib, cls, extra in (("torch", torch_cls, {}), ("ours", ours_cls, {"backend": backend})):
+        models[lib] = _model()
+        models[lib][2].requires_grad_(False)  # frozen at first: not in the optimizer
+        opts[lib] = cls(models[lib][0].parameters(), **kw, **extra)
+        _train(models[lib], opts[lib], 3)
+        group = opts[lib].param_groups[0]
+        models[lib][2].requires_grad_(True)
+        if change == "append":
+            group["params"].append(models[lib][2].weight)
+            group["params"].append(models[lib][2].bias)
+        elif change == "new list":
+            group["params"] = [*group["params"], *models[lib][2].parameters()]
+        else:
+            group["params"] = group["params"][:1]  # the first layer's bias stops training
+        before = _params(models[lib])
+        _train(models[lib], opts[lib], 3, seed=2)
+        if change != "shorter list":
+            assert (models[lib][2].weight != before[2]).any(), f"{lib}: the appended parameter did not train"
+        else:
+            assert torch.equal(models[lib][0].bias, before[1]), f"{lib}: a dropped parameter trained"
+    for a, b in zip(models["torch"].parameters(), models["ours"].parameters()):
+        torch.testing.assert_close(b, a, **TOL[torch.float32])
+
+
+def test_group_params_appended_are_zeroed_in_place_like_torch():
+    model = _model()
+    opt = fusedclr.AdamW(model[0].parameters(), lr=0.01)
+    _train(model, opt, 1)
+    opt.param_groups[0]["params"].append(model[2].weight)
+    model(torch.randn(5, 6)).sum().backward()
+    grad = model[2].weight.grad
+    opt.zero_grad(set_to_none=False)
+    assert model[2].weight.grad is grad and not grad.any()
+
+
+def test_group_added_to_param_groups_directly_is_refused_with_the_fix():
+    model = _model()
+    opt = fusedclr.AdamW(model[0].parameters(), lr=0.01)
+    opt.param_groups.append({**opt.defaults, "params": list(model[2].parameters())})
+    model(torch.randn(5, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"2 param groups but built buckets for 1.*add_param_group"):
+        opt.step()
+    opt.param_groups[0]["params"].append("not a tensor")
+    opt.param_groups.pop()
+    with pytest.raises(TypeError, match="parameter 2 of param group 0 is str"):
+        opt.step()

@@ -260,6 +260,8 @@ class FlatOptimizerMixin:
         self.skip_nonfinite = skip_nonfinite
         self.last_grad_norm: Tensor | None = None
         self._buckets: list[list[Bucket]] = []
+        # Per group, the ``params`` list its buckets were built from and its length [note: followed groups].
+        self._bucketed: list[tuple[list[Tensor], int]] = []
         self._impl: dict[tuple[str, torch.device], Callable[..., None]] = {}
         self._scheduler_ref: weakref.ref | None = None
 
@@ -377,6 +379,7 @@ class FlatOptimizerMixin:
         group = self.param_groups[-1]
         buckets = self._make_buckets(group)
         self._buckets.append(buckets)
+        self._bucketed.append((group["params"], len(group["params"])))
         if not isinstance(self.state, ParamState):
             self.state = ParamState(self._STEP_IN_STATE, self.state)
         self.state.add_buckets(buckets)
@@ -543,6 +546,7 @@ class FlatOptimizerMixin:
         Refreshes every bucket's segment table (and validates every gradient)
         before returning, so that a failed step changes nothing.
         """
+        self._follow_groups()
         for gi in range(len(self._buckets)):
             try:
                 for b in self._buckets[gi]:
@@ -620,6 +624,7 @@ class FlatOptimizerMixin:
         # torch's scope, through the direct bindings that the step wrapper uses [note: step wrapper].
         scope = torch._C._autograd._record_function_with_args_enter(self._zero_grad_profile_name)
         try:
+            self._follow_groups()  # a parameter appended to a group is zeroed too [note: followed groups]
             for buckets in self._buckets:
                 for b in buckets:
                     if b.prepare_zero():
@@ -629,6 +634,47 @@ class FlatOptimizerMixin:
                         _zero_grads_as_torch(b.params)
         finally:
             torch._C._autograd._record_function_with_args_exit(scope)
+
+    def _follow_groups(self) -> None:
+        """Re-buckets a group whose ``params`` list was appended to, shortened or replaced since
+        its buckets were built; raises for groups added other than by ``add_param_group``.
+
+        [note: followed groups]
+        torch's step reads ``group["params"]`` afresh every time, so code that
+        appends a parameter to a group (or assigns the group a new list) trains
+        it with torch. fusedclr's kernels walk buckets built from the list, so
+        a step first compares each group's list with the one its buckets were
+        built from, by identity and length (O(groups), no loop over the
+        parameters), and re-buckets a group that changed, carrying the states
+        of the parameters it kept (:meth:`_rebucket`); the new ones start
+        fresh, as they do in torch. Replacing an element in place
+        (``group["params"][i] = q``, same list, same length) is not seen: use
+        ``add_param_group``, or assign the group a new list.
+        """
+        if len(self.param_groups) != len(self._buckets):
+            raise RuntimeError(
+                f"fusedclr: the optimizer has {len(self.param_groups)} param groups but built buckets for "
+                f"{len(self._buckets)}: a group was added to or removed from optimizer.param_groups directly. "
+                "Add groups with optimizer.add_param_group(...), which fills in the defaults and builds the "
+                "group's buckets, and build a new optimizer to drop one"
+            )
+        bucketed = getattr(self, "_bucketed", None)
+        if bucketed is None or len(bucketed) != len(self.param_groups):  # an optimizer pickled before this list
+            bucketed = self._bucketed = [(g["params"], len(g["params"])) for g in self.param_groups]
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            if params is bucketed[gi][0] and len(params) == bucketed[gi][1]:
+                continue
+            if not isinstance(params, list):
+                params = group["params"] = list(params)
+            for i, p in enumerate(params):
+                if not isinstance(p, Tensor) or p.is_sparse or p.layout != torch.strided:
+                    raise TypeError(
+                        f"fusedclr: parameter {i} of param group {gi} is "
+                        f"{torch.typename(p) if not isinstance(p, Tensor) else f'a tensor with layout {p.layout}'}"
+                        "; an optimizer steps dense (strided) tensors only"
+                    )
+            self._rebucket(gi)
 
     def _rebucket(self, group_index: int) -> None:
         """Rebuilds a group's buckets after parameters changed dtype or device [note: flat buckets].
@@ -654,6 +700,7 @@ class FlatOptimizerMixin:
                     entry["master_param"] = b.master_view(i).clone()
                 saved[p] = entry
         self._buckets[group_index] = self._make_buckets(group)
+        self._bucketed[group_index] = (group["params"], len(group["params"]))
         for b in self._buckets[group_index]:
             steps = []
             for i, p in enumerate(b.params):
