@@ -97,12 +97,64 @@ void check_chunk_rows(const at::Tensor& segments, const at::Tensor& chunks, int6
   }
 }
 
+// [note: chunk prefetch]
+// The parameters and gradients that the table points at are wherever the
+// model and autograd allocated them: for many small tensors, a few cache
+// lines here and a few there, between other objects, which the hardware
+// prefetchers (trained by runs of sequential lines) do not fetch ahead. The
+// flat states stream as usual. So before its chunk i, a task prefetches the
+// first kPrefetchBytes of the parameter and the gradient of chunk
+// i + kPrefetchAhead, whose misses then overlap the current chunk's work.
+// For large chunks it is a hint of a few lines that the hardware prefetcher
+// would soon have issued. Prefetches never fault, so a stale address costs
+// nothing. Measured on the 2-vCPU development machine, AdamW over 10000
+// separate 64-element fp32 tensors with every gradient replaced and the
+// caches flushed, one thread, five alternating runs: the kernel took 1.22-1.31
+// ms without it and 0.82-0.99 ms with it (2 to 6 chunks ahead measured
+// alike); 2000 x 1024 and 20 x 1M were unchanged within the noise.
+constexpr int64_t kPrefetchAhead = 3;
+constexpr int64_t kPrefetchBytes = 1024;
+
+// Bytes per element of the segments' parameters and gradients that a walk
+// reads or writes (0: it does not touch that column).
+struct Touches {
+  int64_t param = 0;
+  int64_t grad = 0;
+};
+
+// Always inlined: a function that only prefetches reads as side-effect free
+// to GCC's interprocedural analysis, which then deletes its calls.
+template <int Write>
+C10_ALWAYS_INLINE void prefetch_lines(int64_t addr, int64_t bytes) {
+  const auto end = static_cast<uintptr_t>(addr + bytes);
+  for (auto a = static_cast<uintptr_t>(addr) & ~uintptr_t{63}; a < end; a += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(a), Write);
+  }
+}
+
+// Prefetches chunk row `c` ([segment, begin, end]) of the table [note: chunk prefetch].
+C10_ALWAYS_INLINE void prefetch_chunk(const int64_t* c, const int64_t* table, Touches t) {
+  const int64_t* row = table + c[0] * seg::WORDS;
+  if (!seg::active(table, c[0])) {
+    return;
+  }
+  const int64_t at = c[1] - row[seg::OFFSET];
+  const int64_t n = c[2] - c[1];
+  if (t.param != 0) {
+    prefetch_lines<1>(row[seg::PARAM] + at * t.param, std::min(n * t.param, kPrefetchBytes));
+  }
+  if (t.grad != 0) {
+    prefetch_lines<0>(row[seg::GRAD] + at * t.grad, std::min(n * t.grad, kPrefetchBytes));
+  }
+}
+
 // Runs fn(chunk, segment, begin, end, row, cache) over every chunk of an
 // active segment, in parallel (`row`: the segment's table row; the rows were
 // checked by check_chunk_rows); small chunks are batched so each task has
-// ~kGrainElements, and each task gets its own scalar cache.
+// ~kGrainElements, and each task gets its own scalar cache. `touches` says
+// what to prefetch [note: chunk prefetch].
 template <typename Cache, typename Fn>
-void for_each_chunk(const at::Tensor& segments, const at::Tensor& chunks, Fn fn) {
+void for_each_chunk(const at::Tensor& segments, const at::Tensor& chunks, Touches touches, Fn fn) {
   const int64_t n = chunks.size(0);
   if (n == 0) {
     return;
@@ -116,7 +168,13 @@ void for_each_chunk(const at::Tensor& segments, const at::Tensor& chunks, Fn fn)
   const int64_t grain = std::max<int64_t>(1, kGrainElements * n / std::max<int64_t>(total, 1));
   at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
     Cache cache;
+    for (int64_t i = lo; i < std::min(hi, lo + kPrefetchAhead); ++i) {
+      prefetch_chunk(c + 3 * i, table, touches);
+    }
     for (int64_t i = lo; i < hi; ++i) {
+      if (i + kPrefetchAhead < hi) {
+        prefetch_chunk(c + 3 * (i + kPrefetchAhead), table, touches);
+      }
       const int64_t seg = c[3 * i];
       if (!seg::active(table, seg)) {
         continue;
@@ -313,7 +371,8 @@ void step_policy(const char* name, const at::Tensor& segments, at::ScalarType pa
         constexpr ParamWrite W = decltype(mode)::value;
         switch_variant<Policy::kVariants>(call.variant, [&](auto variant) {
           constexpr int V = decltype(variant)::value;
-          for_each_chunk<Cache>(segments, chunks,
+          constexpr int64_t kGradBytes = Policy::kUsesGrad ? sizeof(P) : 0;
+          for_each_chunk<Cache>(segments, chunks, Touches{sizeof(P), kGradBytes},
                                 [&](int64_t, int64_t seg, int64_t begin, int64_t end, const int64_t* row, Cache& c) {
             // Segments usually share one step count: recompute the scalars only when it changes.
             const double scalar = seg_scalar != nullptr ? seg_scalar[seg] : 0.0;
@@ -372,7 +431,7 @@ void for_each_grad_chunk(const at::Tensor& segments, at::ScalarType param_dtype,
   check_chunk_rows(segments, chunks, -1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fusedclr::for_each_grad_chunk", [&] {
     struct NoCache {};
-    for_each_chunk<NoCache>(segments, chunks,
+    for_each_chunk<NoCache>(segments, chunks, Touches{0, sizeof(scalar_t)},
                             [&](int64_t chunk, int64_t, int64_t begin, int64_t end, const int64_t* row, NoCache&) {
       fn(chunk, seg::segment_base<scalar_t>(row[seg::GRAD], row[seg::OFFSET]), begin, end);
     });
