@@ -106,6 +106,28 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE c10::BFloat16 round_stochastic(float x, uint32
   return x != x ? c10::BFloat16(x) : c10::BFloat16(up, c10::BFloat16::from_bits());
 }
 
+// [note: vectorized conversions]
+// A float rounded to nearest-even into P, as static_cast<P> does, and a float
+// read from P. On the host the bf16 rounding (c10's, NaN to 0x7FC0) is written
+// without a branch: c10's `if (isnan)`, next to the loop's other tests, left
+// GCC's CPU loops scalar (bf16 AdamW at 3.7 ns per element against fp32's
+// 0.6). Other types cast as usual.
+template <typename P, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE P to_storage(T x) {
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    const float f = static_cast<float>(x);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t nan = UINT32_C(0) - static_cast<uint32_t>(f != f);
+    return c10::BFloat16(static_cast<uint16_t>((UINT32_C(0x7FC0) & nan) | (rounded & ~nan)),
+                         c10::BFloat16::from_bits());
+  }
+#endif
+  return static_cast<P>(x);
+}
+
 // The math-type value an update starts from (`master`: the element of
 // master_param, read only under kMaster).
 template <ParamWrite W, typename T, typename P>
@@ -123,11 +145,11 @@ template <ParamWrite W, typename P, typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE P write_param(T x, float& master, uint32_t key, int64_t index) {
   if constexpr (W == ParamWrite::kMaster) {
     master = x;
-    return static_cast<P>(x);
+    return to_storage<P>(x);
   } else if constexpr (W == ParamWrite::kStochastic) {
     return round_stochastic(x, key, index);
   } else {
-    return static_cast<P>(x);
+    return to_storage<P>(x);
   }
 }
 

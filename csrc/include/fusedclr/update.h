@@ -12,6 +12,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace fusedclr {
 
@@ -72,9 +74,30 @@ C10_HOST_DEVICE inline LerpWeight<T> lerp_weight(double weight) {
   return w;
 }
 
+// `c ? a : b` for a condition that is the same for every element. On the host
+// it is a bit blend: a select in the loop body, next to a bf16 store's NaN test,
+// left GCC's CPU loops scalar [note: vectorized conversions].
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T pick(bool c, T a, T b) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return c ? a : b;
+#else
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static_assert(sizeof(T) == sizeof(U), "pick: float or double");
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U mask = U(0) - static_cast<U>(c);
+  const U r = (ua & mask) | (ub & ~mask);
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+#endif
+}
+
 template <bool FMA, typename T>
 C10_HOST_DEVICE inline T lerp(T start, T end, const LerpWeight<T>& w) {
-  return mul_add<FMA>(w.coeff, end - start, w.small ? start : end);
+  return mul_add<FMA>(w.coeff, end - start, pick(w.small, start, end));
 }
 
 // x.mul_(a).addcmul_(y, y, value=b): fma(b * y, y, x * a), as torch's vector
