@@ -64,7 +64,7 @@ struct Sgd : PolicyBase {
     }
     if constexpr ((V & kBuf) != 0) {
       // buf.mul_(momentum).add_(grad, alpha=1 - dampening); grad.add(buf, alpha=momentum)
-      s[0] = k.first ? g : mul_add<FMA>(g, k.one_minus_dampening, s[0] * k.momentum);
+      s[0] = pick(k.first, g, mul_add<FMA>(g, k.one_minus_dampening, s[0] * k.momentum));
       g = (V & kNesterov) != 0 ? mul_add<FMA>(s[0], k.momentum, g) : s[0];
     }
     p = mul_add<FMA>(g, -k.lr, p);  // param.add_(grad, alpha=-lr)
