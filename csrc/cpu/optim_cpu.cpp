@@ -452,6 +452,38 @@ void for_each_grad_chunk(const at::Tensor& segments, at::ScalarType param_dtype,
   });
 }
 
+// Sum of squares of g[begin, end) in float64 into *out, through the widest
+// instruction set [note: CPU instruction sets]. kLanes independent sums, added
+// in a fixed order at the end: one running sum is a chain of dependent adds
+// that the compiler may not reorder (no -ffast-math). 4 x 4M elements, one
+// thread, dev machine: 14.4 ms (fp32) and 16.4 ms (bf16) with one sum, 2.1-2.3
+// and 3.4-4.0 ms with 64 lanes, where torch's foreach norm takes 2.2-2.7 and 1.9.
+template <typename P>
+struct SumSquaresLoop {
+  template <bool FMA>
+  static FUSEDCLR_ALWAYS_INLINE void run(const P* __restrict__ g, int64_t begin, int64_t end, double* out) {
+    using T = at::opmath_type<P>;
+    constexpr int64_t kLanes = 64;
+    double lane[kLanes] = {};
+    int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const double x = static_cast<double>(static_cast<T>(g[i + l]));
+        lane[l] += x * x;
+      }
+    }
+    for (; i < end; ++i) {
+      const double x = static_cast<double>(static_cast<T>(g[i]));
+      lane[0] += x * x;
+    }
+    double acc = 0;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      acc += lane[l];
+    }
+    *out = acc;
+  }
+};
+
 // Sum of squares of every active segment's gradient, in float64: the global
 // gradient norm's share of one bucket [note: fused clipping] (a reduction over
 // the table, no copy). Per-chunk partial sums added in chunk order, so the
@@ -460,13 +492,8 @@ at::Tensor grad_sumsq_cpu(const at::Tensor& segments, at::ScalarType param_dtype
   std::vector<double> partial(chunks.size(0), 0.0);
   for_each_grad_chunk(segments, param_dtype, chunks,
                       [&](int64_t chunk, const auto* g, int64_t begin, int64_t end) {
-    using T = at::opmath_type<std::remove_cv_t<std::remove_pointer_t<decltype(g)>>>;
-    double acc = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const double x = static_cast<double>(static_cast<T>(g[i]));
-      acc += x * x;
-    }
-    partial[chunk] = acc;
+    using P = std::remove_cv_t<std::remove_pointer_t<decltype(g)>>;
+    run_loop<SumSquaresLoop<P>>(g, begin, end, &partial[chunk]);
   });
   double total = 0.0;
   for (double x : partial) {
