@@ -83,7 +83,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T pick(bool c, T a, T b) {
   return c ? a : b;
 #else
   using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  static_assert(sizeof(T) == sizeof(U), "pick: float or double");
+  static_assert(sizeof(T) == sizeof(U), "pick: a 4- or 8-byte value");
   U ua, ub;
   std::memcpy(&ua, &a, sizeof(T));
   std::memcpy(&ub, &b, sizeof(T));
