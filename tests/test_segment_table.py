@@ -108,12 +108,14 @@ def test_dtype_conversion_after_steps_keeps_states_and_counts(name):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-def test_optimizer_built_before_to_empty_raises_instead_of_silently_not_training():
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "Lion"])
+def test_optimizer_built_before_to_empty_raises_instead_of_silently_not_training(name):
     """to_empty() replaces meta parameters with new objects: torch's optimizer then silently
-    steps nothing; ours names the problem and what to do."""
+    steps nothing; ours names the problem and what to do. Building on meta parameters works,
+    as torch's does (Adagrad writes every parameter's state in its constructor)."""
     with torch.device("meta"):
         model = _model()
-    opt = fusedclr.AdamW(model.parameters(), lr=0.01)
+    opt = getattr(fusedclr, name)(model.parameters(), lr=0.01)
     model.to_empty(device="cpu")
     model(torch.randn(2, 6)).sum().backward()
     with pytest.raises(RuntimeError, match=r"parameter 0 of param group 0 is on the meta device.*after to_empty"):

@@ -69,7 +69,8 @@ class ParamState(MutableMapping):
     def stepped(self, bucket: Bucket) -> list[bool]:
         """Which parameters of ``bucket`` have an entry; reads the step counts only while some have none."""
         shown = self._shown[bucket]
-        if not all(shown) and self._read_at.get(bucket) != self.steps_taken:
+        if not all(shown) and self._read_at.get(bucket) != self.steps_taken and not bucket.seg_steps.is_meta:
+            # (meta buckets, built before to_empty(): no counts to read, and none has stepped)
             steps = bucket.seg_steps.cpu().tolist()  # on access only, never on the step path
             shown[:] = [s or n > 0 for s, n in zip(shown, steps)]
             self._read_at[bucket] = self.steps_taken
