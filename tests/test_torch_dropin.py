@@ -16,7 +16,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import CPU_BACKENDS, TOL
 
 import fusedclr
 from fusedclr import lr_scheduler as S
@@ -377,3 +377,67 @@ def test_scheduler_survives_copies_of_the_optimizer():
     # A copy of the optimizer alone keeps the schedule's tensors; nothing holds a copied scheduler.
     opt4 = copy.deepcopy(opt)
     assert opt4._scheduler is None
+
+
+# -- 11. sparse gradients ------------------------------------------------------------------
+
+SPARSE_CASES = [("SGD", {"lr": 0.1}), ("SGD", {"lr": 0.1, "momentum": 0.9}),
+                ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "maximize": True}),
+                ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.3}),
+                ("Adagrad", {"lr": 0.1}), ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.2})]
+
+
+def _sparse_run(mod, cls: str, kwargs: dict, backend: str | None, steps: int = 4) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(20, 3, sparse=True), torch.nn.Linear(3, 1)
+    params = [*emb.parameters(), *head.parameters()]
+    opt = getattr(mod, cls)(params, **kwargs, **({} if backend is None else {"backend": backend}))
+    for s in range(steps):
+        opt.zero_grad()
+        head(emb(torch.tensor([[1, 2, 2, 5], [7, 1, 3, 3]][s % 2]))).square().sum().backward()
+        assert emb.weight.grad.is_sparse
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("cls", "kwargs"), SPARSE_CASES, ids=[f"{c}-{'-'.join(k)}" for c, k in SPARSE_CASES])
+def test_sparse_gradients_step_as_torch(backend, cls, kwargs):
+    """torch's SGD and Adagrad take sparse gradients (nn.Embedding(sparse=True)); so do ours,
+    through a dense copy [note: sparse gradients]. Rows no gradient touched stay bit-identical."""
+    torch.manual_seed(0)
+    start = torch.nn.Embedding(20, 3).weight.detach().clone()
+    theirs = _sparse_run(torch.optim, cls, kwargs, None)
+    ours = _sparse_run(fusedclr, cls, kwargs, backend)
+    touched = [1, 2, 3, 5, 7]
+    untouched = [r for r in range(20) if r not in touched]
+    assert not torch.equal(ours[0][touched], start[touched]), "the embedding never moved"
+    assert torch.equal(ours[0][untouched], start[untouched])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "match"), [
+    ("SGD", {"weight_decay": 0.1}, "weight decay"), ("Adagrad", {"weight_decay": 0.1}, "weight_decay"),
+    ("Adam", {}, "SparseAdam"), ("Lion", {}, "SparseAdam")])
+def test_sparse_gradients_torch_refuses_raise_and_change_nothing(cls, kwargs, match):
+    """Where torch's optimizer refuses a sparse gradient (weight decay; Adam's family), ours
+    raises naming the parameter, before anything changes."""
+    emb, dense = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Parameter(torch.ones(4))
+    opt = getattr(fusedclr, cls)([dense, *emb.parameters()], lr=0.1, **kwargs)
+    dense.grad = torch.ones(4)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = [dense.detach().clone(), emb.weight.detach().clone()]
+    with pytest.raises(RuntimeError, match=rf"parameter 1 of its group has a sparse gradient.*{match}"):
+        opt.step()
+    assert torch.equal(dense.detach(), before[0]) and torch.equal(emb.weight.detach(), before[1])
+
+
+def test_sparse_gradient_fused_clipping_counts_its_values():
+    """max_grad_norm over a sparse gradient: the norm is the dense gradient's (duplicates summed)."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = fusedclr.SGD(emb.parameters(), lr=0.1, max_grad_norm=1e9)
+    (emb(torch.tensor([1, 2, 2])) * torch.arange(9.0).reshape(3, 3)).sum().backward()
+    want = emb.weight.grad.to_dense().double().norm()
+    opt.step()
+    torch.testing.assert_close(opt.last_grad_norm.double(), want, **TOL[torch.float32])

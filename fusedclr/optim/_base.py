@@ -163,6 +163,12 @@ class FlatOptimizerMixin:
     def _momentum(group: dict[str, Any]) -> float:
         return 0.0
 
+    def _sparse_error(self, group: dict[str, Any]) -> str | None:
+        """Why ``group`` may not have sparse gradients, or None where torch's optimizer takes them
+        (they are then stepped through a dense copy [note: sparse gradients])."""
+        return (f"{type(self).__name__} does not support sparse gradients: use "
+                "torch.optim.SparseAdam (or torch.optim.SGD / Adagrad) for the sparse parameters")
+
     def _before_launch(self, bucket: Bucket, group: dict[str, Any]) -> None:
         """Hook: runs on the host before each launch (SGD allocates a buffer when momentum appears)."""
 
@@ -548,12 +554,15 @@ class FlatOptimizerMixin:
         """
         self._follow_groups()
         for gi in range(len(self._buckets)):
+            sparse_error = self._sparse_error(self.param_groups[gi])
             try:
                 for b in self._buckets[gi]:
+                    b.sparse_error = sparse_error
                     b.prepare()
             except ParamChanged:
                 self._rebucket(gi)
                 for b in self._buckets[gi]:
+                    b.sparse_error = sparse_error
                     b.prepare()
         self.state.steps_taken += 1  # optimizer.state reads the step counts again [note: lazy state]
         launches = []

@@ -226,6 +226,9 @@ class Bucket:
         self._staging: Tensor | None = None  # the pinned copy of the last table upload
         # The gradients the slow path handed the kernels this step (copies held alive), or None.
         self._walked_grads: list[Tensor | None] | None = None
+        # Why a sparse gradient is refused, or None where the optimizer steps it densely
+        # [note: sparse gradients]; set by the optimizer before every prepare.
+        self.sparse_error: str | None = "sparse gradients are not supported"
         self.hyper = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.hyper_cache: tuple | None = None
         self.schedule: Tensor | None = None
@@ -378,6 +381,16 @@ class Bucket:
         gradient is checked before the table changes; a dense gradient with other strides than its
         parameter is copied into the parameter's layout for this step.
 
+        [note: sparse gradients]
+        torch's SGD and Adagrad (without weight decay) take sparse gradients; so do fusedclr's,
+        through a dense copy made here for the step. The dense update is torch's sparse one:
+        the rows the gradient leaves out see a zero gradient, which leaves Adagrad's sum and
+        parameter as they are and decays SGD's momentum buffer as torch's sparse buffer decays
+        (its rows are the dense buffer's non-zero rows). The copy costs a dense pass over the
+        parameter per step where torch touches only the gradient's rows: for large sparse
+        embeddings, torch's own optimizer is the faster one. Every other optimizer refuses
+        sparse gradients as torch's does (``Bucket.sparse_error``).
+
         [note: shadowed parameters]
         A parameter with gaps between its elements (a strided slice made a leaf) cannot be walked as
         one block: the bucket keeps a dense shadow of it that the table points at. Each step copies
@@ -394,6 +407,8 @@ class Bucket:
         for t, g in zip(self.locals, grads):
             if g is not None:
                 g = self._local_grad(g)
+                if g.is_sparse:  # [note: sparse gradients]
+                    g = g.coalesce().to_dense()
                 if g.stride() != t.stride() or not is_dense(g):
                     g = torch.empty_like(t).copy_(g)
             walked.append(g)
@@ -432,11 +447,9 @@ class Bucket:
         for i, (p, g) in enumerate(zip(self.params, grads)):
             if g is None:
                 continue
-            if g.is_sparse:
-                raise RuntimeError(
-                    "fusedclr optimizers do not support sparse gradients (parameter "
-                    f"{i} of its group has one); use torch.optim.SparseAdam for sparse parameters"
-                )
+            if g.is_sparse and self.sparse_error is not None:
+                raise RuntimeError(f"fusedclr: parameter {i} of its group has a sparse gradient: "
+                                   f"{self.sparse_error}")
             if g.dtype != p.dtype:
                 raise RuntimeError(
                     f"fusedclr: the gradient of parameter {i} of its group has dtype {g.dtype}, "
@@ -465,7 +478,9 @@ class Bucket:
         if ops.extension_available() and (self.device.type == "cpu" or
                                           (self.device.type == "cuda" and ops.cuda_kernels_registered())):
             return ops.grad_sumsq(self.table, self.dtype, self.chunks)
-        grads = [self._local_grad(g) for g in self._grads() if g is not None]
+        walked = self._walked_grads  # the step's dense copies, where the slow path made some
+        grads = [g for g in walked if g is not None] if walked is not None else [
+            self._local_grad(g) for g in self._grads() if g is not None]
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         return torch.stack([memory_image(g).double().square().sum() for g in grads]).sum()

@@ -38,6 +38,10 @@ class Adagrad(FlatOptimizerMixin, torch.optim.Adagrad):
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
                          maximize=maximize, differentiable=differentiable, fused=fused)
 
+    def _sparse_error(self, group: dict[str, Any]) -> str | None:
+        # torch's Adagrad takes sparse gradients without weight decay [note: sparse gradients].
+        return "weight_decay option is not compatible with sparse gradients" if group["weight_decay"] != 0 else None
+
     def _state_init(self, group: dict[str, Any]) -> dict[str, float]:
         return {"sum": float(group["initial_accumulator_value"])}
 

@@ -53,6 +53,10 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
         if desc is not None and schedules_momentum(desc):
             ensure_momentum_buffer(self, bucket)
 
+    def _sparse_error(self, group: dict[str, Any]) -> str | None:
+        # torch's SGD takes sparse gradients without weight decay [note: sparse gradients].
+        return "weight decay needs dense gradients (torch.optim.SGD raises too)" if group["weight_decay"] != 0 else None
+
     def _before_launch(self, b: Bucket, group: dict[str, Any]) -> None:
         if group["momentum"] != 0:
             ensure_momentum_buffer(self, b)
