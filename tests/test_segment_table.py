@@ -364,3 +364,68 @@ def test_group_added_to_param_groups_directly_is_refused_with_the_fix():
     opt.param_groups.pop()
     with pytest.raises(TypeError, match="parameter 2 of param group 0 is str"):
         opt.step()
+
+
+# -- the device table follows the host table [note: table upload] ---------------------------
+# On the CPU the kernels read the host table itself; these tests give a bucket a separate
+# "device" table (a copy the upload writes) to pin the upload logic that CUDA buckets run.
+
+
+def _split_bucket(n: int = 3):
+    from fusedclr.optim._flat import Bucket
+
+    ps = [torch.nn.Parameter(torch.randn(40)) for _ in range(n)]
+    b = Bucket(ps, ["exp_avg"], torch.float32)
+    b.table = b.host_table.clone()
+    return ps, b
+
+
+def _points_at_grads(b, ps) -> bool:
+    from fusedclr.optim._flat import GRAD
+
+    return torch.equal(b.table, b.host_table) and all(
+        int(b.table[i, GRAD]) == p.grad.data_ptr() for i, p in enumerate(ps))
+
+
+def test_refused_gradient_then_the_same_addresses_still_uploads():
+    """A refresh that wrote rows and then refused a gradient must not leave the device table
+    behind: the next step may find the same addresses again and would upload nothing."""
+    ps, b = _split_bucket()
+    for p in ps:
+        p.grad = torch.randn(40)
+    b.prepare()
+    assert _points_at_grads(b, ps)
+    kept = ps[1].grad
+    ps[0].grad = torch.randn(40)
+    ps[1].grad = torch.randn(40).to_sparse()  # refused: this bucket's optimizer takes no sparse gradient
+    with pytest.raises(RuntimeError, match="sparse"):
+        b.prepare()
+    ps[1].grad = kept  # the user recovers; row 0's new address is already in the host table
+    b.prepare()
+    assert _points_at_grads(b, ps)
+
+
+def test_captured_step_keeps_its_table_and_eager_steps_upload_theirs(monkeypatch):
+    """A step captured in a CUDA graph captures an upload of its table even when nothing changed,
+    and keeps its staging buffer; after it, every eager step uploads (a replay may have
+    overwritten the device table with the captured one)."""
+    from fusedclr.optim import _flat
+
+    ps, b = _split_bucket()
+    for p in ps:
+        p.grad = torch.randn(40)
+    b.prepare()
+    uploads = []
+    real = _flat.Bucket._upload
+    monkeypatch.setattr(_flat.Bucket, "_upload", lambda self, capturing=False: (uploads.append(capturing),
+                                                                               real(self, capturing)))
+    b.prepare()
+    assert uploads == [], "an unchanged table was uploaded"
+    monkeypatch.setattr(_flat, "_capturing", lambda device: True)
+    b.prepare()
+    assert uploads == [True] and len(b._captured_staging) == 1
+    monkeypatch.setattr(_flat, "_capturing", lambda device: False)
+    b.table.zero_()  # what a replay's upload of another table would leave
+    b.prepare()
+    assert uploads == [True, False] and _points_at_grads(b, ps)
+    assert copy.deepcopy(b)._captured_staging == []

@@ -111,6 +111,11 @@ def _shaped(flat: Tensor, like: Tensor) -> Tensor:
     return flat.as_strided(like.shape, like.stride())
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured into a CUDA graph [note: table upload]."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def is_dtensor(t: Tensor) -> bool:
     # Importing torch.distributed.tensor costs ~1 s; whoever made a DTensor has imported it already.
     module = sys.modules.get("torch.distributed.tensor")
@@ -224,6 +229,10 @@ class Bucket:
         self.table = self.host_table if self.device.type == "cpu" else self.host_table.to(self.device)
         self._tracker = self._make_tracker()  # the C refresh [note: segment refresh]
         self._staging: Tensor | None = None  # the pinned copy of the last table upload
+        # [note: table upload]: rows written since the last upload; a CUDA graph holds an upload.
+        self._unsent = False
+        self._graphed = False
+        self._captured_staging: list[Tensor] = []
         # The gradients the slow path handed the kernels this step (copies held alive), or None.
         self._walked_grads: list[Tensor | None] | None = None
         # Why a sparse gradient is refused, or None where the optimizer steps it densely
@@ -236,7 +245,8 @@ class Bucket:
 
     def __getstate__(self) -> dict:
         # The prepared refresh holds borrowed pointers and does not copy or pickle.
-        return {**self.__dict__, "_tracker": None}
+        # A copy's device table is its own: no graph holds an upload into it [note: table upload].
+        return {**self.__dict__, "_tracker": None, "_graphed": False, "_captured_staging": []}
 
     def __setstate__(self, state: dict) -> None:
         """After ``copy.deepcopy`` or unpickling (the optimizer's buckets travel with it): the table
@@ -312,6 +322,7 @@ class Bucket:
             flags = self._check_params() | ops.SLOW_PATH  # the C refresh would see the gaps
         else:
             flags = self._refresh()
+        self._unsent |= bool(flags & ops.TABLE_CHANGED)  # rows it wrote before a stop count too
         if flags & ops.PARAM_CHANGED:
             self._raise_param_changed()
         if flags & ops.SLOW_PATH:
@@ -334,13 +345,18 @@ class Bucket:
         if self._shadowed or self.device.type == "meta":
             return False
         flags = self._refresh()
+        self._unsent |= bool(flags & ops.TABLE_CHANGED)
         self._sync_table(flags)  # rows written before a stop must reach the device table too
         return not flags & (ops.SLOW_PATH | ops.PARAM_CHANGED | ops.GRAD_READ_ONLY)
 
     def _sync_table(self, flags: int) -> None:
-        """Uploads the host table when the refresh changed it (off the CPU)."""
-        if flags & ops.TABLE_CHANGED and self.table is not self.host_table:
-            self._upload()
+        """Uploads the host table when it differs from the device table (off the CPU) [note: table upload]."""
+        if self.table is self.host_table:
+            self._unsent = False
+            return
+        capturing = _capturing(self.device)
+        if flags & ops.TABLE_CHANGED or self._unsent or self._graphed or capturing:
+            self._upload(capturing)
 
     def _make_tracker(self):
         return ops.segment_tracker(self.params, self.dtype, self.device, isinstance(self, ShardBucket))
@@ -350,16 +366,33 @@ class Bucket:
             self._tracker = self._make_tracker()
         return self._tracker(self.host_table)
 
-    def _upload(self) -> None:
+    def _upload(self, capturing: bool = False) -> None:
         """Copies the host table into the device table in place, stream-ordered after the kernels
         that read the old one, through a fresh pinned buffer (the host allocator reuses it only
-        once the copy is done); the last one is kept for CUDA-graph replays of that copy."""
+        once the copy is done).
+
+        [note: table upload]
+        The device table must always describe the tensors the next kernel reads. The host
+        table is compared with the tensors, not with the device table, so two things keep
+        them together. A refresh that wrote rows and then stopped (a gradient refused, a
+        parameter re-bucketed) leaves the bucket `_unsent` until an upload succeeds: else a
+        later step that finds the same addresses again would upload nothing and walk the
+        old ones. And a step captured in a CUDA graph always captures an upload, of the
+        table it captured with: every replay then restores that table whatever an eager
+        step uploaded in between, and once a graph holds one, every eager step uploads
+        its own (`_graphed`), since a replay may have overwritten it. A captured upload's
+        pinned buffer lives as long as the bucket.
+        """
         if self.device.type == "meta":
             return
         pinned = self.device.type == "cuda"
         staging = torch.empty_like(self.host_table, pin_memory=pinned).copy_(self.host_table)
         self.table.copy_(staging, non_blocking=pinned)
         self._staging = staging
+        self._unsent = False
+        if capturing:
+            self._graphed = True
+            self._captured_staging.append(staging)
 
     def _grads(self) -> list[Tensor | None]:
         """The gradients of the walked tensors (a Python loop: the slow path and the reference only)."""
