@@ -157,13 +157,10 @@ def test_accelerate_prepare_accumulate_and_clip(accelerate_state):
     assert_same_params(fused, ref)
 
 
-def test_accelerate_save_state_load_state_round_trip(accelerate_state, tmp_path, request):
-    """save_state writes the model with safetensors by default, which refuses tensors
-    that share storage: fusedclr's flat parameter buffers fail here until parameters
-    stay where the model put them (the segment-table contract, docs/DESIGN.md section 3)."""
-    if shares_storage():
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="fusedclr parameters share one flat storage, which safetensors refuses"))
+def test_accelerate_save_state_load_state_round_trip(accelerate_state, tmp_path):
+    """save_state writes the model with safetensors by default, which refuses tensors that
+    share storage: the parameters stay the model's own (the segment table), so it round-trips."""
+    assert not shares_storage()
     straight = _accelerate_run(True, steps=8, save_at=(4, tmp_path / "ckpt"))
     # Step 4 ends an epoch, so the resumed run's fresh loader meets the same batches.
     resumed = _accelerate_run(True, steps=4, load=tmp_path / "ckpt")

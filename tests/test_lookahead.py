@@ -90,3 +90,25 @@ def test_slow_weights_follow_a_conversion_of_the_model(backend):
         opt.step()
     assert model.weight.dtype == torch.float64
     torch.testing.assert_close(model.weight.detach(), _run(p0, grads, k=4, alpha=0.5, lr=0.1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lr_set_through_lookahead_after_load_state_dict_reaches_the_kernel(backend):
+    """load_state_dict replaces the wrapped optimizer's group list: a scheduler (or a hand edit,
+    or a framework) that sets lr through the Lookahead afterwards must still be obeyed."""
+    p = torch.nn.Parameter(torch.randn(17))
+    opt = fusedclr.Lookahead(fusedclr.SGD([p], lr=0.1, backend=backend), k=1, alpha=0.5)
+    p.grad = torch.ones(17)
+    opt.step()  # k=1: fast and slow weights agree after every step
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is opt.optimizer.param_groups
+    opt.param_groups[0]["lr"] = 0.0
+    before = p.detach().clone()
+    for _ in range(3):
+        opt.step()  # at lr 0 nothing moves
+    torch.testing.assert_close(p.detach(), before, rtol=0, atol=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.param_groups[0]["lr"] = 0.2
+    sched.base_lrs = [0.2]
+    sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)

@@ -73,7 +73,6 @@ class Lookahead(torch.optim.Optimizer):
         # torch.optim.Optimizer's bookkeeping, without adding the groups again: they are the wrapped optimizer's.
         torch._C._log_api_usage_once("python.optimizer")
         self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
         self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
@@ -82,6 +81,16 @@ class Lookahead(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's groups, the list itself: ``load_state_dict`` replaces that list, and
+        a scheduler or framework that sets a group's lr through the Lookahead must reach the kernel."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
 
     @property
     def state(self) -> Any:
