@@ -441,3 +441,30 @@ def test_sparse_gradient_fused_clipping_counts_its_values():
     want = emb.weight.grad.to_dense().double().norm()
     opt.step()
     torch.testing.assert_close(opt.last_grad_norm.double(), want, **TOL[torch.float32])
+
+
+# -- 12. editing param_groups in place -------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit", ["move", "reverse"])
+def test_param_group_edits_keep_states_keyed_by_parameter(edit):
+    """torch keys state by parameter: moving a parameter to another group, or reordering the
+    groups, keeps its state (step count and moments) [note: followed groups]."""
+    ours_m, torch_m = _twins()
+    before = [p.detach().clone() for p in ours_m.parameters()]
+    opts = []
+    for m, cls in ((ours_m, fusedclr.AdamW), (torch_m, torch.optim.AdamW)):
+        opt = cls([{"params": list(m[0].parameters())}, {"params": list(m[2].parameters()), "lr": 0.02}], lr=0.05)
+        _train(m, opt, 3)
+        if edit == "move":
+            opt.param_groups[1]["params"].append(opt.param_groups[0]["params"].pop())
+        else:
+            opt.param_groups.reverse()
+        _train(m, opt, 3, seed=2)
+        opts.append(opt)
+    for b, p, q in zip(before, ours_m.parameters(), torch_m.parameters()):
+        assert not torch.equal(p.detach(), b)
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+        assert float(opts[0].state[p]["step"]) == float(opts[1].state[q]["step"]) == 6
+        torch.testing.assert_close(opts[0].state[p]["exp_avg_sq"], opts[1].state[q]["exp_avg_sq"], **TOL[torch.float32])

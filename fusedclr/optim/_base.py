@@ -654,9 +654,11 @@ class FlatOptimizerMixin:
         it with torch. fusedclr's kernels walk buckets built from the list, so
         a step first compares each group's list with the one its buckets were
         built from, by identity and length (O(groups), no loop over the
-        parameters), and re-buckets a group that changed, carrying the states
-        of the parameters it kept (:meth:`_rebucket`); the new ones start
-        fresh, as they do in torch. Replacing an element in place
+        parameters), and re-buckets the groups that changed, carrying every
+        parameter's state wherever it was before (a parameter moved from
+        another group, groups reordered: torch keys state by parameter)
+        (:meth:`_rebucket`); parameters new to the optimizer start fresh, as
+        they do in torch. Replacing an element in place
         (``group["params"][i] = q``, same list, same length) is not seen: use
         ``add_param_group``, or assign the group a new list.
         """
@@ -670,34 +672,36 @@ class FlatOptimizerMixin:
         bucketed = getattr(self, "_bucketed", None)
         if bucketed is None or len(bucketed) != len(self.param_groups):  # an optimizer pickled before this list
             bucketed = self._bucketed = [(g["params"], len(g["params"])) for g in self.param_groups]
-        for gi, group in enumerate(self.param_groups):
-            params = group["params"]
-            if params is bucketed[gi][0] and len(params) == bucketed[gi][1]:
-                continue
-            if not isinstance(params, list):
-                params = group["params"] = list(params)
-            for i, p in enumerate(params):
+        changed = [gi for gi, group in enumerate(self.param_groups)
+                   if not (group["params"] is bucketed[gi][0] and len(group["params"]) == bucketed[gi][1])]
+        if not changed:
+            return
+        for gi in changed:
+            group = self.param_groups[gi]
+            if not isinstance(group["params"], list):
+                group["params"] = list(group["params"])
+            for i, p in enumerate(group["params"]):
                 if not isinstance(p, Tensor) or p.is_sparse or p.layout != torch.strided:
                     raise TypeError(
                         f"fusedclr: parameter {i} of param group {gi} is "
                         f"{torch.typename(p) if not isinstance(p, Tensor) else f'a tensor with layout {p.layout}'}"
                         "; an optimizer steps dense (strided) tensors only"
                     )
-            self._rebucket(gi)
+        # A parameter moved between groups, or groups reordered, keeps its state as in torch
+        # (keyed by the parameter): every changed group's states are saved before any is rebuilt.
+        carried: tuple[dict[Tensor, dict[str, Any]], dict[Tensor, int]] = ({}, {})
+        for gi in changed:
+            built_from = next((g for g in self.param_groups if g["params"] is bucketed[gi][0]),
+                              self.param_groups[gi])
+            self._save_states(built_from, self._buckets[gi], *carried)
+        for gi in changed:
+            self._rebucket(gi, carried)
 
-    def _rebucket(self, group_index: int) -> None:
-        """Rebuilds a group's buckets after parameters changed dtype or device [note: flat buckets].
-
-        The states move with their parameters as torch's ``load_state_dict``
-        moves them (values kept, cast to the new bucket's state dtype and
-        device); buckets that were on the meta device, which hold no values,
-        start fresh (``param.data`` moved off meta; a torch optimizer built on meta
-        parameters has no state).
-        """
-        group = self.param_groups[group_index]
-        saved: dict[Tensor, dict[str, Any]] = {}
-        counts: dict[Tensor, int] = {}  # exact step counts (SGD's state_dict keeps none)
-        for b in self._buckets[group_index]:
+    def _save_states(self, group: dict[str, Any], buckets: list[Bucket], saved: dict[Tensor, dict[str, Any]],
+                     counts: dict[Tensor, int]) -> None:
+        """Copies the states of ``buckets`` (built from ``group``) into ``saved`` and their exact step
+        counts into ``counts`` (SGD's state_dict keeps none), keyed by parameter, for :meth:`_rebucket`."""
+        for b in buckets:
             if b.device.type == "meta":
                 continue
             steps = b.seg_steps.cpu().tolist()  # host sync: a conversion, not a step
@@ -708,6 +712,24 @@ class FlatOptimizerMixin:
                 if entry and b.master is not None:
                     entry["master_param"] = b.master_view(i).clone()
                 saved[p] = entry
+
+    def _rebucket(self, group_index: int,
+                  carried: tuple[dict[Tensor, dict[str, Any]], dict[Tensor, int]] | None = None) -> None:
+        """Rebuilds a group's buckets after parameters changed dtype or device, or the group's list
+        changed [note: flat buckets].
+
+        The states move with their parameters as torch's ``load_state_dict``
+        moves them (values kept, cast to the new bucket's state dtype and
+        device); buckets that were on the meta device, which hold no values,
+        start fresh (``param.data`` moved off meta; a torch optimizer built on meta
+        parameters has no state). ``carried``: states saved by :meth:`_save_states`
+        (of several groups), instead of this group's own.
+        """
+        group = self.param_groups[group_index]
+        if carried is None:
+            carried = ({}, {})
+            self._save_states(group, self._buckets[group_index], *carried)
+        saved, counts = carried
         self._buckets[group_index] = self._make_buckets(group)
         self._bucketed[group_index] = (group["params"], len(group["params"]))
         for b in self._buckets[group_index]:
