@@ -8,6 +8,7 @@ Each test compares with torch.optim itself where torch defines the answer.
 
 from __future__ import annotations
 
+import collections
 import copy
 import gc
 import pickle
@@ -468,3 +469,41 @@ def test_param_group_edits_keep_states_keyed_by_parameter(edit):
     for p, q in zip(ours_m.parameters(), torch_m.parameters()):
         assert float(opts[0].state[p]["step"]) == float(opts[1].state[q]["step"]) == 6
         torch.testing.assert_close(opts[0].state[p]["exp_avg_sq"], opts[1].state[q]["exp_avg_sq"], **TOL[torch.float32])
+
+
+# -- 13. replacing optimizer.state -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_assigning_a_fresh_state_restarts_as_torch(keep):
+    """``opt.state = defaultdict(dict)`` (resetting the moments) starts every parameter afresh in
+    torch; a mapping with entries restarts the others and loads those."""
+    ours_m, torch_m = _twins()
+    before = [p.detach().clone() for p in ours_m.parameters()]
+    opts = []
+    for m, cls in ((ours_m, fusedclr.AdamW), (torch_m, torch.optim.AdamW)):
+        opt = cls(m.parameters(), lr=0.05)
+        _train(m, opt, 3)
+        fresh = collections.defaultdict(dict)
+        if keep:
+            w = m[0].weight
+            fresh[w] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[w].items()}
+        opt.state = fresh
+        assert len(opt.state) == (1 if keep else 0)
+        _train(m, opt, 2, seed=2)
+        opts.append(opt)
+    for b, p, q in zip(before, ours_m.parameters(), torch_m.parameters()):
+        assert not torch.equal(p.detach(), b)
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    for p, q in zip(ours_m.parameters(), torch_m.parameters()):
+        assert float(opts[0].state[p]["step"]) == float(opts[1].state[q]["step"])
+
+
+def test_assigning_a_bad_state_changes_nothing():
+    model, _ = _twins()
+    opt = fusedclr.AdamW(model.parameters(), lr=0.05)
+    _train(model, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.state = {model[0].weight: {"exp_avg": torch.zeros(3)}}
+    torch.testing.assert_close(opt.state_dict(), saved)

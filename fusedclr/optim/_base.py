@@ -45,7 +45,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,7 +57,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from fusedclr import ops, reference
 from fusedclr.optim._flat import Bucket, ParamChanged, ShardBucket, is_dtensor, real_dtype
-from fusedclr.optim._state import ParamState, step_value
+from fusedclr.optim._state import ParamState, StateEntry, step_value
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -349,6 +349,35 @@ class FlatOptimizerMixin:
             for buckets in self._buckets:
                 live.add_buckets(buckets)
             self.state = live
+
+    # -- optimizer.state ----------------------------------------------------------
+
+    @property
+    def state(self) -> Any:
+        """torch's ``optimizer.state``, keyed by parameter, whose entries are live views of the flat
+        state buffers (:class:`ParamState`) [note: lazy state]."""
+        return self.__dict__["state"]
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        live = self.__dict__.get("state")
+        if isinstance(value, ParamState) or not isinstance(live, ParamState) or self.__dict__.get("_torch_impl"):
+            self.__dict__["state"] = value  # torch's constructor and loads, or fusedclr's own bookkeeping
+            return
+        # A user replacing the state (``opt.state = defaultdict(dict)``, to reset the moments): as in
+        # torch, every parameter starts afresh, from what the new mapping holds.
+        if not isinstance(value, Mapping):
+            raise TypeError(f"optimizer.state must be a mapping keyed by parameter, got {type(value).__name__}")
+        entries = dict(value)
+        for key, entry in entries.items():  # every entry is checked before anything is reset
+            if isinstance(key, Tensor) and key in live._where:
+                if not isinstance(entry, Mapping):
+                    raise TypeError(f"optimizer.state[param] must be a mapping of state names to values, got "
+                                    f"{type(entry).__name__}")
+                StateEntry(live, *live._where[key]).check(entry)
+        live.clear()
+        for key, entry in entries.items():
+            live[key] = entry
 
     # -- param groups --------------------------------------------------------
 
@@ -837,11 +866,11 @@ class FlatOptimizerMixin:
             live = self.state
             packed = defaultdict(dict, {k: v for k, v in live._other.items() if k not in live._where})
             packed.update(self._stepped_state())
-            self.state = packed
+            self.__dict__["state"] = packed
             try:
                 return super().state_dict()  # runs the post-hooks on the result
             finally:
-                self.state = live
+                self.__dict__["state"] = live
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a fusedclr or torch.optim state_dict (``map_location="cpu"`` works).
