@@ -350,6 +350,48 @@ def test_zero_grad_in_place_launches_once_per_bucket_without_sync(backend):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("lr_kind", ["float", "cpu-tensor"])
+def test_host_scheduler_steps_without_sync(lr_kind):
+    """A host-side scheduler (torch's LambdaLR, as Hugging Face's schedules are) changes the lr
+    every step: it reaches the kernel through a pinned asynchronous copy, with no host sync,
+    gradients replaced every step (set_to_none) included."""
+    import fusedclr
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(DEVICE)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(DEVICE)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(16, 64, device=DEVICE)
+    runs = []
+    for m, cls, kw in ((model, fusedclr.AdamW, {}), (ref, torch.optim.AdamW, {"foreach": False})):
+        lr = 0.01 if lr_kind == "float" else torch.tensor(0.01)
+        opt = cls(m.parameters(), lr=lr, **kw)  # torch's foreach takes no CPU tensor lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        runs.append((m, opt, sched))
+
+    def iteration(m, opt, sched):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+        sched.step()
+
+    for run in runs:
+        iteration(*run)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            iteration(*runs[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for _ in range(4):
+        iteration(*runs[1])
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@gpu
+@pytest.mark.gpu
 def test_buffers_on_another_device_are_named():
     """A buffer off the segment table's device is refused before anything moves (the other
     bad calls, shared by every backend: tests/test_op_errors.py)."""

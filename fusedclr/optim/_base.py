@@ -526,7 +526,11 @@ class FlatOptimizerMixin:
         lr = 0.0 if covers_lr else group["lr"]
         mom = 0.0 if covers_mom and not zero_lr else self._momentum(group)
         if isinstance(lr, Tensor):
-            bucket.hyper[0].copy_(lr.reshape(()))
+            if lr.device.type == "cpu" and bucket.device.type == "cuda":
+                # A pageable host-to-device copy_ waits for the stream (a host sync per step): pinned, async.
+                bucket.hyper[:1].copy_(lr.detach().reshape(1).to(torch.float64).pin_memory(), non_blocking=True)
+            else:
+                bucket.hyper[0].copy_(lr.reshape(()))
             key = ("tensor", mom)
             if bucket.hyper_cache != key:
                 bucket.hyper[1].fill_(float(mom))
@@ -534,7 +538,12 @@ class FlatOptimizerMixin:
             return False
         key = (lr, mom)
         if bucket.hyper_cache != key:
-            bucket.hyper.copy_(torch.tensor([float(lr), float(mom)], dtype=torch.float64))
+            # Off the CPU, from pinned memory and asynchronous: a pageable copy_ would wait for the
+            # stream, a host sync on every step of a host-side scheduler (torch's LambdaLR, which
+            # Hugging Face's schedules are, changes the lr every step).
+            pinned = bucket.device.type == "cuda"
+            bucket.hyper.copy_(torch.tensor([float(lr), float(mom)], dtype=torch.float64, pin_memory=pinned),
+                               non_blocking=pinned)
             bucket.hyper_cache = key
         return zero_lr
 
