@@ -31,7 +31,7 @@ C10_HOST_DEVICE inline double sqrt_t(double x) {
 // Swapping the import must reproduce torch's trajectory, so every formula is
 // evaluated in torch's fused kernels' order and the compiler may not contract a
 // multiply and an add into one FMA (the CPU kernels build with
-// -ffp-contract=off). torch's CPU kernels fuse exactly where their vector code
+// -ffp-contract=off, the CUDA kernels with --fmad=false). torch's CPU kernels fuse exactly where their vector code
 // calls fmadd: in lerp, in add with an alpha (`a.add(b, alpha=s)` is
 // fma(b, s, a)) and in addcmul (`a.addcmul(t, t, value=s)` is fma(s * t, t, a));
 // products and sums elsewhere (mul_, addcdiv, the bias corrections) round
