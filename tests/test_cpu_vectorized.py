@@ -107,6 +107,37 @@ def test_bf16_store_rounds_to_nearest_even_as_torch():
     assert (param.detach()[:8] == 1.0).all() and (param.detach()[8:16] == 1.0 + 2.0**-6).all()
 
 
+def test_fp16_loads_and_stores_are_torchs_conversions():
+    """Every one of the 65536 halves read as torch reads it (lr=0 stores it back unchanged), and
+    fp16(p - g) computed in fp32 stored as torch rounds it: ties to even, subnormals, overflow to
+    inf, NaN as 0x7E00 [note: vectorized conversions]."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    param = torch.nn.Parameter(every.clone())
+    param.grad = torch.zeros_like(param)
+    fusedclr.SGD([param], lr=0.0).step()
+    nan = every.isnan()
+    assert torch.equal(param.detach().view(torch.int16)[~nan], every.view(torch.int16)[~nan])
+    assert param.detach()[nan].isnan().all()
+    torch.manual_seed(0)
+    n = 1 << 16
+    p = (torch.randn(n) * torch.logspace(-9, 5, n, base=2.0) ** 2.2).to(torch.float16)  # subnormal .. 6e4
+    g = (torch.randn(n) * 1e-3).to(torch.float16)
+    p[:8], g[:8] = 1.0, -(2.0**-11)  # 1 + 2^-11: halfway between 1 and 1 + 2^-10, to even: 1
+    p[8:16], g[8:16] = 1.0 + 2.0**-10, -(2.0**-11)  # to even: 1 + 2^-9
+    p[16:22] = torch.tensor([65504.0, -65504.0, float("inf"), float("nan"), 6e-8, -0.0], dtype=torch.float16)
+    g[16:22] = torch.tensor([-32.0, 32.0, float("inf"), 0.0, 3e-8, 0.0], dtype=torch.float16)
+    want = p.float() - g.float()  # in fp32, one rounding, as the kernel's fma(g, -1, p)
+    param = torch.nn.Parameter(p.clone())
+    param.grad = g.clone()
+    fusedclr.SGD([param], lr=1.0).step()
+    got = param.detach().view(torch.int16)
+    nan = want.isnan()
+    assert nan[18] and nan[19] and want[16:18].abs().eq(65536.0).all(), "specials: NaN results and overflow"
+    assert torch.equal(got[~nan], want[~nan].to(torch.float16).view(torch.int16))
+    assert (got[nan] & 0x7FFF == 0x7E00).all(), got[nan]
+    assert (param.detach()[:8] == 1.0).all() and (param.detach()[8:16] == 1.0 + 2.0**-9).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_clipping_norm_reads_the_gradients_at_torchs_speed(dtype):
     """grad_sumsq (the global norm of max_grad_norm [note: fused clipping]) against

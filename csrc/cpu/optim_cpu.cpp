@@ -315,14 +315,14 @@ struct PolicyLoop {
       T pi = read_param<W, T>(p[i], mst);
       T gi = T(0);
       if constexpr (Policy::kUsesGrad) {
-        gi = static_cast<T>(g[i]);
+        gi = from_storage<T>(g[i]);
         gi = SCALED ? gi / grad_scale * grad_sign : gi * grad_sign;
       }
       T s[Policy::kStates];
-      if constexpr (uses<0>()) s[0] = static_cast<T>(s0[i]);
-      if constexpr (uses<1>()) s[1] = static_cast<T>(s1[i]);
-      if constexpr (uses<2>()) s[2] = static_cast<T>(s2[i]);
-      if constexpr (uses<3>()) s[3] = static_cast<T>(s3[i]);
+      if constexpr (uses<0>()) s[0] = from_storage<T>(s0[i]);
+      if constexpr (uses<1>()) s[1] = from_storage<T>(s1[i]);
+      if constexpr (uses<2>()) s[2] = from_storage<T>(s2[i]);
+      if constexpr (uses<3>()) s[3] = from_storage<T>(s3[i]);
       Policy::template update<V, FMA>(pi, gi, s, *k);
       p[i] = write_param<W, P>(pi, mst, key, i);
       if constexpr (uses<0>()) s0[i] = to_storage<S>(s[0]);
@@ -468,12 +468,12 @@ struct SumSquaresLoop {
     int64_t i = begin;
     for (; i + kLanes <= end; i += kLanes) {
       for (int64_t l = 0; l < kLanes; ++l) {
-        const double x = static_cast<double>(static_cast<T>(g[i + l]));
+        const double x = static_cast<double>(from_storage<T>(g[i + l]));
         lane[l] += x * x;
       }
     }
     for (; i < end; ++i) {
-      const double x = static_cast<double>(static_cast<T>(g[i]));
+      const double x = static_cast<double>(from_storage<T>(g[i]));
       lane[0] += x * x;
     }
     double acc = 0;

@@ -28,8 +28,10 @@
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <fusedclr/update.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -71,13 +73,92 @@ decltype(auto) switch_write(bool master, bool stochastic, Fn&& fn) {
   return fn(WriteMode<ParamWrite::kRound>{});
 }
 
+// [note: vectorized conversions]
+// Conversions between the storage types and the math type, as static_cast
+// does them (c10's rounding to nearest-even), written so that GCC vectorizes
+// the CPU loops around them. c10's own host conversions hold branches: bf16's
+// `if (isnan)`, next to the loop's other tests, left the loops scalar (bf16
+// AdamW at 3.7 ns per element against fp32's 0.6), and fp16's both ways left
+// every fp16 loop scalar on CPUs without AVX-512 (10-20x fp32's step time on an
+// AVX2 EPYC). Here the NaN and subnormal cases are picks (update.h): bf16 with
+// c10's bits (NaN to 0x7FC0); fp16 with the bit-level method c10 uses without
+// F16C (subnormals through a magic-number float, NaN to 0x7E00), equal to it
+// for every half and every float tried (tests/test_rounding.py). The device
+// casts as usual.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float float_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// fp16 bits -> float, exactly: a normal half's exponent and mantissa moved into
+// place and rebiased by a power-of-two scale (infinities and NaNs included); a
+// subnormal's mantissa read as a float with a fixed exponent, less that bias.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float half_bits_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t unsigned2 = w + w;  // the sign shifted out
+  const float normal = float_from_bits((unsigned2 >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
+  const float subnormal = float_from_bits((unsigned2 >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+  return float_from_bits((w & UINT32_C(0x80000000)) |
+                         pick(unsigned2 < (UINT32_C(1) << 27), bits_of(subnormal), bits_of(normal)));
+}
+
+// float -> fp16 bits, to nearest-even: |x| scaled up and back down (overflow to
+// infinity, and the rounding done by the float adder against a power of two
+// whose exponent puts the half's last mantissa bit at the float's last bit).
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint16_t float_to_half_bits(float x) {
+  const uint32_t w = bits_of(x);
+  const uint32_t unsigned2 = w + w;
+  float base = (float_from_bits(w & UINT32_C(0x7FFFFFFF)) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t bias = std::max(unsigned2 & UINT32_C(0xFF000000), UINT32_C(0x71000000));
+  base = float_from_bits((bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t b = bits_of(base);
+  const uint32_t magnitude = ((b >> 13) & UINT32_C(0x7C00)) + (b & UINT32_C(0x0FFF));
+  return static_cast<uint16_t>(((w & UINT32_C(0x80000000)) >> 16) |
+                               pick(unsigned2 > UINT32_C(0xFF000000), UINT32_C(0x7E00), magnitude));
+}
+
+// A storage value as the math type T.
+template <typename T, typename P>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T from_storage(P x) {
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+  if constexpr (std::is_same_v<P, c10::Half>) {
+    return static_cast<T>(half_bits_to_float(x.x));
+  }
+#endif
+  return static_cast<T>(x);
+}
+
+// A math-type value rounded to nearest-even into P, as static_cast<P> does.
+template <typename P, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE P to_storage(T x) {
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    const float f = static_cast<float>(x);
+    const uint32_t bits = bits_of(f);
+    const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(pick(f != f, UINT32_C(0x7FC0), rounded)),
+                         c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<P, c10::Half>) {
+    return c10::Half(float_to_half_bits(static_cast<float>(x)), c10::Half::from_bits());
+  }
+#endif
+  return static_cast<P>(x);
+}
+
 // The value an update starts from under master weights: the master while the
 // parameter still holds its rounding, otherwise the parameter (written outside
 // the optimizer) [note: precision opt-ins].
 template <typename P>
 C10_HOST_DEVICE C10_ALWAYS_INLINE float master_or_param(float master, P param) {
-  return static_cast<float>(static_cast<P>(master)) == static_cast<float>(param) ? master
-                                                                                  : static_cast<float>(param);
+  const float stored = from_storage<float>(param);
+  return from_storage<float>(to_storage<P>(master)) == stored ? master : stored;
 }
 
 // 32-bit integer finalizer with low bias (the "lowbias32" constants).
@@ -107,26 +188,6 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE c10::BFloat16 round_stochastic(float x, uint32
   return x != x ? c10::BFloat16(x) : c10::BFloat16(up, c10::BFloat16::from_bits());
 }
 
-// [note: vectorized conversions]
-// A math-type value rounded to nearest-even into P, as static_cast<P> does. On
-// the host the bf16 rounding (c10's, NaN to 0x7FC0) is written without a
-// branch, its NaN case a pick (update.h): c10's `if (isnan)`, next to the
-// loop's other tests, left GCC's CPU loops scalar (bf16 AdamW at 3.7 ns per
-// element against fp32's 0.6). Other types cast as usual.
-template <typename P, typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE P to_storage(T x) {
-#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
-  if constexpr (std::is_same_v<P, c10::BFloat16>) {
-    const float f = static_cast<float>(x);
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof(bits));
-    const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1u)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(pick(f != f, UINT32_C(0x7FC0), rounded)),
-                         c10::BFloat16::from_bits());
-  }
-#endif
-  return static_cast<P>(x);
-}
 
 // The math-type value an update starts from (`master`: the element of
 // master_param, read only under kMaster).
@@ -135,7 +196,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T read_param(P param, float master) {
   if constexpr (W == ParamWrite::kMaster) {
     return master_or_param(master, param);
   } else {
-    return static_cast<T>(param);
+    return from_storage<T>(param);
   }
 }
 
