@@ -83,7 +83,7 @@ decltype(auto) switch_write(bool master, bool stochastic, Fn&& fn) {
 // AVX2 EPYC). Here the NaN and subnormal cases are picks (update.h): bf16 with
 // c10's bits (NaN to 0x7FC0); fp16 with the bit-level method c10 uses without
 // F16C (subnormals through a magic-number float, NaN to 0x7E00), equal to it
-// for every half and every float tried (tests/test_rounding.py). The device
+// for every half and every float tried (tests/test_cpu_vectorized.py). The device
 // casts as usual.
 C10_HOST_DEVICE C10_ALWAYS_INLINE float float_from_bits(uint32_t u) {
   float f;
