@@ -78,6 +78,15 @@ def test_low_precision_step_is_not_slower_than_fp32(dtype, config, scaled):
     )
 
 
+def _sgd_store(p: torch.Tensor, g: torch.Tensor) -> tuple[torch.nn.Parameter, torch.Tensor]:
+    """The low-precision parameter ``p`` after one SGD step at lr=1 with gradient ``g``, and the
+    fp32 value it stores, p - g with one rounding (the kernel's fma(g, -1, p))."""
+    param = torch.nn.Parameter(p.clone())
+    param.grad = g.clone()
+    fusedclr.SGD([param], lr=1.0).step()
+    return param, p.float() - g.float()
+
+
 def test_bf16_store_rounds_to_nearest_even_as_torch():
     """SGD with lr=1 stores bf16(p - g) computed in fp32: every bit as torch's own
     conversion, ties to even, overflow to inf, and NaN stored as 0x7FC0 (c10's)."""
@@ -93,11 +102,7 @@ def test_bf16_store_rounds_to_nearest_even_as_torch():
     specials = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.0e38, -3.0e38, 0.0, -0.0, 1e-40])
     p[16:24] = specials
     g[16:24] = torch.tensor([float("inf"), 0.0, 0.0, -3.0e38, 3.0e38, 0.0, 0.0, 0.0])
-    pb, gb = p.to(torch.bfloat16), g.to(torch.bfloat16)
-    want = pb.float() - gb.float()  # in fp32, one rounding, as the kernel's fma(g, -1, p)
-    param = torch.nn.Parameter(pb.clone())
-    param.grad = gb.clone()
-    fusedclr.SGD([param], lr=1.0).step()
+    param, want = _sgd_store(p.to(torch.bfloat16), g.to(torch.bfloat16))
     got = param.detach().view(torch.int16)
     nan = want.isnan()
     assert nan[16] and nan[18], "the specials must include NaN results"
@@ -126,10 +131,7 @@ def test_fp16_loads_and_stores_are_torchs_conversions():
     p[8:16], g[8:16] = 1.0 + 2.0**-10, -(2.0**-11)  # to even: 1 + 2^-9
     p[16:22] = torch.tensor([65504.0, -65504.0, float("inf"), float("nan"), 6e-8, -0.0], dtype=torch.float16)
     g[16:22] = torch.tensor([-32.0, 32.0, float("inf"), 0.0, 3e-8, 0.0], dtype=torch.float16)
-    want = p.float() - g.float()  # in fp32, one rounding, as the kernel's fma(g, -1, p)
-    param = torch.nn.Parameter(p.clone())
-    param.grad = g.clone()
-    fusedclr.SGD([param], lr=1.0).step()
+    param, want = _sgd_store(p, g)
     got = param.detach().view(torch.int16)
     nan = want.isnan()
     assert nan[18] and nan[19] and want[16:18].abs().eq(65536.0).all(), "specials: NaN results and overflow"
