@@ -164,7 +164,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     import torch
 
-    from fusedclr.lr_finder import lr_find
+    from fusedclr.lr_finder import LossFunctionError, lr_find
     from fusedclr.tuning import optimizer_classes
 
     # Every check that needs no user code comes first, so a mistake costs no run.
@@ -191,13 +191,16 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
         opt = SGD(model.parameters(), lr=args.start_lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
         opt = AdamW(model.parameters(), lr=args.start_lr, weight_decay=args.weight_decay)
-    result = lr_find(
-        model, train_loader, loss_fn, opt,
-        start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
-        smooth=args.smooth, diverge_threshold=args.diverge_threshold,
-        accumulation_steps=args.accumulation_steps, val_loader=val_loader if args.use_val else None,
-        device=device, amp=args.amp, progress=not args.no_progress,
-    )
+    try:
+        result = lr_find(
+            model, train_loader, loss_fn, opt,
+            start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter, mode=args.mode,
+            smooth=args.smooth, diverge_threshold=args.diverge_threshold,
+            accumulation_steps=args.accumulation_steps, val_loader=val_loader if args.use_val else None,
+            device=device, amp=args.amp, progress=not args.no_progress,
+        )
+    except LossFunctionError as exc:
+        raise CLIError(f"--loss {args.loss}: {exc}") from exc
     print(result.summary())
     if args.out is not None:
         out = Path(args.out)

@@ -87,7 +87,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LRFinderResult", "default_optimizer", "lr_find"]
+__all__ = ["LRFinderResult", "LossFunctionError", "default_optimizer", "lr_find"]
 
 MODES = ("exp", "linear")
 
@@ -595,6 +595,35 @@ def _batches(loader: Iterable, name: str) -> Iterator[Any]:
             )
 
 
+class LossFunctionError(ValueError):
+    """``loss_fn(output, target)`` raised: the message names the shapes and dtypes it was given."""
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Tensor):
+        return f"{str(obj.dtype).replace('torch.', '')} tensor of shape {tuple(obj.shape)}"
+    return type(obj).__name__
+
+
+def call_loss(loss_fn: Callable[[Any, Any], Tensor], output: Any, target: Any) -> Tensor:
+    """``loss_fn(output, target)``; an error inside it is re-raised as a
+    :class:`LossFunctionError` that says what the loss was given, with a hint
+    when the target holds class indices and the loss wants values."""
+    try:
+        return loss_fn(output, target)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        hint = ""
+        if (isinstance(output, Tensor) and isinstance(target, Tensor) and output.is_floating_point()
+                and not target.is_floating_point() and output.ndim == target.ndim + 1):
+            hint = (" The target holds class indices, one per sample: cross_entropy (or nll on "
+                    "log-probabilities) takes those; mse, l1 and smooth_l1 need a target shaped like the output.")
+        raise LossFunctionError(
+            f"the loss {name}(output, target) failed on output: {_describe(output)}, target: "
+            f"{_describe(target)} ({type(exc).__name__}: {exc}).{hint}"
+        ) from exc
+
+
 def _split(batch: Any, name: str) -> tuple[tuple[Any, ...], Any]:
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return tuple(batch[:-1]), batch[-1]
@@ -784,7 +813,7 @@ def lr_find(
             for _ in range(accumulation_steps):
                 inputs, target = _split(_to(next(batches), dev), "train_loader")
                 with torch.autocast(dev.type, dtype=autocast_dtype, enabled=amp):
-                    loss = loss_fn(model(*inputs), target)
+                    loss = call_loss(loss_fn, model(*inputs), target)
                 if not (isinstance(loss, Tensor) and loss.numel() == 1):
                     raise TypeError(
                         f"loss_fn must return a scalar tensor, got "
@@ -866,7 +895,7 @@ def _evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable, dev: torch.
         for batch in loader:
             inputs, target = _split(_to(batch, dev), "val_loader")
             with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = loss_fn(model(*inputs), target)
+                loss = call_loss(loss_fn, model(*inputs), target)
             n = len(target) if hasattr(target, "__len__") else 1
             total += float(loss) * n
             count += n

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from fusedclr.lr_finder import call_loss
+
 __all__ = [
     "DEFAULT_MOMENTUMS",
     "DEFAULT_WEIGHT_DECAYS",
@@ -165,7 +167,7 @@ def train_epoch(
     for batch in loader:
         inputs, target = _batch(batch, device)
         optimizer.zero_grad()
-        loss = loss_fn(model(*inputs), target)
+        loss = call_loss(loss_fn, model(*inputs), target)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -202,7 +204,7 @@ def evaluate(
             inputs, target = _batch(batch, device)
             out = model(*inputs)
             n = len(target)
-            loss_sum += float(loss_fn(out, target)) * n
+            loss_sum += float(call_loss(loss_fn, out, target)) * n
             classify = classify and out.ndim == 2 and not target.is_floating_point() and target.ndim == 1
             if classify:
                 hits += int((out.argmax(1) == target).sum())

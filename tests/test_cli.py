@@ -241,6 +241,35 @@ def test_lr_find_bad_values_are_user_errors(factories, capsys, extra, words):
         assert word in line
 
 
+def test_lr_find_loss_that_does_not_fit_the_targets(factories, capsys):
+    """mse on class-index targets: one error line with both shapes and the way out, no traceback."""
+    line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--loss", "mse",
+                                "--no-progress"])
+    for words in ("--loss mse", "mse_loss", "output: float32 tensor of shape (16, 3)",
+                  "target: int64 tensor of shape (16,)", "cross_entropy"):
+        assert words in line, line
+
+
+def test_loss_errors_name_what_the_loss_was_given():
+    """The library's lr_find and the tuning loops raise the same error; the model is left as it was."""
+    import torch.nn.functional as F
+
+    from fusedclr.lr_finder import LossFunctionError, lr_find
+    from fusedclr.tuning import train_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(LossFunctionError, match=r"l1_loss.*shape \(8, 3\).*shape \(8,\).*cross_entropy"):
+        lr_find(model, batches, F.l1_loss, opt, num_iter=5, progress=False)
+    with pytest.raises(LossFunctionError, match=r"l1_loss"):
+        train_epoch(model, batches, F.l1_loss, opt)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a CUDA GPU")
 def test_lr_find_cuda_device_without_a_gpu(factories, capsys):
     line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--device", "cuda"])
