@@ -39,7 +39,9 @@ Differences from torch, all deliberate:
   the optimizer reading ``group["lr"]``; one warning per optimizer
   [note: composed schedulers]. A :class:`SequentialLR` is not a composition:
   it composes its children into one descriptor and stays in the kernel. An
-  edit of ``group["lr"]`` is seen at the scheduler's next :meth:`step`.
+  edit of ``group["lr"]`` (or of the cyclical momentum, or of a tensor lr in
+  place) is seen at the optimizer's next step, which uses it, as torch's does
+  [note: edits between steps].
 * A scheduler that cannot be evaluated in the kernel falls back to host mode
   with a one-time :class:`UserWarning` naming the reason, and detaches from the
   optimizer, which then reads ``group["lr"]`` like any torch optimizer. This
@@ -142,6 +144,11 @@ _COMPOSED_WARNED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 # loaded from its state_dict() have equal __dict__s (torch's test_lrscheduler compares them).
 _COUNTERS: weakref.WeakKeyDictionary[Any, dict[torch.device, Tensor]] = weakref.WeakKeyDictionary()
 _HOST_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+# [note: edits between steps] What the schedulers of an optimizer last left in its groups, for the
+# values a float comparison cannot watch without a sync: per group, a tensor lr's (id, _version)
+# after the last update (else None); and per scheduler, the cyclical momentum it last wrote.
+_LR_TENSORS: weakref.WeakKeyDictionary[Optimizer, list[tuple[int, int] | None]] = weakref.WeakKeyDictionary()
+_MOMENTA: weakref.WeakKeyDictionary[Any, list[float | None]] = weakref.WeakKeyDictionary()
 
 _log = logging.getLogger(__name__)
 # torch's classes bound once, at import: a user who drops fusedclr's classes into
@@ -296,20 +303,77 @@ class _Product:
         return self.members[0]._fc_counter(device)
 
     def _fc_step_check(self) -> None:
-        """Before an optimizer step: dissolves the product unless its members stepped together.
+        """Before an optimizer step: dissolves the product unless its members stepped together
+        and the groups hold their product [note: edits between steps].
 
-        Cheap on purpose (it runs for every bucket on every step); the members
+        Cheap on purpose (host values only; it runs on every step); the members
         check the rest of ``viable()`` when they step.
         """
         if self.members and not (
             self.in_step() and len(self.members[0].optimizer.param_groups) == self.members[0]._fc_ngroups
         ):
             self.dissolve()
+        elif self.members and _edited(self.members[0], self.values(), zero_lr_ok=True):  # [note: edits between steps]
+            self.members[0]._fc_warn(_COMPOSED_REASON)
+            self.dissolve()
 
 
 def _moved(optimizer: Any) -> bool:
     """Whether some group's lr differs from its initial_lr (asked before torch's constructor sets it)."""
     return any("initial_lr" in g and g["lr"] != g["initial_lr"] for g in getattr(optimizer, "param_groups", ()))
+
+
+# [note: edits between steps]
+# torch's optimizer reads group["lr"] (and the momentum, or betas[0]) at every
+# step, so an edit between scheduler.step() and optimizer.step() (by hand, by a
+# torch scheduler, a tensor lr changed in place with mul_ or fill_) is what that
+# step uses, and torch's chainable updates continue from it. An in-kernel
+# schedule never reads the group, so every fusedclr optimizer step first asks
+# its scheduler (_fc_step_check, host values only, never a device read) whether
+# the groups still hold what the scheduler last left there: a float lr equal to
+# its closed form (get_last_lr()), a tensor lr the same object at the same
+# _version as after the scheduler's last write, the cyclical momentum equal to
+# what it last wrote. If not, the scheduler moves to the host, as when it finds
+# the edit at its own next step [note: composed schedulers], before the step's
+# values are read: that step uses the edit, as torch's does. Loading an
+# optimizer checkpoint after its scheduler's replaces a tensor lr, which then
+# counts as an edit (host mode, with torch's numbers).
+
+
+def _edited(scheduler: Any, expected: Sequence[Any], *, zero_lr_ok: bool = False) -> bool:
+    """Whether ``scheduler``'s optimizer's groups moved from what it left there [note: edits between steps].
+
+    ``zero_lr_ok``: a float lr of 0 is not an edit (the optimizer runs that step at lr 0 by
+    itself: ``torch.distributed.checkpoint`` initialises optimizer states so, then restores the lr).
+    """
+    groups = scheduler.optimizer.param_groups
+    if len(groups) != len(expected):
+        return False  # a group was added: the host reason handles it
+    tensors = _LR_TENSORS.get(scheduler.optimizer, ())
+    momenta = _MOMENTA.get(scheduler, ())
+    use_beta1 = getattr(scheduler, "use_beta1", "betas" in scheduler.optimizer.defaults)
+    for i, (group, want) in enumerate(zip(groups, expected)):
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if i >= len(tensors) or tensors[i] != (id(lr), lr._version):
+                return True
+        elif isinstance(want, Tensor) or (lr != want and not (zero_lr_ok and lr == 0)):
+            return True
+        momentum = momenta[i] if i < len(momenta) else None
+        if momentum is not None:
+            current = group["betas"][0] if use_beta1 else group.get("momentum")
+            if isinstance(current, Tensor) or current != momentum:
+                return True
+    return False
+
+
+def _record_lr_tensors(optimizer: Any) -> None:
+    """After a scheduler wrote the groups: each tensor lr as it is now [note: edits between steps]."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is not None and any(isinstance(g.get("lr"), Tensor) for g in groups):
+        _LR_TENSORS[optimizer] = [
+            (id(g["lr"]), g["lr"]._version) if isinstance(g.get("lr"), Tensor) else None for g in groups
+        ]
 
 
 def _is_integral(x: Any) -> bool:
@@ -505,17 +569,24 @@ class _InKernelSchedule:
         if self._fc_product is not None and not self._fc_product.viable():
             self._fc_product.dissolve()
         if self._fc_in_kernel and not self._fc_chained:
-            current = [g["lr"] for g in self.optimizer.param_groups]
             product = self._fc_product
-            last = product.values() if product is not None else self._last_lr
-            floats = not any(isinstance(x, Tensor) for x in (*current, *last))  # comparing tensors would sync
-            if floats and len(current) == len(last) and current != last:
+            if _edited(self, product.values() if product is not None else self._last_lr):
                 self._fc_chain()  # something else moved the lr: continue from it, as torch does
         reason = self._fc_host_reason()
         if reason is not None:
             self._fc_warn(reason, stacklevel=stacklevel + 1)
         if (reason is None) != self._fc_in_kernel:
             self._fc_refresh()
+
+    def _fc_step_check(self) -> None:
+        """Before an optimizer step: to the host if the groups were edited since this scheduler's
+        last step, so that the step uses the edit, as torch's does [note: edits between steps].
+
+        Part of the optimizer protocol (docs/CONTRACTS.md); host values only, no sync.
+        """
+        if self._fc_in_kernel and not self._fc_chained and not self._fc_owned and _edited(self, self._last_lr, zero_lr_ok=True):
+            self._fc_warn(_COMPOSED_REASON)
+            self._fc_chain()
 
     def _fc_warn(self, reason: str, stacklevel: int = 3) -> None:
         optimizer = self.optimizer
@@ -547,7 +618,7 @@ class _InKernelSchedule:
     def _fc_values(self) -> list[float]:
         """Closed-form lr of every group at ``last_epoch``; sets cyclical momentum like torch."""
         use_beta1 = getattr(self, "use_beta1", "betas" in self.optimizer.defaults)
-        lrs = []
+        lrs, momenta = [], []
         for group, desc in zip(self.optimizer.param_groups, self._fc_descriptors(), strict=True):
             lr, momentum = _ref.schedule_value(desc, int(self.last_epoch))
             if momentum is not None:
@@ -555,7 +626,9 @@ class _InKernelSchedule:
                     group["betas"] = (momentum, *group["betas"][1:])
                 else:
                     group["momentum"] = momentum
+            momenta.append(momentum)
             lrs.append(lr if lr is not None else group["lr"])
+        _MOMENTA[self] = momenta  # [note: edits between steps]
         return lrs
 
     def get_lr(self) -> list[float | Tensor]:
@@ -589,6 +662,7 @@ class _InKernelSchedule:
         # the kernel; the next successful step fills the counter to last_epoch.
         self._fc_check(stacklevel=4)  # user -> step -> _update_lr -> _fc_check -> _fc_warn
         super()._update_lr(epoch)  # type: ignore[misc]
+        _record_lr_tensors(self.optimizer)
         self._fc_sync()
 
     # -- checkpoints ----------------------------------------------------------
@@ -650,6 +724,7 @@ class _InKernelSchedule:
         self._fc_seen = int(self.last_epoch)
         for counter in self._fc_counters.values():
             counter.fill_(self._fc_seen)
+        _record_lr_tensors(self.optimizer)
         self._fc_attach()
 
 
@@ -1076,6 +1151,7 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             if self._fc_torch_update:
                 self._fc_check(stacklevel=3)
                 _TORCH_WARM_RESTARTS.step(self)
+                _record_lr_tensors(self.optimizer)
                 self._fc_sync()
                 return
             pos: float = self.last_epoch + 1 + self._fc_frac
@@ -1098,6 +1174,7 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             for group, lr in zip(self.optimizer.param_groups, values, strict=True):
                 _torch_sched._update_param_group_val(group, "lr", lr)
             self._last_lr = _torch_sched._param_groups_val_list(self.optimizer, "lr")
+            _record_lr_tensors(self.optimizer)
         finally:
             self._fc_sync()
 
@@ -1425,6 +1502,7 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
         self._fc_check(stacklevel=3)
         _TORCH_SEQUENTIAL.step(self)
+        _record_lr_tensors(self.optimizer)
         self._fc_sync()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

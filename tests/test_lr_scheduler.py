@@ -1143,6 +1143,105 @@ def test_lr_moved_by_a_torch_scheduler_or_by_hand_is_followed_like_torch(kind):
     torch.testing.assert_close(rows[n:], rows[:n], rtol=RTOL, atol=0.0)
 
 
+# An edit between scheduler.step() and optimizer.step() is what that step uses [note: edits between steps]
+
+
+def _set_lr(opt, lr):
+    opt.param_groups[0]["lr"] = lr
+
+
+def _set_momentum(opt, m):
+    g = opt.param_groups[0]
+    if "betas" in g:
+        g["betas"] = (m, g["betas"][1])
+    else:
+        g["momentum"] = m
+
+
+EDITS = {
+    # name: (optimizer kind, tensor lr, build(module, opt) -> schedulers, edit(opt) after the step at t == 2)
+    "float_lr_onecycle": ("sgd", False, lambda m, o: [m.OneCycleLR(o, max_lr=0.2, total_steps=12)],
+                          lambda o: _set_lr(o, 1e-3)),
+    "float_lr_exponential": ("adam", False, lambda m, o: [m.ExponentialLR(o, gamma=0.8)],
+                             lambda o: _set_lr(o, 0.5)),
+    "tensor_lr_mul_": ("sgd", True, lambda m, o: [m.ExponentialLR(o, gamma=0.8)],
+                       lambda o: o.param_groups[0]["lr"].mul_(0.1)),
+    "tensor_lr_torch_steplr_beside": ("adam", True, lambda m, o: [m.ExponentialLR(o, gamma=0.8),
+                                                                  TS.StepLR(o, step_size=2, gamma=0.5)], None),
+    "momentum_onecycle": ("sgd", False, lambda m, o: [m.OneCycleLR(o, max_lr=0.2, total_steps=12)],
+                          lambda o: _set_momentum(o, 0.5)),
+    "beta1_cyclic": ("adam", False, lambda m, o: [m.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3,
+                                                             base_momentum=0.8, max_momentum=0.95)],
+                     lambda o: _set_momentum(o, 0.5)),
+    "float_lr_in_kernel_product": ("sgd", False, lambda m, o: [m.ChainedScheduler([
+        m.StepLR(o, step_size=2, gamma=0.5), m.ExponentialLR(o, gamma=0.9)])], lambda o: _set_lr(o, 0.05)),
+}
+
+
+def _edited_run(m, kind, tensor_lr, build, edit, backend, steps=8):
+    """Parameters after every optimizer step, with the edit made between scheduler.step() and optimizer.step()."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    lr = torch.tensor(0.1, dtype=torch.float64) if tensor_lr else 0.1
+    groups = [{"params": [a]}, {"params": [b], "lr": torch.tensor(0.03, dtype=torch.float64) if tensor_lr else 0.03}]
+    if m is TS:
+        opt = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if kind == "sgd"
+               else torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.99)))
+    else:
+        opt = (fusedclr.SGD(groups, lr=lr, momentum=0.9, backend=backend) if kind == "sgd"
+               else fusedclr.Adam(groups, lr=lr, betas=(0.9, 0.99), backend=backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the legacy warnings of torch's own schedulers
+        scheds = build(m, opt)
+        rows = []
+        for t in range(steps):
+            g = torch.Generator().manual_seed(t)
+            for p in (a, b):
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+            opt.step()
+            rows.append(torch.cat([a.detach(), b.detach()]).clone())
+            for sched in scheds:
+                sched.step()
+            if t == 2 and edit is not None:
+                edit(opt)
+    return torch.stack(rows), scheds
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(EDITS))
+def test_edit_between_scheduler_and_optimizer_steps_is_used_like_torch(name, backend):
+    """The edited value drives the very next step, and torch's schedule continues from it."""
+    kind, tensor_lr, build, edit = EDITS[name]
+    want, _ = _edited_run(TS, kind, tensor_lr, build, edit, backend)
+    got, scheds = _edited_run(FS, kind, tensor_lr, build, edit, backend)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(want[3], want[2])  # the parameters move through the edit
+
+
+@requires_fused
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+def test_unedited_schedule_stays_in_the_kernel(tensor_lr, backend):
+    """No false alarm: the scheduler's own writes, and a checkpoint round trip, leave it in the kernel."""
+    name = "tensor_lr_mul_" if tensor_lr else "float_lr_onecycle"
+    kind, _, build, _ = EDITS[name]
+    want, _ = _edited_run(TS, kind, tensor_lr, build, None, backend)
+    got, (sched,) = _edited_run(FS, kind, tensor_lr, build, None, backend)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert sched._fc_in_kernel and not sched._fc_chained
+    opt = sched.optimizer
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    sched.load_state_dict(saved_sched)
+    if not tensor_lr:  # a float lr is compared by value: either order of the loads
+        opt.load_state_dict(saved_opt)
+    opt.step()
+    sched.step()
+    opt.step()
+    assert sched._fc_in_kernel and not sched._fc_chained
+
+
 # --------------------------------------------------------------------------
 # 8. A param group added after the scheduler: torch's values, or torch's error
 # --------------------------------------------------------------------------

@@ -479,10 +479,9 @@ class FlatOptimizerMixin:
 
         See docs/CONTRACTS.md: the scheduler provides ``_fc_descriptor(group_index)``
         and ``_fc_counter(device)``, and optionally ``_fc_step_check()``, which
-        the step calls first (it may re-attach).
+        every step calls before it reads the groups' values (it may re-attach).
         """
         self._hold_scheduler(scheduler)
-        check = getattr(scheduler, "_fc_step_check", None)
         for gi, buckets in enumerate(self._buckets):
             desc = None if scheduler is None else scheduler._fc_descriptor(gi)
             for b in buckets:
@@ -492,7 +491,6 @@ class FlatOptimizerMixin:
                     b.schedule = torch.tensor(desc, dtype=torch.float64).to(b.device)
                     b.schedule_step = scheduler._fc_counter(b.device)
                 b.schedule_covers = _covers(desc)
-                b.schedule_check = check
                 b.hyper_cache = None
                 self._on_schedule(b, desc)
 
@@ -513,9 +511,6 @@ class FlatOptimizerMixin:
         optimizer state with such a step (zero grads, every lr set to 0); a
         schedule that reached 0 itself mirrored that 0 into the group anyway.
         """
-        check = getattr(bucket, "schedule_check", None)
-        if check is not None:
-            check()  # schedulers composed in-kernel: still in step? (host values only, no sync)
         covers_lr, covers_mom = getattr(bucket, "schedule_covers", (False, False))
         zero_lr = covers_lr and _is_zero_float(group["lr"])
         if covers_lr and covers_mom and not zero_lr:
@@ -603,6 +598,11 @@ class FlatOptimizerMixin:
                     b.sparse_error = sparse_error
                     b.prepare()
         self.state.steps_taken += 1  # optimizer.state reads the step counts again [note: lazy state]
+        # The attached schedule: still what the groups say? An edit since the scheduler's step moves
+        # it to the host before the values are read (host values only) [note: edits between steps].
+        check = getattr(self._scheduler, "_fc_step_check", None)
+        if check is not None:
+            check()
         launches = []
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
