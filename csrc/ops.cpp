@@ -441,11 +441,36 @@ PyObject* segment_refresh(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// same_items(items: list, snapshot: tuple) -> bool: whether items[i] is snapshot[i]
+// for every i, lengths equal. A step asks it of every param group [note: followed
+// groups]: `group["params"][i] = q` replaces a parameter in place, which neither the
+// list's identity nor its length shows. Pointer compares only, no Python call per
+// item (list == tuple would call Tensor.__eq__ on a replaced item).
+PyObject* same_items(PyObject* /*self*/, PyObject* args) {
+  PyObject* items = nullptr;
+  PyObject* snapshot = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &items, &PyTuple_Type, &snapshot)) {
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(items);
+  if (n != PyTuple_GET_SIZE(snapshot)) {
+    Py_RETURN_FALSE;
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (PyList_GET_ITEM(items, i) != PyTuple_GET_ITEM(snapshot, i)) {
+      Py_RETURN_FALSE;
+    }
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef kMethods[] = {
     {"segment_tracker", segment_tracker, METH_VARARGS,
      "segment_tracker(params, local, like) -> capsule: the parameters a bucket's segment table follows."},
     {"segment_refresh", segment_refresh, METH_VARARGS,
      "segment_refresh(capsule, params, table) -> flags: refreshes the host segment table's addresses."},
+    {"same_items", same_items, METH_VARARGS,
+     "same_items(items: list, snapshot: tuple) -> bool: items[i] is snapshot[i] for every i."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -9,6 +9,7 @@ fake tensors can trace them, and exposes thin wrappers.
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -37,9 +38,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 # Flags of the segment refresh [note: segment refresh] (csrc/ops.cpp).
 TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED, GRAD_READ_ONLY = 1, 2, 4, 8
-if _C is not None and (getattr(_C, "TABLE_CHANGED", None), getattr(_C, "SLOW_PATH", None),
+if _C is not None and ((getattr(_C, "TABLE_CHANGED", None), getattr(_C, "SLOW_PATH", None),
                        getattr(_C, "PARAM_CHANGED", None), getattr(_C, "GRAD_READ_ONLY", None)) != (
-        TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED, GRAD_READ_ONLY):
+        TABLE_CHANGED, SLOW_PATH, PARAM_CHANGED, GRAD_READ_ONLY) or not hasattr(_C, "same_items")):
     raise ImportError("fusedclr._C was built from other sources than this fusedclr: rebuild it")
 
 
@@ -116,6 +117,17 @@ def segment_tracker(params: list[Tensor], dtype: torch.dtype, device: torch.devi
         # The partial holds the parameters the capsule points to, where Python's GC sees them.
         return functools.partial(_C.segment_refresh, _C.segment_tracker(params, local, like), tuple(params))
     return functools.partial(_refresh_in_python, params, local, (dtype, torch.device(device)))
+
+
+def same_items(items: list, snapshot: tuple) -> bool:
+    """Whether ``items[i] is snapshot[i]`` for every ``i`` (and the lengths are equal).
+
+    A step asks it of every param group [note: followed groups]: one C loop of
+    pointer compares with the extension, ``operator.is_`` over the pairs without.
+    """
+    if _C is not None and type(items) is list:
+        return _C.same_items(items, snapshot)
+    return len(items) == len(snapshot) and all(map(operator.is_, items, snapshot))
 
 
 def _refresh_in_python(params: list[Tensor], local: bool, expected: tuple, table: Tensor) -> int:

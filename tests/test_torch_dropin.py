@@ -457,6 +457,56 @@ def _assert_trained_alike(before, ours_m, torch_m, opts) -> None:
         assert float(opts[0].state[p]["step"]) == float(opts[1].state[q]["step"])
 
 
+@pytest.mark.parametrize("carry", [False, True], ids=["fresh", "state_moved"])
+def test_parameter_replaced_in_place_in_its_group_is_trained_like_torch(carry):
+    """A layer re-created and its parameters put where the old ones were (group["params"][i] = new),
+    with or without ``opt.state[new] = opt.state.pop(old)``: torch steps the new parameters
+    [note: followed groups]."""
+    ours_m, torch_m = _twins()
+    opts = []
+    for m, cls in ((ours_m, fusedclr.AdamW), (torch_m, torch.optim.AdamW)):
+        opt = cls([{"params": list(m[0].parameters())}, {"params": list(m[2].parameters()), "lr": 0.02}], lr=0.05)
+        _train(m, opt, 3)
+        old = list(m[2].parameters())
+        torch.manual_seed(5)
+        m[2] = torch.nn.Linear(m[2].in_features, m[2].out_features)
+        for i, new in enumerate(m[2].parameters()):
+            assert opt.param_groups[1]["params"][i] is old[i]
+            opt.param_groups[1]["params"][i] = new
+            if carry:
+                opt.state[new] = opt.state.pop(old[i])
+        _train(m, opt, 3, seed=2)
+        opts.append(opt)
+    torch.manual_seed(5)
+    fresh = torch.nn.Linear(ours_m[2].in_features, ours_m[2].out_features)  # where the new layer started
+    for p, q, f in zip(ours_m[2].parameters(), torch_m[2].parameters(), fresh.parameters()):
+        assert not torch.equal(p.detach(), f.detach())  # the new layer trained
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+        assert float(opts[0].state[p]["step"]) == float(opts[1].state[q]["step"]) == (6 if carry else 3)
+        torch.testing.assert_close(opts[0].state[p]["exp_avg"], opts[1].state[q]["exp_avg"], **TOL[torch.float32])
+    for p, q in zip(ours_m[0].parameters(), torch_m[0].parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_state_pop_returns_the_values():
+    """optimizer.state.pop(p) returns p's states (torch's dict.pop), not views zeroed by the pop."""
+    ours_m, torch_m = _twins()
+    got = []
+    for m, cls in ((ours_m, fusedclr.Adam), (torch_m, torch.optim.Adam)):
+        opt = cls(m.parameters(), lr=0.05)
+        _train(m, opt, 2)
+        p = next(m.parameters())
+        got.append(opt.state.pop(p))
+        assert p not in opt.state
+        with pytest.raises(KeyError):
+            opt.state.pop(p)
+        assert opt.state.pop(p, "default") == "default"
+    assert set(got[0]) == set(got[1])
+    for k in got[1]:
+        torch.testing.assert_close(got[0][k], got[1][k], **TOL[torch.float32])
+    assert float(got[0]["exp_avg_sq"].abs().sum()) > 0
+
+
 @pytest.mark.parametrize("edit", ["move", "reverse"])
 def test_param_group_edits_keep_states_keyed_by_parameter(edit):
     """torch keys state by parameter: moving a parameter to another group, or reordering the

@@ -267,7 +267,7 @@ class FlatOptimizerMixin:
         self.last_grad_norm: Tensor | None = None
         self._buckets: list[list[Bucket]] = []
         # Per group, the ``params`` list its buckets were built from and its length [note: followed groups].
-        self._bucketed: list[tuple[list[Tensor], int]] = []
+        self._bucketed: list[tuple[list[Tensor], tuple[Tensor, ...]]] = []  # [note: followed groups]
         self._impl: dict[tuple[str, torch.device], Callable[..., None]] = {}
         self._scheduler_ref: weakref.ref | None = None
 
@@ -414,7 +414,7 @@ class FlatOptimizerMixin:
         group = self.param_groups[-1]
         buckets = self._make_buckets(group)
         self._buckets.append(buckets)
-        self._bucketed.append((group["params"], len(group["params"])))
+        self._bucketed.append((group["params"], tuple(group["params"])))
         if not isinstance(self.state, ParamState):
             self.state = ParamState(self._STEP_IN_STATE, self.state)
         self.state.add_buckets(buckets)
@@ -691,14 +691,16 @@ class FlatOptimizerMixin:
         appends a parameter to a group (or assigns the group a new list) trains
         it with torch. fusedclr's kernels walk buckets built from the list, so
         a step first compares each group's list with the one its buckets were
-        built from, by identity and length (O(groups), no loop over the
-        parameters), and re-buckets the groups that changed, carrying every
+        built from: the same list object, holding the same parameter objects
+        (one C loop of pointer compares per group, ``ops.same_items``; no
+        Python loop over the parameters), and re-buckets the groups that
+        changed, carrying every
         parameter's state wherever it was before (a parameter moved from
         another group, groups reordered: torch keys state by parameter)
         (:meth:`_rebucket`); parameters new to the optimizer start fresh, as
-        they do in torch. Replacing an element in place
-        (``group["params"][i] = q``, same list, same length) is not seen: use
-        ``add_param_group``, or assign the group a new list.
+        they do in torch, or with the state assigned to them
+        (``opt.state[q] = opt.state.pop(p)``). A parameter replaced in place
+        (``group["params"][i] = q``) is followed too.
         """
         if len(self.param_groups) != len(self._buckets):
             raise RuntimeError(
@@ -708,10 +710,11 @@ class FlatOptimizerMixin:
                 "group's buckets, and build a new optimizer to drop one"
             )
         bucketed = getattr(self, "_bucketed", None)
-        if bucketed is None or len(bucketed) != len(self.param_groups):  # an optimizer pickled before this list
-            bucketed = self._bucketed = [(g["params"], len(g["params"])) for g in self.param_groups]
+        if bucketed is None or len(bucketed) != len(self.param_groups) or not all(
+                isinstance(built, tuple) for _, built in bucketed):  # an optimizer pickled before this form
+            bucketed = self._bucketed = [(g["params"], tuple(g["params"])) for g in self.param_groups]
         changed = [gi for gi, group in enumerate(self.param_groups)
-                   if not (group["params"] is bucketed[gi][0] and len(group["params"]) == bucketed[gi][1])]
+                   if not (group["params"] is bucketed[gi][0] and ops.same_items(group["params"], bucketed[gi][1]))]
         if not changed:
             return
         for gi in changed:
@@ -769,12 +772,17 @@ class FlatOptimizerMixin:
             self._save_states(group, self._buckets[group_index], *carried)
         saved, counts = carried
         self._buckets[group_index] = self._make_buckets(group)
-        self._bucketed[group_index] = (group["params"], len(group["params"]))
+        self._bucketed[group_index] = (group["params"], tuple(group["params"]))
         for b in self._buckets[group_index]:
             steps = []
             for i, p in enumerate(b.params):
+                # A parameter new to the optimizer starts fresh, or from a state assigned to it
+                # (opt.state[new] = opt.state.pop(old)), as in torch.
+                entry = saved.get(p)
+                if entry is None:
+                    entry = self.state.assigned(p) if isinstance(self.state, ParamState) else None
                 state = {k: (v.to(b.device) if isinstance(v, Tensor) and k != "step" else v)
-                         for k, v in saved.get(p, {}).items()}
+                         for k, v in (entry or {}).items()}
                 imported = self._import_state(group, b, i, state)
                 steps.append(counts.get(p, imported))
                 if b.master is not None and "master_param" in state:

@@ -113,6 +113,29 @@ class ParamState(MutableMapping):
         del self[key]
         entry.update(value)
 
+    _MISSING = object()
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        """Removes a parameter's entry, as torch's ``dict.pop``, and returns its values: copies,
+        since the entry's live views are zeroed with it (the ``opt.state[new] = opt.state.pop(old)``
+        recipe of a replaced parameter keeps them)."""
+        if isinstance(key, Tensor) and key in self._where:
+            if not self._is_visible(key):
+                if default is ParamState._MISSING:
+                    raise KeyError(key)
+                return default
+            value = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in self[key].items()}
+            del self[key]
+            return value
+        if default is ParamState._MISSING:
+            return self._other.pop(key)
+        return self._other.pop(key, default)
+
+    def assigned(self, key: Tensor) -> Any:
+        """The state assigned to a parameter the buckets do not hold yet (one added to a group
+        since), or ``None``: its re-bucketing starts it from there, as torch's step would."""
+        return self._other.get(key)
+
     def __delitem__(self, key: Any) -> None:
         loc = self._where.get(key) if isinstance(key, Tensor) else None
         if loc is None:
