@@ -51,10 +51,15 @@ Differences from torch, all deliberate:
   the epoch is an integer again) or given a ``T_cur`` that is no position of
   its schedule, for a :class:`SequentialLR` with a child that is not a
   fusedclr scheduler, once a param group was added to the optimizer after the
-  scheduler was built (torch's update then schedules it, or raises), and for a
+  scheduler was built (torch's update then schedules it, or raises), for a
+  subclass that overrides ``get_lr()`` (the closed form cannot see it), and for a
   few degenerate arguments on which torch's recursive update differs from any
   closed form (e.g. a non-integer ``step_size``). A non-fusedclr optimizer
   gets no warning: it is always in host mode.
+* The families whose torch update multiplies the group's current lr, built
+  with ``last_epoch != -1`` (resuming), run torch's update on the host: torch's
+  constructor keeps the group's lr there, one step behind the closed form.
+  Loading the scheduler's ``state_dict()`` returns them to the kernel.
 * :class:`CosineAnnealingWarmRestarts` takes three keyword-only extensions:
   ``cycle_decay``, ``warmup_steps`` and ``warmup_start_lr``.
 * :class:`ReduceLROnPlateau` takes its metric as a device tensor with a
@@ -156,6 +161,12 @@ _log = logging.getLogger(__name__)
 # make fusedclr call itself through the module.
 _TORCH_WARM_RESTARTS = _torch_sched.CosineAnnealingWarmRestarts
 _TORCH_SEQUENTIAL = _torch_sched.SequentialLR
+_RESUMED: weakref.WeakSet[Any] = weakref.WeakSet()  # built with last_epoch != -1 (a chainable family)
+_RESTORED: weakref.WeakSet[Any] = weakref.WeakSet()  # unpickled or deep-copied, not yet re-attached
+_RESUMED_REASON = (
+    "it was built with last_epoch != -1, and torch's constructor then keeps the group's lr (its update "
+    "continues from it, one step behind the closed form)"
+)
 _COMPOSED_REASON = (
     "it shares the optimizer with another scheduler (or group['lr'] was moved by something else), and torch "
     "composes them, each update applying to the lr the others left in the param group"
@@ -309,6 +320,8 @@ class _Product:
         Cheap on purpose (host values only; it runs on every step); the members
         check the rest of ``viable()`` when they step.
         """
+        for m in list(self.members):
+            m._fc_revive()
         if self.members and not (
             self.in_step() and len(self.members[0].optimizer.param_groups) == self.members[0]._fc_ngroups
         ):
@@ -374,6 +387,24 @@ def _record_lr_tensors(optimizer: Any) -> None:
         _LR_TENSORS[optimizer] = [
             (id(g["lr"]), g["lr"]._version) if isinstance(g.get("lr"), Tensor) else None for g in groups
         ]
+
+
+_OVERRIDES: dict[type, str | None] = {}
+
+
+def _overridden(cls: type) -> str | None:
+    """The first of ``get_lr``/``_get_closed_form_lr`` that a class outside this module
+    (a user's subclass) defines for ``cls``, or ``None``: torch's update calls it, and the
+    kernel's closed form would silently ignore it."""
+    if cls not in _OVERRIDES:
+        found = None
+        for name in ("get_lr", "_get_closed_form_lr"):
+            owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+            if owner is not None and owner.__module__ != __name__:
+                found = name
+                break
+        _OVERRIDES[cls] = found
+    return _OVERRIDES[cls]
 
 
 def _is_integral(x: Any) -> bool:
@@ -450,8 +481,12 @@ class _InKernelSchedule:
                 child._fc_owned = True
                 child._fc_chained = False
                 child._fc_counters.clear()
-        if not _join(self, optimizer) and self._fc_chainable and args and args[-1] == -1 and _moved(optimizer):
-            self._fc_chain()
+        if not _join(self, optimizer) and self._fc_chainable and args:
+            if args[-1] == -1 and _moved(optimizer):
+                self._fc_chain()
+            elif args[-1] != -1:  # resumed by last_epoch: torch's constructor keeps the group's lr
+                _RESUMED.add(self)
+                self._fc_chain()
         for child in owns:  # the children follow their owner
             if isinstance(child, _InKernelSchedule):
                 child._fc_chained = self._fc_chained
@@ -491,7 +526,11 @@ class _InKernelSchedule:
     def _fc_host_reason(self) -> str | None:
         """Why this scheduler runs on the host (torch's own update), or ``None`` for the kernel."""
         if self._fc_chained:
-            return _COMPOSED_REASON
+            return _RESUMED_REASON if self in _RESUMED else _COMPOSED_REASON
+        override = _overridden(type(self))
+        if override is not None:
+            return (f"its class {type(self).__qualname__} overrides {override}(), which the kernel's closed form "
+                    "cannot see")
         if len(self.optimizer.param_groups) != self._fc_ngroups:
             return (
                 f"a param group was added to the optimizer after the scheduler was built "
@@ -562,8 +601,22 @@ class _InKernelSchedule:
         if attach is not None:
             attach(self if self._fc_in_kernel else None)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled or deep-copied: the device counters are process-local (kept outside the
+        # instance), so the copy re-attaches, with counters of its own, before its first step.
+        self.__dict__.update(state)
+        _RESTORED.add(self)
+
+    def _fc_revive(self) -> None:
+        """After unpickling or a deep copy: registers on the (copied) optimizer and re-attaches."""
+        if self in _RESTORED:
+            if not self._fc_owned and isinstance(self.optimizer, Optimizer):
+                _MEMBERS.setdefault(self.optimizer, weakref.WeakSet()).add(self)
+            self._fc_refresh()
+
     def _fc_check(self, stacklevel: int = 4) -> None:
         """Before a step: warns (once) and re-attaches when the scheduler moved between host and kernel."""
+        self._fc_revive()
         if self._fc_owned or getattr(self, "_is_initial", False):
             return  # the constructor's own step: _fc_build decides
         if self._fc_product is not None and not self._fc_product.viable():
@@ -584,6 +637,7 @@ class _InKernelSchedule:
 
         Part of the optimizer protocol (docs/CONTRACTS.md); host values only, no sync.
         """
+        self._fc_revive()
         if self._fc_in_kernel and not self._fc_chained and not self._fc_owned and _edited(self, self._last_lr, zero_lr_ok=True):
             self._fc_warn(_COMPOSED_REASON)
             self._fc_chain()
@@ -592,7 +646,7 @@ class _InKernelSchedule:
         optimizer = self.optimizer
         if getattr(optimizer, "_attach_schedule", None) is None:
             return
-        if reason is _COMPOSED_REASON:
+        if reason is _COMPOSED_REASON or reason is _RESUMED_REASON:
             if optimizer in _COMPOSED_WARNED:
                 return
             _COMPOSED_WARNED.add(optimizer)
@@ -701,6 +755,7 @@ class _InKernelSchedule:
         if any(s is not self and not getattr(s, "_fc_owned", False) for s in members):
             return
         self._fc_chained = False
+        _RESUMED.discard(self)  # the loaded state is the checkpoint's: the closed form continues it
         self._fc_descs = None
         if self._fc_host_reason() is None:
             current = [g["lr"] for g in self.optimizer.param_groups]
@@ -718,6 +773,7 @@ class _InKernelSchedule:
     def _fc_refresh(self) -> None:
         """Rebuilds the descriptors (eagerly, so that two schedulers in the same state have equal
         ``__dict__``s, as torch's tests compare), refills the counters and re-attaches."""
+        _RESTORED.discard(self)
         self._fc_descs = None
         if self._fc_host_reason() is None and self._fc_product is None:
             self._fc_descriptors()

@@ -1242,6 +1242,125 @@ def test_unedited_schedule_stays_in_the_kernel(tensor_lr, backend):
     assert sched._fc_in_kernel and not sched._fc_chained
 
 
+def _sgd_pair(m, lr=0.1, **groups_kw):
+    """A parameter and a plain SGD (torch's, or fusedclr's on the reference backend) at ``lr``."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = torch.optim.SGD([{"params": [p], **groups_kw}], lr=lr) if m is TS else fusedclr.SGD(
+        [{"params": [p], **groups_kw}], lr=lr, backend="reference")
+    return p, opt
+
+
+def _applied_lrs(p, opt, scheds, steps):
+    """The lr each optimizer step applied (SGD without momentum, grad 1), then every scheduler steps."""
+    out = []
+    for _ in range(steps):
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        out.append(float(before[0] - p.detach()[0]))
+        for sched in scheds:
+            sched.step()
+    return out
+
+
+def _warmup_cosine(m):
+    class WarmupCosine(m.CosineAnnealingLR):
+        """A user's warmup: get_lr overridden in a subclass."""
+
+        def __init__(self, opt, warmup, T_max):
+            self.warmup = warmup
+            super().__init__(opt, T_max=T_max)
+
+        def get_lr(self):
+            if self.last_epoch < self.warmup:
+                return [b * (self.last_epoch + 1) / self.warmup for b in self.base_lrs]
+            return super().get_lr()
+
+    return WarmupCosine
+
+
+@requires_fused
+def test_subclass_overriding_get_lr_is_what_the_step_applies():
+    """A user's get_lr() override cannot be a closed form: the scheduler runs on the host, and says so."""
+    rows = {}
+    for m in (TS, FS):
+        p, opt = _sgd_pair(m)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sched = _warmup_cosine(m)(opt, warmup=4, T_max=10)
+        rows[m] = _applied_lrs(p, opt, [sched], 8)
+        if m is FS:
+            assert any("WarmupCosine overrides get_lr()" in str(w.message) for w in caught)
+    torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=0.0)
+    assert rows[TS][0] == pytest.approx(0.025)  # the warmup: what a closed form would have skipped
+
+
+COPIED = {
+    "step": lambda m, o: m.StepLR(o, step_size=2, gamma=0.5),
+    "onecycle": lambda m, o: m.OneCycleLR(o, max_lr=0.3, total_steps=12),
+    "sgdr": lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=3),
+    "cyclic": lambda m, o: m.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2, cycle_momentum=False),
+    "product": lambda m, o: m.ChainedScheduler([m.StepLR(o, step_size=2, gamma=0.5), m.ExponentialLR(o, 0.9)]),
+}
+
+
+@requires_fused
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("name", list(COPIED))
+def test_copied_optimizer_and_scheduler_continue_the_schedule(name, how):
+    """copy.deepcopy or torch.save/load of (params, optimizer, scheduler) mid-run: the copy's steps
+    apply the copy's schedule, and the original's keep applying its own."""
+    import copy
+
+    rows = {}
+    for m in (TS, FS):
+        p, opt = _sgd_pair(m)
+        sched = COPIED[name](m, opt)
+        first = _applied_lrs(p, opt, [sched], 3)
+        if how == "deepcopy":
+            p2, opt2, sched2 = copy.deepcopy((p, opt, sched))
+        else:
+            buf = io.BytesIO()
+            torch.save((p, opt, sched), buf)
+            buf.seek(0)
+            p2, opt2, sched2 = torch.load(buf, weights_only=False)
+        rows[m] = first + _applied_lrs(p2, opt2, [sched2], 5) + _applied_lrs(p, opt, [sched], 5)
+    torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=0.0)
+    assert len(set(rows[TS][3:8])) > 1  # the copy's schedule moves
+
+
+RESUMED = {
+    "step": lambda m, o, e: m.StepLR(o, step_size=2, gamma=0.5, last_epoch=e),
+    "multistep": lambda m, o, e: m.MultiStepLR(o, milestones=[4, 6], gamma=0.5, last_epoch=e),
+    "exponential": lambda m, o, e: m.ExponentialLR(o, gamma=0.9, last_epoch=e),
+    "cosine": lambda m, o, e: m.CosineAnnealingLR(o, T_max=10, last_epoch=e),
+    "linear": lambda m, o, e: m.LinearLR(o, start_factor=0.2, total_iters=6, last_epoch=e),
+    "constant": lambda m, o, e: m.ConstantLR(o, factor=0.5, total_iters=4, last_epoch=e),
+    "polynomial": lambda m, o, e: m.PolynomialLR(o, total_iters=8, power=2.0, last_epoch=e),
+    "onecycle": lambda m, o, e: m.OneCycleLR(o, max_lr=0.3, total_steps=12, last_epoch=e),
+}
+
+
+@requires_fused
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_scheduler_built_with_last_epoch_applies_torchs_lr(name):
+    """The resume idiom Sched(opt, ..., last_epoch=k) on an optimizer restored from a checkpoint:
+    torch's constructor keeps the group's lr and its update continues from there."""
+    rows = {}
+    for m in (TS, FS):
+        p, opt = _sgd_pair(m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sched = RESUMED[name](m, opt, -1)
+            _applied_lrs(p, opt, [sched], 3)
+            saved, k = opt.state_dict(), sched.last_epoch
+            p2, opt2 = _sgd_pair(m)
+            opt2.load_state_dict(saved)
+            resumed = RESUMED[name](m, opt2, k)
+            rows[m] = _applied_lrs(p2, opt2, [resumed], 6)
+    torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=0.0)
+
+
 # --------------------------------------------------------------------------
 # 8. A param group added after the scheduler: torch's values, or torch's error
 # --------------------------------------------------------------------------
