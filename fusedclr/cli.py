@@ -164,7 +164,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     import torch
 
-    from fusedclr.lr_finder import LossFunctionError, lr_find
+    from fusedclr.lr_finder import LossFunctionError, RangeTestInputError, lr_find
     from fusedclr.tuning import optimizer_classes
 
     # Every check that needs no user code comes first, so a mistake costs no run.
@@ -201,6 +201,8 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
         )
     except LossFunctionError as exc:
         raise CLIError(f"--loss {args.loss}: {exc}") from exc
+    except RangeTestInputError as exc:  # the data, the model or the loss's value: one line, no traceback
+        raise CLIError(f"lr-find {args.model} {args.data}: {exc}") from exc
     print(result.summary())
     if args.out is not None:
         out = Path(args.out)

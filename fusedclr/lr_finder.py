@@ -87,7 +87,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LRFinderResult", "LossFunctionError", "default_optimizer", "lr_find"]
+__all__ = ["LRFinderResult", "LossFunctionError", "RangeTestInputError", "default_optimizer", "lr_find"]
 
 MODES = ("exp", "linear")
 
@@ -588,15 +588,30 @@ def _batches(loader: Iterable, name: str) -> Iterator[Any]:
             yield batch
         if seen == before:
             if seen == 0:
-                raise ValueError(f"{name} is empty: it yielded no batch; pass a loader with at least one batch")
-            raise ValueError(
+                raise RangeTestInputError(
+                    f"{name} is empty: it yielded no batch; pass a loader with at least one batch")
+            raise RangeTestInputError(
                 f"{name} yielded {seen} batches and then nothing on the next pass; pass a re-iterable loader "
                 "(e.g. a torch.utils.data.DataLoader, not a generator) or lower num_iter"
             )
 
 
-class LossFunctionError(ValueError):
+class RangeTestInputError(ValueError):
+    """Something the range test was given (a loader, the model, the loss) that it cannot use;
+    the message says what and how to fix it. The ``fusedclr lr-find`` command prints it as
+    one error line. Subclasses are also the built-in exception a caller may already catch."""
+
+
+class LossFunctionError(RangeTestInputError):
     """``loss_fn(output, target)`` raised: the message names the shapes and dtypes it was given."""
+
+
+class _InputTypeError(RangeTestInputError, TypeError):
+    """A batch or a loss of the wrong kind."""
+
+
+class _NonFiniteLossError(RangeTestInputError, FloatingPointError):
+    """The loss was not finite before the learning rate could matter."""
 
 
 def _describe(obj: Any) -> str:
@@ -627,7 +642,7 @@ def call_loss(loss_fn: Callable[[Any, Any], Tensor], output: Any, target: Any) -
 def _split(batch: Any, name: str) -> tuple[tuple[Any, ...], Any]:
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return tuple(batch[:-1]), batch[-1]
-    raise TypeError(
+    raise _InputTypeError(
         f"{name} must yield (inputs..., target) tuples or lists; got {type(batch).__name__}. "
         "Wrap the loader so each batch is (x, y): the finder calls model(*inputs) and loss_fn(output, target)"
     )
@@ -636,7 +651,7 @@ def _split(batch: Any, name: str) -> tuple[tuple[Any, ...], Any]:
 def _resolve_device(model: nn.Module, device: Any) -> torch.device:
     first = next(iter(model.parameters()), None)
     if first is None:
-        raise ValueError("model has no parameters: there is nothing for the range test to train")
+        raise RangeTestInputError("model has no parameters: there is nothing for the range test to train")
     if device is None:
         return first.device
     want = torch.device(device)
@@ -815,7 +830,7 @@ def lr_find(
                 with torch.autocast(dev.type, dtype=autocast_dtype, enabled=amp):
                     loss = call_loss(loss_fn, model(*inputs), target)
                 if not (isinstance(loss, Tensor) and loss.numel() == 1):
-                    raise TypeError(
+                    raise _InputTypeError(
                         f"loss_fn must return a scalar tensor, got "
                         f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}; "
                         "reduce it (e.g. reduction='mean')"
@@ -826,7 +841,7 @@ def lr_find(
                 total += float(loss.detach())
             value = total / accumulation_steps
             if i == 0 and not math.isfinite(value):
-                raise FloatingPointError(
+                raise _NonFiniteLossError(
                     f"loss_fn returned {value} on the very first step (lr=start_lr={start_lr:g}), before the learning "
                     "rate could have any effect, so no learning rate can be suggested; check the model's "
                     "initialisation, the data (NaN/inf inputs or targets) and loss_fn"
@@ -903,5 +918,6 @@ def _evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable, dev: torch.
         for m, flag in was_training.items():
             m.training = flag
     if count == 0:
-        raise ValueError("val_loader is empty: it yielded no batch; pass a loader with at least one batch or None")
+        raise RangeTestInputError(
+            "val_loader is empty: it yielded no batch; pass a loader with at least one batch or None")
     return total / count

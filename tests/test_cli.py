@@ -131,6 +131,13 @@ FACTORIES = textwrap.dedent(
         batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 96, 16)]
         return batches, batches[:2]
 
+    def nan_data():
+        x, y = data()[0][0]
+        return [(x * float("nan"), y)] * 4
+
+    def dict_data():
+        return [{"x": x, "y": y} for x, y in data()[0]]
+
     not_callable = 3
     """
 )
@@ -248,6 +255,31 @@ def test_lr_find_loss_that_does_not_fit_the_targets(factories, capsys):
     for words in ("--loss mse", "mse_loss", "output: float32 tensor of shape (16, 3)",
                   "target: int64 tensor of shape (16,)", "cross_entropy"):
         assert words in line, line
+
+
+@pytest.mark.parametrize("data, words", [
+    ("clifactories:nan_data", ["loss_fn returned nan on the very first step"]),
+    ("clifactories:dict_data", ["train_loader must yield (inputs..., target) tuples or lists; got dict"]),
+])
+def test_lr_find_data_it_cannot_use_is_one_error_line(factories, capsys, data, words):
+    line = _user_error(capsys, ["lr-find", "clifactories:model", data, "--no-progress"])
+    for word in ["clifactories:model", data, *words]:
+        assert word in line, line
+
+
+def test_range_test_input_errors_keep_their_builtin_types():
+    """Callers that caught TypeError or FloatingPointError from lr_find still do."""
+    from fusedclr.lr_finder import RangeTestInputError, lr_find
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError) as exc:
+        lr_find(model, [{"x": x, "y": y}], torch.nn.functional.cross_entropy, opt, num_iter=3, progress=False)
+    assert isinstance(exc.value, RangeTestInputError)
+    with pytest.raises(FloatingPointError) as exc:
+        lr_find(model, [(x * float("nan"), y)], torch.nn.functional.cross_entropy, opt, num_iter=3, progress=False)
+    assert isinstance(exc.value, RangeTestInputError)
 
 
 def test_loss_errors_name_what_the_loss_was_given():

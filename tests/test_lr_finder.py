@@ -277,6 +277,26 @@ def test_fusedclr_optimizer_with_attached_schedule_follows_the_sweep():
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(want), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("wrap", [False, True], ids=["optimizer", "lookahead"])
+def test_attached_schedule_stays_in_the_kernel_after_the_test(wrap, caplog):
+    """The test sets the lr itself with the schedule detached, then puts both back: the schedule is
+    still the kernel's afterwards, not switched to the host as if the user had edited the lr."""
+    model, opt, _ = _setup(OPTIMIZERS["fusedclr.SGD"])
+    if wrap:
+        opt = fusedclr.Lookahead(opt)
+    sched = fusedclr.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=50, cycle_momentum=False)
+    assert opt._scheduler is sched
+    lr_find(model, _data(), nn.functional.cross_entropy, opt, num_iter=20, progress=False)
+    assert opt._scheduler is sched
+    for x, y in _data()[:3]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    assert sched._fc_in_kernel and not sched._fc_chained
+    assert "runs on the host" not in caplog.text
+
+
 def test_smoothing_is_the_bias_corrected_ema():
     rng = np.random.default_rng(0)
     values = (2.0 + rng.standard_normal(40) * 0.1).tolist()

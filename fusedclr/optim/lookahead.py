@@ -105,6 +105,12 @@ class Lookahead(torch.optim.Optimizer):
         """fusedclr schedulers evaluate their schedule in the wrapped optimizer's kernels."""
         self.optimizer._attach_schedule(scheduler)
 
+    @property
+    def _scheduler(self) -> Any:
+        """The fusedclr scheduler attached to the wrapped optimizer, or ``None`` (what the range
+        test detaches while it sets the lr itself, and re-attaches)."""
+        return getattr(self.optimizer, "_scheduler", None)
+
     def _buckets(self) -> list[Bucket]:
         return [b for buckets in self.optimizer._buckets for b in buckets]
 
