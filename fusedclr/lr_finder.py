@@ -602,8 +602,9 @@ class RangeTestInputError(ValueError):
     one error line. Subclasses are also the built-in exception a caller may already catch."""
 
 
-class LossFunctionError(RangeTestInputError):
-    """``loss_fn(output, target)`` raised: the message names the shapes and dtypes it was given."""
+class LossFunctionError(RangeTestInputError, RuntimeError):
+    """``loss_fn(output, target)`` raised: the message names the shapes and dtypes it was given.
+    Also a ``RuntimeError``, as torch's own errors inside a loss are."""
 
 
 class _InputTypeError(RangeTestInputError, TypeError):
@@ -626,6 +627,8 @@ def call_loss(loss_fn: Callable[[Any, Any], Tensor], output: Any, target: Any) -
     when the target holds class indices and the loss wants values."""
     try:
         return loss_fn(output, target)
+    except torch.OutOfMemoryError:
+        raise  # not the loss's fault: callers that back off the batch size must see it as it is
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
         hint = ""

@@ -59,7 +59,8 @@ Differences from torch, all deliberate:
 * The families whose torch update multiplies the group's current lr, built
   with ``last_epoch != -1`` (resuming), run torch's update on the host: torch's
   constructor keeps the group's lr there, one step behind the closed form.
-  Loading the scheduler's ``state_dict()`` returns them to the kernel.
+  Loading the scheduler's ``state_dict()`` returns them to the kernel when the
+  groups' lrs are then their closed form.
 * :class:`CosineAnnealingWarmRestarts` takes three keyword-only extensions:
   ``cycle_decay``, ``warmup_steps`` and ``warmup_start_lr``.
 * :class:`ReduceLROnPlateau` takes its metric as a device tensor with a
@@ -149,11 +150,12 @@ _COMPOSED_WARNED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 # loaded from its state_dict() have equal __dict__s (torch's test_lrscheduler compares them).
 _COUNTERS: weakref.WeakKeyDictionary[Any, dict[torch.device, Tensor]] = weakref.WeakKeyDictionary()
 _HOST_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
-# [note: edits between steps] What the schedulers of an optimizer last left in its groups, for the
-# values a float comparison cannot watch without a sync: per group, a tensor lr's (id, _version)
-# after the last update (else None); and per scheduler, the cyclical momentum it last wrote.
+# [note: edits between steps] What the schedulers of an optimizer last left in its groups, beyond
+# get_last_lr(): per group, a tensor lr's (id, _version) after the last update (else None), and the
+# cyclical momentum (or beta1) last written (else None). Per optimizer: a SequentialLR's children
+# write what it is checked against.
 _LR_TENSORS: weakref.WeakKeyDictionary[Optimizer, list[tuple[int, int] | None]] = weakref.WeakKeyDictionary()
-_MOMENTA: weakref.WeakKeyDictionary[Any, list[float | None]] = weakref.WeakKeyDictionary()
+_MOMENTA: weakref.WeakKeyDictionary[Optimizer, list[float | None]] = weakref.WeakKeyDictionary()
 
 _log = logging.getLogger(__name__)
 # torch's classes bound once, at import: a user who drops fusedclr's classes into
@@ -280,7 +282,12 @@ class _Product:
         return stages, tail
 
     def values(self) -> list[float]:
-        """torch's lr of every group: the product of the members' closed forms at their own steps."""
+        """torch's lr of every group: the product of the members' closed forms at their own steps
+        (computed once per combination of the members' steps: every optimizer step asks)."""
+        key = (self._factors is not None, *(int(m.last_epoch) for m in self.members))
+        cached = getattr(self, "_values_at", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         if self._factors is None:
             groups = range(len(self.members[0].optimizer.param_groups))
             self._factors = [[] for _ in self.members]
@@ -300,6 +307,7 @@ class _Product:
             for descs, m in zip(self._factors, self.members):
                 lr *= _ref.schedule_value(descs[i], int(m.last_epoch))[0]
             out.append(lr)
+        self._values_at = ((True, *key[1:]), out)
         return out
 
     # -- the optimizer protocol -------------------------------------------------
@@ -363,12 +371,16 @@ def _edited(scheduler: Any, expected: Sequence[Any], *, zero_lr_ok: bool = False
     if len(groups) != len(expected):
         return False  # a group was added: the host reason handles it
     tensors = _LR_TENSORS.get(scheduler.optimizer, ())
-    momenta = _MOMENTA.get(scheduler, ())
+    momenta = _MOMENTA.get(scheduler.optimizer, ())
     use_beta1 = getattr(scheduler, "use_beta1", "betas" in scheduler.optimizer.defaults)
     for i, (group, want) in enumerate(zip(groups, expected)):
         lr = group["lr"]
         if isinstance(lr, Tensor):
-            if i >= len(tensors) or tensors[i] != (id(lr), lr._version):
+            seen = tensors[i] if i < len(tensors) else None
+            if seen is None:  # nothing recorded (a copy before its first step): by value where that is free
+                if lr.device.type == "cpu" and float(lr) != float(want):
+                    return True
+            elif seen != (id(lr), lr._version):
                 return True
         elif isinstance(want, Tensor) or (lr != want and not (zero_lr_ok and lr == 0)):
             return True
@@ -612,7 +624,7 @@ class _InKernelSchedule:
         if self in _RESTORED:
             if not self._fc_owned and isinstance(self.optimizer, Optimizer):
                 _MEMBERS.setdefault(self.optimizer, weakref.WeakSet()).add(self)
-            self._fc_refresh()
+            self._fc_refresh(record=False)
 
     def _fc_check(self, stacklevel: int = 4) -> None:
         """Before a step: warns (once) and re-attaches when the scheduler moved between host and kernel."""
@@ -682,7 +694,7 @@ class _InKernelSchedule:
                     group["momentum"] = momentum
             momenta.append(momentum)
             lrs.append(lr if lr is not None else group["lr"])
-        _MOMENTA[self] = momenta  # [note: edits between steps]
+        _MOMENTA[self.optimizer] = momenta  # [note: edits between steps]
         return lrs
 
     def get_lr(self) -> list[float | Tensor]:
@@ -770,17 +782,26 @@ class _InKernelSchedule:
             if isinstance(child, _InKernelSchedule):
                 child._fc_chained = self._fc_chained
 
-    def _fc_refresh(self) -> None:
+    def _fc_refresh(self, *, record: bool = True) -> None:
         """Rebuilds the descriptors (eagerly, so that two schedulers in the same state have equal
-        ``__dict__``s, as torch's tests compare), refills the counters and re-attaches."""
+        ``__dict__``s, as torch's tests compare), refills the counters and re-attaches.
+
+        ``record``: the groups' tensor lrs are this scheduler's from here (not when reviving a
+        copy, whose groups may have been edited since) [note: edits between steps].
+        """
         _RESTORED.discard(self)
         self._fc_descs = None
         if self._fc_host_reason() is None and self._fc_product is None:
-            self._fc_descriptors()
+            descs = self._fc_descriptors()
+            if not self._fc_owned:  # (a SequentialLR's child never talks to the optimizer)
+                # Its momentum at last_epoch (a load moved it): the value an edit is told from.
+                last = int(self.last_epoch)
+                _MOMENTA[self.optimizer] = [_ref.schedule_value(d, last)[1] for d in descs]
         self._fc_seen = int(self.last_epoch)
         for counter in self._fc_counters.values():
             counter.fill_(self._fc_seen)
-        _record_lr_tensors(self.optimizer)
+        if record:
+            _record_lr_tensors(self.optimizer)
         self._fc_attach()
 
 
@@ -1534,6 +1555,10 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
         for k, child in enumerate(self._schedulers):
             if not isinstance(child, _InKernelSchedule):
                 return f"the scheduler at index {k} ({type(child).__name__}) is not a fusedclr.lr_scheduler class"
+            override = _overridden(type(child))
+            if override is not None:
+                return (f"the scheduler at index {k} ({type(child).__qualname__}) overrides {override}(), which the "
+                        "kernel's closed form cannot see")
             reason = child._fc_config_reason()
             if reason is not None:
                 return f"in the scheduler at index {k} ({type(child).__name__}), {reason}"

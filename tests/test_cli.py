@@ -267,6 +267,20 @@ def test_lr_find_data_it_cannot_use_is_one_error_line(factories, capsys, data, w
         assert word in line, line
 
 
+def test_out_of_memory_in_the_loss_is_not_a_loss_error():
+    """Callers that back off the batch size on OutOfMemoryError must see it as it is."""
+    from fusedclr.lr_finder import lr_find
+
+    def oom(output, target):
+        raise torch.OutOfMemoryError("out of memory")
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    with pytest.raises(torch.OutOfMemoryError):
+        lr_find(model, batches, oom, opt, num_iter=3, progress=False)
+
+
 def test_range_test_input_errors_keep_their_builtin_types():
     """Callers that caught TypeError or FloatingPointError from lr_find still do."""
     from fusedclr.lr_finder import RangeTestInputError, lr_find

@@ -1329,6 +1329,102 @@ def test_copied_optimizer_and_scheduler_continue_the_schedule(name, how):
     assert len(set(rows[TS][3:8])) > 1  # the copy's schedule moves
 
 
+MOMENTUM_SCHEDULES = {
+    "onecycle_sgd": ("sgd", lambda m, o: m.OneCycleLR(o, max_lr=0.3, total_steps=20)),
+    "onecycle_adam": ("adam", lambda m, o: m.OneCycleLR(o, max_lr=0.3, total_steps=20)),
+    "cyclic_sgd": ("sgd", lambda m, o: m.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3)),
+    "seq_onecycle": ("sgd", lambda m, o: _seq(m, o, [lambda m, o: m.OneCycleLR(o, max_lr=0.3, total_steps=8),
+                                                     lambda m, o: m.ExponentialLR(o, 0.9)], [8])),
+}
+
+
+def _momentum_pair(m, kind):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    if m is TS:
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9) if kind == "sgd" else torch.optim.Adam([p], lr=0.1)
+    else:
+        opt = (fusedclr.SGD([p], lr=0.1, momentum=0.9, backend="reference") if kind == "sgd"
+               else fusedclr.Adam([p], lr=0.1, backend="reference"))
+    return p, opt
+
+
+def _stepped(p, opt, sched, steps, edit_at=None):
+    """Parameters after each step (grads vary), with ``edit_at``: momentum/beta1 set to 0.5 after that step."""
+    rows = []
+    for t in range(steps):
+        p.grad = torch.full_like(p, 1.0 + 0.1 * t)
+        opt.step()
+        rows.append(p.detach().clone())
+        sched.step()
+        if t == edit_at:
+            _set_momentum(opt, 0.5)
+    return rows
+
+
+@requires_fused
+@pytest.mark.parametrize("name", list(MOMENTUM_SCHEDULES))
+def test_resumed_cyclical_momentum_stays_in_the_kernel(name):
+    """New optimizer and scheduler, both states loaded (either order): nothing was edited, so the
+    schedule stays in the kernel, and the steps are torch's."""
+    kind, build = MOMENTUM_SCHEDULES[name]
+    for sched_first in (False, True):
+        rows = {}
+        for m in (TS, FS):
+            p, opt = _momentum_pair(m, kind)
+            sched = build(m, opt)
+            _stepped(p, opt, sched, 4)
+            saved_p, saved_opt, saved_sched = p.detach().clone(), opt.state_dict(), sched.state_dict()
+            p2, opt2 = _momentum_pair(m, kind)
+            with torch.no_grad():
+                p2.copy_(saved_p)
+            sched2 = build(m, opt2)
+            if sched_first:
+                sched2.load_state_dict(saved_sched)
+                opt2.load_state_dict(saved_opt)
+            else:
+                opt2.load_state_dict(saved_opt)
+                sched2.load_state_dict(saved_sched)
+            rows[m] = _stepped(p2, opt2, sched2, 5)
+            if m is FS:
+                assert sched2._fc_in_kernel and not sched2._fc_chained, sched_first
+        torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=1e-14)
+
+
+@requires_fused
+@pytest.mark.parametrize("copied", [False, True], ids=["same", "deepcopy"])
+@pytest.mark.parametrize("name", list(MOMENTUM_SCHEDULES))
+def test_momentum_edit_under_cyclical_momentum_is_used_like_torch(name, copied):
+    """Momentum (or beta1) set by hand after scheduler.step(): the next step uses it, also under a
+    SequentialLR and in a deep copy made just before the edit."""
+    import copy
+
+    kind, build = MOMENTUM_SCHEDULES[name]
+    rows = {}
+    for m in (TS, FS):
+        p, opt = _momentum_pair(m, kind)
+        sched = build(m, opt)
+        first = _stepped(p, opt, sched, 3)
+        if copied:
+            p, opt, sched = copy.deepcopy((p, opt, sched))
+        _set_momentum(opt, 0.5)
+        rows[m] = first + _stepped(p, opt, sched, 4)
+    torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=1e-14)
+
+
+@requires_fused
+def test_sequential_child_overriding_get_lr_is_what_the_step_applies():
+    rows = {}
+    for m in (TS, FS):
+        p, opt = _sgd_pair(m)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seq = m.SequentialLR(opt, [_warmup_cosine(m)(opt, warmup=4, T_max=6), m.ExponentialLR(opt, 0.9)], [4])
+        rows[m] = _applied_lrs(p, opt, [seq], 8)
+        if m is FS:
+            assert any("WarmupCosine) overrides get_lr()" in str(w.message) for w in caught)
+    torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=0.0)
+
+
 RESUMED = {
     "step": lambda m, o, e: m.StepLR(o, step_size=2, gamma=0.5, last_epoch=e),
     "multistep": lambda m, o, e: m.MultiStepLR(o, milestones=[4, 6], gamma=0.5, last_epoch=e),

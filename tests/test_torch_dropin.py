@@ -488,6 +488,32 @@ def test_parameter_replaced_in_place_in_its_group_is_trained_like_torch(carry):
         torch.testing.assert_close(p, q, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("edit", ["replace_and_carry", "replace", "remove"])
+def test_state_keys_after_group_edits_are_torchs(edit):
+    """Each parameter shows once in optimizer.state (torch keeps the entries of parameters removed
+    from their group, and so do we), whichever bucket now holds it."""
+    keys = []
+    for cls in (fusedclr.Adam, torch.optim.Adam):
+        a, b, new = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+        names = {a: "a", b: "b", new: "new"}
+        opt = cls([a, b], lr=0.1)
+        for p in (a, b):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        params = opt.param_groups[0]["params"]
+        if edit == "remove":
+            params.pop()
+        else:
+            params[1] = new
+            if edit == "replace_and_carry":
+                opt.state[new] = opt.state.pop(b)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        keys.append(sorted(names[p] for p in opt.state))
+    assert keys[0] == keys[1]
+
+
 def test_state_pop_returns_the_values():
     """optimizer.state.pop(p) returns p's states (torch's dict.pop), not views zeroed by the pop."""
     ours_m, torch_m = _twins()

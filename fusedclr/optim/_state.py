@@ -22,6 +22,10 @@ def step_value(step: Any) -> int:
     return int(value)
 
 
+def _lives_at(loc: tuple[Bucket, int] | None, bucket: Bucket, index: int) -> bool:
+    return loc is not None and loc[0] is bucket and loc[1] == index
+
+
 class ParamState(MutableMapping):
     """``optimizer.state`` of a fusedclr optimizer: torch's mapping, read from the flat buckets.
 
@@ -86,7 +90,9 @@ class ParamState(MutableMapping):
                 continue
             seen.add(b)
             if self._has_states(b):
-                yield from (p for p, s in zip(b.params, self.stepped(b)) if s)
+                # A bucket re-built since holds some of these parameters now: each shows once, where it lives.
+                yield from (p for i, (p, s) in enumerate(zip(b.params, self.stepped(b)))
+                            if s and _lives_at(self._where.get(p), b, i))
 
     def _is_visible(self, key: Any) -> bool:
         loc = self._where.get(key) if isinstance(key, Tensor) else None
