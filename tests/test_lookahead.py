@@ -112,3 +112,85 @@ def test_lr_set_through_lookahead_after_load_state_dict_reaches_the_kernel(backe
     sched.base_lrs = [0.2]
     sched.step()
     assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_stochastic_rounding_stays_unbiased_through_the_synchronisation(backend):
+    """bf16 weights at 1.0, updates of 1/8 of an ulp: after Lookahead(k=1) over SGD with stochastic
+    rounding, the mean is the float64 run's. The synchronisation draws bits of its own; with the inner
+    step's bits (the same hash of step and element) the two roundings of a step add their errors
+    (mean 0.870 where 0.900 is right)."""
+    n, steps = 8192, 200
+    means = []
+    for dtype, kw in ((torch.float64, {}), (torch.bfloat16, {"stochastic_rounding": True})):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.ones(n, dtype=dtype))
+        opt = fusedclr.Lookahead(fusedclr.SGD([p], lr=1.0, backend=backend, **kw), k=1, alpha=0.5)
+        for _ in range(steps):
+            p.grad = torch.full((n,), 1e-3, dtype=dtype)
+            opt.step()
+        means.append(p.double().mean().item())
+    assert means[0] == pytest.approx(0.9, abs=1e-9)
+    # Unbiased, each element's slow weight random-walks: per step it moves by half of two rounding
+    # errors, each of variance <= ulp**2 / 4 (ulp = 2**-8 below 1), so its variance after the steps is
+    # <= steps * ulp**2 / 8. Six standard errors of the mean over n elements: 1.3e-3 (biased: 3e-2).
+    assert abs(means[1] - means[0]) < 6 * 2**-8 * (steps / 8) ** 0.5 / n**0.5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32_states", "bf16_states"])
+def test_master_weights_keep_small_moves_through_the_synchronisation(backend, state_dtype):
+    """bf16 parameters with fp32 masters: Lookahead's slow weights are fp32 whatever the state dtype,
+    so steps far below a bf16 ulp still move the masters, and the parameter follows them."""
+    n, steps = 1024, 100
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = fusedclr.Lookahead(fusedclr.AdamW([p], lr=1e-4, weight_decay=0.0, master_weights=True,
+                                            state_dtype=state_dtype, backend=backend), k=5, alpha=0.5)
+    for _ in range(steps):
+        p.grad = torch.ones(n, dtype=torch.bfloat16)
+        opt.step()
+    # Each step moves the fast weights by lr (Adam with a constant gradient); each sync keeps half of
+    # the k steps' move: 100 steps -> 20 syncs of 5 * 1e-4 * 0.5 = 5e-3 in all (bf16 slow weights lost
+    # every one of them). bf16 moments round each moment to 2**-9 relative: the move to ~1%.
+    master = opt.state[p]["master_param"]
+    move = 1 - master.double()
+    want = torch.full_like(move, 20 * 5 * 1e-4 * 0.5)
+    torch.testing.assert_close(move, want, rtol=0.02 if state_dtype else 5e-4, atol=0)
+    assert torch.equal(p, master.to(torch.bfloat16))
+    assert opt.state_dict()["lookahead"]["slow"][0].dtype == torch.float32
+
+
+def test_compiled_step_synchronises_like_eager():
+    """Lookahead.step inside torch.compile: the inner step's skip decision reaches the synchronisation
+    (it crashed without an eager step first, and read a stale skip after a skipped eager one)."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(8, 3)
+        x = torch.randn(16, 8)
+        opt = fusedclr.Lookahead(fusedclr.SGD(m.parameters(), lr=0.1), k=2, alpha=0.5)
+        m(x).pow(2).mean().backward()
+        opt.step(found_inf=torch.ones(()))  # a skipped eager step (a GradScaler inf step)
+
+        def step():
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+
+        fn = torch.compile(step, backend="eager") if compiled else step
+        for _ in range(6):
+            fn()
+        slow = opt.state_dict()["lookahead"]["slow"][0]
+        assert torch.equal(slow, m.weight.detach())  # step 6 of k = 2: synchronised
+        results.append(m.weight.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_stochastic_rounding_on_float16_parameters_raises():
+    p16 = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="parameter 1 of this param group is float16.*master_weights=True"):
+        fusedclr.AdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16)), p16], stochastic_rounding=True)
+    opt = fusedclr.AdamW([torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))], stochastic_rounding=True)
+    with pytest.raises(ValueError, match="float16"):
+        opt.add_param_group({"params": [p16]})

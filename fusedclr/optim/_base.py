@@ -265,6 +265,9 @@ class FlatOptimizerMixin:
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = skip_nonfinite
         self.last_grad_norm: Tensor | None = None
+        # Whether each step was skipped (found_inf), for a wrapper acting after it (Lookahead), which
+        # opts in with _report_skips(): one persistent 0-dim tensor, written in place.
+        self._skip_flag: Tensor | None = None
         self._buckets: list[list[Bucket]] = []
         # Per group, the ``params`` list its buckets were built from and its length [note: followed groups].
         self._bucketed: list[tuple[list[Tensor], tuple[Tensor, ...]]] = []  # [note: followed groups]
@@ -329,7 +332,7 @@ class FlatOptimizerMixin:
         # calls for its warnings) stays behind, as torch's own __getstate__ leaves it.
         state = dict(self.__dict__)
         state["_impl"] = {}
-        state.pop("_last_found_inf", None)
+        state.pop("_last_found_inf", None)  # (pickled by versions that reported skips so)
         state["_scheduler_ref"] = self._scheduler
         state.pop("step", None)
         return state
@@ -422,13 +425,25 @@ class FlatOptimizerMixin:
         if self._scheduler is not None:
             self._attach_schedule(self._scheduler)
 
+    def _report_skips(self) -> Tensor:
+        """Opts in to ``_skip_flag``: after every step, 1 where the step was skipped (``found_inf``), else 0."""
+        buckets = [b for bs in self._buckets for b in bs]
+        device = buckets[0].device if buckets else torch.device("cpu")
+        flag = self.__dict__.get("_skip_flag")
+        if flag is None or flag.device != device:
+            flag = self._skip_flag = torch.zeros((), dtype=torch.float32, device=device)
+        return flag
+
     def _alloc_grad_norm(self) -> None:
         """``last_grad_norm``: one persistent 0-dim tensor on the first bucket's device, updated in place.
 
         In place, so a reference to it stays current, CUDA graphs see a static
         address, and torch.compile keeps the write (an attribute assigned in
-        the traced step was lost under torch.compile, torch 2.14).
+        the traced step was lost under torch.compile, torch 2.14). The same for
+        ``_skip_flag`` where a wrapper asked for it.
         """
+        if self.__dict__.get("_skip_flag") is not None:
+            self._report_skips()  # follows the buckets' device
         buckets = [b for bs in self._buckets for b in bs]
         if (self.max_grad_norm is None and not self.skip_nonfinite) or not buckets:
             return
@@ -445,6 +460,12 @@ class FlatOptimizerMixin:
             by_key[(p.device, real_dtype(p), shard_key)].append(p)
         buckets = []
         for (_, dtype, shard_key), params in by_key.items():
+            if self.stochastic_rounding and dtype == torch.float16:
+                raise ValueError(
+                    f"fusedclr: stochastic_rounding=True rounds bfloat16 parameters, and parameter "
+                    f"{_index_of(group['params'], params[0])} of this param group is float16, whose sub-ulp "
+                    "updates would be lost silently: use master_weights=True for float16 parameters"
+                )
             cls = Bucket if shard_key is None else ShardBucket
             buckets.append(cls(params, self._state_names(group), self._bucket_state_dtype(dtype),
                                master=self.master_weights and dtype in (torch.bfloat16, torch.float16),
@@ -569,8 +590,14 @@ class FlatOptimizerMixin:
             found_inf = getattr(self, "found_inf", None)
         launches = self._prepare_step()
         grad_scale, found_inf = self._guard_grads(grad_scale, found_inf)
-        # What decided whether this step was skipped, for a wrapper that acts after it (Lookahead).
-        self._last_found_inf = found_inf
+        flag = self.__dict__.get("_skip_flag")  # (absent from optimizers pickled before it)
+        if flag is not None:
+            # What decided whether this step was skipped, for a wrapper that acts after it (Lookahead):
+            # written in place, as an attribute assigned in a step traced by torch.compile was lost.
+            if found_inf is None:
+                flag.zero_()
+            else:
+                flag.copy_(found_inf.reshape(()), non_blocking=True)
         for fn, bucket, args in launches:
             fn(**args, grad_scale=_on(grad_scale, bucket.device), found_inf=_on(found_inf, bucket.device),
                master_param=bucket.master, sr_seed=bucket.sr_seed)
@@ -608,8 +635,8 @@ class FlatOptimizerMixin:
             for b in buckets:
                 if b.device.type == "meta":
                     raise RuntimeError(
-                        f"fusedclr: parameter {group['params'].index(b.params[0])} of param group "
-                        f"{self.param_groups.index(group)} is on the meta device and holds no values. "
+                        f"fusedclr: parameter {_index_of(group['params'], b.params[0])} of param group "
+                        f"{_index_of(self.param_groups, group)} is on the meta device and holds no values. "
                         "model.to_empty() replaces meta parameters with new Parameter objects, which an "
                         "optimizer built before it never sees (torch.optim would silently skip them): "
                         "build the optimizer after to_empty() and the weight initialisation"
@@ -1000,6 +1027,11 @@ class FlatOptimizerMixin:
             name, start = bucket.seg_scalar
             bucket.seg_scalars[index] = float(state[name]) if name in state else start
         return step_value(state["step"]) if "step" in state else 0
+
+
+def _index_of(items: list[Any], item: Any) -> int:
+    """``items.index(item)`` by identity (``list.index`` would call ``Tensor.__eq__`` on the others)."""
+    return next(i for i, x in enumerate(items) if x is item)
 
 
 def _is_zero_float(lr: Any) -> bool:

@@ -13,6 +13,13 @@ from fusedclr.optim._base import FlatOptimizerMixin, _is_reference, _on
 from fusedclr.optim._flat import Bucket
 
 
+def _sync_seed(seed: int) -> int:
+    """The stochastic-rounding seed of a bucket's synchronisations: not the inner step's, whose
+    bits the same step count and element would draw again; rounding a value twice with the same
+    bits is biased (the errors add instead of averaging out)."""
+    return (seed * 0xD6E8FEB86659FD93 + 0x9E3779B97F4A7C15) % 2**63
+
+
 class Lookahead(torch.optim.Optimizer):
     """Lookahead, from Zhang et al. 2019, "Lookahead Optimizer: k steps forward, 1 step back".
 
@@ -68,6 +75,7 @@ class Lookahead(torch.optim.Optimizer):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"Invalid alpha: {alpha!r}; the slow weights' step size is in [0, 1]")
         self.optimizer = optimizer
+        optimizer._report_skips()  # [note: lookahead skips]
         self.k = k
         self.alpha = float(alpha)
         # torch.optim.Optimizer's bookkeeping, without adding the groups again: they are the wrapped optimizer's.
@@ -116,10 +124,16 @@ class Lookahead(torch.optim.Optimizer):
 
     @staticmethod
     def _ensure_slow(b: Bucket) -> Tensor:
-        """The bucket's slow weights, started from its parameters (or fp32 masters) when it has none."""
+        """The bucket's slow weights, started from its parameters (or fp32 masters) when it has none.
+
+        In the math type (fp32, or fp64 for fp64 parameters), whatever the state dtype: bf16 slow
+        weights would round every synchronisation to nearest and lose the moves smaller than half
+        an ulp, and write that rounding into the fp32 masters.
+        """
         slow = getattr(b, "lookahead_slow", None)
-        if slow is None or slow.device != b.device:
-            slow = b.lookahead_slow = b._zeros(b.total, b.state_dtype)
+        dtype = torch.float64 if b.state_dtype == torch.float64 else torch.float32
+        if slow is None or slow.device != b.device or slow.dtype != dtype:
+            slow = b.lookahead_slow = b._zeros(b.total, dtype)
             if b.master is not None:
                 slow.copy_(b.master)
             else:
@@ -159,7 +173,9 @@ class Lookahead(torch.optim.Optimizer):
         loss = inner.step(closure, grad_scale=grad_scale, found_inf=found_inf)
         if len(before) != len(self._buckets()) or any(map(operator.is_not, before, self._buckets())):
             self._carry_slow(before)  # the inner step re-bucketed a group (model.to(...)): no host work otherwise
-        skipped = inner._last_found_inf
+        # [note: lookahead skips] Whether the inner step was skipped, as a tensor it wrote in place
+        # (an attribute assigned inside a step traced by torch.compile does not reach us).
+        skipped = inner._skip_flag if getattr(inner, "_skip_flag", None) is not None else inner._report_skips()
         options = [float(self.k), self.alpha]
         for b in self._buckets():
             fn = inner._impl_for(b.device)
@@ -167,7 +183,7 @@ class Lookahead(torch.optim.Optimizer):
             fn(optimizer=self._KERNEL, segments=segments, param_dtype=b.dtype, states=[self._ensure_slow(b)],
                seg_steps=b.seg_steps, seg_scalars=None, chunks=b.chunks, hyper=b.hyper, schedule=b.schedule,
                schedule_step=b.schedule_step, options=options, found_inf=_on(skipped, b.device),
-               master_param=b.master, sr_seed=b.sr_seed)
+               master_param=b.master, sr_seed=None if b.sr_seed is None else _sync_seed(b.sr_seed))
             for i in b._shadowed:  # parameters with gaps are stepped through dense shadows [note: shadowed parameters]
                 b.params[i].copy_(b.locals[i])
         return loss
