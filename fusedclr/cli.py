@@ -16,6 +16,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -35,8 +36,9 @@ LOSSES = {
 
 EPILOG_DEMO = """\
 Runs offline on scikit-learn's digits: an LR range test, then the same MLP
-trained for the same epochs with the one-cycle policy at the suggested LR and
-with that LR held constant (several seeds), an accuracy/time table, plots in
+trained for the same epochs with the one-cycle policy peaking at the test's
+one-cycle peak and with the test's suggested LR held constant (several seeds),
+an accuracy/time table, plots in
 --out (lr_find.png, schedules.png, training_curves.png, results.json), and
 finally a step-time table of fusedclr.AdamW vs torch.optim.AdamW(fused=True).
 """
@@ -145,6 +147,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # Checked before anything runs: the demo's data ship with scikit-learn, its plots need matplotlib.
     _require("sklearn", "'fusedclr demo'")
     _require("matplotlib", "'fusedclr demo'")
+    check_output_path(Path(args.out) / "results.json", "--out")
     from fusedclr.demo import run_demo
 
     run_demo(
@@ -173,10 +176,14 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
                        "the range test sweeps upwards")
     if args.out is not None:
         _require("matplotlib", "'fusedclr lr-find --out' (its plot)")
+        check_output_path(Path(args.out) / "lr_find.json", "--out")
     device = _device(args.device) if args.device is not None else None
     model_fn = load_object(args.model, "MODEL")
     data_fn = load_object(args.data, "DATA")
     loss_fn = _loss(args.loss)
+    if isinstance(model_fn, torch.nn.Module):
+        raise CLIError(f"MODEL {args.model!r} is a {type(model_fn).__name__} instance, not a function that "
+                       "returns a model: point it at a function (each run builds its own model)")
     model = model_fn()
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"MODEL {args.model!r} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -234,6 +241,18 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------
+
+
+def check_output_path(path: str | os.PathLike[str], flag: str) -> None:
+    """Raises :class:`CLIError` when ``path`` (a file to write at the end of a run) cannot be written:
+    its folder is made, and the file opened for appending and left as it was, before any measuring,
+    so that a mistake costs no run."""
+    from fusedclr._io import ensure_writable
+
+    try:
+        ensure_writable(path)
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:

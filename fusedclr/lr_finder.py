@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -278,7 +279,9 @@ class LRFinderResult:
         loss_rose: whether the loss was seen rising after its minimum; when
             not, ``peak`` is only the best lr tested (a warning says so).
         momentum: the optimizer's momentum (SGD) or ``beta1`` (Adam) during
-            the test, when it had one; :meth:`one_cycle` matches it.
+            the test; 0 for an optimizer that has neither (Adagrad), ``None``
+            when unknown (a curve built by hand). :meth:`one_cycle` matches it:
+            no momentum cycling after a test without momentum.
         trend: the centred trend the suggestions are read from.
         warnings: why a suggestion may not be trustworthy.
     """
@@ -393,7 +396,7 @@ class LRFinderResult:
                 f"steps_per_epoch={steps_per_epoch!r}); or pass total_steps"
             )
         for name, value in (("total_steps", total_steps), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not 0.0 < pct_start < 1.0:
             raise ValueError(
@@ -406,9 +409,9 @@ class LRFinderResult:
             "final_div_factor": ONE_CYCLE_FINAL_DIV_FACTOR,
         }
         if total_steps is not None:
-            kwargs["total_steps"] = total_steps
+            kwargs["total_steps"] = int(total_steps)
         if epochs is not None:
-            kwargs.update(epochs=epochs, steps_per_epoch=steps_per_epoch)
+            kwargs.update(epochs=int(epochs), steps_per_epoch=int(steps_per_epoch))
         low, high = ONE_CYCLE_MOMENTUM
         if self.momentum is not None and self.momentum <= 0.0:
             kwargs["cycle_momentum"] = False
@@ -543,13 +546,13 @@ def _check_args(model: Any, optimizer: Any, loss_fn: Any, start_lr: float, end_l
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(output, target), got {type(loss_fn).__name__}")
-    if not (isinstance(start_lr, (int, float)) and math.isfinite(start_lr) and start_lr > 0):
+    if not (isinstance(start_lr, numbers.Real) and math.isfinite(start_lr) and start_lr > 0):
         raise ValueError(f"start_lr must be a finite number > 0, got {start_lr!r}")
-    if not (isinstance(end_lr, (int, float)) and math.isfinite(end_lr)):
+    if not (isinstance(end_lr, numbers.Real) and math.isfinite(end_lr)):
         raise ValueError(f"end_lr must be a finite number, got {end_lr!r}")
     if start_lr >= end_lr:
         raise ValueError(f"start_lr ({start_lr:g}) must be smaller than end_lr ({end_lr:g}): the test sweeps upwards")
-    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 2:
+    if isinstance(num_iter, bool) or not isinstance(num_iter, numbers.Integral) or num_iter < 2:
         raise ValueError(f"num_iter must be an integer >= 2 (one loss per learning rate), got {num_iter!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -557,7 +560,7 @@ def _check_args(model: Any, optimizer: Any, loss_fn: Any, start_lr: float, end_l
         raise ValueError(f"smooth must be in [0, 1) (0 disables smoothing), got {smooth!r}")
     if not diverge_threshold > 1.0:
         raise ValueError(f"diverge_threshold must be > 1 (math.inf never stops), got {diverge_threshold!r}")
-    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral) or accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
 
 
@@ -794,6 +797,9 @@ def lr_find(
     """
     _check_args(model, optimizer, loss_fn, start_lr, end_lr, num_iter, mode, smooth,
                 diverge_threshold, accumulation_steps)
+    # numpy scalars pass the checks: the result holds Python numbers (JSON, reprs).
+    start_lr, end_lr, num_iter, accumulation_steps = float(start_lr), float(end_lr), int(num_iter), int(
+        accumulation_steps)
     dev = _resolve_device(model, device)
     own = optimizer is None
     snapshot = _Snapshot(model, None if own else optimizer)
@@ -893,13 +899,14 @@ def lr_find(
 
 
 def _momentum_of(optimizer: torch.optim.Optimizer) -> float | None:
-    """The first group's momentum (SGD) or beta1 (Adam family); ``None`` for optimizers without either."""
+    """The first group's momentum (SGD) or beta1 (Adam family); 0 for optimizers without either
+    (Adagrad): ``OneCycleLR`` has no momentum of theirs to cycle, and raises if asked to."""
     group = optimizer.param_groups[0]
     if "momentum" in group:
         return float(group["momentum"])
     if "betas" in group:
         return float(group["betas"][0])
-    return None
+    return 0.0
 
 
 @torch.no_grad()

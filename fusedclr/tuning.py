@@ -15,6 +15,8 @@ implements it:
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -103,16 +105,19 @@ def scale_lr(
         ScaledLR(lr=0.4, warmup_epochs=5.0, warmup_steps=500, start_factor=0.25)
     """
     for name, value in (("batch_size", batch_size), ("new_batch_size", new_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if rule not in SCALE_RULES:
         raise ValueError(f"rule must be one of {SCALE_RULES} (Krizhevsky 2014 / Goyal et al. 2017), got {rule!r}")
     if steps_per_epoch is not None and (
-        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, numbers.Integral) or steps_per_epoch < 1
     ):
         raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+    # numpy scalars pass the checks: the results are Python numbers (JSON, reprs).
+    batch_size, new_batch_size, lr = int(batch_size), int(new_batch_size), float(lr)
+    steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
     if warmup_epochs is not None and not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
         raise ValueError(f"warmup_epochs must be a finite number >= 0 or None, got {warmup_epochs!r}")
 
@@ -461,8 +466,17 @@ def sweep(
     from fusedclr.lr_finder import lr_find
 
     loss_fn = loss_fn or nn.functional.cross_entropy
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if isinstance(model_fn, nn.Module) or not callable(model_fn):
+        raise TypeError(f"model_fn must be a function that builds a fresh model (every run starts from the same "
+                        f"weights), got {type(model_fn).__name__}")
+    if val_loader is None:
+        raise ValueError("val_loader is None: every run of the sweep is scored on validation data; pass a loader")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    epochs = int(epochs)
+    for name, grid_values in (("weight_decays", weight_decays), ("momentums", momentums)):
+        if not isinstance(grid_values, Iterable) or isinstance(grid_values, (str, bytes)):
+            raise ValueError(f"{name} must be a list of numbers, got {grid_values!r} (e.g. [{grid_values!r}])")
     weight_decays = [float(w) for w in weight_decays]
     momentums = [float(m) for m in momentums]
     if not weight_decays or any(not (math.isfinite(w) and w >= 0) for w in weight_decays):
@@ -475,8 +489,13 @@ def sweep(
             f"got {momentum_span!r}"
         )
     dev = None if device is None else torch.device(device)
+    if plot is not None:
+        from fusedclr._io import ensure_writable
+
+        ensure_writable(plot)  # before hours of training, not after
     SGD, _, OneCycleLR, _ = optimizer_classes()
     steps = _steps_per_epoch(train_loader, "train_loader")
+    _steps_per_epoch(val_loader, "val_loader")
 
     finds: dict[float, Any] = {}
     if max_lr is None:
@@ -485,8 +504,8 @@ def sweep(
             torch.manual_seed(seed)
             model = model_fn()
             opt = SGD(model.parameters(), lr=1e-3, momentum=mom, weight_decay=0.0)
-            found = lr_find(model, train_loader, loss_fn, opt, device=dev, progress=progress,
-                            **(lr_find_kwargs or {}))
+            found = lr_find(model, train_loader, loss_fn, opt, **{"device": dev, "progress": progress,
+                                                                  **(lr_find_kwargs or {})})
             if found.peak is None:
                 raise RuntimeError(f"the range test at momentum {mom:g} suggested no one-cycle peak:\n"
                                    + found.summary())
@@ -523,6 +542,13 @@ def sweep(
             seconds = time.perf_counter() - t0
             val_loss, val_acc = evaluate(model, val_loader, loss_fn, device=dev)
             rows.append(SweepRow(wd, mom, val_loss, val_acc, train_loss, seconds, peak))
+    except BaseException as exc:  # an error or Ctrl-C: what finished is kept, and shown
+        if rows:
+            partial = SweepResult(rows, peaks, epochs, finds, weight_decays, momentums, float(momentum_span))
+            exc.partial_result = partial  # type: ignore[attr-defined]
+            print(f"sweep stopped after {len(rows)} of {len(grid)} runs ({type(exc).__name__}); the finished "
+                  f"runs (also on the exception, as .partial_result):\n{partial.table()}", file=sys.stderr)
+        raise
     finally:
         if bar is not None:
             bar.close()

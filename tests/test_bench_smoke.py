@@ -86,6 +86,8 @@ def test_writes_the_report(quick_run):
             # The quick cases are small: all providers sample in turns, and each ratio's
             # spread is that of the ratios of samples taken in the same turn.
             assert r["mode"] == "interleaved" and r["ratio_spread_from"] == "turns"
+            # ... and the ratio shown is those rounds' median, inside its own bracket.
+            assert r["ratio_q1"] <= r["ratio_vs_fused"] <= r["ratio_q3"]
         assert isinstance(r["noisy"], bool)
 
 

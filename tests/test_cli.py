@@ -139,6 +139,7 @@ FACTORIES = textwrap.dedent(
         return [{"x": x, "y": y} for x, y in data()[0]]
 
     not_callable = 3
+    instance = model()
     """
 )
 
@@ -294,6 +295,55 @@ def test_range_test_input_errors_keep_their_builtin_types():
     with pytest.raises(FloatingPointError) as exc:
         lr_find(model, [(x * float("nan"), y)], torch.nn.functional.cross_entropy, opt, num_iter=3, progress=False)
     assert isinstance(exc.value, RangeTestInputError)
+
+
+def test_lr_find_unwritable_out_and_model_instances_fail_before_the_test(factories, capsys, monkeypatch):
+    import fusedclr.lr_finder
+
+    monkeypatch.setattr(fusedclr.lr_finder, "lr_find", lambda *a, **k: pytest.fail("ran before checking"))
+    (factories / "afile").write_text("")
+    line = _user_error(capsys, ["lr-find", "clifactories:model", "clifactories:data", "--no-progress",
+                                "--out", str(factories / "afile" / "sub")])
+    assert "--out" in line and "cannot write there" in line
+    line = _user_error(capsys, ["lr-find", "clifactories:instance", "clifactories:data", "--no-progress"])
+    assert "MODEL 'clifactories:instance' is a Sequential instance, not a function" in line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--threads", "0"], ["--threads", ">= 1"]),
+    (["bench", "--quick", "--json", "{bad}/x.json"], ["--json", "cannot write there"]),
+    (["bench", "--quick", "--markdown", "{bad}/x.md"], ["--markdown", "cannot write there"]),
+])
+def test_bench_mistakes_are_one_error_line_before_measuring(tmp_path, capsys, argv, words):
+    (tmp_path / "afile").write_text("")
+    argv = [a.replace("{bad}", str(tmp_path / "afile")) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = next(x for x in err.splitlines() if "error:" in x)
+    for word in words:
+        assert word in line, line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "0"], ["--threads", ">= 1"]),
+    (["--device", "meta"], ["--device meta", "cpu or cuda"]),
+    (["--device", "foo"], ["--device foo", "not a device"]),
+    (["--json", "{bad}/x.json"], ["--json", "cannot write there"]),
+])
+def test_iteration_bench_mistakes_are_one_error_line_before_measuring(tmp_path, capsys, monkeypatch, argv, words):
+    from fusedclr.bench import iteration
+
+    monkeypatch.setattr(iteration, "run", lambda *a, **k: pytest.fail("measured before checking"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        iteration.main([a.replace("{bad}", str(tmp_path / "afile")) for a in argv])
+    assert exc.value.code == 2
+    line = next(x for x in capsys.readouterr().err.splitlines() if "error:" in x)
+    for word in words:
+        assert word in line, line
 
 
 def test_loss_errors_name_what_the_loss_was_given():

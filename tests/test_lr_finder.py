@@ -297,6 +297,21 @@ def test_attached_schedule_stays_in_the_kernel_after_the_test(wrap, caplog):
     assert "runs on the host" not in caplog.text
 
 
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.Adagrad(p, lr=0.01),
+                                      lambda p: fusedclr.Adagrad(p, lr=0.01)], ids=["torch", "fusedclr"])
+def test_one_cycle_after_a_test_without_momentum_does_not_cycle_it(make_opt):
+    """Adagrad has neither momentum nor beta1: the documented recipe OneCycleLR(opt, **one_cycle(n))
+    must not ask OneCycleLR to cycle one (torch raises)."""
+    model, opt, _ = _setup(make_opt)
+    torch.manual_seed(5)
+    result = lr_find(model, _data(), nn.functional.cross_entropy, opt, num_iter=40, end_lr=100, progress=False)
+    assert result.momentum == 0.0
+    kwargs = result.one_cycle(100)
+    assert kwargs["cycle_momentum"] is False
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, **kwargs)
+    assert sched.get_last_lr()[0] == pytest.approx(kwargs["max_lr"] / kwargs["div_factor"])
+
+
 def test_smoothing_is_the_bias_corrected_ema():
     rng = np.random.default_rng(0)
     values = (2.0 + rng.standard_normal(40) * 0.1).tolist()

@@ -274,6 +274,65 @@ def test_sweep_bad_input(kwargs, match):
         sweep(_model, _blobs(), _blobs(), progress=False, **{"max_lr": 0.1, **kwargs})
 
 
+def test_sweep_checks_what_it_was_given_before_training(monkeypatch, tmp_path):
+    """Each mistake is reported before the first range test or run, so it costs no training."""
+    import fusedclr.tuning as tuning
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking its arguments")
+
+    monkeypatch.setattr(tuning, "train_epoch", no_training)
+    monkeypatch.setattr("fusedclr.lr_finder.lr_find", no_training)
+    base = {"progress": False, "weight_decays": [0.0], "momentums": [0.9]}
+    with pytest.raises(ValueError, match="val_loader is None"):
+        sweep(_model, _blobs(), None, **base)
+    with pytest.raises(ValueError, match="val_loader is empty"):
+        sweep(_model, _blobs(), [], **base)
+    with pytest.raises(TypeError, match="model_fn must be a function .* got Sequential"):
+        sweep(_model(), _blobs(), _blobs(), **base)
+    with pytest.raises(ValueError, match=r"weight_decays must be a list of numbers, got 0.0001 \(e.g. \[0.0001\]\)"):
+        sweep(_model, _blobs(), _blobs(), **{**base, "weight_decays": 1e-4})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        sweep(_model, _blobs(), _blobs(), plot=str(tmp_path / "file" / "sweep.png"), **base)
+
+
+def test_numpy_scalars_are_numbers():
+    """np.float32 / np.int64 (what a grid from numpy holds) pass as the Python numbers they stand for."""
+    np = pytest.importorskip("numpy")
+    from fusedclr import scale_lr
+
+    assert scale_lr(np.float32(0.1), np.int64(64), np.int64(256)) == scale_lr(float(np.float32(0.1)), 64, 256)
+    model, batches = _model(), _blobs()
+    result = fusedclr.lr_find(model, batches, nn.functional.cross_entropy, num_iter=np.int64(12),
+                              start_lr=np.float64(1e-4), end_lr=np.float32(10.0), progress=False)
+    assert len(result.lrs) <= 12 and type(result.lrs[0]) is float
+    json.dumps(result.to_dict())
+
+
+def test_sweep_stopped_midway_keeps_the_finished_runs(monkeypatch, capsys):
+    """An error (or Ctrl-C) in the third of four runs: the two finished rows are on the exception and printed."""
+    import fusedclr.tuning as tuning
+
+    real, calls = tuning.evaluate, []
+
+    def failing_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "evaluate", failing_third)
+    with pytest.raises(KeyboardInterrupt) as exc:
+        sweep(_model, _blobs(), _blobs(), weight_decays=[1e-3, 0.0], momentums=[0.9, 0.5], max_lr=0.1,
+              epochs=1, progress=False)
+    partial = exc.value.partial_result
+    assert [(r.weight_decay, r.momentum) for r in partial.rows] == [(1e-3, 0.9), (1e-3, 0.5)]
+    assert all(math.isfinite(r.val_loss) for r in partial.rows)
+    err = capsys.readouterr().err
+    assert "sweep stopped after 2 of 4 runs (KeyboardInterrupt)" in err and partial.table() in err
+
+
 def test_sweep_rejects_an_empty_train_loader():
     with pytest.raises(ValueError, match="train_loader is empty"):
         sweep(_model, [], _blobs(), max_lr=0.1, progress=False)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fusedclr.cli import UsageParser
+from fusedclr.cli import CLIError, UsageParser, _int_at_least, check_output_path
 
 from .cases import DTYPES, OPTIMS, SCHEDULES
 from .providers import PROVIDERS
@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
                     "and 0 with --quick)")
     ap.add_argument("--from-json", metavar="PATH",
                     help="measure nothing: print, plot and tabulate the report in PATH (from --json)")
-    ap.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's)")
+    ap.add_argument("--threads", type=_int_at_least(1), metavar="N",
+                    help="torch.set_num_threads(N) first (default: torch's)")
     ap.add_argument("--no-big", action="store_true", help=f"skip the big shapes ({', '.join(sorted(BIG_SHAPES))})")
     ap.add_argument("--seconds", type=_positive_float, metavar="S",
                     help=f"time each provider of a case for about S seconds once its minimum samples are in "
@@ -104,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
                  "pass --device cpu")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path:
+            try:  # before measuring: a mistake costs no run
+                check_output_path(path, flag)
+            except CLIError as exc:
+                ap.error(str(exc))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     thread_check = None

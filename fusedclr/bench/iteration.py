@@ -383,7 +383,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fusedclr.cli import UsageParser
+    from fusedclr.cli import CLIError, UsageParser, _int_at_least, check_output_path
 
     ap = UsageParser(prog="python -m fusedclr.bench.iteration", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=9, help="paired rounds (default 9)")
     ap.add_argument("--inner", type=int, default=3, help="iterations per sample (default 3)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations per provider first (default 3)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the report as JSON here")
     args = ap.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]
@@ -423,8 +423,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad or "fusedclr" not in providers or len(providers) < 2:
             ap.error(f"--providers {args.providers}: choose fusedclr and at least one of "
                      f"{', '.join(p for p in ALL_PROVIDERS if p != 'fusedclr')} (or 'all')")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device}: not a device; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: the benchmark trains on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda, but no CUDA device is available")
+    if args.json:
+        try:
+            check_output_path(args.json, "--json")
+        except CLIError as exc:
+            ap.error(str(exc))
     report = run(args.device, workloads, steps, args.rounds, args.inner, args.threads,
                  lambda s: print(s, file=sys.stderr, flush=True), args.optimizer, providers, args.warmup)
     if len(report["providers"]) < 2:
