@@ -389,8 +389,32 @@ def test_iteration_cli_takes_an_optimizer(tmp_path, capsys):
     assert report["providers"] == ["torch-foreach", "fusedclr"] and report["baseline"] == "torch-foreach"
     assert report["date"] and "git_commit" in report and "loadavg_before" in report and "loadavg_after" in report
     assert "bench foreach Lion" in capsys.readouterr().out
+    assert report["complete"] is True
     with pytest.raises(SystemExit):
         iteration.main(["--providers", "torch-fused"])  # fusedclr must be one of them
+
+
+def test_iteration_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten after every workload: a run stopped in the second (a CI time limit)
+    leaves the first one's row, marked incomplete."""
+    if not ops.extension_available():
+        pytest.skip("fusedclr's C++ extension is not built")
+    real, calls = iteration.compare, []
+
+    def stop_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(iteration, "compare", stop_second)
+    path = tmp_path / "sub" / "it.json"
+    with pytest.raises(KeyboardInterrupt):
+        iteration.main(["--device", "cpu", "--workloads", "128x64,10000x64", "--steps", "none", "--rounds", "2",
+                        "--inner", "1", "--warmup", "0", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and list(report["iteration"]) == ["128x64"]
+    assert report["iteration"]["128x64"]["ms"]["fusedclr"] > 0
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import math
 import statistics
 import sys
@@ -310,7 +311,10 @@ def compare(make: Callable[[str], Callable[[], None]], device: str, rounds: int,
 
 def run(device: str, workloads: Sequence[str], steps: Sequence[str], rounds: int, inner: int,
         threads: int | None, progress: Callable[[str], None], optim: str = "adamw",
-        providers: Sequence[str] | None = None, warmup: int = 3) -> dict[str, Any]:
+        providers: Sequence[str] | None = None, warmup: int = 3,
+        on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measures every workload; ``on_result(report)`` after each one (``report["complete"]`` is False
+    until the last), so that a run cut short keeps what it measured."""
     if threads is not None:
         torch.set_num_threads(threads)
     names, left_out = providers_for(optim, device, providers)
@@ -319,7 +323,7 @@ def run(device: str, workloads: Sequence[str], steps: Sequence[str], rounds: int
                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                               "git_commit": git_commit(), "loadavg_before": _loadavg(),
                               "optimizer": optim, "providers": names, "baseline": base, "left_out": left_out,
-                              "iteration": {}, "step_replaced_grads": {}}
+                              "iteration": {}, "step_replaced_grads": {}, "complete": False}
     if deepspeed_cpu_adam.NAME in names:
         report["deepspeed"] = deepspeed_cpu_adam.version()
     for name, reason in left_out.items():
@@ -329,12 +333,17 @@ def run(device: str, workloads: Sequence[str], steps: Sequence[str], rounds: int
         report["iteration"][name] = compare(lambda p, name=name: iteration_runner(name, p, device, optim), device,
                                             rounds, inner, warmup, names, base)
         progress(_line(name, report["iteration"][name]))
+        if on_result is not None:
+            on_result(report)
     for name in steps:
         progress(f"step with replaced grads, {optim}, {name} ...")
         report["step_replaced_grads"][name] = compare(lambda p, name=name: step_runner(name, p, device, optim),
                                                       device, rounds, inner, warmup, names, base)
         progress(_line(name, report["step_replaced_grads"][name]))
+        if on_result is not None:
+            on_result(report)
     report["loadavg_after"] = _loadavg()
+    report["complete"] = True
     return report
 
 
@@ -436,15 +445,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output_path(args.json, "--json")
         except CLIError as exc:
             ap.error(str(exc))
+    def write_json(report: dict[str, Any]) -> None:
+        if args.json:  # rewritten after every workload: a run cut short (a CI time limit) keeps what it measured
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(tmp, args.json)
+
     report = run(args.device, workloads, steps, args.rounds, args.inner, args.threads,
-                 lambda s: print(s, file=sys.stderr, flush=True), args.optimizer, providers, args.warmup)
+                 lambda s: print(s, file=sys.stderr, flush=True), args.optimizer, providers, args.warmup,
+                 on_result=write_json)
     if len(report["providers"]) < 2:
         ap.error(f"--optimizer {args.optimizer}: no provider to compare fusedclr with can run here "
                  f"({report['left_out']})")
     print(markdown(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(report)
     return 0
 
 
