@@ -127,14 +127,24 @@ def test_updates_below_half_an_ulp(backend, option):
         assert mean == pytest.approx(0.98, abs=2e-3)
 
 
+SR_OPTIMIZERS = {
+    "adamw": lambda ps, backend: fusedclr.AdamW(ps, lr=1e-2, backend=backend, stochastic_rounding=True),
+    # torch's SGD checkpoint has no step count: with stochastic rounding fusedclr's carries one.
+    "sgd": lambda ps, backend: fusedclr.SGD(ps, lr=1e-2, backend=backend, stochastic_rounding=True),
+    "sgd_momentum": lambda ps, backend: fusedclr.SGD(ps, lr=1e-2, momentum=0.9, backend=backend,
+                                                     stochastic_rounding=True),
+}
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_stochastic_rounding_is_reproducible_and_resumes_exactly(backend):
+@pytest.mark.parametrize("make", list(SR_OPTIMIZERS))
+def test_stochastic_rounding_is_reproducible_and_resumes_exactly(backend, make):
     """The bits come from (seed, step, element): two runs under one torch.manual_seed agree
     bit for bit, and so does a run resumed from a state_dict in a fresh optimizer."""
     runs = []
     for _ in range(2):
         ps = _model(torch.bfloat16, seed=5)  # torch.manual_seed(5): the rounding seed derives from it
-        opt = fusedclr.AdamW(ps, lr=1e-2, backend=backend, stochastic_rounding=True)
+        opt = SR_OPTIMIZERS[make](ps, backend)
         _train(ps, opt, 6)
         runs.append([p.detach().clone() for p in ps])
         buf = io.BytesIO()
@@ -144,7 +154,7 @@ def test_stochastic_rounding_is_reproducible_and_resumes_exactly(backend):
     assert all(not torch.equal(a, b) for a, b in zip(runs[0], start)), "nothing trained"
     torch.manual_seed(5)
     resumed = [torch.nn.Parameter(r.clone()) for r in runs[1]]
-    opt2 = fusedclr.AdamW(resumed, lr=1e-2, backend=backend, stochastic_rounding=True)
+    opt2 = SR_OPTIMIZERS[make](resumed, backend)
     buf.seek(0)
     opt2.load_state_dict(torch.load(buf, map_location="cpu"))
     _train(resumed, opt2, 3, seed=9)

@@ -945,7 +945,9 @@ class FlatOptimizerMixin:
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         saved_state = state_dict["state"]
-        known = self._state_keys() | {"master_param"}  # masters of any optimizer load (or are dropped)
+        # Masters of any optimizer load (or are dropped), and so does a step count where this one
+        # keeps none (SGD's, saved for stochastic rounding).
+        known = self._state_keys() | {"master_param", "step"}
         scalar_keys = {"step"} | ({self._SEG_SCALAR[0]} if self._SEG_SCALAR else set())
         for gi, (group, sg) in enumerate(zip(self.param_groups, saved_groups)):
             if len(sg["params"]) != len(group["params"]):
@@ -1002,7 +1004,10 @@ class FlatOptimizerMixin:
 
     def _export_state(self, group: dict[str, Any], bucket: Bucket, index: int, step: int) -> dict[str, Any]:
         """The torch-layout state of a parameter that ``optimizer.state`` shows (empty: none to save)."""
-        out: dict[str, Any] = {"step": self._step_tensor(step)} if self._STEP_IN_STATE else {}
+        # SGD keeps no step in torch's layout; with stochastic rounding it does, since the bits
+        # are drawn by step count: a resumed run continues them instead of replaying them.
+        keeps_step = self._STEP_IN_STATE or bucket.sr_seed is not None
+        out: dict[str, Any] = {"step": self._step_tensor(step)} if keeps_step else {}
         if bucket.seg_scalar is not None:  # a host copy: state_dict is not on the step path
             out[bucket.seg_scalar[0]] = torch.tensor(float(bucket.seg_scalars[index]), dtype=_get_scalar_dtype())
         for name in self._state_names(group):

@@ -81,7 +81,12 @@ class ParamState(MutableMapping):
         return shown
 
     def _has_states(self, bucket: Bucket) -> bool:
-        return self._step_in_state or bool(bucket.states) or bucket.master is not None
+        return self.keeps_step(bucket) or bool(bucket.states) or bucket.master is not None
+
+    def keeps_step(self, bucket: Bucket) -> bool:
+        """Whether ``bucket``'s entries show ``step``: where torch keeps one (Adam), and where
+        stochastic rounding draws its bits by step count (SGD too, so a resume continues them)."""
+        return self._step_in_state or getattr(bucket, "sr_seed", None) is not None
 
     def _visible(self) -> Iterator[Tensor]:
         seen: set[Bucket] = set()
@@ -188,7 +193,7 @@ class StateEntry(MutableMapping):
 
     def _names(self) -> list[str]:
         b = self._bucket
-        names = (["step"] if self._owner._step_in_state else []) + list(b.states)
+        names = (["step"] if self._owner.keeps_step(b) else []) + list(b.states)
         if b.seg_scalar is not None:
             names.append(b.seg_scalar[0])
         if b.master is not None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from fusedclr import reference
 from fusedclr.optim._base import FlatOptimizerMixin
 from fusedclr.optim._flat import Bucket
+from fusedclr.optim._state import step_value
 
 
 class SGD(FlatOptimizerMixin, torch.optim.SGD):
@@ -64,18 +65,26 @@ class SGD(FlatOptimizerMixin, torch.optim.SGD):
     def _export_state(self, group, bucket: Bucket, index: int, step: int) -> dict[str, Any]:
         # A DTensor's placeholder buffer (step 0) loads as a stepped one: exact unless
         # dampening != 0 (torch's first step copies the gradient).
-        if "momentum_buffer" not in bucket.states:
-            return {}
-        return {"momentum_buffer": bucket.state_tensor("momentum_buffer", index)}
+        out: dict[str, Any] = {}
+        if bucket.sr_seed is not None:
+            # torch's SGD keeps no step; stochastic rounding draws its bits by step count, so a
+            # checkpoint carries it and a resumed run continues the bits instead of replaying them.
+            out["step"] = self._step_tensor(step)
+        if "momentum_buffer" in bucket.states:
+            out["momentum_buffer"] = bucket.state_tensor("momentum_buffer", index)
+        return out
 
     def _import_state(self, group, bucket: Bucket, index: int, state: dict[str, Any]) -> int:
         buf = state.get("momentum_buffer")
+        # The count a stochastic-rounding checkpoint carries (else 1: "the buffer has started").
+        saved = step_value(state["step"]) if "step" in state and bucket.sr_seed is not None else 0
         if buf is None:
             bucket.reset_state(index)
-            return 0
+            # Without a buffer, a count would say it had started: only where no momentum reads it.
+            return saved if group["momentum"] == 0 else 0
         ensure_momentum_buffer(self, bucket)
         bucket.state_view("momentum_buffer", index).copy_(bucket.local_value(buf, index))
-        return 1
+        return max(saved, 1)
 
 
 def ensure_momentum_buffer(opt: FlatOptimizerMixin, b: Bucket) -> None:
