@@ -589,6 +589,12 @@ class _InKernelSchedule:
             self._fc_counters[device] = counter
         return counter
 
+    def _fc_stepped(self) -> None:
+        """After a successful update of the groups: their tensor lrs are this scheduler's now
+        [note: edits between steps], and the counters follow ``last_epoch``."""
+        _record_lr_tensors(self.optimizer)
+        self._fc_sync()
+
     def _fc_sync(self) -> None:
         """Brings every counter to ``last_epoch`` with ``add_(1)`` or ``fill_``; never reads a device value."""
         target = int(self.last_epoch)
@@ -728,8 +734,7 @@ class _InKernelSchedule:
         # the kernel; the next successful step fills the counter to last_epoch.
         self._fc_check(stacklevel=4)  # user -> step -> _update_lr -> _fc_check -> _fc_warn
         super()._update_lr(epoch)  # type: ignore[misc]
-        _record_lr_tensors(self.optimizer)
-        self._fc_sync()
+        self._fc_stepped()
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -1228,8 +1233,7 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             if self._fc_torch_update:
                 self._fc_check(stacklevel=3)
                 _TORCH_WARM_RESTARTS.step(self)
-                _record_lr_tensors(self.optimizer)
-                self._fc_sync()
+                self._fc_stepped()
                 return
             pos: float = self.last_epoch + 1 + self._fc_frac
         else:
@@ -1583,8 +1587,7 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
         self._fc_check(stacklevel=3)
         _TORCH_SEQUENTIAL.step(self)
-        _record_lr_tensors(self.optimizer)
-        self._fc_sync()
+        self._fc_stepped()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state from :meth:`state_dict`, children included, and re-attaches the composed schedule."""

@@ -30,6 +30,19 @@ TOL = {
 TOL_LOWP = {dt: {"rtol": 2 * torch.finfo(dt).eps, "atol": 1e-5} for dt in (torch.bfloat16, torch.float16)}
 
 
+def interrupt_on_call(real: Callable, n: int, exc: type[BaseException] = KeyboardInterrupt) -> Callable:
+    """``real``, except that its ``n``-th call raises ``exc`` (a run stopped part way: Ctrl-C, a time limit)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
 def tol_lowp(dtype: torch.dtype, want: torch.Tensor) -> dict:
     """TOL_LOWP[dtype] for a buffer that steps went through: a store rounded the other way
     leaves an absolute difference of an ulp of the magnitude it had then, which a value

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import torch
+from conftest import interrupt_on_call
 
 from fusedclr import bench, ops
 from fusedclr.bench import check as bench_check
@@ -399,15 +400,7 @@ def test_iteration_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
     leaves the first one's row, marked incomplete."""
     if not ops.extension_available():
         pytest.skip("fusedclr's C++ extension is not built")
-    real, calls = iteration.compare, []
-
-    def stop_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(iteration, "compare", stop_second)
+    monkeypatch.setattr(iteration, "compare", interrupt_on_call(iteration.compare, 2))
     path = tmp_path / "sub" / "it.json"
     with pytest.raises(KeyboardInterrupt):
         iteration.main(["--device", "cpu", "--workloads", "128x64,10000x64", "--steps", "none", "--rounds", "2",

@@ -1279,20 +1279,28 @@ def _warmup_cosine(m):
     return WarmupCosine
 
 
-@requires_fused
-def test_subclass_overriding_get_lr_is_what_the_step_applies():
-    """A user's get_lr() override cannot be a closed form: the scheduler runs on the host, and says so."""
+def _assert_applies_torchs_lrs(build, warning: str) -> list[float]:
+    """``build(module, opt)`` from torch's classes and from ours: the lrs each step applied agree,
+    and ours warned with ``warning`` when built. Returns torch's lrs."""
     rows = {}
     for m in (TS, FS):
         p, opt = _sgd_pair(m)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sched = _warmup_cosine(m)(opt, warmup=4, T_max=10)
+            sched = build(m, opt)
         rows[m] = _applied_lrs(p, opt, [sched], 8)
         if m is FS:
-            assert any("WarmupCosine overrides get_lr()" in str(w.message) for w in caught)
+            assert any(warning in str(w.message) for w in caught)
     torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=0.0)
-    assert rows[TS][0] == pytest.approx(0.025)  # the warmup: what a closed form would have skipped
+    return rows[TS]
+
+
+@requires_fused
+def test_subclass_overriding_get_lr_is_what_the_step_applies():
+    """A user's get_lr() override cannot be a closed form: the scheduler runs on the host, and says so."""
+    want = _assert_applies_torchs_lrs(lambda m, opt: _warmup_cosine(m)(opt, warmup=4, T_max=10),
+                                      "WarmupCosine overrides get_lr()")
+    assert want[0] == pytest.approx(0.025)  # the warmup: what a closed form would have skipped
 
 
 COPIED = {
@@ -1413,16 +1421,10 @@ def test_momentum_edit_under_cyclical_momentum_is_used_like_torch(name, copied):
 
 @requires_fused
 def test_sequential_child_overriding_get_lr_is_what_the_step_applies():
-    rows = {}
-    for m in (TS, FS):
-        p, opt = _sgd_pair(m)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            seq = m.SequentialLR(opt, [_warmup_cosine(m)(opt, warmup=4, T_max=6), m.ExponentialLR(opt, 0.9)], [4])
-        rows[m] = _applied_lrs(p, opt, [seq], 8)
-        if m is FS:
-            assert any("WarmupCosine) overrides get_lr()" in str(w.message) for w in caught)
-    torch.testing.assert_close(rows[FS], rows[TS], rtol=1e-12, atol=0.0)
+    _assert_applies_torchs_lrs(
+        lambda m, opt: m.SequentialLR(opt, [_warmup_cosine(m)(opt, warmup=4, T_max=6), m.ExponentialLR(opt, 0.9)],
+                                      [4]),
+        "WarmupCosine) overrides get_lr()")
 
 
 RESUMED = {

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from conftest import interrupt_on_call
 
 import fusedclr
 import fusedclr.lr_finder
@@ -314,15 +315,7 @@ def test_sweep_stopped_midway_keeps_the_finished_runs(monkeypatch, capsys):
     """An error (or Ctrl-C) in the third of four runs: the two finished rows are on the exception and printed."""
     import fusedclr.tuning as tuning
 
-    real, calls = tuning.evaluate, []
-
-    def failing_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tuning, "evaluate", failing_third)
+    monkeypatch.setattr(tuning, "evaluate", interrupt_on_call(tuning.evaluate, 3))
     with pytest.raises(KeyboardInterrupt) as exc:
         sweep(_model, _blobs(), _blobs(), weight_decays=[1e-3, 0.0], momentums=[0.9, 0.5], max_lr=0.1,
               epochs=1, progress=False)
