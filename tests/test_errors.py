@@ -411,3 +411,59 @@ def test_load_state_dict_refusals_leave_everything_as_it_was():
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
     opt.step()  # and it still works
     assert not torch.equal(ps[0].detach(), params[0])
+
+
+def _beta1_one_case(lib, cls, backend, how):
+    """A two-group Adam after one step whose second group then has beta1 == 1: by an edit, or by a
+    OneCycleLR whose max_momentum is 1 (its first value). Returns the optimizer and its parameters."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    kw = {"backend": backend} if lib is fusedclr else {}
+    opt = getattr(lib, cls)([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=0.1, **kw)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    if how == "edit":
+        opt.param_groups[1]["betas"] = (1.0, 0.999)
+    else:
+        sched_lib = fusedclr.lr_scheduler if lib is fusedclr else torch.optim.lr_scheduler
+        opt.scheduler = sched_lib.OneCycleLR(opt, max_lr=0.1, total_steps=10, base_momentum=[0.85, 0.85],
+                                             max_momentum=[0.95, 1.0])
+    return opt, ps
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("how", ["edit", "one_cycle"])
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_beta1_of_one_raises_like_torch_and_changes_nothing(backend, cls, how):
+    """beta1 == 1 zeroes Adam's bias correction: torch's default step raises ZeroDivisionError (after
+    moving its states); fusedclr's raises it with the group named, before anything changes."""
+    theirs, _ = _beta1_one_case(torch.optim, cls, None, how)
+    with pytest.raises(ZeroDivisionError):
+        theirs.step()
+    opt, ps = _beta1_one_case(fusedclr, cls, backend, how)
+    before = [p.detach().clone() for p in ps]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    match = "param group 1 .*max_momentum=1.0" if how == "one_cycle" else r"betas\[0\] of param group 1"
+    with pytest.raises(ZeroDivisionError, match=match):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+    for p, st in zip(ps, states):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+    opt.param_groups[1]["betas"] = (0.9, 0.999)  # fixed, the run goes on
+    opt.step()
+    assert not torch.equal(ps[1].detach(), before[1])
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_beta1_of_one_without_grads_steps_like_torch(cls):
+    """torch skips a group whose parameters have no gradient, and so never divides: no error either."""
+    results = []
+    for lib in (torch.optim, fusedclr):
+        opt, ps = _beta1_one_case(lib, cls, "cpu" if lib is fusedclr else None, "edit")
+        ps[1].grad = None
+        ps[0].grad = torch.full_like(ps[0], 2.0)
+        opt.step()
+        results.append([p.detach().clone() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TOL[torch.float32])

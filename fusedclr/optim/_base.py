@@ -169,6 +169,10 @@ class FlatOptimizerMixin:
         return (f"{type(self).__name__} does not support sparse gradients: use "
                 "torch.optim.SparseAdam (or torch.optim.SGD / Adagrad) for the sparse parameters")
 
+    def _check_groups(self) -> None:
+        """Hook: refuses, before anything changes, group values that torch's step refuses
+        (Adam's beta1 of 1). One test per group; the groups' values are host floats."""
+
     def _before_launch(self, bucket: Bucket, group: dict[str, Any]) -> None:
         """Hook: runs on the host before each launch (SGD allocates a buffer when momentum appears)."""
 
@@ -630,6 +634,7 @@ class FlatOptimizerMixin:
         check = getattr(self._scheduler, "_fc_step_check", None)
         if check is not None:
             check()
+        self._check_groups()
         launches = []
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:

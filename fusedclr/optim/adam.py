@@ -33,6 +33,27 @@ class _AdamFlat(FlatOptimizerMixin):
         return [float(group["betas"][1]), float(group["eps"]), float(group["weight_decay"]),
                 float(self._decoupled(group))]
 
+    def _check_groups(self) -> None:
+        # beta1 == 1 zeroes the bias correction 1 - beta1**step that the update divides by. torch's
+        # default (foreach and for-loop) Adam raises ZeroDivisionError for it, after it has moved
+        # the states; its fused step writes inf/NaN. Here it raises before anything changes. A
+        # scheduler's cyclical momentum writes betas[0] into the group every step, so the host value
+        # is the one the kernel computes.
+        for gi, group in enumerate(self.param_groups):
+            beta1 = group["betas"][0]
+            if isinstance(beta1, Tensor) or beta1 != 1 or all(p.grad is None for p in group["params"]):
+                continue
+            if "max_momentum" in group:
+                how = (f"the scheduler's cyclical momentum set it (base_momentum={group.get('base_momentum')}, "
+                       f"max_momentum={group['max_momentum']}): give both below 1")
+            else:
+                how = "set betas[0] below 1"
+            raise ZeroDivisionError(
+                f"fusedclr: betas[0] of param group {gi} is {beta1!r}: {type(self).__name__}'s bias correction "
+                f"1 - beta1**step is then 0 and the step would divide by it (torch.optim.{type(self).__name__} "
+                f"raises ZeroDivisionError too); nothing was changed. {how[0].upper()}{how[1:]}"
+            )
+
 
 class Adam(_AdamFlat, torch.optim.Adam):
     """Drop-in :class:`torch.optim.Adam` over flat buffers (see :class:`AdamW` for details).
