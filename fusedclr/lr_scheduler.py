@@ -165,6 +165,14 @@ _TORCH_WARM_RESTARTS = _torch_sched.CosineAnnealingWarmRestarts
 _TORCH_SEQUENTIAL = _torch_sched.SequentialLR
 _RESUMED: weakref.WeakSet[Any] = weakref.WeakSet()  # built with last_epoch != -1 (a chainable family)
 _RESTORED: weakref.WeakSet[Any] = weakref.WeakSet()  # unpickled or deep-copied, not yet re-attached
+# [note: edited settings] Schedulers whose settings were changed after their descriptors were
+# built, and the last_epoch each scheduler left after its last update (an assignment since is an edit).
+_EDITED: weakref.WeakSet[Any] = weakref.WeakSet()
+_EPOCHS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_EDITED_REASON = (
+    "its settings (an attribute such as T_max, gamma or base_lrs, a group's max_lr, or last_epoch) were "
+    "changed after it was built, and torch's update continues from the group's current lr with them"
+)
 _RESUMED_REASON = (
     "it was built with last_epoch != -1, and torch's constructor then keeps the group's lr (its update "
     "continues from it, one step behind the closed form)"
@@ -538,7 +546,9 @@ class _InKernelSchedule:
     def _fc_host_reason(self) -> str | None:
         """Why this scheduler runs on the host (torch's own update), or ``None`` for the kernel."""
         if self._fc_chained:
-            return _RESUMED_REASON if self in _RESUMED else _COMPOSED_REASON
+            if self in _RESUMED:
+                return _RESUMED_REASON
+            return _EDITED_REASON if self in _EDITED else _COMPOSED_REASON
         override = _overridden(type(self))
         if override is not None:
             return (f"its class {type(self).__qualname__} overrides {override}(), which the kernel's closed form "
@@ -632,6 +642,46 @@ class _InKernelSchedule:
                 _MEMBERS.setdefault(self.optimizer, weakref.WeakSet()).add(self)
             self._fc_refresh(record=False)
 
+    def _fc_settings_edited(self, epoch: bool = True) -> bool:
+        """Whether this in-kernel schedule's settings changed since its descriptors were built, or
+        (``epoch``) ``last_epoch`` since its last update [note: edited settings]. Host values only."""
+        if epoch and _EPOCHS.get(self, self.last_epoch) != self.last_epoch:
+            return True
+        built = self._fc_descs
+        if built is None or len(built) != len(self.optimizer.param_groups):
+            return False
+        try:
+            return [_ref.descriptor(*self._fc_parts(i)) for i in range(len(built))] != built
+        except Exception:  # settings no descriptor describes: torch's update decides what they mean
+            return True
+
+    def _fc_follow_edits(self) -> None:
+        """Before an update: moves to the host when the settings were edited [note: edited settings].
+
+        [note: edited settings]
+        torch's schedulers read their settings at every step: an edit of an
+        attribute (``T_max``, ``gamma``, ``base_lrs``, ``milestones``...), of a
+        group's ``max_lr`` / ``min_lr`` / ``initial_lr`` / momentum bounds, or
+        an assignment to ``last_epoch`` (the old way to resume) changes the
+        next lrs, and torch's chainable updates continue from the group's
+        current lr. The kernel evaluates descriptors built from those settings
+        once, so every update first rebuilds them (a few microseconds per
+        group, host values only) and compares: if anything changed, the
+        scheduler moves to the host for good and runs torch's own update from
+        there, as it does for composed schedulers. A loaded state whose
+        ``_last_lr`` is not the closed form at its ``last_epoch`` (a
+        checkpoint edited before loading, or one saved in host mode) goes to
+        the host for the same reason.
+        """
+        if self._fc_in_kernel and not self._fc_chained and not self._fc_owned and self._fc_product is None:
+            if self._fc_settings_edited():
+                _EDITED.add(self)
+                self._fc_chain()
+
+    def _fc_left_epoch(self) -> None:
+        """Records the ``last_epoch`` an update (or a load) left [note: edited settings]."""
+        _EPOCHS[self] = int(self.last_epoch)
+
     def _fc_check(self, stacklevel: int = 4) -> None:
         """Before a step: warns (once) and re-attaches when the scheduler moved between host and kernel."""
         self._fc_revive()
@@ -664,7 +714,7 @@ class _InKernelSchedule:
         optimizer = self.optimizer
         if getattr(optimizer, "_attach_schedule", None) is None:
             return
-        if reason is _COMPOSED_REASON or reason is _RESUMED_REASON:
+        if reason is _COMPOSED_REASON or reason is _RESUMED_REASON or reason is _EDITED_REASON:
             if optimizer in _COMPOSED_WARNED:
                 return
             _COMPOSED_WARNED.add(optimizer)
@@ -732,8 +782,13 @@ class _InKernelSchedule:
         # Counters follow only successful updates: when torch's step raises (e.g.
         # OneCycleLR past total_steps) the group keeps its last lr, and so must
         # the kernel; the next successful step fills the counter to last_epoch.
+        self._fc_revive()
+        self._fc_follow_edits()
         self._fc_check(stacklevel=4)  # user -> step -> _update_lr -> _fc_check -> _fc_warn
-        super()._update_lr(epoch)  # type: ignore[misc]
+        try:
+            super()._update_lr(epoch)  # type: ignore[misc]
+        finally:
+            self._fc_left_epoch()
         self._fc_stepped()
 
     # -- checkpoints ----------------------------------------------------------
@@ -755,7 +810,35 @@ class _InKernelSchedule:
         state_dict = {k: v for k, v in state_dict.items() if k not in _RUNTIME_ATTRS}
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self._fc_unchain_if_alone()
+        if not self._fc_chained and not self._fc_owned and self._fc_product is None and self._fc_off_closed_form():
+            _EDITED.add(self)  # [note: edited settings]
+            self._fc_chain_all()
         self._fc_refresh()
+
+    def _fc_off_closed_form(self) -> bool:
+        """Whether the loaded ``_last_lr`` (where torch's update stands) is not the closed form at
+        ``last_epoch`` of the loaded settings [note: edited settings]."""
+        last = getattr(self, "_last_lr", None)
+        self._fc_descs = None
+        if not isinstance(last, list) or self._fc_host_reason() is not None:
+            return False
+        descs = self._fc_descriptors()
+        if len(last) != len(descs):
+            return False
+        for lr, desc in zip(last, descs):
+            want = _ref.schedule_value(desc, int(self.last_epoch))[0]
+            if isinstance(lr, Tensor) or want is None:
+                continue
+            if not math.isclose(lr, want, rel_tol=1e-9, abs_tol=1e-15):
+                return True
+        return False
+
+    def _fc_chain_all(self) -> None:
+        """Marks this scheduler (and its children) as running torch's update on the host."""
+        self._fc_chained = True
+        for child in getattr(self, "_schedulers", ()):
+            if isinstance(child, _InKernelSchedule):
+                child._fc_chained = True
 
     def _fc_unchain_if_alone(self) -> None:
         """Back to the kernel after a load, when nothing composes with this scheduler any more.
@@ -773,6 +856,7 @@ class _InKernelSchedule:
             return
         self._fc_chained = False
         _RESUMED.discard(self)  # the loaded state is the checkpoint's: the closed form continues it
+        _EDITED.discard(self)
         self._fc_descs = None
         if self._fc_host_reason() is None:
             current = [g["lr"] for g in self.optimizer.param_groups]
@@ -803,6 +887,7 @@ class _InKernelSchedule:
                 last = int(self.last_epoch)
                 _MOMENTA[self.optimizer] = [_ref.schedule_value(d, last)[1] for d in descs]
         self._fc_seen = int(self.last_epoch)
+        self._fc_left_epoch()
         for counter in self._fc_counters.values():
             counter.fill_(self._fc_seen)
         if record:
@@ -1124,6 +1209,8 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
         if self._fc_frac:
             return "step(epoch) was given a fractional epoch"
         if self._fc_torch_update:
+            if self in _EDITED:
+                return _EDITED_REASON
             return (
                 f"T_cur was set to {self.T_cur!r} with T_i={self.T_i!r}, which is no position of the restart "
                 "schedule (torch's update continues from them; so does this scheduler, on the host, without "
@@ -1146,6 +1233,10 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             ],
             t_begin=-self._fc_shift,
         )
+
+    def _fc_off_closed_form(self) -> bool:
+        # Its lr is a closed form of the loaded T_cur and T_i, which _fc_follow_t_cur follows.
+        return False
 
     def _fc_position(self, t_cur: Any, t_i: Any, cycle: int) -> int | None:
         """The position whose (T_cur, T_i) these are (in cycle ``cycle`` when T_mult is 1), or ``None``."""
@@ -1229,6 +1320,13 @@ class CosineAnnealingWarmRestarts(_InKernelSchedule, _torch_sched.CosineAnnealin
             epoch = 0
         shifted = 0
         if epoch is None:
+            self._fc_revive()
+            if (self._fc_in_kernel and not self._fc_torch_update and not self._fc_owned
+                    and self._fc_settings_edited(epoch=False)):
+                # [note: edited settings] torch's update reads T_cur, T_i and the edited settings
+                # (last_epoch plays no part in it: an assignment is followed through T_cur below).
+                _EDITED.add(self)
+                self._fc_torch_update = True
             self._fc_follow_t_cur()
             if self._fc_torch_update:
                 self._fc_check(stacklevel=3)
@@ -1585,8 +1683,13 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
 
     def step(self) -> None:  # type: ignore[override]
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
+        self._fc_revive()
+        self._fc_follow_edits()
         self._fc_check(stacklevel=3)
-        _TORCH_SEQUENTIAL.step(self)
+        try:
+            _TORCH_SEQUENTIAL.step(self)
+        finally:
+            self._fc_left_epoch()
         self._fc_stepped()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

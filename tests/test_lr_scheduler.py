@@ -1744,3 +1744,124 @@ def test_classes_dropped_into_torchs_module_do_not_recurse(monkeypatch):
         sgdr.step(epoch)  # fractional epochs go through torch's own update
     assert seq.last_epoch == 5 and sgdr.T_cur == 1.0
 
+
+
+# -- [note: edited settings] -------------------------------------------------------------------------
+
+# name -> (build(module, optimizer), edit(scheduler)): torch's schedulers read these settings at every
+# step, so an edit mid-run changes the following lrs.
+SETTING_EDITS: dict[str, tuple[Callable, Callable]] = {
+    "cosine_T_max": (lambda m, o: m.CosineAnnealingLR(o, T_max=10), lambda s: setattr(s, "T_max", 40)),
+    "cosine_eta_min": (lambda m, o: m.CosineAnnealingLR(o, T_max=10), lambda s: setattr(s, "eta_min", 0.02)),
+    "step_gamma": (lambda m, o: m.StepLR(o, step_size=2, gamma=0.5), lambda s: setattr(s, "gamma", 0.9)),
+    "step_size": (lambda m, o: m.StepLR(o, step_size=2, gamma=0.5), lambda s: setattr(s, "step_size", 3)),
+    "exponential_gamma": (lambda m, o: m.ExponentialLR(o, gamma=0.9), lambda s: setattr(s, "gamma", 0.5)),
+    "multistep_milestones": (lambda m, o: m.MultiStepLR(o, milestones=[6, 9]),
+                             lambda s: setattr(s, "milestones", __import__("collections").Counter([5, 7]))),
+    "linear_total_iters": (lambda m, o: m.LinearLR(o, start_factor=0.1, total_iters=8),
+                           lambda s: setattr(s, "total_iters", 12)),
+    "polynomial_power": (lambda m, o: m.PolynomialLR(o, total_iters=12, power=1.0), lambda s: setattr(s, "power", 2.0)),
+    "onecycle_group_max_lr": (lambda m, o: m.OneCycleLR(o, max_lr=0.1, total_steps=16),
+                              lambda s: s.optimizer.param_groups[0].__setitem__("max_lr", 0.02)),
+    "cyclic_max_lrs": (lambda m, o: m.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3),
+                       lambda s: setattr(s, "max_lrs", [0.05])),
+    "warm_restarts_eta_min": (lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=4),
+                              lambda s: setattr(s, "eta_min", 0.01)),
+    "sequential_child_T_max": (
+        lambda m, o: m.SequentialLR(o, [m.LinearLR(o, start_factor=0.5, total_iters=2),
+                                        m.CosineAnnealingLR(o, T_max=10)], milestones=[2]),
+        lambda s: setattr(s._schedulers[1], "T_max", 30)),
+    "last_epoch_step": (lambda m, o: m.StepLR(o, step_size=3, gamma=0.5), lambda s: setattr(s, "last_epoch", 9)),
+    "last_epoch_cosine": (lambda m, o: m.CosineAnnealingLR(o, T_max=20), lambda s: setattr(s, "last_epoch", 12)),
+    "last_epoch_linear": (lambda m, o: m.LinearLR(o, start_factor=0.1, total_iters=20),
+                          lambda s: setattr(s, "last_epoch", 9)),
+    "last_epoch_exponential": (lambda m, o: m.ExponentialLR(o, gamma=0.9), lambda s: setattr(s, "last_epoch", 9)),
+    "last_epoch_onecycle": (lambda m, o: m.OneCycleLR(o, max_lr=0.1, total_steps=20),
+                            lambda s: setattr(s, "last_epoch", 9)),
+    "last_epoch_warm_restarts": (lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=5),
+                                 lambda s: setattr(s, "last_epoch", 9)),
+}
+
+
+def _settings_run(m, name, edit_at=4, steps=12):
+    """lrs and parameters of every step of ``name``'s schedule with SGD, its setting edited after step ``edit_at``."""
+    build, edit = SETTING_EDITS[name]
+    p, opt = _sgd_pair(m)
+    sched = build(m, opt)
+    lrs, rows = [], []
+    for t in range(steps):
+        p.grad = torch.full_like(p, 1.0 + 0.1 * t)
+        opt.step()
+        rows.append(p.detach().clone())
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        if t == edit_at:
+            edit(sched)
+    return lrs, rows, sched
+
+
+@requires_fused
+@pytest.mark.parametrize("name", list(SETTING_EDITS))
+def test_edited_scheduler_settings_take_effect_as_in_torch(name):
+    """An attribute, a group's schedule key or last_epoch changed mid-run: the next lrs (and the steps)
+    are torch's, which read them afresh, not the schedule as built [note: edited settings]."""
+    want_lrs, want_rows, _ = _settings_run(TS, name)
+    unedited, _, _ = _settings_run(TS, name, edit_at=-1)
+    # The edit matters to torch, except last_epoch where its update does not read it (ExponentialLR
+    # multiplies the group's lr, the warm restarts follow T_cur): fusedclr must not jump there either.
+    assert (want_lrs == unedited) == (name in ("last_epoch_exponential", "last_epoch_warm_restarts"))
+    got_lrs, got_rows, _ = _settings_run(FS, name)
+    assert got_lrs == pytest.approx(want_lrs, rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(got_rows, want_rows, rtol=1e-12, atol=1e-14)
+
+
+@requires_fused
+def test_unedited_settings_stay_in_the_kernel():
+    """No false alarm: every schedule of the table left alone stays in the kernel."""
+    for name in SETTING_EDITS:
+        _, _, sched = _settings_run(FS, name, edit_at=-1)
+        assert sched._fc_in_kernel and not sched._fc_chained, name
+
+
+def _resume_with(m, edit_checkpoint):
+    """5 steps of CosineAnnealingLR(T_max=10), a checkpoint, then 6 steps of a fresh optimizer and
+    scheduler loaded from it (the scheduler's state edited by ``edit_checkpoint``)."""
+    p, opt = _sgd_pair(m)
+    sched = m.CosineAnnealingLR(opt, T_max=10)
+    for t in range(5):
+        p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save({"p": p.detach(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf)
+    edit_checkpoint(ck["sched"])
+    p2, opt2 = _sgd_pair(m)
+    sched2 = m.CosineAnnealingLR(opt2, T_max=10)
+    with torch.no_grad():
+        p2.copy_(ck["p"])
+    opt2.load_state_dict(ck["opt"])
+    sched2.load_state_dict(ck["sched"])
+    lrs = []
+    for t in range(6):
+        p2.grad = torch.ones_like(p2)
+        opt2.step()
+        sched2.step()
+        lrs.append(opt2.param_groups[0]["lr"])
+    return lrs, p2.detach().clone(), sched2
+
+
+@requires_fused
+@pytest.mark.parametrize("edited", [False, True], ids=["as_saved", "T_max_edited"])
+def test_resume_from_an_edited_scheduler_checkpoint_continues_as_torch(edited):
+    """A longer run resumed by editing the checkpoint's T_max continues from the saved lr, as torch's
+    chainable update does, instead of jumping to the new closed form; an unedited one stays in-kernel."""
+    def edit(state):
+        if edited:
+            state["T_max"] = 40
+    want_lrs, want_p, _ = _resume_with(TS, edit)
+    got_lrs, got_p, sched = _resume_with(FS, edit)
+    assert got_lrs == pytest.approx(want_lrs, rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-14)
+    assert sched._fc_in_kernel != edited
