@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import copy
 import gc
+import io
 import pickle
 import warnings
 import weakref
@@ -587,3 +588,101 @@ def test_assigning_a_bad_state_changes_nothing():
     with pytest.raises(ValueError, match="exp_avg"):
         opt.state = {model[0].weight: {"exp_avg": torch.zeros(3)}}
     torch.testing.assert_close(opt.state_dict(), saved)
+
+
+# -- extra state keys [note: extra state keys] ------------------------------------------------------
+
+
+def _sync_slow(opt, model):
+    """timm's Lookahead pattern: slow weights (and a counter) kept in the wrapped optimizer's state[p]."""
+    with torch.no_grad():
+        for p in model.parameters():
+            st = opt.state[p]
+            if "slow" not in st:
+                st["slow"] = p.detach().clone()
+            st["syncs"] = st.get("syncs", 0) + 1
+            st["slow"].add_(p - st["slow"], alpha=0.5)
+            p.copy_(st["slow"])
+
+
+def _lookahead_run(lib, cls, model, resume_from=None):
+    """4 steps with a sync every 2, a torch.save round trip of the optimizer into a fresh one, 4 more."""
+    opt = getattr(lib, cls)(model.parameters(), lr=0.05)
+    if resume_from is not None:
+        opt.load_state_dict(resume_from)
+    for _ in range(2):
+        _train(model, opt, 2)
+        _sync_slow(opt, model)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    fresh = getattr(lib, cls)(model.parameters(), lr=0.05)
+    fresh.load_state_dict(saved)
+    for _ in range(2):
+        _train(model, fresh, 2, seed=3)
+        _sync_slow(fresh, model)
+    return saved, fresh
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_extra_state_keys_are_kept_saved_and_loaded_like_torch(cls):
+    """Keys of one's own in optimizer.state[p] (timm's Lookahead keeps its slow weights there): kept,
+    saved, loaded back and trained with as in torch; the flat states' names are still checked."""
+    ours_m, torch_m = _twins()
+    saved_ours, ours = _lookahead_run(fusedclr, cls, ours_m)
+    saved_torch, theirs = _lookahead_run(torch.optim, cls, torch_m)
+    for a, b in zip(torch_m.parameters(), ours_m.parameters()):
+        torch.testing.assert_close(b, a, **TOL[torch.float32])
+    for pid, st in saved_torch["state"].items():
+        assert set(saved_ours["state"][pid]) >= {"slow", "syncs"}
+        assert saved_ours["state"][pid]["syncs"] == st["syncs"] == 2
+        torch.testing.assert_close(saved_ours["state"][pid]["slow"], st["slow"], **TOL[torch.float32])
+    w = ours_m[0].weight
+    assert ours.state[w]["syncs"] == theirs.state[torch_m[0].weight]["syncs"] == 4
+    assert set(ours.state[w]) == set(theirs.state[torch_m[0].weight])
+    with pytest.raises(KeyError, match="does not keep"):
+        ours.state[w]["square_avg"] = torch.zeros_like(w)  # another optimizer's state: a mistake
+    del ours.state[w]["syncs"]
+    assert "syncs" not in ours.state[w] and "slow" in ours.state[w]
+    del ours.state[w]  # the whole entry, extras included, as in torch
+    assert w not in ours.state
+
+
+def test_extra_state_keys_load_from_torchs_checkpoint():
+    """A torch.optim checkpoint with a key of its own loads into fusedclr, cast to the parameter as torch casts it."""
+    ours_m, torch_m = _twins()
+    saved, _ = _lookahead_run(torch.optim, "AdamW", torch_m)
+    opt = fusedclr.AdamW(ours_m.parameters(), lr=0.05)
+    opt.load_state_dict(saved)
+    w = ours_m[0].weight
+    assert opt.state[w]["syncs"] == 2
+    torch.testing.assert_close(opt.state[w]["slow"], saved["state"][0]["slow"], rtol=0, atol=0)
+    assert opt.state_dict()["state"][0]["syncs"] == 2
+
+
+@pytest.mark.parametrize("how", ["pop", "del"])
+def test_sgd_momentum_reset_by_removing_the_buffer_is_torchs(how):
+    """``state[p].pop("momentum_buffer", None)`` (a momentum reset): torch's SGD starts the buffer again from
+    the next gradient, and so does fusedclr's; the states of other optimizers still refuse removal."""
+    ours_m, torch_m = _twins()
+    before = [p.detach().clone() for p in ours_m.parameters()]
+    opts = []
+    for model, lib in ((ours_m, fusedclr), (torch_m, torch.optim)):
+        opt = lib.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        _train(model, opt, 3)
+        for p in model.parameters():
+            if how == "pop":
+                assert opt.state[p].pop("momentum_buffer", None) is not None
+            else:
+                del opt.state[p]["momentum_buffer"]
+        _train(model, opt, 2, seed=2)
+        opts.append(opt)
+    for a, b, b0 in zip(torch_m.parameters(), ours_m.parameters(), before):
+        torch.testing.assert_close(b, a, **TOL[torch.float32])
+        assert not torch.equal(b.detach(), b0)
+    adam_m, _ = _twins()
+    adam = fusedclr.Adam(adam_m.parameters(), lr=0.05)
+    _train(adam_m, adam, 1)
+    with pytest.raises(TypeError, match="cannot delete 'exp_avg'"):
+        del adam.state[adam_m[0].weight]["exp_avg"]

@@ -57,7 +57,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from fusedclr import ops, reference
 from fusedclr.optim._flat import Bucket, ParamChanged, ShardBucket, is_dtensor, real_dtype
-from fusedclr.optim._state import ParamState, StateEntry, step_value
+from fusedclr.optim._state import FLAT_STATE_NAMES, ParamState, StateEntry, step_value
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -879,6 +879,11 @@ class FlatOptimizerMixin:
                         entry["master_param"] = b.master_tensor(i)
                     if entry:
                         out[p] = entry
+        for group in self.param_groups:  # [note: extra state keys]
+            for p in group["params"]:
+                extras = self.state.extras(p)
+                if extras:
+                    out[p] = {**out.get(p, {}), **extras}
         return out
 
     @staticmethod
@@ -966,7 +971,7 @@ class FlatOptimizerMixin:
                             f"loaded state {key!r} of parameter {pi} in group {gi} has shape "
                             f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}"
                         )
-                    if key not in known:
+                    if key not in known and key in FLAT_STATE_NAMES:  # else kept [note: extra state keys]
                         raise ValueError(
                             f"loaded state of parameter {pi} in group {gi} has unknown key {key!r}; "
                             f"{type(self).__name__} keeps {sorted(known)}"
@@ -999,8 +1004,15 @@ class FlatOptimizerMixin:
                         b.master_view(i).copy_(value)
                 b.seg_steps.copy_(torch.tensor(steps, dtype=torch.int64))
                 b.hyper_cache = None
+                for p in b.params:
+                    live.clear_extras(p)
+                    for key, value in loaded.get(p, {}).items():
+                        if key not in known:
+                            live.set_extra(p, key, _as_torch_loads(value, p))
                 # An entry saved with step 0 (torch's after a skipped first step) is shown as in torch.
-                shown = [bool(loaded.get(p)) or (isinstance(b, ShardBucket) and p.requires_grad) for p in b.params]
+                # (keys of the user's own alone show no flat states [note: extra state keys])
+                shown = [any(k in known for k in loaded.get(p, ())) or (isinstance(b, ShardBucket) and p.requires_grad)
+                         for p in b.params]
                 live.forget(b, shown)
         if self._scheduler is not None:
             self._attach_schedule(self._scheduler)
@@ -1037,6 +1049,18 @@ class FlatOptimizerMixin:
             name, start = bucket.seg_scalar
             bucket.seg_scalars[index] = float(state[name]) if name in state else start
         return step_value(state["step"]) if "step" in state else 0
+
+
+def _as_torch_loads(value: Any, param: Tensor) -> Any:
+    """A loaded extra state value as torch's load_state_dict casts it [note: extra state keys]:
+    tensors to the parameter's device (and dtype, for a floating parameter), containers through."""
+    if isinstance(value, Tensor):
+        return value.to(dtype=param.dtype, device=param.device) if param.is_floating_point() else value.to(param.device)
+    if isinstance(value, dict):
+        return {k: _as_torch_loads(v, param) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_torch_loads(v, param) for v in value)
+    return value
 
 
 def _index_of(items: list[Any], item: Any) -> int:

@@ -22,6 +22,15 @@ def step_value(step: Any) -> int:
     return int(value)
 
 
+# Every name a fusedclr optimizer keeps in its flat buffers (or as its step count): a key of a state
+# entry that is one of them is checked against what this optimizer keeps; any other is kept as it is
+# [note: extra state keys].
+FLAT_STATE_NAMES = frozenset({
+    "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg", "sum",
+    "mu_product", "master_param",
+})
+
+
 def _lives_at(loc: tuple[Bucket, int] | None, bucket: Bucket, index: int) -> bool:
     return loc is not None and loc[0] is bucket and loc[1] == index
 
@@ -42,6 +51,13 @@ class ParamState(MutableMapping):
     from construction on, see :meth:`FlatOptimizerMixin._stepped_state`. Keys
     that are not parameters of the optimizer are kept as in torch's
     ``defaultdict(dict)``.
+
+    [note: extra state keys]
+    Code that keeps its own per-parameter values in the optimizer's state, as
+    torch allows (timm's ``Lookahead`` keeps ``lookahead_slow_buff`` in the
+    wrapped optimizer's ``state[p]``), gets them kept as they are, beside the
+    flat states: shown in the entry, saved by ``state_dict()``, loaded back,
+    dropped with the entry. Only the names of the flat states are checked.
     """
 
     def __init__(self, step_in_state: bool, other: Mapping[Any, Any] | None = None) -> None:
@@ -53,6 +69,7 @@ class ParamState(MutableMapping):
         self.steps_taken = 0
         self._read_at: dict[Bucket, int] = {}
         self._other: defaultdict[Any, Any] = defaultdict(dict, other or {})
+        self._extras: dict[Tensor, dict[str, Any]] = {}  # [note: extra state keys]
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -94,14 +111,31 @@ class ParamState(MutableMapping):
             if b in seen:
                 continue
             seen.add(b)
-            if self._has_states(b):
-                # A bucket re-built since holds some of these parameters now: each shows once, where it lives.
-                yield from (p for i, (p, s) in enumerate(zip(b.params, self.stepped(b)))
-                            if s and _lives_at(self._where.get(p), b, i))
+            shown = self.stepped(b) if self._has_states(b) else [False] * len(b.params)
+            # A bucket re-built since holds some of these parameters now: each shows once, where it lives.
+            yield from (p for i, (p, s) in enumerate(zip(b.params, shown))
+                        if (s or self.extras(p)) and _lives_at(self._where.get(p), b, i))
 
     def _is_visible(self, key: Any) -> bool:
         loc = self._where.get(key) if isinstance(key, Tensor) else None
-        return loc is not None and self._has_states(loc[0]) and self.stepped(loc[0])[loc[1]]
+        if loc is None:
+            return False
+        return bool(self.extras(key)) or (self._has_states(loc[0]) and self.stepped(loc[0])[loc[1]])
+
+    def extras(self, param: Tensor) -> dict[str, Any]:
+        """The keys of ``param``'s entry that are not flat states [note: extra state keys]."""
+        return self.__dict__.get("_extras", {}).get(param, {})  # (absent from optimizers pickled before it)
+
+    def set_extra(self, param: Tensor, key: str, value: Any) -> None:
+        self.__dict__.setdefault("_extras", {}).setdefault(param, {})[key] = value
+
+    def clear_extras(self, param: Tensor | None = None) -> None:
+        """Drops ``param``'s extra keys, or every parameter's."""
+        extras = self.__dict__.setdefault("_extras", {})
+        if param is None:
+            extras.clear()
+        else:
+            extras.pop(param, None)
 
     # -- the mapping -------------------------------------------------------------
 
@@ -135,7 +169,9 @@ class ParamState(MutableMapping):
                 if default is ParamState._MISSING:
                     raise KeyError(key)
                 return default
-            value = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in self[key].items()}
+            extras = self.extras(key)
+            value = {k: (v.detach().clone() if isinstance(v, Tensor) and k not in extras else v)
+                     for k, v in self[key].items()}
             del self[key]
             return value
         if default is ParamState._MISSING:
@@ -154,6 +190,7 @@ class ParamState(MutableMapping):
             return
         # torch starts a deleted entry afresh at the next step: zero states, step 0.
         b, i = loc
+        self.clear_extras(key)
         b.reset_state(i)
         self._shown[b][i] = False
         self._read_at.pop(b, None)
@@ -209,10 +246,15 @@ class StateEntry(MutableMapping):
         b, i = self._bucket, self._index
         for key, value in values.items():
             if key not in names:
-                raise KeyError(
-                    f"{key!r}: a fusedclr optimizer keeps only {names} for this parameter"
-                    + ("" if names else " (SGD keeps no state without momentum)")
-                )
+                if not isinstance(key, str):
+                    raise TypeError(f"optimizer.state[param] keys are state names (str), got {key!r}")
+                if key in FLAT_STATE_NAMES:
+                    raise KeyError(
+                        f"{key!r}: a fusedclr optimizer keeps only {names} for this parameter"
+                        + ("" if names else " (SGD keeps no state without momentum)")
+                        + f", and {key!r} is a state it does not keep with these settings"
+                    )
+                continue  # kept as it is [note: extra state keys]
             if key != "step" and (b.seg_scalar is None or key != b.seg_scalar[0]):
                 shape = b.locals[i].shape
                 if not isinstance(value, Tensor) or value.numel() != b.locals[i].numel():
@@ -221,6 +263,9 @@ class StateEntry(MutableMapping):
                                      f"got {got}")
 
     def __getitem__(self, key: str) -> Tensor:
+        extras = self._owner.extras(self._param)
+        if key in extras:
+            return extras[key]
         if not self._live() or key not in self._names():
             raise KeyError(key)
         b, i = self._bucket, self._index
@@ -235,6 +280,9 @@ class StateEntry(MutableMapping):
     def __setitem__(self, key: str, value: Any) -> None:
         self.check({key: value})
         b, i = self._bucket, self._index
+        if key not in self._names():
+            self._owner.set_extra(self._param, key, value)
+            return
         if not self._live():
             b.reset_state(i)
             self._owner._shown[b][i] = True
@@ -250,17 +298,35 @@ class StateEntry(MutableMapping):
         else:
             b.state_view(key, i).copy_(b.local_value(value, i))
 
+    @property
+    def _param(self) -> Tensor:
+        return self._bucket.params[self._index]
+
     def __delitem__(self, key: str) -> None:
+        extras = self._owner.extras(self._param)
+        if key in extras:
+            del extras[key]
+            return
+        if key not in self:
+            raise KeyError(key)
+        if key == "momentum_buffer" and not self._owner._step_in_state:
+            # torch's SGD starts a removed buffer afresh from the next gradient (the momentum reset of
+            # ``state[p].pop("momentum_buffer", None)``): so does a parameter started afresh.
+            b, i = self._bucket, self._index
+            b.reset_state(i)
+            self._owner._shown[b][i] = False
+            self._owner._read_at.pop(b, None)
+            return
         raise TypeError(
             f"cannot delete {key!r} from a fusedclr optimizer's state entry (its states live in flat buffers); "
             "`del optimizer.state[param]` starts the parameter's state afresh, as in torch"
         )
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names() if self._live() else [])
+        return iter([*(self._names() if self._live() else []), *self._owner.extras(self._param)])
 
     def __len__(self) -> int:
-        return len(self._names()) if self._live() else 0
+        return (len(self._names()) if self._live() else 0) + len(self._owner.extras(self._param))
 
     def __repr__(self) -> str:
         return repr(dict(self))
