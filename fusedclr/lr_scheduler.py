@@ -650,10 +650,20 @@ class _InKernelSchedule:
         built = self._fc_descs
         if built is None or len(built) != len(self.optimizer.param_groups):
             return False
+        if self._fc_tensor_settings():
+            return False  # rebuilding would read tensor values (a device sync on CUDA) every step
         try:
             return [_ref.descriptor(*self._fc_parts(i)) for i in range(len(built))] != built
         except Exception:  # settings no descriptor describes: torch's update decides what they mean
             return True
+
+    def _fc_tensor_settings(self) -> bool:
+        """Whether a learning-rate setting is a tensor (a tensor lr): its edits are not looked for."""
+        lists = (getattr(self, "base_lrs", ()), getattr(self, "max_lrs", ()))
+        if any(isinstance(v, Tensor) for values in lists for v in values):
+            return True
+        keys = ("lr", "initial_lr", "max_lr", "min_lr")
+        return any(isinstance(g.get(k), Tensor) for g in self.optimizer.param_groups for k in keys)
 
     def _fc_follow_edits(self) -> None:
         """Before an update: moves to the host when the settings were edited [note: edited settings].

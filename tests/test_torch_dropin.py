@@ -686,3 +686,55 @@ def test_sgd_momentum_reset_by_removing_the_buffer_is_torchs(how):
     _train(adam_m, adam, 1)
     with pytest.raises(TypeError, match="cannot delete 'exp_avg'"):
         del adam.state[adam_m[0].weight]["exp_avg"]
+
+
+def test_extra_state_keys_follow_group_edits_and_load_any_shape():
+    """Extras given to a parameter new to a group, carried by the replaced-parameter recipe, or of any shape
+    (a scalar counter tensor) are kept through the re-bucketing and a load, as torch keeps them; a
+    popped flat state is its value, not the zeroed view."""
+    results = {}
+    for lib in (torch.optim, fusedclr):
+        torch.manual_seed(0)
+        a, b, q = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+        opt = lib.SGD([a, b], lr=0.1, momentum=0.9)
+        for p in (a, b):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.state[a]["count"] = torch.tensor(3.0)  # not of the parameter's shape
+        opt.load_state_dict(opt.state_dict())
+        popped = opt.state[b].pop("momentum_buffer")
+        opt.state[b]["tag"] = "b"
+        opt.param_groups[0]["params"].append(q)  # new to the group, with a state of its own
+        opt.state[q]["tag"] = "q"
+        opt.param_groups[0]["params"][0] = r = torch.nn.Parameter(a.detach().clone())  # replaced in place
+        opt.state[r] = opt.state.pop(a)
+        for p in (r, b, q):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        results[lib] = (popped, float(opt.state[r]["count"]), opt.state[b]["tag"], opt.state[q]["tag"],
+                        sorted(opt.state[r]), sorted(opt.state[q]))
+    ours, theirs = results[fusedclr], results[torch.optim]
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+    assert torch.equal(theirs[0], torch.ones(3))
+    assert ours[1:] == theirs[1:] == (3.0, "b", "q", ["count", "momentum_buffer"], ["momentum_buffer", "tag"])
+
+
+def test_tensor_lr_scheduler_steps_read_no_tensor_values(monkeypatch):
+    """Looking for edited settings never converts a tensor lr to a number (a device sync on CUDA)."""
+    ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(3)]
+    opt = fusedclr.AdamW([{"params": [p]} for p in ps], lr=torch.tensor(0.01))
+    sched = S.CosineAnnealingLR(opt, T_max=1000)
+    for p in ps:
+        p.grad = torch.randn(8)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert sched._fc_in_kernel
+    calls = []
+    real_float, real_item = torch.Tensor.__float__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: calls.append("float") or real_float(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or real_item(t))
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert calls == [] and sched._fc_in_kernel

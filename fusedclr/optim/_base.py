@@ -966,7 +966,8 @@ class FlatOptimizerMixin:
                 )
             for pi, (p, pid) in enumerate(zip(group["params"], sg["params"])):
                 for key, value in saved_state.get(pid, {}).items():
-                    if isinstance(value, Tensor) and key not in scalar_keys and value.numel() != p.numel():
+                    if (isinstance(value, Tensor) and key in FLAT_STATE_NAMES and key not in scalar_keys
+                            and value.numel() != p.numel()):
                         raise ValueError(
                             f"loaded state {key!r} of parameter {pi} in group {gi} has shape "
                             f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}"

@@ -78,7 +78,11 @@ class ParamState(MutableMapping):
             self._shown[b] = [isinstance(b, ShardBucket) and p.requires_grad for p in b.params]
             for i, p in enumerate(b.params):
                 self._where[p] = (b, i)
-                self._other.pop(p, None)
+                assigned = self._other.pop(p, None)
+                if isinstance(assigned, Mapping):  # a state given to a parameter new to the buckets
+                    for key, value in assigned.items():
+                        if key not in FLAT_STATE_NAMES:
+                            self.set_extra(p, key, value)  # [note: extra state keys]
 
     def forget(self, bucket: Bucket, shown: list[bool] | None = None) -> None:
         """The bucket's step counts were reset (a load, a new momentum buffer): ``shown`` or nothing is stepped."""
@@ -297,6 +301,20 @@ class StateEntry(MutableMapping):
             b.master_view(i).copy_(b.local_value(value, i))
         else:
             b.state_view(key, i).copy_(b.local_value(value, i))
+
+    _MISSING = object()
+
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        """``dict.pop``: the value as it was (a flat state's copy, since removing it zeroes the view)."""
+        if key not in self:
+            if default is StateEntry._MISSING:
+                raise KeyError(key)
+            return default
+        value = self[key]
+        if isinstance(value, Tensor) and key not in self._owner.extras(self._param):
+            value = value.detach().clone()
+        del self[key]
+        return value
 
     @property
     def _param(self) -> Tensor:
