@@ -683,6 +683,7 @@ class _InKernelSchedule:
         checkpoint edited before loading, or one saved in host mode) goes to
         the host for the same reason.
         """
+        self._fc_revive()
         if self._fc_in_kernel and not self._fc_chained and not self._fc_owned and self._fc_product is None:
             if self._fc_settings_edited():
                 _EDITED.add(self)
@@ -792,7 +793,6 @@ class _InKernelSchedule:
         # Counters follow only successful updates: when torch's step raises (e.g.
         # OneCycleLR past total_steps) the group keeps its last lr, and so must
         # the kernel; the next successful step fills the counter to last_epoch.
-        self._fc_revive()
         self._fc_follow_edits()
         self._fc_check(stacklevel=4)  # user -> step -> _update_lr -> _fc_check -> _fc_warn
         try:
@@ -822,7 +822,7 @@ class _InKernelSchedule:
         self._fc_unchain_if_alone()
         if not self._fc_chained and not self._fc_owned and self._fc_product is None and self._fc_off_closed_form():
             _EDITED.add(self)  # [note: edited settings]
-            self._fc_chain_all()
+            self._fc_chain()  # (its children too, for a SequentialLR)
         self._fc_refresh()
 
     def _fc_off_closed_form(self) -> bool:
@@ -842,13 +842,6 @@ class _InKernelSchedule:
             if not math.isclose(lr, want, rel_tol=1e-9, abs_tol=1e-15):
                 return True
         return False
-
-    def _fc_chain_all(self) -> None:
-        """Marks this scheduler (and its children) as running torch's update on the host."""
-        self._fc_chained = True
-        for child in getattr(self, "_schedulers", ()):
-            if isinstance(child, _InKernelSchedule):
-                child._fc_chained = True
 
     def _fc_unchain_if_alone(self) -> None:
         """Back to the kernel after a load, when nothing composes with this scheduler any more.
@@ -1693,7 +1686,6 @@ class SequentialLR(_InKernelSchedule, _torch_sched.SequentialLR):
 
     def step(self) -> None:  # type: ignore[override]
         """Advances the active child (restarting the next one at its milestone) and the device counters."""
-        self._fc_revive()
         self._fc_follow_edits()
         self._fc_check(stacklevel=3)
         try:
